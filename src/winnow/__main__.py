@@ -1,0 +1,3 @@
+from winnow.cli import main
+
+raise SystemExit(main())

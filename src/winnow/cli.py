@@ -1,0 +1,141 @@
+"""The ``winnow`` command: ``sample``, ``serve`` (alias ``deploy``), ``list``.
+
+One handler turns winnow's errors into one line and an exit code; tracebacks only with --debug.
+Nothing heavy is imported here: ``winnow --help`` needs neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from winnow import __version__
+from winnow.config import SampleConfig, ServeConfig, build_parser, parse_args
+from winnow.errors import WinnowError
+
+COMMANDS = {
+    "sample": "Sample N completions per prompt, score them, keep the best, write JSONL.",
+    "serve": "Serve a model or reward model over an OpenAI-compatible API (alias: deploy).",
+    "list": "List registered components: winnow list rewards|engines.",
+}
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line and exits with 2."""
+
+    def error(self, message: str) -> None:  # noqa: D401 - argparse's name
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    parser.__class__ = _OneLineParser
+    return parser
+
+
+def _usage() -> str:
+    lines = [f"winnow {__version__}: sample, score and select LLM completions at scale.", "",
+             "usage: winnow <command> [options]", "", "commands:"]
+    lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
+    lines += ["", "winnow <command> --help shows a command's options."]
+    return "\n".join(lines)
+
+
+def sampling_main(args: SampleConfig | list[str] | None = None):
+    """swift's ``sampling_main`` shape: a config, a list of CLI arguments, or None for sys.argv."""
+    from winnow.pipeline import sample
+
+    if isinstance(args, SampleConfig):
+        return sample(args)
+    config = parse_args(SampleConfig, list(sys.argv[1:] if args is None else args), "winnow sample",
+                        SampleConfig.__doc__ or "")
+    return sample(config)
+
+
+def _parse(cls, argv: list[str], prog: str, description: str):
+    parser = _one_line(build_parser(cls, prog, description))
+    if any(a in ("-h", "--help") for a in argv):
+        parser.print_help()
+        raise SystemExit(0)
+    # parse once with our one-line parser to report bad flags, then build the config
+    parser.parse_args(argv)
+    return parse_args(cls, argv, prog, description)
+
+
+def cmd_sample(argv: list[str]) -> int:
+    from winnow.pipeline import sample
+
+    config = _parse(SampleConfig, argv, "winnow sample", "Sample N completions per prompt, score, select, write.")
+    summary = sample(config)
+    print(summary.line(), file=sys.stderr)
+    if summary.status == "interrupted":
+        return 130
+    return 0
+
+
+def cmd_serve(argv: list[str]) -> int:
+    config = _parse(ServeConfig, argv, "winnow serve", "Serve a model over an OpenAI-compatible API.")
+    try:
+        from winnow.serve.app import run_server
+    except ImportError as e:
+        raise WinnowError(f"winnow serve is not available in this build ({e})") from None
+    return run_server(config) or 0
+
+
+def cmd_list(argv: list[str]) -> int:
+    what = argv[0] if argv else "rewards"
+    if what == "engines":
+        from winnow.engines import ALIASES, ENGINE_CLASSES
+
+        for name, target in ENGINE_CLASSES.items():
+            aliases = [a for a, n in ALIASES.items() if n == name]
+            print(f"{name:<14} {target}" + (f"  (aliases: {', '.join(aliases)})" if aliases else ""))
+        return 0
+    if what == "rewards":
+        try:
+            from winnow.registry import list_rewards
+        except ImportError:
+            raise WinnowError("no rewards are registered in this build") from None
+        for name, doc in list_rewards():
+            print(f"{name:<22} {doc}")
+        return 0
+    raise WinnowError(f"winnow list {what!r}: use 'winnow list rewards' or 'winnow list engines'")
+
+
+HANDLERS = {"sample": cmd_sample, "serve": cmd_serve, "deploy": cmd_serve, "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        print(f"winnow {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command not in HANDLERS:
+        print(f"winnow: error: unknown command {command!r}; use one of {', '.join(HANDLERS)} (see winnow --help)",
+              file=sys.stderr)
+        return 2
+    debug = "--debug" in rest and _flag_value(rest, "--debug") or os.environ.get("WINNOW_DEBUG") == "1"
+    try:
+        return HANDLERS[command](rest)
+    except WinnowError as e:
+        if debug:
+            raise
+        print(f"winnow {command}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"winnow {command}: stopped; what was written is kept (resume with --resume true)", file=sys.stderr)
+        return 130
+
+
+def _flag_value(argv: list[str], flag: str) -> Any:
+    i = argv.index(flag)
+    return i + 1 >= len(argv) or argv[i + 1].lower() not in ("false", "0", "no")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,342 @@
+"""Every option once, typed and documented; the CLI, YAML and Python API are derived from here.
+
+Flags follow ms-swift's conventions: snake_case names (kebab-case accepted too), lists as
+space-separated values, dicts as JSON, booleans as ``true``/``false``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from winnow.errors import ConfigError
+
+ENGINE_ALIASES = {"pt": "transformers", "hf": "transformers", "openai": "client"}
+ENGINES = ("pt", "transformers", "vllm", "sglang", "lmdeploy", "client", "no")
+OUTPUT_FORMATS = ("swift", "sft", "dpo", "raw", "grpo")
+
+
+def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True):
+    """A config field with its help text (and choices) recorded once, for --help, YAML and docs."""
+    meta = {"help": help, "choices": choices, "cli": cli}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class SampleConfig:
+    """Options of ``winnow sample`` (the same names as ``swift sample``)."""
+
+    # --- model and engine
+    model: str | None = opt(None, "Model: a local directory, a hub id, or (client engine) a served model name.")
+    model_type: str | None = opt(None, "Accepted for swift compatibility; the model's own config decides.")
+    template: str | None = opt(
+        None, "Chat template: a Jinja string or a file holding one. Default: the tokenizer's template."
+    )
+    system: str | None = opt(None, "System prompt added to conversations that have none.")
+    sampler_type: Literal["sample", "distill"] = opt("sample", "sample: N samples per prompt; distill: API distillation.",
+                                                     choices=("sample", "distill"))
+    sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only).",
+                              choices=ENGINES)
+    engine_kwargs: dict = opt(None, "Extra engine options as JSON, e.g. '{\"max_batch_sequences\": 256}'.",
+                              factory=dict)
+    torch_dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16, float16.",
+                           choices=("auto", "float32", "bfloat16", "float16"))
+    max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows.")
+    device: str = opt("auto", "Device for local engines: auto (CUDA if present, else CPU), cpu, cuda, cuda:1.")
+
+    # --- data
+    dataset: list[str] = opt(None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list)
+    dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded) before sampling.")
+    seed: int = opt(42, "Random seed for data order and generation.")
+    data_range: list[int] = opt(None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list)
+    strict: bool = opt(False, "Stop before generating anything if any row is bad (default: log and skip it).")
+
+    # --- sampling
+    num_return_sequences: int = opt(64, "Samples per prompt.")
+    max_new_tokens: int = opt(2048, "Most tokens to generate per sample.")
+    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).")
+    top_p: float = opt(1.0, "Nucleus sampling probability.")
+    top_k: int | None = opt(None, "Top-k sampling (unset = off).")
+    repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).")
+    stop_words: list[str] = opt(None, "Stop generation at any of these strings.", factory=list)
+    num_sampling_batch_size: int | None = opt(
+        None, "Prompts per engine call (default: the engine's own budget)."
+    )
+    num_sampling_batches: int | None = opt(None, "Stop after this many batches of prompts.")
+
+    # --- output
+    output_dir: str = opt("sample_output", "Directory for the output and its manifest.")
+    output_file: str | None = opt(None, "Output file name (no directory, .jsonl). Default: a timestamp.")
+    override_exist_file: bool = opt(False, "Overwrite an existing output file.")
+    resume: bool = opt(False, "Continue an interrupted run: skip groups already written.")
+    output_format: str = opt("swift", "Record format: swift, sft, dpo, raw, grpo.", choices=OUTPUT_FORMATS)
+
+    # --- rewards and selection
+    orm_model: str | None = opt(None, "Outcome reward: a built-in name (math, accuracy, ...), a plugin name or a model.")
+    prm_model: str | None = opt(None, "Process reward: a model dir/hub id, or a plugin name.")
+    reward_funcs: list[str] = opt(None, "More rewards by name, combined with --reward_weights.", factory=list)
+    reward_weights: list[float] = opt(None, "Weights of the rewards, in order [orm, prm, reward_funcs...].",
+                                      factory=list)
+    reward_kwargs: dict = opt(None, "Options for rewards as JSON: {\"reward_name\": {...}} .", factory=dict)
+    reward_model: list[str] = opt(None, "Classifier reward models (dirs or hub ids).", factory=list)
+    external_plugins: list[str] = opt(None, "Python files defining orms/prms/reward functions.", factory=list)
+    n_best_to_keep: int = opt(5, "Samples kept per prompt.")
+    prm_threshold: float | None = opt(None, "Samples whose PRM score is at or below this are not kept.")
+    prm_agg: str = opt("min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"))
+    easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.")
+    hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.")
+    num_rejected: int = opt(1, "Rejected responses paired with each kept sample.")
+    min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.")
+    include_reference: bool = opt(False, "Let the dataset's reference answer be a candidate.")
+    keep_unpaired: bool = opt(False, "Keep samples that have no rejected partner (without rejected_response).")
+    cache_files: list[str] = opt(None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list)
+
+    # --- API client
+    stream: bool = opt(False, "Stream API responses.")
+    reasoning_format: str | None = opt(
+        None, "Where reasoning goes: think_answer (default for distill), separate, none.",
+        choices=("think_answer", "separate", "none"),
+    )
+    max_concurrency: int = opt(64, "API requests in flight.")
+    rpm: int | None = opt(None, "Most API requests per minute.")
+    tpm: int | None = opt(None, "Most API tokens per minute.")
+    request_timeout: float = opt(600.0, "Seconds before one API request times out.")
+    max_retries: int = opt(5, "Retries of one API request (429, 5xx, timeouts, connection errors).")
+    price_per_mtok_in: float | None = opt(None, "Price per million prompt tokens, for the cost report.")
+    price_per_mtok_out: float | None = opt(None, "Price per million completion tokens, for the cost report.")
+
+    # --- misc
+    progress: bool = opt(True, "Show a progress bar.")
+    debug: bool = opt(False, "Show tracebacks on errors.")
+
+    def __post_init__(self) -> None:
+        self.sampler_engine = ENGINE_ALIASES.get(self.sampler_engine, self.sampler_engine)
+        if self.sampler_engine not in {ENGINE_ALIASES.get(e, e) for e in ENGINES}:
+            raise ConfigError(f"--sampler_engine {self.sampler_engine!r} is not one of {', '.join(ENGINES)}")
+        if self.output_file is not None:
+            if "/" in self.output_file or "\\" in self.output_file:
+                raise ConfigError(f"--output_file takes a file name without a directory, got {self.output_file!r}; "
+                                  "put the directory in --output_dir")
+            if not self.output_file.endswith(".jsonl"):
+                raise ConfigError(f"--output_file must end with .jsonl, got {self.output_file!r}")
+        if self.data_range and (len(self.data_range) != 2 or not 0 <= self.data_range[0] < self.data_range[1]):
+            raise ConfigError(f"--data_range takes 'i n' with 0 <= i < n, got {self.data_range}")
+        if self.num_return_sequences < 1:
+            raise ConfigError("--num_return_sequences must be at least 1")
+        if self.sampler_engine != "no" and not self.model:
+            raise ConfigError("--model is required (a local directory, a hub id, or a served model name)")
+        if not self.dataset:
+            raise ConfigError("--dataset is required, e.g. --dataset data.jsonl#100")
+        if self.reasoning_format is None:
+            self.reasoning_format = "think_answer" if self.sampler_type == "distill" else "separate"
+
+    @property
+    def engine(self) -> str:
+        """The canonical engine name (``pt`` is ``transformers``)."""
+        return self.sampler_engine
+
+
+@dataclass
+class ServeConfig:
+    """Options of ``winnow serve`` (alias ``winnow deploy``)."""
+
+    model: str | None = opt(None, "Model to serve: a local directory or a hub id (a policy or a reward model).")
+    engine: str = opt("transformers", "Engine for a policy model.", choices=("pt", "transformers", "vllm", "sglang"))
+    host: str = opt("127.0.0.1", "Address to bind (loopback unless told otherwise).")
+    port: int = opt(8000, "Port to bind (0 picks a free one).")
+    api_key: str | None = opt(None, "Require this bearer key on every request.")
+    served_model_name: str | None = opt(None, "Model name clients use (default: the directory name).")
+    torch_dtype: str = opt("auto", "Model dtype.", choices=("auto", "float32", "bfloat16", "float16"))
+    device: str = opt("auto", "Device: auto, cpu, cuda.")
+    engine_kwargs: dict = opt(None, "Extra engine options as JSON.", factory=dict)
+    max_batch_size: int = opt(64, "Most requests batched into one engine call.")
+    max_wait_ms: float = opt(10.0, "Longest wait to fill a batch, in milliseconds.")
+    max_queue: int = opt(256, "Queued requests before the server answers 503.")
+    dynamic_batching: bool = opt(True, "Batch concurrent requests into one engine call.")
+    template: str | None = opt(None, "Chat template (Jinja string or file).")
+    seed: int = opt(42, "Default seed.")
+    debug: bool = opt(False, "Show tracebacks on errors.")
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ConfigError("--model is required")
+        self.engine = ENGINE_ALIASES.get(self.engine, self.engine)
+
+
+# ----------------------------------------------------------------------------- CLI / YAML derivation
+
+def _unwrap(tp: Any) -> tuple[Any, bool]:
+    """(inner type, optional?) of a field annotation."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return (args[0] if len(args) == 1 else str), True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    low = str(text).strip().lower()
+    if low in ("true", "1", "yes", "y", "on"):
+        return True
+    if low in ("false", "0", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parse_json_dict(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _parse_none_or(kind):
+    def parse(text: str):
+        if str(text).lower() in ("none", "null"):
+            return None
+        return kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _field_types(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _converter(tp: Any) -> tuple[Any, dict]:
+    """(argparse type, extra add_argument kwargs) for a field type."""
+    inner, optional = _unwrap(tp)
+    origin = typing.get_origin(inner)
+    if origin is list:
+        (item,) = typing.get_args(inner)
+        return item, {"nargs": "*"}
+    if inner is dict or origin is dict:
+        return _parse_json_dict, {}
+    if inner is bool:
+        return _parse_bool, {"metavar": "true|false"}
+    if typing.get_origin(inner) is Literal:
+        return str, {}
+    kind = inner if inner in (int, float, str) else str
+    return (_parse_none_or(kind) if optional else kind), {}
+
+
+def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser whose options are ``cls``'s fields; unset flags stay absent."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=description,
+        argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument("--config", help="YAML file of options; flags given here override it.")
+    hints = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        if not f.metadata.get("cli", True):
+            continue
+        kind, extra = _converter(hints[f.name])
+        names = [f"--{f.name}"]
+        if "_" in f.name:
+            names.append(f"--{f.name.replace('_', '-')}")
+        default = f.default if f.default is not dataclasses.MISSING else "[]" if f.default_factory is list else "{}"
+        help_text = f.metadata.get("help", "")
+        if f.metadata.get("choices"):
+            help_text += f" Choices: {', '.join(f.metadata['choices'])}."
+        parser.add_argument(*names, dest=f.name, type=kind, help=f"{help_text} (default: {default})", **extra)
+    return parser
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Options from a YAML file, keys normalised to snake_case."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def make_config(cls, values: dict[str, Any], source: str = "options"):
+    """Build ``cls`` from a dict, naming any unknown key and any value of the wrong type."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        import difflib
+
+        hints = [difflib.get_close_matches(k, known, n=1) for k in unknown]
+        detail = ", ".join(f"{k}" + (f" (did you mean {h[0]}?)" if h else "") for k, h in zip(unknown, hints))
+        raise ConfigError(f"unknown option in {source}: {detail}")
+    hints_t = _field_types(cls)
+    coerced = {}
+    for key, value in values.items():
+        coerced[key] = _coerce(key, value, hints_t[key], source)
+    try:
+        return cls(**coerced)
+    except TypeError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
+    """Values from YAML/Python arrive typed already; strings from elsewhere are parsed like flags."""
+    inner, optional = _unwrap(tp)
+    if value is None:
+        return None
+    origin = typing.get_origin(inner)
+    try:
+        if origin is list:
+            (item,) = typing.get_args(inner)
+            items = value if isinstance(value, (list, tuple)) else str(value).split()
+            return [item(v) if item in (int, float) else str(v) for v in items]
+        if inner is dict:
+            return _parse_json_dict(value) if isinstance(value, str) else dict(value)
+        if inner is bool:
+            return value if isinstance(value, bool) else _parse_bool(value)
+        if inner in (int, float):
+            if isinstance(value, bool):
+                raise ValueError("a boolean")
+            return inner(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
+        raise ConfigError(f"{source}: bad value for {key}: {value!r} ({e})") from None
+    return value
+
+
+def parse_args(cls, argv: list[str], prog: str, description: str):
+    """Parse CLI flags (plus an optional ``--config`` YAML they override) into ``cls``."""
+    parser = build_parser(cls, prog, description)
+    ns = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    config_path = ns.pop("config", None)
+    if config_path:
+        values.update(load_yaml(config_path))
+    values.update(ns)
+    return make_config(cls, values, source=config_path or "command line")
+
+
+def to_dict(config) -> dict[str, Any]:
+    """A config as a JSON-able dict, secrets removed (for manifests)."""
+    out = dataclasses.asdict(config)
+    for key in ("api_key",):
+        if out.get(key):
+            out[key] = "***"
+    ek = out.get("engine_kwargs")
+    if isinstance(ek, dict):
+        out["engine_kwargs"] = {k: ("***" if "key" in k.lower() or "token" in k.lower() else v) for k, v in ek.items()}
+    return out

@@ -1,0 +1,345 @@
+"""The one orchestrator: load -> generate -> score -> select -> write.
+
+Rows are read lazily in the run's order; a bounded number of engine calls is in flight; scoring of
+one batch overlaps the generation of the next; each finished group is appended to the output as
+soon as it is done. Ctrl-C (or SIGTERM) stops new work, lets the calls in flight finish, writes
+them, and leaves a resumable output.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from winnow import data, rewards
+from winnow.config import SampleConfig, make_config, to_dict
+from winnow.engines import Engine, check_aligned, get_engine
+from winnow.errors import DataError
+from winnow.schema import BadRow, Group, Prompt, SamplingParams
+from winnow.select import SelectOptions, select
+from winnow.store import OutputStore
+
+# options that decide which rows a position holds and what is written for it; a resumed run must
+# match them
+FINGERPRINT_FIELDS = ("dataset", "seed", "dataset_shuffle", "data_range", "num_sampling_batches",
+                      "num_sampling_batch_size", "system", "model", "sampler_type", "num_return_sequences",
+                      "output_format", "orm_model", "prm_model", "reward_funcs", "reward_model")
+
+
+@dataclass
+class RunSummary:
+    """What a run did: counts, tokens, time and where the output is."""
+
+    output_file: str = ""
+    rows_total: int = 0
+    rows_skipped_resumed: int = 0
+    groups_written: int = 0
+    records_written: int = 0
+    rows_filtered: int = 0
+    rows_failed: int = 0
+    samples: int = 0
+    samples_failed: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    wall_s: float = 0.0
+    status: str = "running"
+    cost_usd: float | None = None
+    filtered_reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.completion_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    def line(self) -> str:
+        """The one-line summary printed at the end of a run."""
+        parts = [
+            f"{self.status}: {self.groups_written} groups ({self.records_written} lines) from "
+            f"{self.rows_total} rows",
+            f"{self.samples} samples",
+            f"{self.completion_tokens} tokens in {self.wall_s:.1f}s ({self.tokens_per_s:.0f} tok/s)",
+        ]
+        if self.rows_skipped_resumed:
+            parts.append(f"{self.rows_skipped_resumed} rows already done")
+        parts.append(f"{self.rows_filtered} rows filtered")
+        parts.append(f"{self.rows_failed} rows failed")
+        if self.samples_failed:
+            parts.append(f"{self.samples_failed} samples failed")
+        if self.cost_usd is not None:
+            parts.append(f"cost ${self.cost_usd:.4f}")
+        return "winnow sample " + ", ".join(parts) + f" -> {self.output_file}"
+
+
+def fingerprint(config: SampleConfig) -> str:
+    """A short hash of the options that a resumed run must share with the one it continues."""
+    values = {k: getattr(config, k) for k in FINGERPRINT_FIELDS}
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def sampling_params(config: SampleConfig) -> SamplingParams:
+    return SamplingParams(
+        n=config.num_return_sequences,
+        max_new_tokens=config.max_new_tokens,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        repetition_penalty=config.repetition_penalty,
+        stop=list(config.stop_words),
+        seed=config.seed,
+    )
+
+
+def build_engine(config: SampleConfig) -> Engine | None:
+    """The run's engine from its options (None for ``--sampler_engine no``)."""
+    if config.engine == "no":
+        return None
+    kwargs: dict[str, Any] = dict(config.engine_kwargs)
+    if config.engine == "client":
+        kwargs.update(stream=config.stream, max_concurrency=config.max_concurrency, rpm=config.rpm,
+                      tpm=config.tpm, request_timeout=config.request_timeout, max_retries=config.max_retries)
+    else:
+        kwargs.setdefault("torch_dtype", config.torch_dtype)
+        kwargs.setdefault("device", config.device)
+        kwargs.setdefault("max_length", config.max_length)
+        kwargs.setdefault("template", config.template)
+        kwargs.setdefault("seed", config.seed)
+    return get_engine(config.engine, config.model, **kwargs)
+
+
+class Progress:
+    """A progress bar on stderr: prompts done/total, samples/s, tokens/s, ETA."""
+
+    def __init__(self, total: int, initial: int, enabled: bool):
+        self.bar = None
+        self.start = time.monotonic()
+        self.samples = 0
+        self.tokens = 0
+        self.failures = 0
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="prompt", dynamic_ncols=True, file=sys.stderr,
+                            desc="winnow sample", smoothing=0.1)
+
+    def update(self, prompts: int, samples: int, tokens: int, failures: int = 0) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.failures += failures
+        if self.bar is not None:
+            dt = max(time.monotonic() - self.start, 1e-9)
+            postfix = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
+            if self.failures:
+                postfix["failed"] = self.failures
+            self.bar.set_postfix(postfix, refresh=False)
+            self.bar.update(prompts)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def validate_rows(plan: data.RowPlan) -> None:
+    """``--strict``: read every row first and stop before generating if any is bad."""
+    bad = [item for item in (plan.read(p) for p in range(len(plan))) if isinstance(item, BadRow)]
+    if bad:
+        first = "; ".join(f"{b.source}: {b.reason}" for b in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise DataError(f"{len(bad)} bad rows{more}: {first}. Fix them, or drop --strict to skip and log them")
+
+
+class Run:
+    """One ``winnow sample`` run: owns the store, the engine, the scorer and the counters."""
+
+    def __init__(self, config: SampleConfig):
+        self.config = config
+        self.summary = RunSummary()
+        self.stopping = False
+        self.error: BaseException | None = None
+        self.started = time.monotonic()
+
+    async def execute(self) -> RunSummary:
+        config = self.config
+        plan = data.build_plan(
+            config.dataset, seed=config.seed, shuffle=config.dataset_shuffle, data_range=config.data_range,
+            limit=self._limit(), system=config.system,
+        )
+        if config.strict:
+            validate_rows(plan)
+        engine = build_engine(config)
+        if engine is None and not config.cache_files:
+            raise DataError("--sampler_engine no needs --cache_files: the stage-1 outputs to score")
+        scorer = rewards.build_scorer(config)
+        per_call, in_flight = (config.num_sampling_batch_size or 1, 1) if engine is None else \
+            engine.batch_plan(config.num_return_sequences)
+        if config.num_sampling_batch_size:
+            per_call = config.num_sampling_batch_size
+        store = OutputStore(config.output_dir, config.output_file, fingerprint=fingerprint(config),
+                            resume=config.resume, override=config.override_exist_file,
+                            reorder_window=max(4096, 4 * per_call * in_flight))
+        self.store, self.engine, self.scorer = store, engine, scorer
+        self.summary.output_file = str(store.path)
+        self.summary.rows_total = len(plan)
+        self.params = sampling_params(config)
+        self.select_opts = SelectOptions(output_format=config.output_format,
+                                         reasoning_format=config.reasoning_format or "separate",
+                                         n_best_to_keep=config.n_best_to_keep, scored=scorer is not None)
+        self._write_manifest("running")
+        self._install_signals()
+        done_before = sum(1 for p in range(len(plan)) if store.is_done(p)) if store.resumed else 0
+        self.summary.rows_skipped_resumed = done_before
+        progress = Progress(len(plan), done_before, config.progress)
+        self.progress = progress
+        slots = asyncio.Semaphore(in_flight)
+        advanced = asyncio.Event()
+        tasks: set[asyncio.Task] = set()
+        try:
+            batch: list[Prompt] = []
+            for position in range(len(plan)):
+                if self.stopping:
+                    break
+                if store.is_done(position):
+                    continue
+                item = plan.read(position)
+                if isinstance(item, BadRow):
+                    store.write_failed(position, item.id, item.source, item.reason, stage="data")
+                    self.summary.rows_failed += 1
+                    progress.update(1, 0, 0, 1)
+                    continue
+                batch.append(item)
+                if len(batch) >= per_call:
+                    await self._submit(batch, slots, advanced, tasks)
+                    batch = []
+            if batch and not self.stopping:
+                await self._submit(batch, slots, advanced, tasks)
+            if tasks:
+                await asyncio.gather(*tasks)
+        finally:
+            progress.close()
+            self.summary.wall_s = time.monotonic() - self.started
+            interrupted = self.stopping
+            self.summary.status = "interrupted" if interrupted else "finished"
+            store.close()
+            if engine is not None:
+                await engine.aclose()
+            if scorer is not None:
+                await scorer.aclose()
+            self._write_manifest(self.summary.status)
+        return self.summary
+
+    def _limit(self) -> int | None:
+        c = self.config
+        if c.num_sampling_batches is None:
+            return None
+        return c.num_sampling_batches * (c.num_sampling_batch_size or 1)
+
+    async def _submit(self, batch: list[Prompt], slots: asyncio.Semaphore, advanced: asyncio.Event,
+                      tasks: set[asyncio.Task]) -> None:
+        if self.error is not None:
+            raise self.error
+        last = batch[-1].position
+        while not self.store.can_start(last):  # keep the resume window bounded
+            advanced.clear()
+            await advanced.wait()
+        await slots.acquire()
+        task = asyncio.create_task(self._process(batch, slots, advanced))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        task.add_done_callback(self._check_task)
+
+    async def _process(self, batch: list[Prompt], slots: asyncio.Semaphore, advanced: asyncio.Event) -> None:
+        try:
+            groups = await self._generate(batch)
+            if self.scorer is not None:
+                await self.scorer.score(groups)
+            for group in groups:
+                self._write(group)
+        finally:
+            slots.release()
+            advanced.set()
+
+    async def _generate(self, batch: list[Prompt]) -> list[Group]:
+        assert self.engine is not None
+        out = await self.engine.generate(batch, self.params)
+        check_aligned(self.engine, batch, self.params.n, out)
+        return [Group(p, cs) for p, cs in zip(batch, out, strict=True)]
+
+    def _write(self, group: Group) -> None:
+        s = self.summary
+        records, reason = select(group, self.select_opts)
+        failed = len(group.completions) - len(group.ok)
+        tokens = sum(c.completion_tokens for c in group.completions)
+        s.samples += len(group.ok)
+        s.samples_failed += failed
+        s.prompt_tokens += sum(c.prompt_tokens for c in group.completions)
+        s.completion_tokens += tokens
+        if records:
+            self.store.write_group(group.prompt.position, records, group.prompt.id)
+            s.groups_written += 1
+            s.records_written += len(records)
+        elif not group.ok:
+            # nothing usable: logged, and retried on resume (the failure may be transient)
+            self.store.write_failed(group.prompt.position, group.prompt.id, group.prompt.source, reason or "",
+                                    stage="generate", final=False)
+            s.rows_failed += 1
+        else:
+            self.store.write_group(group.prompt.position, [], group.prompt.id)
+            s.rows_filtered += 1
+            key = (reason or "filtered").split(":")[0]
+            s.filtered_reasons[key] = s.filtered_reasons.get(key, 0) + 1
+        self.progress.update(1, len(group.ok), tokens, failed)
+
+    def _check_task(self, task: asyncio.Task) -> None:
+        """A batch that died of a bug stops the run (at the next submit), it does not vanish."""
+        if not task.cancelled() and task.exception() is not None and self.error is None:
+            self.error = task.exception()
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def stop(signame: str) -> None:
+            if self.stopping:  # a second Ctrl-C: stop now; what is written stays resumable
+                raise KeyboardInterrupt
+            self.stopping = True
+            print(f"\nwinnow: {signame}: finishing the calls in flight, then stopping "
+                  "(again to stop at once; resume with --resume true)", file=sys.stderr)
+
+        for sig, name in ((signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")):
+            try:
+                loop.add_signal_handler(sig, stop, name)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass  # not the main thread, or no signals on this platform
+
+    def _write_manifest(self, status: str) -> None:
+        from winnow.engines.hf import versions
+
+        s = self.summary
+        self.store.write_manifest({
+            "status": status,
+            "command": sys.argv if sys.argv and "winnow" in Path(sys.argv[0]).name else None,
+            "config": to_dict(self.config),
+            "seed": self.config.seed,
+            "versions": versions(),
+            "engine": self.engine.describe() if self.engine is not None else {"name": "no"},
+            "rewards": self.scorer.describe() if self.scorer is not None else [],
+            "counts": {k: v for k, v in asdict(s).items() if k not in ("output_file", "wall_s", "status")},
+            "wall_s": round(time.monotonic() - self.started, 3),
+            "tokens_per_s": round(s.tokens_per_s, 2),
+        })
+
+
+async def run_async(config: SampleConfig) -> RunSummary:
+    """Run ``winnow sample`` inside an existing event loop."""
+    return await Run(config).execute()
+
+
+def sample(config: SampleConfig | dict | None = None, **options: Any) -> RunSummary:
+    """Run ``winnow sample`` from Python: ``sample(SampleConfig(...))`` or ``sample(model=..., dataset=[...])``."""
+    if config is None or isinstance(config, dict):
+        config = make_config(SampleConfig, {**(config or {}), **options}, source="sample()")
+    return asyncio.run(run_async(config))

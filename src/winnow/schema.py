@@ -1,0 +1,139 @@
+"""The data contract: what flows between data loading, engines, rewards, selection and the store.
+
+One prompt and its completions travel together as a :class:`Group`; each :class:`Completion`
+carries its own scores, so nothing downstream keeps parallel lists in sync by index.
+This module imports nothing of winnow and nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Message = dict[str, Any]
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_ERROR = "error"
+FINISH_CONTENT_FILTER = "content_filter"
+
+
+@dataclass
+class Prompt:
+    """One dataset row, ready to be sampled.
+
+    ``messages`` is the conversation up to (not including) the turn to generate. ``response`` is
+    the dataset's own last assistant turn, if it had one; ``reference`` is the answer rewards check
+    against (a math ``answer``/``solution`` field, else ``response``).
+    """
+
+    id: str
+    messages: list[Message]
+    response: str | None = None
+    reference: str | None = None
+    columns: dict[str, Any] = field(default_factory=dict)
+    source: str = ""  # "file:line" of the row, for error messages
+    position: int = 0  # position in this run's row order; the resume index is keyed on it
+
+
+@dataclass
+class Score:
+    """What one reward said about one completion. ``value`` None means "cannot judge"."""
+
+    value: float | None
+    steps: list[float] | None = None
+    info: dict[str, Any] | None = None
+
+
+@dataclass
+class Completion:
+    """One sampled answer to a prompt, with the scores rewards gave it."""
+
+    text: str
+    finish_reason: str = FINISH_STOP
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    reasoning: str | None = None
+    error: str | None = None
+    scores: dict[str, Score] = field(default_factory=dict)
+    # The combined score used for ranking (weighted reward sum); None when not scored.
+    reward: float | None = None
+
+    @property
+    def failed(self) -> bool:
+        return self.finish_reason == FINISH_ERROR
+
+    def to_dict(self) -> dict[str, Any]:
+        """The completion as a plain JSON-able dict (the stage-1 cache and raw formats use it)."""
+        out: dict[str, Any] = {
+            "text": self.text,
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+        }
+        if self.reasoning is not None:
+            out["reasoning"] = self.reasoning
+        if self.error is not None:
+            out["error"] = self.error
+        if self.scores:
+            out["scores"] = {
+                name: {"value": s.value, **({"steps": s.steps} if s.steps is not None else {})}
+                for name, s in self.scores.items()
+            }
+        if self.reward is not None:
+            out["reward"] = self.reward
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Completion:
+        scores = {
+            name: Score(value=s.get("value"), steps=s.get("steps"))
+            for name, s in (d.get("scores") or {}).items()
+        }
+        return cls(
+            text=d.get("text", ""),
+            finish_reason=d.get("finish_reason", FINISH_STOP),
+            prompt_tokens=int(d.get("prompt_tokens") or 0),
+            completion_tokens=int(d.get("completion_tokens") or 0),
+            reasoning=d.get("reasoning"),
+            error=d.get("error"),
+            scores=scores,
+            reward=d.get("reward"),
+        )
+
+
+@dataclass
+class Group:
+    """A prompt and its completions: the unit every stage after generation works on."""
+
+    prompt: Prompt
+    completions: list[Completion]
+
+    @property
+    def ok(self) -> list[Completion]:
+        """The completions that did not fail."""
+        return [c for c in self.completions if not c.failed]
+
+
+@dataclass
+class SamplingParams:
+    """Sampling settings one engine call uses; the same for every prompt of the call."""
+
+    n: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    repetition_penalty: float = 1.0
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass
+class BadRow:
+    """A dataset row that cannot be sampled, with where it came from and why."""
+
+    source: str
+    reason: str
+    id: str | None = None
+    position: int = 0

@@ -1,0 +1,80 @@
+"""Session fixtures: tiny real models built offline, small datasets, and a helper to run the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def winnow_cache(tmp_path_factory):
+    """Demo models built during tests go to a private cache, never the user's."""
+    path = tmp_path_factory.mktemp("winnow-cache")
+    os.environ["WINNOW_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory):
+    from winnow.demo.build import build_tokenizer
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    build_tokenizer(path, vocab_size=1024, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny random-weight Qwen2-architecture chat model (ChatML template, eos and pad set)."""
+    from winnow.demo.build import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2",
+                            tokenizer_dir=tiny_tokenizer_dir, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tiny_tokenizer_dir):
+    """The same, in the Llama architecture."""
+    from winnow.demo.build import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama",
+                            tokenizer_dir=tiny_tokenizer_dir, seed=1)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture
+def math_jsonl(tmp_path):
+    """Eight messages-format arithmetic rows."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i + 1}?"},
+                          {"role": "assistant", "content": str(2 * i + 1)}]} for i in range(8)]
+    return write_jsonl(tmp_path / "math.jsonl", rows)
+
+
+def run_winnow(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
+               check: bool = False) -> subprocess.CompletedProcess:
+    """Run the real ``winnow`` command in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "winnow", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"winnow {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return proc

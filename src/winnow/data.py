@@ -190,6 +190,12 @@ def _open_hub(spec: DatasetSpec):
 def open_sources(spec: DatasetSpec) -> list:
     """The row sources one spec names: a file, every data file of a folder, or a hub dataset."""
     path = Path(spec.path).expanduser()
+    if not path.exists():
+        from winnow import demo
+
+        bundled = demo.resolve_dataset(spec.path)
+        if bundled is not None:
+            path = Path(bundled)
     if path.is_file():
         return [_open_file(path)]
     if path.is_dir():

@@ -27,3 +27,8 @@ def resolve_model(name: str) -> str | None:
     if not (target / "config.json").is_file():
         build_tiny_model(target)
     return str(target)
+
+
+def resolve_dataset(name: str) -> str | None:
+    """The local file of a bundled demo dataset name (e.g. ``demo-arith``); None for other names."""
+    return None

@@ -78,3 +78,39 @@ def run_winnow(*args: str, cwd: Path | None = None, timeout: float = 300, env: d
     if check and proc.returncode != 0:
         raise AssertionError(f"winnow {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
+
+
+# --- reward models (rewards issue)
+
+@pytest.fixture(scope="session")
+def tiny_classifier_rm(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny one-label sequence-classification reward model (random weights)."""
+    from winnow.demo.build_rm import build_tiny_classifier_rm
+
+    return build_tiny_classifier_rm(tmp_path_factory.mktemp("rms") / "classifier", tiny_tokenizer_dir, seed=3)
+
+
+@pytest.fixture(scope="session")
+def tiny_prm(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny Math-Shepherd-style PRM: causal LM, ``<step>`` tag token, '+'/'-' labels, config hint."""
+    from winnow.demo.build_rm import build_tiny_prm
+
+    return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-shepherd", tiny_tokenizer_dir,
+                          style="math_shepherd", seed=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_prm(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny PRM in the Qwen2.5-Math-PRM checkpoint layout (``<extra_0>``, 2-class ``score`` head)."""
+    from winnow.demo.build_rm import build_tiny_prm
+
+    return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-qwen", tiny_tokenizer_dir, style="qwen_prm", seed=5)
+
+
+@pytest.fixture(scope="session")
+def tiny_token_prm(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny token-classification PRM (2 labels, read at each step's last token)."""
+    from winnow.demo.build_rm import build_tiny_prm
+
+    return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-token", tiny_tokenizer_dir,
+                          style="token_classification", seed=6)

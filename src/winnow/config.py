@@ -162,7 +162,8 @@ class ServeConfig:
     max_queue: int = opt(256, "Queued requests before the server answers 503.")
     dynamic_batching: bool = opt(True, "Batch concurrent requests into one engine call.")
     template: str | None = opt(None, "Chat template (Jinja string or file).")
-    seed: int = opt(42, "Default seed.")
+    max_new_tokens: int | None = opt(None, "max_tokens of requests that set none; unset: the rest of the context.")
+    seed: int = opt(42, "Seed of the server's random stream; a request's own seed gets an engine call of its own.")
     debug: bool = opt(False, "Show tracebacks on errors.")
 
     def __post_init__(self) -> None:

@@ -100,11 +100,22 @@ class TransformersEngine:
 
     def generate_blocking(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         """The synchronous body of :meth:`generate`."""
+        return self._generate_blocking(prompts, params, self._encode)
+
+    def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Like :meth:`generate_blocking` for prompts already tokenized (no chat template applied);
+        the server's ``/v1/completions`` and its dynamic batches use it."""
+        return self._generate_blocking(prompts, params, list)
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+
+    def _generate_blocking(self, prompts: list, params: SamplingParams, encode) -> list[list[Completion]]:
         results: list[list[Completion]] = [[] for _ in prompts]
         work: list[_Work] = []
         for slot, prompt in enumerate(prompts):
             try:
-                ids = self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
+                ids = encode(prompt)
             except Exception as e:  # a template error is this prompt's failure, not the batch's
                 results[slot] = _errors(params.n, f"cannot render the prompt: {type(e).__name__}: {e}")
                 continue

@@ -1,0 +1,545 @@
+"""The server's engine side, free of any web framework: validation, dynamic batching, responses.
+
+A :class:`Batcher` gathers concurrent requests into engine calls. :class:`PolicyServing` answers
+chat and completions requests with a causal LM; :class:`RewardServing` answers them with a reward
+model's score (swift's convention) and scores conversation lists for ``/v1/rewards``. Errors are
+:class:`ServingError` values carrying OpenAI's error shape; ``app.py`` only turns them into
+responses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+from collections.abc import AsyncIterator, Callable, Hashable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from winnow.schema import FINISH_ERROR, Completion, SamplingParams, Score
+from winnow.serve import protocol as p
+
+log = logging.getLogger("winnow.serve")
+
+
+# ----------------------------------------------------------------------------- errors
+
+class ServingError(Exception):
+    """A request that cannot be answered, as an HTTP status and OpenAI's error fields."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        info = p.ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
+        return p.ErrorResponse(error=info).model_dump()
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServingError:
+    return ServingError(400, message, param=param, code=code)
+
+
+def overloaded(message: str) -> ServingError:
+    return ServingError(503, message, type="server_overloaded", code="server_overloaded",
+                        headers={"Retry-After": "1"})
+
+
+# ----------------------------------------------------------------------------- batching
+
+@dataclass
+class _Job:
+    key: Hashable
+    item: Any
+    future: asyncio.Future
+
+
+class Batcher:
+    """Turns concurrent requests into few engine calls.
+
+    The first waiting request opens a batch; the batch takes whatever else is waiting and keeps
+    filling for at most ``max_wait_ms`` or until it holds ``max_batch_size`` requests. Requests
+    whose keys differ (sampling settings) cannot share a call, so a batch makes one call per key.
+    One call runs at a time on one worker thread that owns the model; requests arriving meanwhile
+    wait for the next batch. More than ``max_queue`` waiting requests is an overload (503).
+    Without ``dynamic_batching`` every request is a call of its own.
+    """
+
+    def __init__(self, run_group: Callable[[Hashable, list[Any]], list[Any]], *, max_batch_size: int = 64,
+                 max_wait_ms: float = 10.0, max_queue: int = 256, dynamic_batching: bool = True):
+        self.run_group = run_group
+        self.max_batch_size = max(1, int(max_batch_size)) if dynamic_batching else 1
+        self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0 if dynamic_batching else 0.0
+        self.max_queue = max(1, int(max_queue))
+        # one thread owns the model, so engine calls never interleave
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="winnow-serve")
+        self.requests = 0  # requests batched, and engine calls made (for /health and the benchmark)
+        self.calls = 0
+        self._queue: asyncio.Queue[_Job] | None = None
+        self._worker: asyncio.Task | None = None
+        self._closed = False
+
+    async def submit(self, key: Hashable, item: Any) -> Any:
+        """The engine's result for ``item``, once a batch holding it has run."""
+        if self._closed:
+            raise overloaded("the server is shutting down")
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+        if self._queue.qsize() >= self.max_queue:
+            raise overloaded(f"the server is busy ({self._queue.qsize()} requests queued); retry shortly")
+        self.requests += 1
+        job = _Job(key, item, asyncio.get_running_loop().create_future())
+        self._queue.put_nowait(job)
+        if self._worker is None or self._worker.done():
+            self._worker = asyncio.create_task(self._work(), name="winnow-batcher")
+        return await job.future
+
+    async def aclose(self) -> None:
+        """Stop taking requests; waiting ones get a 503."""
+        self._closed = True
+        if self._worker is not None:
+            self._worker.cancel()
+            await asyncio.gather(self._worker, return_exceptions=True)
+        while self._queue is not None and not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(overloaded("the server is shutting down"))
+        self.executor.shutdown(wait=True)
+
+    async def _work(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait
+            while len(batch) < self.max_batch_size:
+                if not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                    continue
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), left))
+                except asyncio.TimeoutError:
+                    break
+            groups: dict[Hashable, list[_Job]] = {}
+            for job in batch:
+                if not job.future.done():  # a client that went away while waiting
+                    groups.setdefault(job.key, []).append(job)
+            for key, jobs in groups.items():
+                await self._run(loop, key, jobs)
+
+    async def _run(self, loop: asyncio.AbstractEventLoop, key: Hashable, jobs: list[_Job]) -> None:
+        self.calls += 1
+        try:
+            results = await loop.run_in_executor(self.executor, self.run_group, key, [j.item for j in jobs])
+            if len(results) != len(jobs):
+                raise RuntimeError(f"the engine returned {len(results)} results for {len(jobs)} requests")
+        except Exception as e:
+            log.exception("engine call failed")
+            error = ServingError(500, f"the engine failed: {type(e).__name__}: {e}", type="server_error")
+            for job in jobs:
+                if not job.future.done():
+                    job.future.set_exception(error)
+            return
+        for job, result in zip(jobs, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+
+
+# ----------------------------------------------------------------------------- request helpers
+
+def _messages(messages: list[p.ChatMessage], param: str = "messages") -> list[dict[str, Any]]:
+    """Chat messages as plain dicts with text content; images and other parts are refused."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    raise bad_request(f"content part type {part.type!r} is not supported; send text",
+                                      f"{param}[{i}].content[{j}].type")
+                texts.append(part.text)
+            content = "".join(texts)
+        out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    return out
+
+
+def _refuse(req: Any, checks: dict[str, bool]) -> None:
+    """400 for the first field whose value asks for something this server does not do."""
+    for field, unsupported in checks.items():
+        if unsupported:
+            raise bad_request(f"{field}={getattr(req, field)!r} is not supported by this server", field)
+
+
+def _stop(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+
+
+def _sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@dataclass(frozen=True)
+class _Key:
+    """What requests must share to share one ``generate`` call."""
+
+    temperature: float
+    top_p: float
+    top_k: int | None
+    max_new_tokens: int
+    stop: tuple[str, ...]
+    repetition_penalty: float
+    seed: int | None
+    solo: object = None  # a seeded request gets a call of its own (see docs/serve.md, "seed")
+
+
+@dataclass
+class _GenItem:
+    ids: list[int]
+    n: int
+
+
+# ----------------------------------------------------------------------------- served models
+
+class _Served:
+    """The model name checks every served model shares."""
+
+    name: str
+    kind: str
+    batcher: Batcher
+
+    def check_model(self, model: str | None) -> None:
+        """404 in OpenAI's shape when a request names a model this server does not serve."""
+        if model and model != self.name:
+            raise ServingError(404, f"The model '{model}' does not exist; this server serves '{self.name}'",
+                               param="model", code="model_not_found")
+
+    def models(self) -> p.ModelList:
+        return p.ModelList(data=[p.ModelCard(id=self.name)])
+
+    def info(self) -> dict[str, Any]:
+        """The health route's body: what is served and how busy the batcher has been."""
+        return {"status": "ok", "model": self.name, "kind": self.kind, "requests": self.batcher.requests,
+                "engine_calls": self.batcher.calls}
+
+
+class PolicyServing(_Served):
+    """Chat and completions from a causal LM engine, batched dynamically."""
+
+    kind = "policy"
+
+    def __init__(self, engine: Any, *, name: str, default_max_tokens: int | None = None, **batching: Any):
+        from winnow.engines import hf
+
+        if not hasattr(engine, "generate_ids_blocking"):
+            from winnow.errors import ConfigError
+
+            raise ConfigError(f"engine {engine.name!r} cannot be served yet; use --engine transformers")
+        self.engine = engine
+        self.name = name
+        # the server's own tokenizer: the engine's is busy on the model thread, and a fast tokenizer
+        # must not be used from two threads at once
+        self.tokenizer = hf.load_tokenizer(engine.model_path)
+        self.template = engine.template
+        limits = [getattr(engine.model.config, "max_position_embeddings", None), engine.max_length]
+        self.context_length: int | None = min((x for x in limits if x), default=None)
+        self.vocab_size = len(self.tokenizer)
+        self.default_max_tokens = default_max_tokens
+        self.batcher = Batcher(self._run_group, **batching)
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+        await self.engine.aclose()
+
+    # ------------------------------------------------------------------ engine side (model thread)
+
+    def _run_group(self, key: _Key, items: list[_GenItem]) -> list[list[Completion]]:
+        """One ``generate`` call for requests sharing ``key``: every request's n samples are rows."""
+        params = SamplingParams(n=1, max_new_tokens=key.max_new_tokens, temperature=key.temperature,
+                                top_p=key.top_p, top_k=key.top_k, repetition_penalty=key.repetition_penalty,
+                                stop=list(key.stop), seed=key.seed)
+        if key.seed is not None:
+            self.engine.torch.manual_seed(key.seed)
+        rows = [item.ids for item in items for _ in range(item.n)]
+        flat = [c[0] for c in self.engine.generate_ids_blocking(rows, params)]
+        return _split(flat, [item.n for item in items])
+
+    # ------------------------------------------------------------------ request side (event loop)
+
+    def _key(self, req: p._SamplingFields, prompt_tokens: int, param: str) -> _Key:
+        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or self.default_max_tokens
+        if self.context_length is not None:
+            room = self.context_length - prompt_tokens
+            wanted = max_tokens or 1
+            if room < wanted:
+                asked = f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the {param}, {wanted} in the completion)"
+                raise bad_request(
+                    f"This model's maximum context length is {self.context_length} tokens. However, you "
+                    f"requested {asked}. Please reduce the length of the {param} or completion.",
+                    param, code="context_length_exceeded")
+            max_tokens = max_tokens or room
+        temperature = 1.0 if req.temperature is None else req.temperature
+        top_k = req.top_k if req.top_k and req.top_k > 0 else None
+        return _Key(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k,
+                    max_new_tokens=int(max_tokens or 16), stop=tuple(_stop(req.stop)),
+                    repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
+                    solo=object() if req.seed is not None else None)
+
+    def _refuse_common(self, req: p._SamplingFields) -> None:
+        _refuse(req, {
+            "presence_penalty": bool(req.presence_penalty),
+            "frequency_penalty": bool(req.frequency_penalty),
+            "logit_bias": bool(req.logit_bias),
+        })
+
+    async def _generate(self, key: _Key, ids: list[int], n: int) -> list[Completion]:
+        completions = await self.batcher.submit(key, _GenItem(ids, n))
+        failed = [c for c in completions if c.finish_reason == FINISH_ERROR]
+        if failed:
+            raise ServingError(500, f"generation failed: {failed[0].error}", type="server_error")
+        return completions
+
+    async def chat(self, req: p.ChatCompletionRequest) -> p.ChatCompletionResponse | AsyncIterator[str]:
+        """A chat completion, or (``stream``) its server-sent events."""
+        self.check_model(req.model)
+        self._refuse_common(req)
+        _refuse(req, {
+            "logprobs": bool(req.logprobs),
+            "tools": bool(req.tools),
+            "response_format": bool(req.response_format) and req.response_format.get("type") != "text",
+        })
+        from winnow.engines import hf
+
+        try:
+            text = hf.render_chat(self.tokenizer, _messages(req.messages), self.template)
+        except ServingError:
+            raise
+        except Exception as e:
+            raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        key = self._key(req, len(ids), "messages")
+        completions = await self._generate(key, ids, req.n)
+        usage = _usage(len(ids), completions)
+        response = p.ChatCompletionResponse(
+            model=self.name, usage=usage,
+            choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+                     for i, c in enumerate(completions)])
+        if req.stream:
+            return chat_stream(response, bool(req.stream_options and req.stream_options.include_usage))
+        return response
+
+    async def completions(self, req: p.CompletionRequest) -> p.CompletionResponse | AsyncIterator[str]:
+        """A text completion of raw prompts (no chat template), or its server-sent events."""
+        self.check_model(req.model)
+        self._refuse_common(req)
+        _refuse(req, {
+            "echo": bool(req.echo),
+            "suffix": bool(req.suffix),
+            "logprobs": req.logprobs is not None,
+            "best_of": req.best_of is not None and req.best_of != req.n,
+        })
+        prompts = self._prompt_ids(req.prompt)
+        keys = [self._key(req, len(ids), "prompt") for ids in prompts]
+        results = await asyncio.gather(*(self._generate(k, ids, req.n) for k, ids in zip(keys, prompts, strict=True)))
+        flat = [c for completions in results for c in completions]
+        usage = p.Usage(prompt_tokens=sum(len(ids) for ids in prompts),
+                        completion_tokens=sum(c.completion_tokens for c in flat))
+        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
+        response = p.CompletionResponse(
+            model=self.name, usage=usage,
+            choices=[p.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)
+                     for i, c in enumerate(flat)])
+        if req.stream:
+            return completion_stream(response, bool(req.stream_options and req.stream_options.include_usage))
+        return response
+
+    def _prompt_ids(self, prompt: str | list) -> list[list[int]]:
+        """Token ids of each prompt: text is tokenized as is; token arrays are checked."""
+        if isinstance(prompt, str):
+            prompt = [prompt]
+        if not prompt:
+            raise bad_request("prompt must not be empty", "prompt")
+        if all(isinstance(x, int) for x in prompt):
+            prompt = [prompt]
+        out = []
+        for i, item in enumerate(prompt):
+            if isinstance(item, str):
+                ids = self.tokenizer(item, add_special_tokens=True)["input_ids"]
+            else:
+                ids = list(item)
+                bad = [t for t in ids if not 0 <= t < self.vocab_size]
+                if bad:
+                    raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
+                                      f"prompt[{i}]")
+            if not ids:
+                raise bad_request("prompt must not be empty", f"prompt[{i}]" if len(prompt) > 1 else "prompt")
+            out.append(ids)
+        return out
+
+    async def rewards(self, req: p.RewardRequest) -> p.RewardResponse:
+        self.check_model(req.model)
+        raise bad_request(f"'{self.name}' is not a reward model; /v1/rewards needs a server started with one",
+                          "model")
+
+
+def _split(flat: list[Any], sizes: list[int]) -> list[list[Any]]:
+    """``flat`` cut back into consecutive runs of the given sizes (one per request of a batch)."""
+    out, at = [], 0
+    for size in sizes:
+        out.append(flat[at:at + size])
+        at += size
+    return out
+
+
+def _usage(prompt_tokens: int, completions: list[Completion]) -> p.Usage:
+    completion_tokens = sum(c.completion_tokens for c in completions)
+    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
+
+
+async def chat_stream(response: p.ChatCompletionResponse, include_usage: bool) -> AsyncIterator[str]:
+    """A finished chat completion as OpenAI's chunk stream: per choice a role chunk, a content
+    chunk and a finish chunk; then a usage chunk (with ``include_usage``); then ``[DONE]``."""
+    base = {"id": response.id, "object": "chat.completion.chunk", "created": response.created,
+            "model": response.model, "system_fingerprint": None}
+    if include_usage:
+        base["usage"] = None
+    for choice in response.choices:
+        text = choice.message.content or ""
+        for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": text}, None),
+                              ({}, choice.finish_reason)):
+            if delta.get("content") == "" and "role" not in delta:
+                continue
+            yield _sse({**base, "choices": [{"index": choice.index, "delta": delta, "logprobs": None,
+                                             "finish_reason": finish}]})
+    if include_usage:
+        yield _sse({**base, "choices": [], "usage": response.usage.model_dump()})
+    yield SSE_DONE
+
+
+async def completion_stream(response: p.CompletionResponse, include_usage: bool) -> AsyncIterator[str]:
+    """A finished text completion as OpenAI's chunk stream (same object type as the response)."""
+    base = {"id": response.id, "object": "text_completion", "created": response.created, "model": response.model,
+            "system_fingerprint": None}
+    if include_usage:
+        base["usage"] = None
+    for choice in response.choices:
+        for text, finish in ((choice.text, None), ("", choice.finish_reason)):
+            if text == "" and finish is None:
+                continue
+            yield _sse({**base, "choices": [{"index": choice.index, "text": text, "logprobs": None,
+                                             "finish_reason": finish}]})
+    if include_usage and response.usage is not None:
+        yield _sse({**base, "choices": [], "usage": response.usage.model_dump()})
+    yield SSE_DONE
+
+
+# ----------------------------------------------------------------------------- reward models
+
+class RewardServing(_Served):
+    """A classifier reward model or PRM: scores conversations, batched like generation."""
+
+    def __init__(self, model: Any, *, name: str, **batching: Any):
+        self.model = model
+        self.kind = model.kind
+        self.name = name
+        self.batcher = Batcher(self._run_group, **batching)
+
+    async def aclose(self) -> None:
+        await self.batcher.aclose()
+
+    def _run_group(self, key: Hashable, items: list[list[list[dict]]]) -> list[list[Score]]:
+        """One ``score_conversations`` call for every conversation of every request in the batch."""
+        flat = [conv for convs in items for conv in convs]
+        scores = list(self.model.score_conversations(flat))
+        if len(scores) != len(flat):
+            raise RuntimeError(f"the reward model returned {len(scores)} scores for {len(flat)} conversations")
+        return _split(scores, [len(convs) for convs in items])
+
+    async def score(self, conversations: list[list[dict]]) -> list[Score]:
+        return await self.batcher.submit(None, conversations)
+
+    def content(self, score: Score) -> str:
+        """The chat answer of a reward model: the score as text (``float(content)`` reads it); a PRM's
+        is its step scores as a JSON list."""
+        if self.kind == "prm":
+            return json.dumps(score.steps if score.steps is not None else [])
+        return "" if score.value is None else repr(float(score.value))
+
+    async def chat(self, req: p.ChatCompletionRequest) -> p.ChatCompletionResponse | AsyncIterator[str]:
+        """swift's convention: the reward of the conversation (ending with the answer to judge) is
+        the message content."""
+        self.check_model(req.model)
+        (score,) = await self.score([_messages(req.messages)])
+        content = self.content(score)
+        response = p.ChatCompletionResponse(
+            model=self.name, usage=p.Usage(),
+            choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=content), finish_reason="stop")
+                     for i in range(req.n)])
+        if req.stream:
+            return chat_stream(response, bool(req.stream_options and req.stream_options.include_usage))
+        return response
+
+    async def completions(self, req: p.CompletionRequest) -> p.CompletionResponse:
+        self.check_model(req.model)
+        raise bad_request(f"'{self.name}' is a reward model; use /v1/rewards or /v1/chat/completions", "model")
+
+    async def rewards(self, req: p.RewardRequest) -> p.RewardResponse:
+        """Scores of each conversation (and per-step scores for a PRM), in order."""
+        self.check_model(req.model)
+        conversations = [_messages(conv, f"messages[{i}]") for i, conv in enumerate(req.messages)]
+        for i, conv in enumerate(conversations):
+            if not conv:
+                raise bad_request("a conversation must hold at least one message", f"messages[{i}]")
+        scores = await self.score(conversations)
+        data = [p.RewardData(index=i, score=s.value, step_scores=s.steps) for i, s in enumerate(scores)]
+        return p.RewardResponse(model=self.name, kind=self.kind, data=data)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def detect_reward_kind(path: str) -> str | None:
+    """``classifier`` or ``prm`` for a reward model directory, None for anything else."""
+    try:
+        from winnow.rewards.models import detect_reward_model
+    except ImportError:
+        return None
+    return detect_reward_model(path)
+
+
+def load_serving(config: Any) -> PolicyServing | RewardServing:
+    """The served model for ``winnow serve`` options: a reward model when the directory holds one,
+    else a policy engine."""
+    from winnow.engines import get_engine, hf
+
+    path = hf.resolve_model_path(config.model)
+    name = config.served_model_name or Path(str(config.model).rstrip("/")).name
+    batching = dict(max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
+                    max_queue=config.max_queue, dynamic_batching=config.dynamic_batching)
+    kind = detect_reward_kind(path)
+    if kind is not None:
+        from winnow.rewards.models import load_reward_model
+
+        kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, **config.engine_kwargs}
+        return RewardServing(load_reward_model(path, **kwargs), name=name, **batching)
+    kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, "template": config.template,
+              "seed": config.seed, **config.engine_kwargs}
+    engine = get_engine(config.engine, path, **kwargs)
+    return PolicyServing(engine, name=name, default_max_tokens=getattr(config, "max_new_tokens", None),
+                         **batching)

@@ -1,0 +1,281 @@
+"""``winnow serve`` as a real subprocess on a loopback port, driven by the official openai SDK.
+
+One server per scenario (module-scoped): a policy server for the OpenAI surface, a tiny-queue
+server for overload and SIGTERM, and reward-model servers for the reward routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+KEY = "sk-winnow-test"
+READY = re.compile(r"ready at (http://\S+)/v1 ")
+
+
+class Server:
+    """A ``winnow serve`` subprocess whose output goes to a file (a pipe left unread could block it)."""
+
+    def __init__(self, log: Path, *args: str, startup_timeout: float = 120.0):
+        self.log = log
+        self.args = args
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "winnow", "serve", *args, "--port", "0"],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.url = self._wait_ready(startup_timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def _wait_ready(self, timeout: float) -> str:
+        """The URL from the ready line, once ``/health`` answers (polled; no fixed sleeps)."""
+        deadline = time.monotonic() + timeout
+        url = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"winnow serve exited {self.proc.returncode}:\n{self.output()[-3000:]}")
+            if url is None:
+                match = READY.search(self.output())
+                url = match.group(1) if match else None
+            if url is not None:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        return url
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        self.proc.kill()
+        raise AssertionError(f"winnow serve not ready after {timeout}s:\n{self.output()[-3000:]}")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"winnow serve ignored signal {sig}:\n{self.output()[-3000:]}") from None
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("serve") / "policy.log", "--model", str(tiny_model),
+                 "--served_model_name", "tiny", "--api_key", KEY, "--max_new_tokens", "8", "--max_wait_ms", "50")
+    yield srv
+    code = srv.stop(signal.SIGINT)
+    assert code == 0, srv.output()[-2000:]
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
+
+
+def test_ready_line_health_and_models(server, client):
+    assert re.search(r"ready at http://127\.0\.0\.1:\d+/v1 ", server.output())
+    assert server.health()["model"] == "tiny"
+    models = client.models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    assert client.models.retrieve("tiny").id == "tiny"
+
+
+def test_chat_n_and_usage(client):
+    resp = client.chat.completions.create(model="tiny", messages=CHAT, n=3, max_tokens=5, temperature=0.8,
+                                          top_p=0.9, extra_body={"top_k": 20})
+    assert resp.object == "chat.completion" and resp.model == "tiny"
+    assert [c.index for c in resp.choices] == [0, 1, 2]
+    for choice in resp.choices:
+        assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+        assert choice.finish_reason in ("stop", "length")
+    assert 0 < resp.usage.completion_tokens <= 15
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+    assert resp.usage.prompt_tokens > 5
+
+
+def test_server_default_max_tokens_and_length_finish(client):
+    resp = client.chat.completions.create(model="tiny", messages=CHAT)  # --max_new_tokens 8
+    assert resp.usage.completion_tokens <= 8
+    one = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=1)
+    assert one.usage.completion_tokens <= 1
+
+
+def test_seed_reproducible_and_stream_matches(client):
+    kwargs = dict(model="tiny", messages=CHAT, max_tokens=8, temperature=1.0, seed=1234)
+    first = client.chat.completions.create(**kwargs).choices[0].message.content
+    again = client.chat.completions.create(**kwargs).choices[0].message.content
+    assert first == again
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == first
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["stop"], ["length"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens > 0
+
+
+def test_stream_n_choices_without_usage(client):
+    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, n=2, stream=True)
+    seen: dict[int, list] = {}
+    for chunk in stream:
+        assert chunk.usage is None
+        for choice in chunk.choices:
+            seen.setdefault(choice.index, []).append(choice.finish_reason)
+    assert sorted(seen) == [0, 1]
+    assert all(reasons[-1] in ("stop", "length") for reasons in seen.values())
+
+
+def test_greedy_is_deterministic_and_stop_string_cuts_text(client):
+    greedy = dict(model="tiny", messages=CHAT, max_tokens=6, temperature=0)
+    assert client.chat.completions.create(**greedy).choices[0].message.content == \
+        client.chat.completions.create(**greedy).choices[0].message.content
+    seeded = dict(model="tiny", messages=CHAT, max_tokens=12, seed=7)  # a seed makes sampling repeatable
+    full = client.chat.completions.create(**seeded).choices[0].message.content
+    assert len(full) >= 4, full
+    stop = full[2:4]
+    cut = client.chat.completions.create(**seeded, stop=[stop]).choices[0]
+    assert cut.message.content == full[: full.index(stop)]
+    assert cut.finish_reason == "stop"
+
+
+def test_completions_raw_prompt_n_and_token_ids(client):
+    resp = client.completions.create(model="tiny", prompt=["What is", "Step 1:"], n=2, max_tokens=4)
+    assert resp.object == "text_completion"
+    assert [c.index for c in resp.choices] == [0, 1, 2, 3]
+    assert all(isinstance(c.text, str) for c in resp.choices)
+    ids = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert ids.usage.prompt_tokens == 3 and len(ids.choices) == 1
+    chunks = list(client.completions.create(model="tiny", prompt="What is", max_tokens=3, stream=True))
+    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_async_client_concurrent_requests_are_batched(server):
+    before = server.health()
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
+        async with client:
+            return await asyncio.gather(*(
+                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Q{i}"}],
+                                               max_tokens=4) for i in range(8)))
+
+    results = asyncio.run(run())
+    assert len(results) == 8 and all(len(r.choices) == 1 for r in results)
+    after = server.health()
+    assert after["requests"] - before["requests"] == 8
+    assert after["engine_calls"] - before["engine_calls"] < 8  # shared engine calls
+
+
+def test_auth(server):
+    for key in ("wrong", None):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        resp = httpx.get(f"{server.url}/v1/models", headers=headers, timeout=10)
+        assert resp.status_code == 401
+        assert resp.json()["error"]["code"] == "invalid_api_key"
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.chat.completions.create(model="tiny", messages=CHAT)
+    assert httpx.get(f"{server.url}/health", timeout=10).status_code == 200  # probes need no key
+
+
+def test_unknown_model_is_404(client):
+    with pytest.raises(openai.NotFoundError) as err:
+        client.chat.completions.create(model="gpt-4o", messages=CHAT)
+    assert err.value.body["param"] == "model" and err.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4o")
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    ({"temperature": 5}, "temperature"),
+    ({"n": 0}, "n"),
+    ({"top_p": 0}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"extra_body": {"top_k": -7}}, "top_k"),
+    ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": []}, "messages"),
+])
+def test_bad_parameters_are_400_and_named(client, kwargs, param):
+    kwargs = {"model": "tiny", "messages": CHAT, "max_tokens": 2, **kwargs}
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**kwargs)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param
+    assert err.value.body["type"] == "invalid_request_error"
+
+
+def test_context_too_long_is_400_with_numbers(client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=5000)
+    body = err.value.body
+    assert body["code"] == "context_length_exceeded" and "2048" in body["message"] and "5000" in body["message"]
+    long_prompt = "one two three four " * 1200
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="tiny", prompt=long_prompt, max_tokens=4)
+    assert err.value.body["code"] == "context_length_exceeded" and err.value.body["param"] == "prompt"
+
+
+def test_malformed_bodies_never_crash(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    for body in (b'{"messages": [{"rol', b"[1, 2]", b"", b"\xff\xfe", b'{"messages": "hi"}', b"null"):
+        resp = httpx.post(f"{server.url}/v1/chat/completions", content=body, headers=headers, timeout=10)
+        assert resp.status_code == 400, (body, resp.text)
+        assert resp.json()["error"]["type"] == "invalid_request_error"
+    resp = httpx.post(f"{server.url}/v1/chat/completions", content=b"{", headers=headers, timeout=10)
+    assert resp.json()["error"]["code"] == "invalid_json"
+    assert httpx.get(f"{server.url}/nope", timeout=10).status_code == 404
+    assert server.health()["status"] == "ok"
+    assert server.proc.poll() is None
+
+
+def test_rewards_route_on_a_policy_is_400(server):
+    resp = httpx.post(f"{server.url}/v1/rewards", json={"messages": [CHAT]},
+                      headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
+
+
+# ----------------------------------------------------------------------------- overload and shutdown
+
+def test_overload_is_503_with_retry_after_then_sigterm_exits_0(tiny_model, tmp_path):
+    srv = Server(tmp_path / "busy.log", "--model", str(tiny_model), "--max_queue", "1", "--max_batch_size", "1")
+    try:
+        async def fire():
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as http:
+                body = {"messages": CHAT, "max_tokens": 48}
+                return await asyncio.gather(*(http.post("/v1/chat/completions", json=body) for _ in range(6)))
+
+        responses = asyncio.run(fire())
+        codes = sorted(r.status_code for r in responses)
+        assert 200 in codes and 503 in codes, codes
+        assert set(codes) <= {200, 503}
+        busy = next(r for r in responses if r.status_code == 503)
+        assert busy.headers["Retry-After"] == "1"
+        assert busy.json()["error"]["code"] == "server_overloaded"
+        # the SDK's own retry honours Retry-After and gets through once the queue drains
+        sdk = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=3)
+        assert sdk.chat.completions.create(model=srv.health()["model"], messages=CHAT, max_tokens=2).choices
+    finally:
+        code = srv.stop(signal.SIGTERM)
+    assert code == 0, srv.output()[-2000:]
+    assert "stopped" in srv.output()

@@ -536,7 +536,8 @@ def load_serving(config: Any) -> PolicyServing | RewardServing:
     if kind is not None:
         from winnow.rewards.models import load_reward_model
 
-        kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, **config.engine_kwargs}
+        kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, "template": config.template,
+                  **config.engine_kwargs}
         return RewardServing(load_reward_model(path, **kwargs), name=name, **batching)
     kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, "template": config.template,
               "seed": config.seed, **config.engine_kwargs}

@@ -101,9 +101,11 @@ class SampleConfig:
 
     # --- API client
     stream: bool = opt(False, "Stream API responses.")
-    reasoning_format: str | None = opt(
-        None, "Where reasoning goes: think_answer (default for distill), separate, none.",
-        choices=("think_answer", "separate", "none"),
+    # a plain str with an "auto" default: "none" is one of the choices, not the absence of a value
+    reasoning_format: str = opt(
+        "auto", "Where reasoning goes: think_answer (the default for distill), separate (a 'reasoning' field; "
+        "the default for sample), none (dropped).",
+        choices=("auto", "think_answer", "separate", "none"),
     )
     max_concurrency: int = opt(64, "API requests in flight.")
     rpm: int | None = opt(None, "Most API requests per minute.")
@@ -135,7 +137,10 @@ class SampleConfig:
             raise ConfigError("--model is required (a local directory, a hub id, or a served model name)")
         if not self.dataset:
             raise ConfigError("--dataset is required, e.g. --dataset data.jsonl#100")
-        if self.reasoning_format is None:
+        if self.reasoning_format not in ("auto", "think_answer", "separate", "none", None):
+            raise ConfigError("--reasoning_format must be think_answer, separate or none, "
+                              f"got {self.reasoning_format!r}")
+        if self.reasoning_format in (None, "auto"):
             self.reasoning_format = "think_answer" if self.sampler_type == "distill" else "separate"
 
     @property

@@ -113,14 +113,19 @@ def build_engine(config: SampleConfig) -> Engine | None:
 
 
 class Progress:
-    """A progress bar on stderr: prompts done/total, samples/s, tokens/s, ETA."""
+    """A progress bar on stderr: prompts done/total, samples/s, tokens/s, failures, ETA.
 
-    def __init__(self, total: int, initial: int, enabled: bool):
+    ``extra`` (the engine's ``progress_fields``, when it has one) adds fields such as requests/s.
+    """
+
+    def __init__(self, total: int, initial: int, enabled: bool, extra=None):
         self.bar = None
         self.start = time.monotonic()
         self.samples = 0
         self.tokens = 0
         self.failures = 0
+        self.extra = extra
+        self._shown = 0.0
         if enabled:
             from tqdm import tqdm
 
@@ -132,11 +137,16 @@ class Progress:
         self.tokens += tokens
         self.failures += failures
         if self.bar is not None:
-            dt = max(time.monotonic() - self.start, 1e-9)
-            postfix = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
-            if self.failures:
-                postfix["failed"] = self.failures
-            self.bar.set_postfix(postfix, refresh=False)
+            now = time.monotonic()
+            if now - self._shown >= 0.2:  # formatting the fields per group costs more than the group
+                self._shown = now
+                dt = max(now - self.start, 1e-9)
+                postfix = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
+                if self.extra is not None:
+                    postfix.update(self.extra())
+                if self.failures:
+                    postfix["failed"] = self.failures
+                self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(prompts)
 
     def close(self) -> None:
@@ -193,7 +203,7 @@ class Run:
         self._install_signals()
         done_before = sum(1 for p in range(len(plan)) if store.is_done(p)) if store.resumed else 0
         self.summary.rows_skipped_resumed = done_before
-        progress = Progress(len(plan), done_before, config.progress)
+        progress = Progress(len(plan), done_before, config.progress, getattr(engine, "progress_fields", None))
         self.progress = progress
         slots = asyncio.Semaphore(in_flight)
         advanced = asyncio.Event()
@@ -229,6 +239,7 @@ class Run:
                 await engine.aclose()
             if scorer is not None:
                 await scorer.aclose()
+            self.summary.cost_usd = self._cost()
             self._write_manifest(self.summary.status)
         return self.summary
 
@@ -278,14 +289,17 @@ class Run:
         s.samples_failed += failed
         s.prompt_tokens += sum(c.prompt_tokens for c in group.completions)
         s.completion_tokens += tokens
+        if self.stopping and failed:
+            return  # failed while the run was stopping (cancelled, most likely): not done, redone on resume
         if records:
             self.store.write_group(group.prompt.position, records, group.prompt.id)
             s.groups_written += 1
             s.records_written += len(records)
         elif not group.ok:
-            # nothing usable: logged, and retried on resume (the failure may be transient)
+            # nothing usable once the engine's retries are spent: logged with the reason and done (a
+            # row left undone would hold the resume window, and so the run, at its position)
             self.store.write_failed(group.prompt.position, group.prompt.id, group.prompt.source, reason or "",
-                                    stage="generate", final=False)
+                                    stage="generate")
             s.rows_failed += 1
         else:
             self.store.write_group(group.prompt.position, [], group.prompt.id)
@@ -293,6 +307,14 @@ class Run:
             key = (reason or "filtered").split(":")[0]
             s.filtered_reasons[key] = s.filtered_reasons.get(key, 0) + 1
         self.progress.update(1, len(group.ok), tokens, failed)
+
+    def _cost(self) -> float | None:
+        """The run's cost from its token totals and --price_per_mtok_in/out (None without prices)."""
+        c, s = self.config, self.summary
+        if c.price_per_mtok_in is None and c.price_per_mtok_out is None:
+            return None
+        return round((s.prompt_tokens * (c.price_per_mtok_in or 0.0)
+                      + s.completion_tokens * (c.price_per_mtok_out or 0.0)) / 1e6, 6)
 
     def _check_task(self, task: asyncio.Task) -> None:
         """A batch that died of a bug stops the run (at the next submit), it does not vanish."""
@@ -306,6 +328,9 @@ class Run:
             if self.stopping:  # a second Ctrl-C: stop now; what is written stays resumable
                 raise KeyboardInterrupt
             self.stopping = True
+            interrupt = getattr(self.engine, "interrupt", None)
+            if interrupt is not None:  # the client engine: no new requests, in-flight ones get a deadline
+                interrupt()
             print(f"\nwinnow: {signame}: finishing the calls in flight, then stopping "
                   "(again to stop at once; resume with --resume true)", file=sys.stderr)
 
@@ -330,6 +355,7 @@ class Run:
             "counts": {k: v for k, v in asdict(s).items() if k not in ("output_file", "wall_s", "status")},
             "wall_s": round(time.monotonic() - self.started, 3),
             "tokens_per_s": round(s.tokens_per_s, 2),
+            **({"engine_stats": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
         })
 
 

@@ -61,7 +61,8 @@ class Completion:
 
     @property
     def failed(self) -> bool:
-        return self.finish_reason == FINISH_ERROR
+        """Not usable: an error, or an answer its engine flagged (``error`` set: truncated, filtered)."""
+        return self.finish_reason == FINISH_ERROR or self.error is not None
 
     def to_dict(self) -> dict[str, Any]:
         """The completion as a plain JSON-able dict (the stage-1 cache and raw formats use it)."""

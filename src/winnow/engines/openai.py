@@ -1,0 +1,551 @@
+"""The client engine (alias ``openai``): any OpenAI-compatible chat API as the policy, robust at scale.
+
+One request per sample group (the API's ``n`` when the server honours it, else parallel single
+requests), at most ``max_concurrency`` requests in flight, optional requests- and tokens-per-minute
+limits, and winnow's own retry loop (exponential backoff with jitter, ``Retry-After`` honoured) on
+429, 5xx, timeouts, connection errors, malformed bodies and empty answers.
+
+What a request that still fails becomes (never an exception that sinks the run):
+
+- no usable answer after the retries: ``Completion(finish_reason="error", error=...)``;
+- an answer cut at ``max_new_tokens`` (``finish_reason="length"``) or blocked
+  (``"content_filter"``): kept with that finish reason, its text and its tokens, and an ``error``
+  saying why; a completion with an error is not written as a training line, so a row whose every
+  sample is like this goes to the failed-rows log with the reason. ``keep_truncated=True`` (an
+  engine kwarg) keeps length-truncated answers as usable samples instead. Neither is retried:
+  the server would most likely do the same again, at a price.
+- a bad API key or an unknown model (HTTP 401/403/404) stops the run with one clear error: every
+  other row would fail the same way.
+
+Reasoning models: the reasoning is read from ``reasoning_content`` or ``reasoning`` (servers use
+either), streaming or not, into ``Completion.reasoning``.
+
+Tokens: each completion carries the ``usage`` of the request that made it. With ``n`` > 1 in one
+request the prompt is billed once: its tokens go to the first completion (so totals are right) and
+the completion tokens are split in proportion to the length of each choice. Tokens of attempts
+that were retried (an empty answer, say) are added to the first completion too: the totals are
+what the server counted.
+
+The API key (``api_key`` kwarg, else ``OPENAI_API_KEY``) is never put in ``describe()``, errors or
+logs. The base URL is ``base_url``, else ``OPENAI_BASE_URL``, else the OpenAI default.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import time
+from collections import Counter
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from winnow.errors import ConfigError, EngineError, require
+from winnow.schema import (
+    FINISH_CONTENT_FILTER,
+    FINISH_ERROR,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    Completion,
+    Prompt,
+    SamplingParams,
+)
+
+RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
+FATAL_STATUS = {401: "rejected the API key", 403: "refused access", 404: "does not know this model or route"}
+MAX_RETRY_AFTER_S = 600.0
+INTERRUPTED = "interrupted: the run was stopped before this request finished"
+
+
+class _Retry(Exception):
+    """A failed attempt worth another try; ``wait`` is the server's Retry-After, if it sent one."""
+
+    def __init__(self, message: str, wait: float | None = None):
+        super().__init__(message)
+        self.wait = wait
+
+
+class _Interrupted(Exception):
+    """The run is stopping: this request was not sent, or was cancelled at the shutdown deadline."""
+
+
+class RateLimiter:
+    """Requests- and tokens-per-minute limits, plus a shared pause after a 429 with Retry-After.
+
+    Requests are spaced at ``60/rpm`` seconds. Tokens use a bucket holding one minute's worth that
+    refills continuously; a request waits while the bucket is empty and its real usage is taken out
+    afterwards (the bucket may go below zero, which delays the requests that follow).
+    """
+
+    def __init__(self, rpm: int | None = None, tpm: int | None = None):
+        self.interval = 60.0 / rpm if rpm else 0.0
+        self.tpm = tpm
+        self.next_slot = 0.0
+        self.tokens = float(tpm or 0)
+        self.refilled = time.monotonic()
+        self.paused_until = 0.0
+
+    def pause(self, seconds: float) -> None:
+        """Hold every request back for ``seconds`` (the server asked for it)."""
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+    def spend(self, tokens: int) -> None:
+        if self.tpm:
+            self.tokens -= tokens
+
+    async def acquire(self) -> None:
+        while True:
+            now = time.monotonic()
+            wait = self.paused_until - now
+            if self.tpm:
+                self.tokens = min(float(self.tpm), self.tokens + (now - self.refilled) * self.tpm / 60.0)
+                self.refilled = now
+                if self.tokens <= 0:
+                    wait = max(wait, -self.tokens * 60.0 / self.tpm + 0.01)
+            if self.interval:
+                wait = max(wait, self.next_slot - now)
+            if wait <= 0:
+                if self.interval:
+                    self.next_slot = max(now, self.next_slot) + self.interval
+                return
+            await asyncio.sleep(wait)
+
+
+def _strip_userinfo(url: str | None) -> str | None:
+    """A URL without any ``user:password@`` part, for the manifest."""
+    if not url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), if given."""
+    if headers is None:
+        return None
+    try:
+        ms = headers.get("retry-after-ms")
+        if ms is not None:
+            return max(0.0, float(ms) / 1000.0)
+        value = headers.get("retry-after")
+        if value is None:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def _split(total: int, weights: list[int]) -> list[int]:
+    """``total`` split in proportion to ``weights``, summing exactly to ``total``."""
+    if not weights:
+        return []
+    whole = sum(weights)
+    if whole <= 0:
+        out = [total // len(weights)] * len(weights)
+    else:
+        out = [total * w // whole for w in weights]
+    out[0] += total - sum(out)
+    return out
+
+
+class OpenAIEngine:
+    """An OpenAI-compatible chat completions API (vLLM, SGLang, ``winnow serve``, a hosted API)."""
+
+    name = "client"
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        stream: bool = False,
+        max_concurrency: int = 64,
+        rpm: int | None = None,
+        tpm: int | None = None,
+        request_timeout: float = 600.0,
+        max_retries: int = 5,
+        keep_truncated: bool = False,
+        retry_base_s: float = 1.0,
+        retry_max_s: float = 60.0,
+        shutdown_grace_s: float = 5.0,
+        n_mode: str = "auto",
+        http_client: str = "auto",
+        extra_body: dict | None = None,
+        headers: dict | None = None,
+        max_tokens_param: str = "max_tokens",
+        **unused: Any,
+    ):
+        openai = require("openai", "client", "the client engine")
+        self._openai = openai
+        if max_concurrency < 1:
+            raise ConfigError(f"--max_concurrency must be at least 1, got {max_concurrency}")
+        if n_mode not in ("auto", "native", "parallel"):
+            raise ConfigError(f"engine_kwargs n_mode must be auto, native or parallel, got {n_mode!r}")
+        self.model = model
+        self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        key = api_key or os.environ.get("OPENAI_API_KEY")
+        self._key_source = "engine_kwargs" if api_key else "OPENAI_API_KEY" if key else "none"
+        if not key:
+            if self.base_url is None:
+                raise ConfigError("the client engine needs an API key: set OPENAI_API_KEY, or give "
+                                  "--engine_kwargs '{\"base_url\": \"http://host:port/v1\"}' for a local server")
+            key = "EMPTY"  # local servers (vLLM, SGLang, winnow serve) accept any key
+        self._secret = key if key != "EMPTY" else None
+        self.stream = bool(stream)
+        self.max_concurrency = int(max_concurrency)
+        self.request_timeout = float(request_timeout)
+        self.max_retries = int(max_retries)
+        self.keep_truncated = bool(keep_truncated)
+        self.retry_base_s = float(retry_base_s)
+        self.retry_max_s = float(retry_max_s)
+        self.shutdown_grace_s = float(shutdown_grace_s)
+        self.extra_body = dict(extra_body or {})
+        self.max_tokens_param = max_tokens_param
+        # None: not known yet; learnt from the first answer to a request with n > 1
+        self.native_n: bool | None = {"auto": None, "native": True, "parallel": False}[n_mode]
+        self.limiter = RateLimiter(rpm, tpm)
+        self.rpm, self.tpm = rpm, tpm
+        self.http_client_kind = self._http_client_kind(http_client)
+        self.client = openai.AsyncOpenAI(
+            api_key=key, base_url=self.base_url, max_retries=0, timeout=self.request_timeout,
+            default_headers=headers or None, http_client=self._make_http_client(),
+        )
+        self._slots: asyncio.Semaphore | None = None
+        self._stop: asyncio.Event | None = None
+        self._stopping = False
+        self._aborted = False
+        self._inflight: set[asyncio.Future] = set()
+        self.unused_kwargs = sorted(unused)
+        self.counts: Counter = Counter()  # requests, retries, failures by kind
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------------ setup
+
+    def _http_client_kind(self, wanted: str) -> str:
+        """aiohttp when installed (several times less CPU per request than the default), else httpx."""
+        if wanted not in ("auto", "aiohttp", "httpx"):
+            raise ConfigError(f"engine_kwargs http_client must be auto, aiohttp or httpx, got {wanted!r}")
+        if wanted == "httpx":
+            return "httpx"
+        try:
+            import aiohttp  # noqa: F401
+        except ImportError:
+            if wanted == "aiohttp":
+                raise ConfigError("http_client aiohttp needs: pip install 'openai[aiohttp]'") from None
+            return "httpx"
+        return "aiohttp" if hasattr(self._openai, "DefaultAioHttpClient") else "httpx"
+
+    def _make_http_client(self):
+        """The SDK's aiohttp client sized for every request in flight; None keeps the SDK default."""
+        if self.http_client_kind != "aiohttp":
+            return None
+        limits = getattr(getattr(self._openai, "_base_client", None), "DEFAULT_CONNECTION_LIMITS", None)
+        if limits is None:
+            return self._openai.DefaultAioHttpClient()
+        size = max(self.max_concurrency + 16, 100)  # idle connections are kept, not reopened per request
+        return self._openai.DefaultAioHttpClient(limits=type(limits)(max_connections=size,
+                                                                     max_keepalive_connections=size))
+
+    # ------------------------------------------------------------------ protocol
+
+    def batch_plan(self, n: int) -> tuple[int, int]:
+        # one prompt per call, and a few more prompts waiting than requests allowed in flight, so
+        # the next request starts the moment one ends and a slow request holds up nobody else
+        return 1, self.max_concurrency + max(4, self.max_concurrency // 8)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "model": self.model, "base_url": _strip_userinfo(self.base_url) or "(OpenAI default)",
+            "api_key": self._key_source, "stream": self.stream, "max_concurrency": self.max_concurrency,
+            "rpm": self.rpm, "tpm": self.tpm, "request_timeout": self.request_timeout,
+            "max_retries": self.max_retries, "keep_truncated": self.keep_truncated,
+            "http_client": self.http_client_kind, "native_n": self.native_n,
+            **({"extra_body": self.extra_body} if self.extra_body else {}),
+            **({"unused_kwargs": self.unused_kwargs} if self.unused_kwargs else {}),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        """Request counts for the manifest: requests sent, retries, failures by kind."""
+        return dict(sorted(self.counts.items()))
+
+    def progress_fields(self) -> dict[str, str]:
+        """Extra progress-bar fields: requests/s and retries so far."""
+        dt = max(time.monotonic() - self.started, 1e-9)
+        out = {"req/s": f"{self.counts['requests'] / dt:.1f}"}
+        if self.counts["retries"]:
+            out["retries"] = str(self.counts["retries"])
+        return out
+
+    def interrupt(self) -> None:
+        """Stop: start no new request; cancel those in flight after ``shutdown_grace_s`` seconds."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self._stop is not None:
+            self._stop.set()
+        asyncio.get_running_loop().call_later(self.shutdown_grace_s, self._abort)
+
+    def _abort(self) -> None:
+        self._aborted = True
+        for task in list(self._inflight):
+            task.cancel()
+
+    async def aclose(self) -> None:
+        await self.client.close()
+
+    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        if self._slots is None:  # made here, inside the run's event loop
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+            self._stop = asyncio.Event()
+            if self._stopping:
+                self._stop.set()
+        if len(prompts) == 1:
+            return [await self._sample(prompts[0], params)]
+        return list(await asyncio.gather(*(self._sample(p, params) for p in prompts)))
+
+    # ------------------------------------------------------------------ one prompt
+
+    async def _sample(self, prompt: Prompt, params: SamplingParams) -> list[Completion]:
+        """``params.n`` completions of one prompt: one request with ``n`` when the server honours it."""
+        n = params.n
+        out: list[Completion] = []
+        if n > 1 and self.native_n is not False:
+            out = await self._request(prompt, params, n)
+            answered = [c for c in out if c.finish_reason != FINISH_ERROR]
+            if answered and self.native_n is None:
+                self.native_n = len(out) >= n
+            if len(out) >= n:
+                return out[:n]
+        elif n == 1:
+            return await self._request(prompt, params, 1)
+        rest = n - len(out)
+        more = await asyncio.gather(*(self._request(prompt, params, 1) for _ in range(rest)))
+        return out + [c for cs in more for c in cs]
+
+    def _body(self, prompt: Prompt, params: SamplingParams, n: int) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.model, "messages": prompt.messages,
+                                "temperature": params.temperature, "top_p": params.top_p,
+                                self.max_tokens_param: params.max_new_tokens}
+        if n > 1:
+            body["n"] = n
+        if params.stop:
+            body["stop"] = params.stop
+        # not OpenAI parameters: sent only when asked for (vLLM and SGLang accept them)
+        if params.top_k is not None:
+            body["top_k"] = params.top_k
+        if params.repetition_penalty != 1.0:
+            body["repetition_penalty"] = params.repetition_penalty
+        if self.stream:
+            body["stream"] = True
+            body["stream_options"] = {"include_usage": True}
+        body.update(self.extra_body)
+        return body
+
+    async def _request(self, prompt: Prompt, params: SamplingParams, n: int) -> list[Completion]:
+        """One request (with retries) for ``n`` samples; failures come back as error completions.
+
+        The result has ``n`` completions, or fewer when the server ignored ``n`` (the caller asks
+        for the rest).
+        """
+        assert self._slots is not None
+        body = self._body(prompt, params, n)
+        spent = [0, 0]  # tokens of attempts thrown away (empty answers), still billed
+        attempt = 0
+        while True:
+            try:
+                if self._stopping:
+                    raise _Interrupted
+                async with self._slots:
+                    await self.limiter.acquire()
+                    if self._stopping:
+                        raise _Interrupted
+                    out = await self._attempt(body, params, n, spent)
+                out[0].prompt_tokens += spent[0]
+                out[0].completion_tokens += spent[1]
+                return out
+            except _Interrupted:
+                return self._errors(n, INTERRUPTED, spent)
+            except _Retry as e:
+                self.counts["failed:" + _kind(str(e))] += 1
+                if attempt >= self.max_retries:
+                    return self._errors(n, f"{e} (gave up after {attempt + 1} attempts)", spent)
+                attempt += 1
+                self.counts["retries"] += 1
+                if e.wait is not None:
+                    wait = min(e.wait, MAX_RETRY_AFTER_S)
+                    self.limiter.pause(wait)  # the server is saying it to every request
+                    delay = wait + random.uniform(0, min(1.0, 0.1 * wait))
+                else:
+                    cap = min(self.retry_max_s, self.retry_base_s * 2 ** (attempt - 1))
+                    delay = random.uniform(cap / 2, cap)
+                if not await self._sleep(delay):
+                    return self._errors(n, INTERRUPTED, spent)
+            except EngineError:
+                raise
+            except Exception as e:  # a bug or a surprise: this row's failure, not the run's
+                self.counts["failed:unexpected"] += 1
+                return self._errors(n, self._scrub(f"unexpected {type(e).__name__}: {e}"), spent)
+
+    async def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` unless the run stops first; False if it did."""
+        assert self._stop is not None
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+            return False
+        except asyncio.TimeoutError:
+            return not self._stopping
+
+    def _errors(self, n: int, message: str, spent: list[int]) -> list[Completion]:
+        out = [Completion(text="", finish_reason=FINISH_ERROR, error=message) for _ in range(n)]
+        out[0].prompt_tokens, out[0].completion_tokens = spent
+        return out
+
+    def _scrub(self, text: str) -> str:
+        """Error text as it may be logged: the API key never appears in it."""
+        return text.replace(self._secret, "***") if self._secret else text
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def _attempt(self, body: dict, params: SamplingParams, n: int, spent: list[int]) -> list[Completion]:
+        """Send once; the completions, or :class:`_Retry` / :class:`EngineError`."""
+        openai = self._openai
+        self.counts["requests"] += 1
+        call = asyncio.ensure_future(self._call(body))
+        self._inflight.add(call)
+        try:
+            choices, usage = await call
+        except asyncio.CancelledError:
+            if self._aborted and call.cancelled() and not _being_cancelled():
+                raise _Interrupted from None
+            raise
+        except openai.APIStatusError as e:
+            status = e.status_code
+            message = self._scrub(f"HTTP {status}: {_error_message(e)}")
+            if status in FATAL_STATUS:
+                where = _strip_userinfo(self.base_url) or "the OpenAI API"
+                raise EngineError(f"{where} {FATAL_STATUS[status]} (model {self.model!r}): {message}") from None
+            if status in RETRY_STATUS or status >= 500:
+                raise _Retry(message, _retry_after(e.response.headers)) from None
+            self.counts[f"failed:HTTP {status}"] += 1
+            return self._errors(n, message, spent)
+        except (openai.APITimeoutError, asyncio.TimeoutError):
+            raise _Retry(f"timeout: no answer within --request_timeout {self.request_timeout:g}s") from None
+        except openai.APIConnectionError as e:
+            raise _Retry(self._scrub(f"connection error: {e} {e.__cause__ or ''}".strip())) from None
+        except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as e:
+            raise _Retry(f"malformed response: {e}") from None
+        except openai.APIError as e:  # an error event inside a stream
+            raise _Retry(self._scrub(f"server error: {e}")) from None
+        finally:
+            self._inflight.discard(call)
+        return self._completions(choices, usage, params, spent)
+
+    async def _call(self, body: dict) -> tuple[list[dict], dict]:
+        """The HTTP exchange: (choices as {content, reasoning, finish_reason}, usage)."""
+        if not self.stream:
+            data = await self.client.post("/chat/completions", body=body, cast_to=object)
+            if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+                raise json.JSONDecodeError("not a chat completion object", str(data)[:200], 0)
+            choices = []
+            for ch in data["choices"]:
+                msg = ch.get("message") or {}
+                choices.append({"index": ch.get("index", len(choices)), "content": msg.get("content"),
+                                "reasoning": msg.get("reasoning_content") or msg.get("reasoning"),
+                                "finish_reason": ch.get("finish_reason")})
+            return choices, data.get("usage") or {}
+        return await asyncio.wait_for(self._call_stream(body), self.request_timeout)
+
+    async def _call_stream(self, body: dict) -> tuple[list[dict], dict]:
+        stream = await self.client.post("/chat/completions", body=body, cast_to=object, stream=True,
+                                        stream_cls=self._openai.AsyncStream[object])
+        parts: dict[int, dict] = {}
+        usage: dict = {}
+        async for chunk in stream:
+            if not isinstance(chunk, dict):
+                raise json.JSONDecodeError("not a chat completion chunk", str(chunk)[:200], 0)
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for ch in chunk.get("choices") or ():
+                acc = parts.setdefault(int(ch.get("index") or 0), {"content": [], "reasoning": [],
+                                                                    "finish_reason": None})
+                delta = ch.get("delta") or {}
+                if delta.get("content"):
+                    acc["content"].append(delta["content"])
+                reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+                if reasoning:
+                    acc["reasoning"].append(reasoning)
+                if ch.get("finish_reason"):
+                    acc["finish_reason"] = ch["finish_reason"]
+        choices = [{"index": i, "content": "".join(p["content"]) if p["content"] else None,
+                    "reasoning": "".join(p["reasoning"]) or None, "finish_reason": p["finish_reason"]}
+                   for i, p in sorted(parts.items())]
+        if not choices:
+            raise json.JSONDecodeError("the stream ended without any choice", "", 0)
+        return choices, usage
+
+    def _completions(self, choices: list[dict], usage: dict, params: SamplingParams,
+                     spent: list[int]) -> list[Completion]:
+        """Completions from parsed choices; an answer with no usable choice is retried."""
+        prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        completion_tokens = int(usage.get("completion_tokens") or 0)
+        self.limiter.spend(prompt_tokens + completion_tokens)
+        weights = [len(c["content"] or "") + len(c["reasoning"] or "") + 1 for c in choices]
+        out = []
+        for c, ct in zip(choices, _split(completion_tokens, weights), strict=True):
+            text = c["content"] or ""
+            finish = c["finish_reason"] or FINISH_STOP
+            comp = Completion(text=text, finish_reason=finish, completion_tokens=ct, reasoning=c["reasoning"])
+            if finish == FINISH_LENGTH:
+                if not self.keep_truncated:
+                    comp.error = (f"truncated: the answer reached --max_new_tokens {params.max_new_tokens} "
+                                  "(finish_reason length)")
+            elif finish == FINISH_CONTENT_FILTER:
+                comp.error = "blocked by the server's content filter (finish_reason content_filter)"
+            elif not text.strip():
+                comp.finish_reason = FINISH_ERROR
+                comp.error = "empty content" + (" (reasoning only)" if c["reasoning"] else "")
+            out.append(comp)
+        if out:
+            out[0].prompt_tokens = prompt_tokens
+        if all(c.finish_reason == FINISH_ERROR for c in out):
+            # nothing usable, and a new sample may well be: retry, keeping the tokens it cost
+            spent[0] += prompt_tokens
+            spent[1] += completion_tokens
+            raise _Retry(out[0].error or "empty content")
+        for c in out:
+            if c.error:
+                self.counts["failed:" + _kind(c.error)] += 1
+        return out
+
+
+def _kind(error: str) -> str:
+    """The short kind of an error text, for counts: ``HTTP 429``, ``timeout``, ``truncated``..."""
+    return error.split(":")[0].split(" (")[0]
+
+
+def _being_cancelled() -> bool:
+    """Whether the current task itself is being cancelled (not just a request it awaited)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return bool(cancelling()) if cancelling is not None else False
+
+
+def _error_message(e: Exception) -> str:
+    """The server's own error message, if its body has one."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])[:500]
+        if isinstance(inner, str):
+            return inner[:500]
+    return str(getattr(e, "message", e))[:500]

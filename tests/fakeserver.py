@@ -99,6 +99,8 @@ class FakeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.models: Counter = Counter()
+        self.first_at: float | None = None  # monotonic time the first chat request arrived
+        self.last_at: float | None = None  # ... and the last chat answer was written
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
@@ -204,22 +206,27 @@ class FakeServer:
             return self._json(writer, 200, {"status": "ok"})
         if method == "POST" and path == "/v1/chat/completions":
             self.chat_requests += 1
+            if self.first_at is None:
+                self.first_at = time.monotonic()
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
                 return await self._chat(headers, body, writer)
             finally:
                 self.in_flight -= 1
+                self.last_at = time.monotonic()
         return self._json(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
 
     def stats(self) -> dict:
         return {"requests": self.requests, "chat_requests": self.chat_requests, "in_flight": self.in_flight,
-                "max_in_flight": self.max_in_flight, "models": dict(self.models)}
+                "max_in_flight": self.max_in_flight, "models": dict(self.models),
+                "busy_s": (self.last_at - self.first_at) if self.first_at and self.last_at else 0.0}
 
     def reset(self) -> None:
         self.hits.clear()
         self.models.clear()
         self.requests = self.chat_requests = self.max_in_flight = 0
+        self.first_at = self.last_at = None
 
     # ------------------------------------------------------------------ chat
 

@@ -23,7 +23,7 @@ from winnow.config import SampleConfig, make_config, to_dict
 from winnow.engines import Engine, check_aligned, get_engine
 from winnow.errors import DataError
 from winnow.schema import BadRow, Group, Prompt, SamplingParams
-from winnow.select import SelectOptions, select
+from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore
 
 # options that decide which rows a position holds and what is written for it; a resumed run must
@@ -52,6 +52,8 @@ class RunSummary:
     status: str = "running"
     cost_usd: float | None = None
     filtered_reasons: dict[str, int] = field(default_factory=dict)
+    cache_short_rows: int = 0  # --cache_files rows with fewer than N samples (scored as they are, engine 'no')
+    cache_short_samples: int = 0
 
     @property
     def tokens_per_s(self) -> float:
@@ -67,7 +69,11 @@ class RunSummary:
         ]
         if self.rows_skipped_resumed:
             parts.append(f"{self.rows_skipped_resumed} rows already done")
-        parts.append(f"{self.rows_filtered} rows filtered")
+        parts.append(f"{self.rows_filtered} rows filtered" + (
+            " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered_reasons.items())) + ")"
+            if self.filtered_reasons else ""))
+        if self.cache_short_rows:
+            parts.append(f"{self.cache_short_rows} cached rows short of samples ({self.cache_short_samples} missing)")
         parts.append(f"{self.rows_failed} rows failed")
         if self.samples_failed:
             parts.append(f"{self.samples_failed} samples failed")
@@ -196,9 +202,17 @@ class Run:
         self.summary.output_file = str(store.path)
         self.summary.rows_total = len(plan)
         self.params = sampling_params(config)
-        self.select_opts = SelectOptions(output_format=config.output_format,
-                                         reasoning_format=config.reasoning_format or "separate",
-                                         n_best_to_keep=config.n_best_to_keep, scored=scorer is not None)
+        self.select_opts = SelectOptions(
+            output_format=config.output_format, reasoning_format=config.reasoning_format or "separate",
+            n_best_to_keep=config.n_best_to_keep, scored=scorer is not None,
+            orm_key=getattr(scorer, "orm_key", None), prm_key=getattr(scorer, "prm_key", None),
+            prm_threshold=config.prm_threshold, easy_query_threshold=config.easy_query_threshold,
+            hard_query_threshold=config.hard_query_threshold, num_rejected=config.num_rejected,
+            min_margin=config.min_margin, include_reference=config.include_reference,
+            keep_unpaired=config.keep_unpaired)
+        from winnow.cache import SampleCache
+
+        self.cache = SampleCache(config.cache_files) if config.cache_files else None
         self._write_manifest("running")
         self._install_signals()
         done_before = sum(1 for p in range(len(plan)) if store.is_done(p)) if store.resumed else 0
@@ -266,6 +280,8 @@ class Run:
     async def _process(self, batch: list[Prompt], slots: asyncio.Semaphore, advanced: asyncio.Event) -> None:
         try:
             groups = await self._generate(batch)
+            if self.config.include_reference:
+                groups = [with_reference(g) for g in groups]
             if self.scorer is not None:
                 await self.scorer.score(groups)
             for group in groups:
@@ -275,10 +291,34 @@ class Run:
             advanced.set()
 
     async def _generate(self, batch: list[Prompt]) -> list[Group]:
+        if self.cache is not None:
+            return await self._from_cache(batch)
         assert self.engine is not None
         out = await self.engine.generate(batch, self.params)
         check_aligned(self.engine, batch, self.params.n, out)
         return [Group(p, cs) for p, cs in zip(batch, out, strict=True)]
+
+    async def _from_cache(self, batch: list[Prompt]) -> list[Group]:
+        """Groups from the stage-1 cache; short ones completed by the engine if there is one."""
+        assert self.cache is not None
+        n = self.params.n
+        groups = [Group(p, self.cache.get(p)) for p in batch]
+        short: dict[int, list[Group]] = {}
+        for g in groups:
+            if len(g.completions) < n:
+                short.setdefault(n - len(g.completions), []).append(g)
+        for missing, todo in short.items():
+            if self.engine is None:
+                self.summary.cache_short_rows += len(todo)
+                self.summary.cache_short_samples += missing * len(todo)
+                continue
+            params = SamplingParams(**{**asdict(self.params), "n": missing})
+            prompts = [g.prompt for g in todo]
+            out = await self.engine.generate(prompts, params)
+            check_aligned(self.engine, prompts, missing, out)
+            for g, extra in zip(todo, out, strict=True):
+                g.completions.extend(extra)
+        return groups
 
     def _write(self, group: Group) -> None:
         s = self.summary

@@ -1,17 +1,25 @@
 """Rewards: the Reward protocol and the scorer that applies a run's rewards to groups.
 
-(Built out by the rewards issue; this module holds the seam the pipeline calls.)
+See :mod:`winnow.rewards.base` for the contract and the accepted calling styles,
+:mod:`winnow.rewards.builtin` for the built-in rewards, :mod:`winnow.rewards.models` for reward
+models and :mod:`winnow.rewards.scorer` for how a run combines them. Nothing heavy is imported here.
 """
 
 from __future__ import annotations
 
 from typing import Any, Protocol
 
+from winnow.rewards.base import InferRequest, Reward, Sample
 from winnow.schema import Group
+
+__all__ = ["InferRequest", "Reward", "Sample", "Scorer", "build_scorer", "wants_rewards"]
 
 
 class Scorer(Protocol):
     """Applies every reward of a run to groups, filling each completion's ``scores`` and ``reward``."""
+
+    orm_key: str | None
+    prm_key: str | None
 
     async def score(self, groups: list[Group]) -> None: ...
 
@@ -29,6 +37,6 @@ def build_scorer(config) -> Scorer | None:
     """The scorer for a run's reward options, or None when it has none."""
     if not wants_rewards(config):
         return None
-    from winnow.errors import ConfigError
+    from winnow.rewards.scorer import build_run_scorer
 
-    raise ConfigError("rewards (--orm_model/--prm_model/--reward_funcs) are not available in this build yet")
+    return build_run_scorer(config)

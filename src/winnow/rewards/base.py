@@ -1,0 +1,231 @@
+"""The Reward contract and the adapters that turn every accepted calling style into it, once, at load time.
+
+A reward scores a batch of (prompt, completion) samples and returns one :class:`Score` per sample,
+aligned; "cannot judge" is ``None``, never 0. Accepted styles:
+
+- winnow's own: an object with ``name`` and ``async score(samples) -> list[Score]``;
+- the seed (ms-swift sample) style: ``__call__(infer_requests, ground_truths, **kwargs)`` returning
+  ``list[float | list[float]]`` (a list is per-step scores), registered in a plugin's ``orms``/``prms``;
+- the TRL/GRPO style: ``fn(completions, **kwargs) -> list[float | None]``, sync or ``async def``, where
+  dataset columns (and ``prompts``, ``messages``, ``reference``, ``completion_tokens``) arrive as
+  keyword arguments.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from winnow.errors import RewardError
+from winnow.schema import Completion, Message, Prompt, Score
+
+SEED_FIRST_PARAMS = ("infer_requests", "inputs", "requests", "infer_request")
+
+
+@dataclass
+class Sample:
+    """One (prompt, completion) pair to score."""
+
+    prompt: Prompt
+    completion: Completion
+
+    @property
+    def text(self) -> str:
+        return self.completion.text
+
+    @property
+    def messages(self) -> list[Message]:
+        """The whole conversation, ending with this completion as the assistant turn."""
+        return [*self.prompt.messages, {"role": "assistant", "content": self.completion.text}]
+
+
+@runtime_checkable
+class Reward(Protocol):
+    """winnow's own reward protocol."""
+
+    name: str
+
+    async def score(self, samples: list[Sample]) -> list[Score]: ...
+
+
+class InferRequest:
+    """The swift-style request a seed-style reward receives: ``.messages`` or ``['messages']``, the full
+    conversation including the sampled assistant turn."""
+
+    def __init__(self, messages: list[Message], **extra: Any):
+        self.messages = messages
+        self.__dict__.update(extra)
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self.__dict__[key]
+        except KeyError:
+            raise KeyError(key) from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.__dict__.get(key, default)
+
+    def keys(self):
+        return self.__dict__.keys()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __repr__(self) -> str:
+        return f"InferRequest(messages={self.messages!r})"
+
+
+def to_score(value: Any, name: str, agg: str = "min") -> Score:
+    """A reward's answer for one sample as a Score: None, a number, a bool, per-step list, or a Score."""
+    from winnow.rewards.models import aggregate_steps
+
+    if isinstance(value, Score):
+        return value
+    if value is None:
+        return Score(value=None)
+    if isinstance(value, dict) and "value" in value:
+        return Score(value=_number(value["value"], name), steps=value.get("steps"))
+    if isinstance(value, (list, tuple)):
+        steps = [_number(v, name) for v in value]
+        clean = [s for s in steps if s is not None]
+        return Score(value=aggregate_steps(clean, agg) if len(clean) == len(steps) else None, steps=clean)
+    return Score(value=_number(value, name))
+
+
+def _number(value: Any, name: str) -> float | None:
+    if value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise RewardError(f"reward {name} returned {value!r}; expected a number, None, or a list of step scores") \
+            from None
+    return None if math.isnan(out) else out
+
+
+def check_count(name: str, got: Any, want: int) -> list:
+    """A reward must return one score per sample."""
+    if not isinstance(got, (list, tuple)):
+        raise RewardError(f"reward {name} returned {type(got).__name__}; expected a list of {want} scores")
+    if len(got) != want:
+        raise RewardError(f"reward {name} returned {len(got)} scores for {want} samples")
+    return list(got)
+
+
+def _accepts(fn: Any) -> tuple[set[str], bool, list[str]]:
+    """(named parameters, takes **kwargs, positional parameter names) of a callable."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return set(), True, []
+    params = sig.parameters.values()
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    var_kw = any(p.kind == p.VAR_KEYWORD for p in params)
+    positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return names, var_kw, positional
+
+
+def calling_style(fn: Any) -> str:
+    """"winnow", "seed" or "trl", from what the object is and how its first parameter is named."""
+    if not callable(fn) and hasattr(fn, "score"):
+        return "winnow"
+    if hasattr(fn, "score") and inspect.iscoroutinefunction(getattr(fn, "score", None)) and hasattr(fn, "name"):
+        return "winnow"
+    _, _, positional = _accepts(fn)
+    return "seed" if positional and positional[0] in SEED_FIRST_PARAMS else "trl"
+
+
+def _columns(samples: list[Sample]) -> dict[str, list[Any]]:
+    keys: list[str] = []
+    for s in samples:
+        keys += [k for k in s.prompt.columns if k not in keys]
+    return {k: [s.prompt.columns.get(k) for s in samples] for k in keys}
+
+
+async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Call sync code in a thread (it may be slow) and await async code."""
+    target = fn if inspect.isfunction(fn) or inspect.ismethod(fn) else getattr(fn, "__call__", fn)  # noqa: B004
+    if inspect.iscoroutinefunction(target):
+        return await fn(*args, **kwargs)
+    result = await asyncio.to_thread(fn, *args, **kwargs)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+class FunctionReward:
+    """A seed-style or TRL-style callable adapted to the Reward protocol."""
+
+    def __init__(self, name: str, fn: Any, *, style: str | None = None, agg: str = "min",
+                 args: dict[str, Any] | None = None):
+        self.name = name
+        self.fn = fn
+        self.style = style or calling_style(fn)
+        self.agg = agg
+        self.args = args or {}
+        self.names, self.var_kw, _ = _accepts(fn)
+
+    def describe(self) -> dict[str, Any]:
+        target = self.fn if inspect.isfunction(self.fn) else type(self.fn)
+        return {"style": self.style, "callable": f"{target.__module__}.{target.__qualname__}", "args": self.args}
+
+    def _pick(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return kwargs if self.var_kw else {k: v for k, v in kwargs.items() if k in self.names}
+
+    async def score(self, samples: list[Sample]) -> list[Score]:
+        if not samples:
+            return []
+        columns = _columns(samples)
+        references = [s.prompt.reference for s in samples]
+        if self.style == "seed":
+            requests = [InferRequest([*s.messages], **{"id": s.prompt.id}) for s in samples]
+            out = await _call(self.fn, requests, references, **self._pick(columns))
+        else:
+            extra = {
+                "prompts": [s.prompt.messages for s in samples],
+                "messages": [s.messages for s in samples],
+                "reference": references,
+                "completion_tokens": [s.completion.completion_tokens for s in samples],
+                "finish_reasons": [s.completion.finish_reason for s in samples],
+            }
+            out = await _call(self.fn, [s.text for s in samples], **self._pick({**extra, **columns}))
+        return [to_score(v, self.name, self.agg) for v in check_count(self.name, out, len(samples))]
+
+
+class ModelReward:
+    """A loaded reward model (classifier or PRM) run in its own thread, off the event loop."""
+
+    def __init__(self, name: str, model: Any):
+        import concurrent.futures
+
+        self.name = name
+        self.model = model
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"winnow-rm-{name}")
+
+    def describe(self) -> dict[str, Any]:
+        return self.model.describe()
+
+    async def score(self, samples: list[Sample]) -> list[Score]:
+        if not samples:
+            return []
+        loop = asyncio.get_running_loop()
+        out = await loop.run_in_executor(self._executor, self.model.score_conversations,
+                                         [s.messages for s in samples])
+        return check_count(self.name, out, len(samples))
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def adapt(name: str, obj: Any, *, agg: str = "min", args: dict[str, Any] | None = None) -> Reward:
+    """Any accepted calling style as a :class:`Reward`."""
+    if calling_style(obj) == "winnow":
+        if not getattr(obj, "name", None):
+            obj.name = name
+        return obj
+    if not callable(obj):
+        raise RewardError(f"reward {name}: {obj!r} is not callable and has no async score()")
+    return FunctionReward(name, obj, agg=agg, args=args)

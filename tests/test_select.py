@@ -1,0 +1,140 @@
+"""Selection semantics on hand-scored groups: n-best, pairs, thresholds, difficulty, formats."""
+
+from __future__ import annotations
+
+import pytest
+
+from winnow.schema import FINISH_ERROR, Completion, Group, Prompt, Score
+from winnow.select import SelectOptions, choose, select, with_reference
+
+
+def group(*samples: tuple[str, float | None, float | None], response: str | None = "ref answer") -> Group:
+    """samples: (text, orm, prm); reward = orm + prm of the known ones."""
+    cs = []
+    for text, orm, prm in samples:
+        c = Completion(text=text, completion_tokens=3)
+        c.scores = {"math": Score(orm), "prm": Score(prm, steps=[prm] if prm is not None else [])}
+        known = [v for v in (orm, prm) if v is not None]
+        c.reward = sum(known) if known else None
+        cs.append(c)
+    prompt = Prompt(id="row1", messages=[{"role": "user", "content": "q?"}], response=response,
+                    reference=response, columns={"level": 3})
+    return Group(prompt, cs)
+
+
+def opts(**kw) -> SelectOptions:
+    base = dict(scored=True, orm_key="math", prm_key="prm", n_best_to_keep=2)
+    return SelectOptions(**{**base, **kw})
+
+
+def texts(records, key="messages"):
+    return [r[key][-1]["content"] for r in records]
+
+
+def test_keeps_best_passing_and_pairs_with_worst_failing():
+    g = group(("a", 1, 0.5), ("b", 0, 0.9), ("c", 1, 0.7), ("d", 0, 0.1), ("e", 1, 0.2))
+    records, reason = select(g, opts())
+    assert reason is None
+    assert texts(records) == ["c", "a"]  # top 2 by reward among ORM passes
+    assert [r["rejected_response"] for r in records] == ["d", "d"]  # the worst that fails the ORM
+    assert all(r["id"] == "row1" and r["level"] == 3 for r in records)
+    assert records[0]["messages"][0] == {"role": "user", "content": "q?"}
+
+
+def test_all_fail_orm_gives_nothing_with_reason():
+    records, reason = select(group(("a", 0, 0.5), ("b", 0, 0.9)), opts())
+    assert records == [] and reason == "all samples failed the ORM"
+
+
+def test_rejected_must_fail_orm_and_score_strictly_lower():
+    # b fails the ORM but scores higher than a: it cannot be a's rejected response
+    g = group(("a", 1, 0.1), ("b", 0, 1.5))
+    assert select(g, opts())[0] == []
+    assert select(g, opts())[1].startswith("no pair")
+    records, _ = select(g, opts(keep_unpaired=True))
+    assert texts(records) == ["a"] and "rejected_response" not in records[0]
+
+
+def test_min_margin_and_num_rejected():
+    g = group(("a", 1, 0.5), ("b", 0, 0.9), ("c", 0, 0.1), ("d", 0, 0.3))
+    records, _ = select(g, opts(num_rejected=3))
+    # a = 1.5; all three fail the ORM and are lower; worst first
+    assert [r["rejected_response"] for r in records] == ["c", "d", "b"]
+    records, _ = select(g, opts(num_rejected=3, min_margin=1.1))
+    assert [r["rejected_response"] for r in records] == ["c", "d"]  # b's gap 0.6 is too small
+
+
+def test_prm_threshold_excludes_at_or_below():
+    g = group(("a", 1, 0.5), ("b", 1, 0.6), ("c", 0, 0.0))
+    records, _ = select(g, opts(prm_threshold=0.5))
+    assert texts(records) == ["b"]
+    assert select(g, opts(prm_threshold=0.6))[1].startswith("prm threshold")
+
+
+def test_ties_break_by_sample_order_and_duplicates_are_not_kept_twice():
+    g = group(("same", 1, 0.5), ("x", 1, 0.5), ("same", 1, 0.5), ("y", 1, 0.5), ("bad", 0, 0.0))
+    records, _ = select(g, opts(n_best_to_keep=3))
+    assert texts(records) == ["same", "x", "y"]
+    again, _ = select(g, opts(n_best_to_keep=3))
+    assert again == records
+
+
+def test_cannot_judge_is_neither_kept_nor_rejected():
+    g = group(("a", None, 0.9), ("b", 1, 0.2), ("c", None, 0.0))
+    choice = choose(g, opts())
+    assert [c.completion.text for c, _ in choice.kept] == ["b"]
+    assert choice.kept[0][1] == []  # c cannot be judged, so it is not a failure
+    assert select(group(("a", None, 0.9)), opts())[1].startswith("ORM could not judge")
+
+
+def test_easy_and_hard_filters():
+    g = group(("a", 1, 0.5), ("b", 1, 0.5), ("c", 1, 0.5), ("d", 0, 0.1))  # pass rate 0.75
+    assert select(g, opts(easy_query_threshold=0.7))[1].startswith("easy")
+    assert select(g, opts(easy_query_threshold=0.75))[1] is None
+    assert select(g, opts(hard_query_threshold=0.8))[1].startswith("hard")
+    assert select(g, opts(hard_query_threshold=0.75))[1] is None
+
+
+def test_reference_is_not_a_candidate_unless_asked():
+    g = with_reference(group(("a", 0, 0.1), ("b", 0, 0.2)))
+    ref = g.completions[-1]
+    ref.scores = {"math": Score(1), "prm": Score(0.9)}
+    ref.reward = 1.9
+    assert select(g, opts())[1] == "all samples failed the ORM"
+    records, _ = select(g, opts(include_reference=True))
+    assert texts(records) == ["ref answer"] and records[0]["rejected_response"] == "a"
+
+
+def test_failed_samples_are_ignored():
+    g = group(("a", 1, 0.5), ("b", 0, 0.1))
+    g.completions.append(Completion(text="", finish_reason=FINISH_ERROR, error="boom"))
+    records, _ = select(g, opts())
+    assert len(records) == 1
+
+
+def test_dpo_sft_raw_grpo_formats():
+    g = group(("a", 1, 0.5), ("b", 0, 0.1), ("c", 1, 0.3))
+    dpo, _ = select(g, opts(output_format="dpo"))
+    assert dpo[0]["prompt"] == [{"role": "user", "content": "q?"}]
+    assert dpo[0]["chosen"] == [{"role": "assistant", "content": "a"}]
+    assert dpo[0]["rejected"] == [{"role": "assistant", "content": "b"}]
+    assert dpo[0]["score_chosen"] == 1.5 and dpo[0]["score_rejected"] == pytest.approx(0.1)
+    assert dpo[0]["level"] == 3 and len(dpo) == 2
+    sft, _ = select(g, opts(output_format="sft"))
+    assert texts(sft) == ["a", "c"] and all("rejected_response" not in r for r in sft)
+    (raw,), _ = select(g, opts(output_format="raw"))
+    assert [c["text"] for c in raw["completions"]] == ["a", "b", "c"]
+    assert raw["completions"][0]["scores"]["prm"] == {"value": 0.5, "steps": [0.5]}
+    assert raw["level"] == 3
+    (grpo,), _ = select(g, opts(output_format="grpo"))
+    rewards = [1.5, 0.1, 1.3]
+    mean = sum(rewards) / 3
+    std = (sum((r - mean) ** 2 for r in rewards) / 2) ** 0.5
+    assert grpo["reward_mean"] == pytest.approx(mean) and grpo["reward_std"] == pytest.approx(std)
+    assert [c["advantage"] for c in grpo["completions"]] == pytest.approx([(r - mean) / (std + 1e-4) for r in rewards])
+
+
+def test_unscored_keeps_every_sample():
+    g = group(("a", None, None), ("a", None, None), ("b", None, None))
+    records, _ = select(g, SelectOptions(n_best_to_keep=1))
+    assert texts(records) == ["a", "a", "b"]  # stage 1 writes everything, for stage 2 to count and score

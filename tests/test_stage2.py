@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 from conftest import read_jsonl, run_winnow, write_jsonl
-
 from winnow import data
 
 ROWS = [

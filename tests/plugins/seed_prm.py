@@ -1,8 +1,10 @@
+# ruff: noqa  (written as a user would, in the seed's own style)
 """The seed's plugin example (ms-swift docs, "自定义PRM或ORM"), as a user would write it for winnow.
 
 CustomPRM scores each step by whether it contains a digit; the ORM says whether the reference
 answer appears in the completion. Also a TRL-style reward function and an async one.
 """
+
 
 from typing import List, Union
 

@@ -7,6 +7,7 @@ server for overload and SIGTERM, and reward-model servers for the reward routes.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import os
 import re
 import signal
@@ -26,12 +27,12 @@ READY = re.compile(r"ready at (http://\S+)/v1 ")
 class Server:
     """A ``winnow serve`` subprocess whose output goes to a file (a pipe left unread could block it)."""
 
-    def __init__(self, log: Path, *args: str, startup_timeout: float = 120.0):
+    def __init__(self, log: Path, *args: str, command: str = "serve", startup_timeout: float = 120.0):
         self.log = log
         self.args = args
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "winnow", "serve", *args, "--port", "0"],
+            self.proc = subprocess.Popen([sys.executable, "-m", "winnow", command, *args, "--port", "0"],
                                          stdout=out, stderr=subprocess.STDOUT, env=env)
         self.url = self._wait_ready(startup_timeout)
 
@@ -258,7 +259,8 @@ def test_rewards_route_on_a_policy_is_400(server):
 # ----------------------------------------------------------------------------- overload and shutdown
 
 def test_overload_is_503_with_retry_after_then_sigterm_exits_0(tiny_model, tmp_path):
-    srv = Server(tmp_path / "busy.log", "--model", str(tiny_model), "--max_queue", "1", "--max_batch_size", "1")
+    srv = Server(tmp_path / "busy.log", "--model", str(tiny_model), "--max_queue", "1", "--max_batch_size", "1",
+                 command="deploy")  # swift's name for the same command
     try:
         async def fire():
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as http:
@@ -275,6 +277,16 @@ def test_overload_is_503_with_retry_after_then_sigterm_exits_0(tiny_model, tmp_p
         # the SDK's own retry honours Retry-After and gets through once the queue drains
         sdk = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="x", max_retries=3)
         assert sdk.chat.completions.create(model=srv.health()["model"], messages=CHAT, max_tokens=2).choices
+        # SIGTERM while a request is in flight: it is answered, then the server exits 0
+        seen = srv.health()["requests"]
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(httpx.post, f"{srv.url}/v1/chat/completions",
+                                  json={"messages": CHAT, "max_tokens": 48}, timeout=120)
+            deadline = time.monotonic() + 60
+            while srv.health()["requests"] == seen and time.monotonic() < deadline:
+                time.sleep(0.01)
+            srv.proc.send_signal(signal.SIGTERM)
+            assert pending.result().status_code == 200
     finally:
         code = srv.stop(signal.SIGTERM)
     assert code == 0, srv.output()[-2000:]

@@ -291,3 +291,70 @@ def test_overload_is_503_with_retry_after_then_sigterm_exits_0(tiny_model, tmp_p
         code = srv.stop(signal.SIGTERM)
     assert code == 0, srv.output()[-2000:]
     assert "stopped" in srv.output()
+
+
+def test_raw_bodies_validate_against_the_sdk_types(server):
+    """Strict validation of the wire JSON with the SDK's own pydantic types (not its lenient parsing)."""
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "n": 2}
+    resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+    ChatCompletion.model_validate(resp.json(), strict=True)
+    resp = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 3}, headers=headers,
+                      timeout=60)
+    Completion.model_validate(resp.json(), strict=True)
+    stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream, headers=headers, timeout=60) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [ChatCompletionChunk.model_validate_json(e, strict=True) for e in events[:-1]]
+    assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
+
+
+# ----------------------------------------------------------------------------- the batcher alone
+
+def test_batcher_groups_by_key_and_keeps_order():
+    from winnow.serve.serving import Batcher
+
+    calls = []
+
+    def run_group(key, items):
+        calls.append((key, list(items)))
+        return [f"{key}:{item}" for item in items]
+
+    async def go():
+        batcher = Batcher(run_group, max_batch_size=8, max_wait_ms=20, max_queue=16)
+        jobs = [batcher.submit("a" if i % 2 else "b", i) for i in range(6)]
+        out = await asyncio.gather(*jobs)
+        await batcher.aclose()
+        return out
+
+    assert asyncio.run(go()) == [f"{'a' if i % 2 else 'b'}:{i}" for i in range(6)]
+    assert sorted(calls) == [("a", [1, 3, 5]), ("b", [0, 2, 4])]
+
+
+def test_batcher_overload_and_failure_are_errors():
+    from winnow.serve.serving import Batcher, ServingError
+
+    def run_group(key, items):
+        time.sleep(0.05)
+        if key == "boom":
+            raise RuntimeError("engine down")
+        return items
+
+    async def go():
+        batcher = Batcher(run_group, max_batch_size=1, max_wait_ms=0, max_queue=1)
+        out = await asyncio.gather(*(batcher.submit("k", i) for i in range(4)), return_exceptions=True)
+        failed = await asyncio.gather(batcher.submit("boom", 0), return_exceptions=True)
+        await batcher.aclose()
+        return out, failed[0]
+
+    out, failed = asyncio.run(go())
+    served = [o for o in out if not isinstance(o, Exception)]
+    refused = [o for o in out if isinstance(o, Exception)]
+    assert served and served == sorted(served) and refused  # a queue of one cannot hold four at once
+    assert all(isinstance(e, ServingError) and e.status == 503 and e.headers["Retry-After"] for e in refused)
+    assert isinstance(failed, ServingError) and failed.status == 500 and "engine down" in failed.message

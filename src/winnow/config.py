@@ -41,8 +41,9 @@ class SampleConfig:
         None, "Chat template: a Jinja string or a file holding one. Default: the tokenizer's template."
     )
     system: str | None = opt(None, "System prompt added to conversations that have none.")
-    sampler_type: Literal["sample", "distill"] = opt("sample", "sample: N samples per prompt; distill: API distillation.",
-                                                     choices=("sample", "distill"))
+    sampler_type: Literal["sample", "distill"] = opt(
+        "sample", "sample: N samples per prompt; distill: API distillation.", choices=("sample", "distill")
+    )
     sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only).",
                               choices=ENGINES)
     engine_kwargs: dict = opt(None, "Extra engine options as JSON, e.g. '{\"max_batch_sequences\": 256}'.",
@@ -80,7 +81,9 @@ class SampleConfig:
     output_format: str = opt("swift", "Record format: swift, sft, dpo, raw, grpo.", choices=OUTPUT_FORMATS)
 
     # --- rewards and selection
-    orm_model: str | None = opt(None, "Outcome reward: a built-in name (math, accuracy, ...), a plugin name or a model.")
+    orm_model: str | None = opt(
+        None, "Outcome reward: a built-in name (math, accuracy, ...), a plugin name or a model."
+    )
     prm_model: str | None = opt(None, "Process reward: a model dir/hub id, or a plugin name.")
     reward_funcs: list[str] = opt(None, "More rewards by name, combined with --reward_weights.", factory=list)
     reward_weights: list[float] = opt(None, "Weights of the rewards, in order [orm, prm, reward_funcs...].",
@@ -288,7 +291,7 @@ def make_config(cls, values: dict[str, Any], source: str = "options"):
         import difflib
 
         hints = [difflib.get_close_matches(k, known, n=1) for k in unknown]
-        detail = ", ".join(f"{k}" + (f" (did you mean {h[0]}?)" if h else "") for k, h in zip(unknown, hints))
+        detail = ", ".join(f"{k}" + (f" (did you mean {h[0]}?)" if h else "") for k, h in zip(unknown, hints, strict=True))
         raise ConfigError(f"unknown option in {source}: {detail}")
     hints_t = _field_types(cls)
     coerced = {}

@@ -49,9 +49,22 @@ def resolve_dtype(name: str | None, device: str) -> Any:
     return getattr(torch, DTYPES[name])
 
 
+def quiet_transformers() -> None:
+    """Keep transformers' per-load progress bars and advisory warnings out of winnow's output."""
+    import os
+
+    if os.environ.get("WINNOW_DEBUG") == "1":
+        return
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(model_path: str, *, padding_side: str = "left", trust_remote_code: bool = False):
     """The model's tokenizer, with a pad token and the given padding side."""
     transformers = require("transformers", "hf", "local models")
+    quiet_transformers()
     try:
         tok = transformers.AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
     except OSError as e:

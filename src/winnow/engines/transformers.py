@@ -185,7 +185,8 @@ class TransformersEngine:
         gen: dict[str, Any] = {
             "max_new_tokens": max_new,
             "do_sample": sample,
-            "num_return_sequences": k,
+            # greedy decoding gives k identical answers: compute one and copy it
+            "num_return_sequences": k if sample else 1,
             "pad_token_id": pad,
             "eos_token_id": self.eos_ids,
             "repetition_penalty": params.repetition_penalty,
@@ -201,6 +202,8 @@ class TransformersEngine:
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **gen
             )
         new = out[:, width:].tolist()
+        if not sample and k > 1:
+            new = [row for row in new for _ in range(k)]
         eos = set(self.eos_ids)
         outputs: list[list[Completion]] = []
         for row, w in enumerate(batch):

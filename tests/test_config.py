@@ -1,0 +1,82 @@
+"""Options: flags, kebab-case, lists, JSON dicts, booleans, YAML with flag overrides, bad values."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from conftest import run_winnow
+from winnow.config import SampleConfig, make_config, parse_args
+from winnow.errors import ConfigError
+
+
+def parse(*argv):
+    return parse_args(SampleConfig, list(argv), "winnow sample", "")
+
+
+def test_swift_style_flags():
+    c = parse("--model", "m", "--dataset", "a.jsonl#5", "b.jsonl", "--num-return-sequences", "5",
+              "--engine_kwargs", '{"max_batch_sequences": 8}', "--dataset_shuffle", "false",
+              "--stop_words", "</s>", "Observation:", "--data_range", "1", "3", "--temperature", "0.5",
+              "--top_k", "none")
+    assert c.dataset == ["a.jsonl#5", "b.jsonl"]
+    assert c.num_return_sequences == 5
+    assert c.engine_kwargs == {"max_batch_sequences": 8}
+    assert c.dataset_shuffle is False
+    assert c.stop_words == ["</s>", "Observation:"]
+    assert c.data_range == [1, 3]
+    assert c.temperature == 0.5 and c.top_k is None
+    assert c.sampler_engine == "transformers"  # pt is the transformers engine
+
+
+def test_yaml_then_flags_override(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("model: m\ndataset: [a.jsonl]\nnum_return_sequences: 3\ntemperature: 0.2\n"
+                   "engine-kwargs: {max_batch_sequences: 4}\n")
+    c = parse("--config", str(cfg), "--temperature", "0.9")
+    assert (c.model, c.dataset, c.num_return_sequences, c.temperature) == ("m", ["a.jsonl"], 3, 0.9)
+    assert c.engine_kwargs == {"max_batch_sequences": 4}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: m\ndataset: [a]\ntemprature: 1\n")
+    with pytest.raises(ConfigError, match="temprature.*did you mean temperature"):
+        parse("--config", str(bad))
+
+
+def test_python_api_validates_like_the_cli():
+    with pytest.raises(ConfigError, match="--dataset is required"):
+        SampleConfig(model="m")
+    with pytest.raises(ConfigError, match="output_file"):
+        SampleConfig(model="m", dataset=["a"], output_file="dir/x.jsonl")
+    with pytest.raises(ConfigError, match="data_range"):
+        SampleConfig(model="m", dataset=["a"], data_range=[3, 3])
+    with pytest.raises(ConfigError, match="bad value for num_return_sequences"):
+        make_config(SampleConfig, {"model": "m", "dataset": ["a"], "num_return_sequences": "many"})
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--modle", "m"], "unrecognized arguments: --modle"),
+    (["--model", "m", "--dataset", "a", "--num_return_sequences", "x"], "invalid int value"),
+    (["--model", "m", "--dataset", "a", "--resume", "maybe"], "expected true or false"),
+    (["--model", "m", "--dataset", "a", "--engine_kwargs", "{bad"], "expected a JSON object"),
+    (["--model", "m", "--dataset", "a", "--sampler_engine", "tgi"], "sampler_engine 'tgi' is not one of"),
+])
+def test_bad_flags_are_one_line_and_exit_2(argv, needle):
+    proc = run_winnow("sample", *argv)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert needle in lines[0]
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from winnow.cli import main\n"
+            "try:\n    main(['sample', '--help'])\nexcept SystemExit:\n    pass\n"
+            "main(['--help'])\n"
+            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'math_verify') if m in sys.modules]\n"
+            "print('HEAVY', heavy)")
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "HEAVY []" in out
+    assert "--num_return_sequences" in out

@@ -291,7 +291,8 @@ def make_config(cls, values: dict[str, Any], source: str = "options"):
         import difflib
 
         hints = [difflib.get_close_matches(k, known, n=1) for k in unknown]
-        detail = ", ".join(f"{k}" + (f" (did you mean {h[0]}?)" if h else "") for k, h in zip(unknown, hints, strict=True))
+        pairs = zip(unknown, hints, strict=True)
+        detail = ", ".join(f"{k}" + (f" (did you mean {h[0]}?)" if h else "") for k, h in pairs)
         raise ConfigError(f"unknown option in {source}: {detail}")
     hints_t = _field_types(cls)
     coerced = {}

@@ -136,7 +136,7 @@ def _respond(result: Any):
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket; port 0 lets the OS pick a free one (the ready line says which)."""
+    """A bound socket, not listening yet; port 0 lets the OS pick a free one (the ready line says which)."""
     from winnow.errors import ConfigError
 
     try:
@@ -146,8 +146,6 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
-    sock.listen(2048)
-    sock.setblocking(False)
     return sock
 
 
@@ -164,17 +162,25 @@ def run_server(config: Any) -> int:
     def stop_loading(signum, frame):
         raise KeyboardInterrupt
 
+    # the port is taken before the (slow) model load, so a busy port fails at once; it listens
+    # only once the model is ready, so early clients are refused rather than left hanging
+    sock = _bind(config.host, config.port)
     # a signal while the model loads stops the server cleanly too (uvicorn takes over once serving)
     previous = {sig: signal.signal(sig, stop_loading) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         serving = load_serving(config)
     except KeyboardInterrupt:
+        sock.close()
         print("winnow serve: stopped while loading the model", file=sys.stderr)
         return 0
+    except BaseException:
+        sock.close()
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    sock = _bind(config.host, config.port)
+    sock.listen(2048)
+    sock.setblocking(False)
     url = _url(sock)
     app = create_app(serving, config.api_key)
     uv_config = uvicorn.Config(app, log_level="info" if config.debug else "warning", access_log=config.debug,

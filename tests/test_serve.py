@@ -147,8 +147,8 @@ def test_stream_n_choices_without_usage(client):
 
 def test_greedy_is_deterministic_and_stop_string_cuts_text(client):
     greedy = dict(model="tiny", messages=CHAT, max_tokens=6, temperature=0)
-    assert client.chat.completions.create(**greedy).choices[0].message.content == \
-        client.chat.completions.create(**greedy).choices[0].message.content
+    answer = client.chat.completions.create(**greedy).choices[0].message.content
+    assert [c.message.content for c in client.chat.completions.create(**greedy, n=3).choices] == [answer] * 3
     seeded = dict(model="tiny", messages=CHAT, max_tokens=12, seed=7)  # a seed makes sampling repeatable
     full = client.chat.completions.create(**seeded).choices[0].message.content
     assert len(full) >= 4, full

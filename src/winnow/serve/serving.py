@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Hashable
@@ -276,6 +277,9 @@ class PolicyServing(_Served):
                                 stop=list(key.stop), seed=key.seed)
         if key.seed is not None:
             self.engine.torch.manual_seed(key.seed)
+        if key.temperature == 0:  # greedy: the n answers of a request are one answer, computed once
+            answers = [c[0] for c in self.engine.generate_ids_blocking([item.ids for item in items], params)]
+            return [[dataclasses.replace(a) for _ in range(item.n)] for a, item in zip(answers, items, strict=True)]
         rows = [item.ids for item in items for _ in range(item.n)]
         flat = [c[0] for c in self.engine.generate_ids_blocking(rows, params)]
         return _split(flat, [item.n for item in items])

@@ -172,8 +172,9 @@ def validate_rows(plan: data.RowPlan) -> None:
 class Run:
     """One ``winnow sample`` run: owns the store, the engine, the scorer and the counters."""
 
-    def __init__(self, config: SampleConfig):
+    def __init__(self, config: SampleConfig, engine: Engine | None = None):
         self.config = config
+        self.given_engine = engine  # a caller's engine is reused and left open
         self.summary = RunSummary()
         self.stopping = False
         self.error: BaseException | None = None
@@ -187,7 +188,7 @@ class Run:
         )
         if config.strict:
             validate_rows(plan)
-        engine = build_engine(config)
+        engine = self.given_engine or build_engine(config)
         if engine is None and not config.cache_files:
             raise DataError("--sampler_engine no needs --cache_files: the stage-1 outputs to score")
         scorer = rewards.build_scorer(config)
@@ -249,7 +250,7 @@ class Run:
             interrupted = self.stopping
             self.summary.status = "interrupted" if interrupted else "finished"
             store.close()
-            if engine is not None:
+            if engine is not None and engine is not self.given_engine:
                 await engine.aclose()
             if scorer is not None:
                 await scorer.aclose()
@@ -399,13 +400,13 @@ class Run:
         })
 
 
-async def run_async(config: SampleConfig) -> RunSummary:
-    """Run ``winnow sample`` inside an existing event loop."""
-    return await Run(config).execute()
+async def run_async(config: SampleConfig, engine: Engine | None = None) -> RunSummary:
+    """Run ``winnow sample`` inside an existing event loop (optionally on an engine already loaded)."""
+    return await Run(config, engine).execute()
 
 
-def sample(config: SampleConfig | dict | None = None, **options: Any) -> RunSummary:
+def sample(config: SampleConfig | dict | None = None, *, engine: Engine | None = None, **options: Any) -> RunSummary:
     """Run ``winnow sample`` from Python: ``sample(SampleConfig(...))`` or ``sample(model=..., dataset=[...])``."""
     if config is None or isinstance(config, dict):
         config = make_config(SampleConfig, {**(config or {}), **options}, source="sample()")
-    return asyncio.run(run_async(config))
+    return asyncio.run(run_async(config, engine))

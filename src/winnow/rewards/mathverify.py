@@ -63,7 +63,13 @@ def reference_text(reference: str) -> str:
     if "####" in reference:
         return reference.rsplit("####", 1)[1].strip()
     boxed = last_boxed(reference)
-    return f"\\boxed{{{boxed}}}" if boxed is not None else reference
+    if boxed is not None:
+        return f"\\boxed{{{boxed}}}"
+    plain = re.sub(r"\\[A-Za-z]+", "", reference)  # LaTeX commands aside, is it prose?
+    if "\n" not in reference.strip() and len(reference) < 200 and not re.search(r"[A-Za-z]{2,}|:", plain):
+        # a bare answer field ("4a-2", "1\\frac{1}{4}"): parse it as LaTeX, not as free text
+        return f"\\boxed{{{reference.strip()}}}"
+    return reference
 
 
 def call_with_timeout(fn, seconds: float | None):

@@ -142,7 +142,7 @@ def build_run_scorer(config) -> RunScorer:
             options = kwargs.get(option_key) or kwargs.get(spec) or {}
             if not isinstance(options, dict):
                 raise ConfigError(f"--reward_kwargs {option_key}: expected a JSON object of options")
-            reward = _model_reward(spec, options, config, "classifier" if role == "rm" else None)
+            reward = _model_reward(spec, options, config, None)
         else:
             raise registry.unknown_reward(spec)
         key = reward.name

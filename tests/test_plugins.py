@@ -1,0 +1,57 @@
+"""Plugins and model-based rewards end to end: the real CLI, a tiny policy, tiny reward models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import read_jsonl, run_winnow
+
+PLUGIN = Path(__file__).parent / "plugins" / "seed_prm.py"
+
+
+def test_seed_plugin_prm_and_model_rewards_in_one_run(tmp_path, tiny_model, tiny_prm, tiny_classifier_rm, math_jsonl):
+    proc = run_winnow(
+        "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#2", "--num_return_sequences", "3",
+        "--max_new_tokens", "6", "--external_plugins", str(PLUGIN), "--prm_model", "custom",
+        "--reward_funcs", "async_const", "--reward_model", str(tiny_classifier_rm), str(tiny_prm),
+        "--reward_weights", "1", "2", "0.5", "0.25", "--output_format", "grpo",
+        "--output_dir", str(tmp_path / "out"), "--output_file", "g.jsonl", "--progress", "false")
+    assert proc.returncode == 0, proc.stderr
+    records = read_jsonl(tmp_path / "out" / "g.jsonl")
+    assert len(records) == 2
+    for rec in records:
+        assert len(rec["completions"]) == 3 and "reward_mean" in rec
+        for c in rec["completions"]:
+            scores = c["scores"]
+            assert set(scores) == {"custom", "async_const", "classifier", "prm-shepherd"}
+            steps = [s for s in c["text"].split("\n\n") if s.strip()]
+            assert len(scores["custom"].get("steps", [])) == len(steps)
+            assert len(scores["prm-shepherd"].get("steps", [])) == len(steps)
+            known = [(w, scores[k]["value"]) for w, k in ((1, "custom"), (2, "async_const"), (0.5, "classifier"),
+                                                           (0.25, "prm-shepherd"))]
+            expected = sum(w * v for w, v in known if v is not None)
+            assert abs(c["reward"] - expected) < 1e-6
+            assert c["advantage"] is not None
+
+
+def test_seed_orm_decides_what_is_kept(tmp_path, tiny_model, math_jsonl):
+    proc = run_winnow(
+        "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#3", "--num_return_sequences", "3",
+        "--max_new_tokens", "6", "--external_plugins", str(PLUGIN), "--orm_model", "contains",
+        "--prm_model", "custom", "--include_reference", "true", "--keep_unpaired", "true",
+        "--output_dir", str(tmp_path / "out"), "--output_file", "s.jsonl", "--progress", "false")
+    assert proc.returncode == 0, proc.stderr
+    records = read_jsonl(tmp_path / "out" / "s.jsonl")
+    # the random policy almost never writes the answer; the reference always contains it, so it passes and is kept
+    assert records and all(r["id"] for r in records)
+    assert any(r["messages"][-1]["content"] == str(int(r["messages"][0]["content"].split()[2]) * 2 + 1)
+               for r in records)
+
+
+def test_wrong_count_plugin_names_the_reward(tmp_path, tiny_model, math_jsonl):
+    proc = run_winnow(
+        "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#1", "--num_return_sequences", "2",
+        "--max_new_tokens", "4", "--external_plugins", str(PLUGIN), "--reward_funcs", "short_by_one",
+        "--output_dir", str(tmp_path / "out"), "--progress", "false")
+    assert proc.returncode != 0
+    assert "reward short_by_one returned 1 scores for 2 samples" in proc.stderr

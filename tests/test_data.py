@@ -179,3 +179,21 @@ def test_plan_is_compact(tmp_path):
     assert per_row <= 12  # a few bytes a row: the plan never holds the rows themselves
     assert len(plan) == 20000
     assert isinstance(plan.read(19999), Prompt)
+
+
+def test_hub_loading_code_on_a_local_hub_layout(tmp_path, monkeypatch):
+    """The hub path goes through the real ``datasets.load_dataset``; exercised on a local repo layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "hub" / "org" / "arith"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([{"problem": f"P{i}", "answer": str(i)} for i in range(5)]),
+                   repo / "data" / "train-00000-of-00001.parquet")
+    (source,) = [data._open_hub(data.DatasetSpec(path=str(repo), text=str(repo)))]
+    assert len(source) == 5 and source.row(3) == {"problem": "P3", "answer": "3"}
+    assert source.where(3) == f"{repo} row 3"
+    # an id that is neither a local path nor loadable says both
+    with pytest.raises(DataError, match="no local file or folder by that name"):
+        data.build_plan(["no-such-org/no-such-dataset#3"])

@@ -299,9 +299,16 @@ def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_not
     assert f"{4 * 3} rows failed" in proc.stderr
     requests = server.chat_requests
     again = run_winnow(*common, "--resume", "true", cwd=tmp_path, timeout=120, check=True)
-    assert server.chat_requests == requests  # nothing was asked again
+    # resuming asks again only for the rows that failed with errors (they may be transient), not for
+    # answers cut for length or filtered; they fail again and are logged once each, as before
+    assert server.chat_requests > requests
+    assert f"{2 * 3} rows failed" in again.stderr
     assert read_jsonl(tmp_path / "sample_output" / "o.jsonl") == out
+    refailed = read_jsonl(tmp_path / "sample_output" / "o.failed.jsonl")
+    assert sorted(f["source"] for f in refailed) == sorted(f["source"] for f in failed)
     assert "rows already done" in again.stderr
+    third = run_winnow(*common, "--resume", "true", "--max_retries", "0", cwd=tmp_path, timeout=120, check=True)
+    assert read_jsonl(tmp_path / "sample_output" / "o.jsonl") == out and "6 rows failed" in third.stderr
     assert SECRET not in files_text(tmp_path) + proc.stderr + again.stderr
 
 

@@ -114,3 +114,18 @@ def test_resume_without_output_file_finds_the_matching_run(tmp_path):
     assert again.path == s.path and again.state.watermark == 1
     other = OutputStore(str(tmp_path), None, fingerprint="different", resume=True)
     assert other.path != s.path
+
+
+def test_transient_failures_are_retried_on_resume_bad_rows_are_not(tmp_path):
+    s = _store(tmp_path)
+    s.write_group(0, [{"id": "a"}], "a")
+    s.write_failed(1, "b", "d.jsonl:2", "invalid JSON", stage="data")
+    s.write_failed(2, "c", "d.jsonl:3", "APITimeoutError after 5 retries", stage="generate", retry=True)
+    s.write_group(3, [{"id": "d"}], "d")
+    s.close()
+    again = _store(tmp_path, resume=True)
+    assert [again.is_done(p) for p in range(4)] == [True, True, False, True]
+    assert [e["id"] for e in _lines(tmp_path / "o.failed.jsonl")] == ["b"]  # "c" is being tried again
+    again.write_failed(2, "c", "d.jsonl:3", "APITimeoutError after 5 retries", stage="generate", retry=True)
+    again.close()
+    assert [e["id"] for e in _lines(tmp_path / "o.failed.jsonl")] == ["b", "c"]  # logged once, not twice

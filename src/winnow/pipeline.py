@@ -22,7 +22,7 @@ from winnow import data, rewards
 from winnow.config import SampleConfig, make_config, to_dict
 from winnow.engines import Engine, check_aligned, get_engine
 from winnow.errors import DataError
-from winnow.schema import BadRow, Group, Prompt, SamplingParams
+from winnow.schema import FINISH_ERROR, BadRow, Group, Prompt, SamplingParams
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore
 
@@ -30,7 +30,10 @@ from winnow.store import OutputStore
 # match them
 FINGERPRINT_FIELDS = ("dataset", "seed", "dataset_shuffle", "data_range", "num_sampling_batches",
                       "num_sampling_batch_size", "system", "model", "sampler_type", "num_return_sequences",
-                      "output_format", "orm_model", "prm_model", "reward_funcs", "reward_model")
+                      "output_format", "orm_model", "prm_model", "reward_funcs", "reward_model", "reward_weights",
+                      "reward_kwargs", "prm_agg", "n_best_to_keep", "prm_threshold", "easy_query_threshold",
+                      "hard_query_threshold", "num_rejected", "min_margin", "include_reference", "keep_unpaired",
+                      "reasoning_format", "cache_files")
 
 
 @dataclass
@@ -337,10 +340,12 @@ class Run:
             s.groups_written += 1
             s.records_written += len(records)
         elif not group.ok:
-            # nothing usable once the engine's retries are spent: logged with the reason and done (a
-            # row left undone would hold the resume window, and so the run, at its position)
+            # nothing usable once the engine's retries are spent: logged with the reason and done for
+            # this run (an undone row would hold the resume window); a resumed run tries errors again,
+            # not answers cut for length or by a content filter
+            transient = any(c.finish_reason == FINISH_ERROR for c in group.completions)
             self.store.write_failed(group.prompt.position, group.prompt.id, group.prompt.source, reason or "",
-                                    stage="generate")
+                                    stage="generate", retry=transient)
             s.rows_failed += 1
         else:
             self.store.write_group(group.prompt.position, [], group.prompt.id)

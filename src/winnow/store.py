@@ -41,9 +41,10 @@ class ResumeState:
     watermark: int = 0
     done: set[int] = field(default_factory=set)
     groups: int = 0
+    redo: set[int] = field(default_factory=set)  # failed earlier for a reason worth another try
 
     def is_done(self, position: int) -> bool:
-        return position < self.watermark or position in self.done
+        return (position < self.watermark or position in self.done) and position not in self.redo
 
 
 def _tail_lines(path: Path):
@@ -185,7 +186,30 @@ class OutputStore:
             self._truncate(self.path, 0)
             return ResumeState()
         self._truncate(self.path, last["e"])
-        return ResumeState(watermark=last["w"], done=done, groups=last.get("g", 0))
+        return ResumeState(watermark=last["w"], done=done, groups=last.get("g", 0), redo=self._take_retries())
+
+    def _take_retries(self) -> set[int]:
+        """Positions the failed log marks for another try; their entries leave the log (a row that
+        fails again is logged again)."""
+        if not self.failed_path.exists():
+            return set()
+        keep: list[bytes] = []
+        redo: set[int] = set()
+        with open(self.failed_path, "rb") as f:
+            for raw in f:
+                try:
+                    entry = json.loads(raw)
+                except json.JSONDecodeError:
+                    continue  # a torn last line
+                if entry.get("retry") and isinstance(entry.get("position"), int):
+                    redo.add(entry["position"])
+                else:
+                    keep.append(raw if raw.endswith(b"\n") else raw + b"\n")
+        if redo:
+            tmp = self.failed_path.with_name(self.failed_path.name + ".tmp")
+            tmp.write_bytes(b"".join(keep))
+            os.replace(tmp, self.failed_path)
+        return redo
 
     @staticmethod
     def _truncate(path: Path, size: int) -> None:
@@ -211,12 +235,15 @@ class OutputStore:
         self._mark(position, row_id)
 
     def write_failed(self, position: int | None, row_id: str | None, source: str, reason: str, stage: str,
-                     final: bool = True) -> None:
-        """Log a row that produced nothing; ``final`` rows are not retried on resume."""
+                     retry: bool = False) -> None:
+        """Log a row that produced nothing and count it done for this run; ``retry`` rows (failures that
+        may be transient, such as an API outage) are tried again by a resumed run."""
         entry = {"id": row_id, "source": source, "stage": stage, "reason": reason}
+        if retry and position is not None:
+            entry.update(position=position, retry=True)
         self._failed.write((dumps(entry) + "\n").encode("utf-8"))
         self._failed.flush()
-        if final and position is not None:
+        if position is not None:
             self._mark(position, row_id)
 
     def _mark(self, position: int, row_id: str | None) -> None:

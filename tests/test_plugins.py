@@ -55,3 +55,21 @@ def test_wrong_count_plugin_names_the_reward(tmp_path, tiny_model, math_jsonl):
         "--output_dir", str(tmp_path / "out"), "--progress", "false")
     assert proc.returncode != 0
     assert "reward short_by_one returned 1 scores for 2 samples" in proc.stderr
+
+
+def test_swift_plugin_file_loads_unchanged(tmp_path, tiny_model, math_jsonl):
+    """A plugin importing from swift.plugin / swift.rewards works without ms-swift installed."""
+    plugin = Path(__file__).parent / "plugins" / "swift_style.py"
+    listing = run_winnow("list", "rewards", "--external_plugins", str(plugin))
+    proc = run_winnow(
+        "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#2", "--num_return_sequences", "2",
+        "--max_new_tokens", "6", "--external_plugins", str(plugin), "--reward_funcs", "has_digit",
+        "--prm_model", "step_len", "--output_format", "raw", "--output_dir", str(tmp_path), "--output_file",
+        "s.jsonl", "--progress", "false")
+    assert proc.returncode == 0, proc.stderr
+    for rec in read_jsonl(tmp_path / "s.jsonl"):
+        for c in rec["completions"]:
+            assert c["scores"]["has_digit"]["value"] == float(any(ch.isdigit() for ch in c["text"]))
+            assert len(c["scores"]["step_len"]["steps"]) == len(c["text"].split("\n\n"))
+    assert listing.returncode == 0, listing.stderr
+    assert "has_digit" in listing.stdout and "swift_style.py" in listing.stdout

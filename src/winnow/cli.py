@@ -18,7 +18,7 @@ from winnow.errors import WinnowError
 COMMANDS = {
     "sample": "Sample N completions per prompt, score them, keep the best, write JSONL.",
     "serve": "Serve a model or reward model over an OpenAI-compatible API (alias: deploy).",
-    "list": "List registered components: winnow list rewards|engines.",
+    "list": "List components: winnow list rewards [--external_plugins F.py] | winnow list engines.",
 }
 
 
@@ -93,10 +93,11 @@ def cmd_list(argv: list[str]) -> int:
             print(f"{name:<14} {target}" + (f"  (aliases: {', '.join(aliases)})" if aliases else ""))
         return 0
     if what == "rewards":
-        try:
-            from winnow.registry import list_rewards
-        except ImportError:
-            raise WinnowError("no rewards are registered in this build") from None
+        from winnow.registry import list_rewards, load_plugin
+
+        plugins = argv[argv.index("--external_plugins") + 1:] if "--external_plugins" in argv else []
+        for path in plugins:
+            load_plugin(path)
         for name, doc in list_rewards():
             print(f"{name:<22} {doc}")
         return 0

@@ -84,6 +84,10 @@ def load_plugin(path: str) -> list[str]:
     module = importlib.util.module_from_spec(spec)
     before = set(_REWARDS)
     _current_source = file.name
+    from winnow.rewards import swift_compat
+
+    shimmed = swift_compat.install()
+    swift_before = swift_compat.registered()
     try:
         sys.modules[module_name] = module
         spec.loader.exec_module(module)
@@ -92,6 +96,12 @@ def load_plugin(path: str) -> list[str]:
     finally:
         _current_source = "builtin"
     names = sorted(set(_REWARDS) - before)
+    if shimmed:  # `orms['name'] = Cls` into swift's registry, as swift plugins do
+        for kind, table in swift_compat.registered().items():
+            for key, target in table.items():
+                if swift_before[kind].get(key) is not target:
+                    _REWARDS[key] = RewardEntry(str(key), target, kind=kind, source=file.name)
+                    names.append(str(key))
     for attr, kind in PLUGIN_DICTS.items():
         table = getattr(module, attr, None)
         if table is None:

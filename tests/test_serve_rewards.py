@@ -111,3 +111,23 @@ def test_prm_step_scores(prm_server):
     client = openai.OpenAI(base_url=f"{prm_server.url}/v1", api_key="EMPTY", max_retries=0)
     content = client.chat.completions.create(model=body["model"], messages=STEPS).choices[0].message.content
     assert json.loads(content) == pytest.approx(first["step_scores"], abs=1e-4)
+
+
+def test_remote_reward_model_in_a_sampling_run(classifier_server, tiny_classifier_rm, tiny_model, tmp_path):
+    """``--reward_model http://.../v1`` scores a run's samples through the server's /v1/rewards route."""
+    from conftest import read_jsonl, run_winnow, write_jsonl
+
+    data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [QUESTION]}, {"query": "What is 4 + 4?"}])
+    proc = run_winnow("sample", "--model", str(tiny_model), "--dataset", str(data), "--num_return_sequences", "3",
+                      "--max_new_tokens", "8", "--reward_model", f"{classifier_server.url}/v1",
+                      "--output_format", "raw", "--output_dir", str(tmp_path), "--output_file", "r.jsonl",
+                      "--progress", "false")
+    assert proc.returncode == 0, proc.stderr
+    from winnow.rewards.models import load_reward_model
+
+    local = load_reward_model(str(tiny_classifier_rm), device="cpu")
+    for rec in read_jsonl(tmp_path / "r.jsonl"):
+        convs = [[*rec["messages"], {"role": "assistant", "content": c["text"]}] for c in rec["completions"]]
+        expected = [s.value for s in local.score_conversations(convs)]
+        served = [c["scores"]["remote-rm"]["value"] for c in rec["completions"]]
+        assert served == pytest.approx(expected, abs=1e-4)

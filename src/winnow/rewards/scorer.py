@@ -16,6 +16,7 @@ from typing import Any
 from winnow import registry
 from winnow.errors import ConfigError, RewardError
 from winnow.rewards.base import ModelReward, Reward, Sample, adapt
+from winnow.rewards.remote import RemoteReward, is_remote
 from winnow.schema import Group
 
 MODEL_OPTION_KEYS = ("orm", "prm", "reward_model")
@@ -138,6 +139,9 @@ def build_run_scorer(config) -> RunScorer:
         named = _named_reward(spec, role, config)
         if named is not None:
             reward = named
+        elif is_remote(spec) and role != "func":
+            options = kwargs.get(option_key) or kwargs.get(spec) or {}
+            reward = RemoteReward(spec, name=f"remote-{role}", **options)
         elif _looks_like_model(spec) and role != "func":
             options = kwargs.get(option_key) or kwargs.get(spec) or {}
             if not isinstance(options, dict):

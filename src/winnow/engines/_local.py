@@ -1,0 +1,217 @@
+"""What the local GPU engines (vLLM, SGLang, LMDeploy) share: prompt encoding and result mapping.
+
+Every local engine renders prompts with the model's chat template through winnow's own tokenizer
+(so all backends see the same token ids as the transformers engine), fails prompts that cannot be
+rendered or are too long as values, sends the rest to its backend in one call, and, if that call
+raises, splits it in half until the prompt that broke it is found. Nothing here imports a backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from winnow.engines import hf
+from winnow.errors import ConfigError
+from winnow.schema import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Completion, Prompt, SamplingParams
+
+# winnow's --torch_dtype names -> the names vLLM, SGLang and LMDeploy all take
+_DTYPES = {None: "auto", "": "auto", "auto": "auto", **hf.DTYPES}
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# backend finish reasons -> winnow's; anything else (abort, error, cancelled, None) is a failure
+_FINISH = {
+    "stop": FINISH_STOP, "eos": FINISH_STOP, "eos_token": FINISH_STOP, "stop_str": FINISH_STOP,
+    "length": FINISH_LENGTH, "max_tokens": FINISH_LENGTH, "max_new_tokens": FINISH_LENGTH,
+    # vLLM's n-gram repetition detector cut the answer short: not a natural end
+    "repetition": FINISH_LENGTH,
+}
+
+
+@dataclass
+class Encoded:
+    """One prompt ready for a backend: its position in the call, its rendered text and token ids, and
+    its token budget."""
+
+    slot: int
+    text: str
+    ids: list[int]
+    max_new_tokens: int
+
+
+def map_finish(raw: Any) -> str:
+    """A backend's finish reason as winnow's ``stop``/``length``/``error``."""
+    return _FINISH.get(str(raw).lower(), FINISH_ERROR) if raw is not None else FINISH_ERROR
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to its first stop string, and whether one was found.
+
+    vLLM and SGLang already trim stop strings; LMDeploy stops on any *token* containing one, so the
+    text may run past it. Cutting here gives every engine the same contract.
+    """
+    hits = [at for at in (text.find(s) for s in stop if s) if at >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def make_completion(text: str | None, raw_finish: Any, prompt_tokens: int, completion_tokens: int,
+                    stop: Sequence[str] = (), error: str | None = None) -> Completion:
+    """One Completion from a backend's plain result fields."""
+    finish = map_finish(raw_finish)
+    if finish == FINISH_ERROR:
+        message = error or f"the engine ended this sample with finish reason {raw_finish!r}"
+        return Completion(text="", finish_reason=FINISH_ERROR, error=message, prompt_tokens=prompt_tokens,
+                          completion_tokens=completion_tokens)
+    text, hit = cut_at_stop(text or "", stop)
+    return Completion(text=text, finish_reason=FINISH_STOP if hit else finish, prompt_tokens=prompt_tokens,
+                      completion_tokens=completion_tokens)
+
+
+def errors(n: int, message: str, prompt_tokens: int = 0) -> list[Completion]:
+    """``n`` failed completions carrying ``message``."""
+    return [Completion(text="", finish_reason=FINISH_ERROR, error=message, prompt_tokens=prompt_tokens)
+            for _ in range(n)]
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Temperature 0: every sample would be the same, so engines compute one and copy it."""
+    return params.temperature <= 0
+
+
+def samples_per_request(params: SamplingParams) -> int:
+    """How many samples to ask the backend for per prompt (1 when greedy)."""
+    return 1 if is_greedy(params) else params.n
+
+
+def fill(completions: list[Completion], n: int) -> list[Completion]:
+    """Exactly ``n`` completions: a greedy answer copied, or a short list padded with errors."""
+    if len(completions) == 1 and n > 1:
+        only = completions[0]
+        return [Completion(text=only.text, finish_reason=only.finish_reason, prompt_tokens=only.prompt_tokens,
+                           completion_tokens=only.completion_tokens, error=only.error) for _ in range(n)]
+    if len(completions) < n:
+        prompt_tokens = completions[0].prompt_tokens if completions else 0
+        missing = f"the engine returned {len(completions)} of {n} samples"
+        return completions + errors(n - len(completions), missing, prompt_tokens)
+    return completions[:n]
+
+
+def run_isolated(items: list[T], call: Callable[[list[T]], list[R]],
+                 on_error: Callable[[T, Exception], R]) -> list[R]:
+    """``call(items)``, aligned with ``items``; if it raises, halve and retry, so that one bad prompt
+    (too long for the model, say) fails alone and the rest of the batch goes on."""
+    if not items:
+        return []
+    try:
+        out = call(items)
+        if len(out) != len(items):
+            raise RuntimeError(f"the engine returned {len(out)} results for {len(items)} prompts")
+        return out
+    except Exception as e:
+        if len(items) == 1:
+            return [on_error(items[0], e)]
+        mid = len(items) // 2
+        return run_isolated(items[:mid], call, on_error) + run_isolated(items[mid:], call, on_error)
+
+
+class PromptEncoder:
+    """Renders chat prompts to token ids with the model's tokenizer and chat template."""
+
+    def __init__(self, model_path: str, *, template: str | None = None, max_length: int | None = None,
+                 trust_remote_code: bool = False, tokenizer: Any = None):
+        self.tokenizer = tokenizer if tokenizer is not None else \
+            hf.load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        self.template = hf.load_template(template)
+        self.max_length = max_length
+
+    def render(self, prompt: Prompt) -> str:
+        """The prompt text under the chat template."""
+        return hf.render_chat(self.tokenizer, prompt.messages, self.template)
+
+    def encode(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[Encoded], list[list[Completion]]]:
+        """The prompts a backend should run, and results pre-filled with errors for those it should not."""
+        results: list[list[Completion]] = [[] for _ in prompts]
+        work: list[Encoded] = []
+        for slot, prompt in enumerate(prompts):
+            try:
+                text = self.render(prompt)
+                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            except Exception as e:  # a template error is this prompt's failure, not the batch's
+                results[slot] = errors(params.n, f"cannot render the prompt: {type(e).__name__}: {e}")
+                continue
+            budget = params.max_new_tokens
+            if self.max_length is not None:
+                if len(ids) >= self.max_length:
+                    msg = f"prompt has {len(ids)} tokens; --max_length is {self.max_length}"
+                    results[slot] = errors(params.n, msg, prompt_tokens=len(ids))
+                    continue
+                budget = max(1, min(budget, self.max_length - len(ids)))
+            work.append(Encoded(slot, text, list(ids), budget))
+        return work, results
+
+
+def generate_blocking(encoder: PromptEncoder, prompts: list[Prompt], params: SamplingParams,
+                      call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]]
+                      ) -> list[list[Completion]]:
+    """Encode, run ``call`` on what encoded (isolating failures), and return n completions per prompt.
+
+    ``call`` gets a batch of encoded prompts and returns, for each, the completions it produced
+    (``samples_per_request(params)`` of them, or all ``n``); :func:`fill` makes them exactly ``n``.
+    """
+    work, results = encoder.encode(prompts, params)
+
+    def failed(item: Encoded, e: Exception) -> list[Completion]:
+        return errors(params.n, f"{type(e).__name__}: {e}", prompt_tokens=len(item.ids))
+
+    outputs = run_isolated(work, lambda batch: call(batch, params), failed)
+    for item, completions in zip(work, outputs, strict=True):
+        results[item.slot] = fill(completions, params.n)
+    return results
+
+
+class LocalEngine:
+    """What the vLLM, SGLang and LMDeploy engines share: prompt encoding, the blocking backend call on
+    worker threads, and the protocol methods. Each engine builds its backend after ``__init__`` and
+    defines ``call`` (one batch of encoded prompts -> their completions) and ``close``."""
+
+    name = "local"
+    call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]]
+    close: Callable[[], None]
+
+    def __init__(self, model: str, *, torch_dtype: str | None, template: str | None, max_length: int | None,
+                 trust_remote_code: bool, max_prompts_per_call: int, calls_in_flight: int = 2, workers: int = 1):
+        if torch_dtype not in _DTYPES:
+            raise ConfigError(f"--torch_dtype {torch_dtype!r}: use one of auto, float32, bfloat16, float16")
+        self.dtype = _DTYPES[torch_dtype]
+        self.model_path = hf.resolve_model_path(model)
+        self.encoder = PromptEncoder(self.model_path, template=template, max_length=max_length,
+                                     trust_remote_code=trust_remote_code)
+        self.max_prompts_per_call = int(max_prompts_per_call)
+        self.calls_in_flight = max(1, int(calls_in_flight))
+        self._args: dict[str, Any] = {"model": model, **({"template": template} if template else {})}
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
+                                                               thread_name_prefix=f"winnow-{self.name}")
+
+    def batch_plan(self, n: int) -> tuple[int, int]:
+        # the backends schedule inside a call: give them large batches, keep the next one queued
+        return max(1, self.max_prompts_per_call // max(1, n)), self.calls_in_flight
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, **self._args}
+
+    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.generate_blocking, prompts, params)
+
+    def generate_blocking(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        """The synchronous body of :meth:`generate`."""
+        return generate_blocking(self.encoder, prompts, params, self.call)
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=True)
+        self.close()

@@ -119,3 +119,49 @@ def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "qwen2", size: s
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+# ----------------------------------------------------------------------------- the arithmetic demo world
+
+CHATML_PLAIN = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+QWEN2_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
+
+def build_digit_tokenizer(out_dir: str | os.PathLike | None, texts, *, vocab_size: int = 384,
+                          extra_special=("<step>",)):
+    """A byte-level BPE tokenizer trained on ``texts`` with Qwen2's normalizer and pre-tokenizer (so
+    ``Qwen2Tokenizer``, which transformers 5 builds for a qwen2 config, tokenizes identically; it keeps
+    every digit its own token: arithmetic a tiny model can learn) and a ChatML template that adds no
+    default system prompt."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = SPECIAL + [t for t in extra_special if t not in SPECIAL]
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
+        unk_token=None, additional_special_tokens=specials[1:], padding_side="left",
+        model_max_length=512, clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = CHATML_PLAIN
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(str(out_dir))
+    return fast

@@ -1,0 +1,543 @@
+"""Reproduce the demo world: datasets, tokenizer, policy, process reward model, classifier RM.
+
+    python -m winnow.demo.train --all                 # everything, into src/winnow/demo/{data,assets}
+    python -m winnow.demo.train --all --quick --out /tmp/w   # a shortened run (what the tests do)
+
+Seeded and CPU-only; the full run takes minutes on 2 cores. The steps:
+
+1. ``arith.make_splits`` -> ``data/arith_train.jsonl`` and ``data/arith_test.jsonl``.
+2. A digit-level BPE tokenizer with a ChatML template (``<step>`` is a special token).
+3. ``demo-policy``: a Qwen2-architecture causal LM trained from scratch on the reference
+   solutions (loss on the assistant tokens only), stopped early so that, sampled at temperature 1,
+   it is right often but not always: there is room for best-of-N to help.
+4. The policy samples train problems (through winnow's transformers engine); every sample's steps
+   are labelled by re-checking their arithmetic (``arith.step_labels``).
+5. ``demo-prm``: a Math-Shepherd-style PRM, a causal LM initialised from the policy and trained to
+   predict ``+``/``-`` at the ``<step>`` tag after each step.
+6. ``demo-rm``: a sequence classifier (one logit), initialised from the policy, trained with BCE
+   to score right solutions above wrong ones.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from winnow.demo import arith
+
+HERE = Path(__file__).resolve().parent
+STEP_TAG = "<step>"
+GOOD, BAD = "+", "-"
+# config.json's "winnow_prm": step_sep/chat are the names winnow.rewards reads; step_separator/input the
+# names the contract spelled out; both say the same (input = chat template over [user, tagged assistant])
+PRM_HINT = {"style": "math_shepherd", "step_tag": STEP_TAG, "good_token": GOOD, "bad_token": BAD,
+            "step_sep": arith.STEP_SEPARATOR, "step_separator": arith.STEP_SEPARATOR, "chat": True,
+            "input": "chat", "tag_format": "{step} <step>"}
+POLICY_SIZE = dict(hidden=128, layers=3, heads=4, kv_heads=2, inter=384, max_positions=256)
+
+
+@dataclass
+class WorldConfig:
+    """Sizes and budgets of one reproduction (``quick`` shrinks every one of them)."""
+
+    seed: int = 0
+    n_train: int = 12000
+    n_test: int = 500
+    policy_steps: int = 2000
+    policy_batch: int = 32
+    policy_lr: float = 3e-3
+    target_pass1: tuple[float, float] = (0.35, 0.55)
+    eval_every: int = 100
+    eval_problems: int = 100
+    label_problems: int = 800
+    label_samples: int = 8
+    prm_steps: int = 800
+    rm_steps: int = 800
+    reward_batch: int = 32
+    reward_lr: float = 5e-4
+
+    @classmethod
+    def quick(cls) -> WorldConfig:
+        return cls(n_train=400, n_test=50, policy_steps=6, policy_batch=8, eval_every=2, eval_problems=8,
+                   target_pass1=(0.0, 1.0), label_problems=6, label_samples=2, prm_steps=3, rm_steps=3,
+                   reward_batch=4)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- text
+
+def chat_text(tok, question: str, solution: str | None = None) -> str:
+    """The ChatML text of [user: question, assistant: solution] (or the generation prompt)."""
+    messages = [{"role": "user", "content": question}]
+    if solution is None:
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tok.apply_chat_template(messages + [{"role": "assistant", "content": solution}], tokenize=False)
+
+
+def tag_steps(solution: str) -> str:
+    """The solution with the step tag after each step: ``step1 <step>\\nstep2 <step>``."""
+    return arith.STEP_SEPARATOR.join(f"{s.strip()} {STEP_TAG}" for s in arith.split_steps(solution))
+
+
+def lm_example(tok, question: str, solution: str) -> tuple[list[int], list[int]]:
+    """Token ids of the chat and a 0/1 mask of the assistant tokens (the ones trained on)."""
+    prompt = tok(chat_text(tok, question), add_special_tokens=False)["input_ids"]
+    answer = tok(solution + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    return prompt + answer, [0] * len(prompt) + [1] * len(answer)
+
+
+# ----------------------------------------------------------------------------- training loops
+
+def _batches(n: int, size: int, rng: random.Random):
+    while True:
+        order = list(range(n))
+        rng.shuffle(order)
+        for i in range(0, n - size + 1, size):
+            yield order[i:i + size]
+
+
+def _pad(rows: list[list[int]], value: int):
+    import torch
+
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long)
+
+
+def _schedule(step: int, total: int, warmup: int) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def train_policy(model, tok, examples, cfg: WorldConfig, evaluate=None):
+    """Next-token loss on the assistant tokens; ``evaluate(step)`` may return True to stop early."""
+    import torch
+
+    rng = random.Random(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.policy_lr, weight_decay=0.01, betas=(0.9, 0.98))
+    batches = _batches(len(examples), cfg.policy_batch, rng)
+    pad = tok.pad_token_id
+    model.train()
+    for step in range(cfg.policy_steps):
+        idx = next(batches)
+        ids = _pad([examples[i][0] for i in idx], pad)
+        attention = _pad([[1] * len(examples[i][0]) for i in idx], 0)
+        labels = ids.masked_fill(_pad([examples[i][1] for i in idx], 0) == 0, -100)
+        for g in opt.param_groups:
+            g["lr"] = cfg.policy_lr * _schedule(step, cfg.policy_steps, 50)
+        loss = model(input_ids=ids, attention_mask=attention, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0:
+            log(f"policy step {step} loss {loss.item():.4f}")
+        if evaluate is not None and (step + 1) % cfg.eval_every == 0:
+            model.eval()
+            stop = evaluate(step + 1)
+            model.train()
+            if stop:
+                break
+    model.eval()
+    return model
+
+
+# ----------------------------------------------------------------------------- sampling and scoring
+
+def generate(model, tok, questions: list[str], n: int, *, temperature: float = 1.0, max_new_tokens: int = 64,
+             batch: int = 256, seed: int = 0) -> list[list[str]]:
+    """``n`` sampled solutions per question (greedy when temperature is 0), batched ``generate``."""
+    import torch
+
+    torch.manual_seed(seed)
+    eos = tok.convert_tokens_to_ids("<|im_end|>")
+    per_call = max(1, batch // n)
+    out: list[list[str]] = []
+    prompts = [tok(chat_text(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
+    for i in range(0, len(prompts), per_call):
+        chunk = prompts[i:i + per_call]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        sample = temperature > 0
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
+                                 do_sample=sample, temperature=temperature if sample else None, top_p=None,
+                                 top_k=0 if sample else None, num_return_sequences=n if sample else 1,
+                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
+        k = n if sample else 1
+        out += [texts[j * k:(j + 1) * k] * (1 if sample else n) for j in range(len(chunk))]
+    return out
+
+
+def accuracy(problems: list[arith.Problem], samples: list[list[str]]) -> tuple[float, float]:
+    """pass@1 (mean over samples) and pass@n (any sample right)."""
+    right = [[arith.is_correct(p, s) for s in group] for p, group in zip(problems, samples, strict=True)]
+    pass1 = sum(sum(r) / len(r) for r in right) / len(right)
+    passn = sum(any(r) for r in right) / len(right)
+    return pass1, passn
+
+
+# ----------------------------------------------------------------------------- reward models
+
+@dataclass
+class Labelled:
+    """A sampled solution with its step labels and outcome."""
+
+    question: str
+    solution: str
+    steps: list[bool]  # prefix labels: every step so far is right
+    checks: list[bool]  # each step right given the steps before it
+    correct: bool
+
+
+def label_samples(problems: list[arith.Problem], samples: list[list[str]]) -> list[Labelled]:
+    """Every distinct sample per problem, with its step labels (re-checked arithmetic)."""
+    out = []
+    for p, group in zip(problems, samples, strict=True):
+        for s in dict.fromkeys(group):
+            steps = arith.step_labels(p, s)
+            if steps:
+                out.append(Labelled(p.question(), s, steps, arith.step_checks(p, s), arith.is_correct(p, s)))
+    return out
+
+
+def prm_example(tok, item: Labelled) -> tuple[list[int], list[int]] | None:
+    """The PRM input (chat template over the tagged solution) and, at each tag, the target token id
+    (``+`` when the step is right given the steps before it; with ``min`` aggregation a solution
+    scores high only if every step is right); None when the tags cannot be matched to the steps."""
+    ids = tok(chat_text(tok, item.question, tag_steps(item.solution)), add_special_tokens=False)["input_ids"]
+    tag, good, bad = (tok.convert_tokens_to_ids(t) for t in (STEP_TAG, GOOD, BAD))
+    if ids.count(tag) != len(item.steps):
+        return None  # the sample spells out a special token itself (an untrained policy can)
+    labels = iter(item.checks)
+    targets = [(good if next(labels) else bad) if t == tag else -100 for t in ids]
+    return ids, targets
+
+
+def _reward_loop(model, batches, steps: int, lr: float, loss_fn, name: str):
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * _schedule(step, steps, 20)
+        loss = loss_fn(next(batches))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if step % 25 == 0:
+            log(f"{name} step {step} loss {loss.item():.4f}")
+    model.eval()
+    return model
+
+
+def train_prm(policy_dir: Path, tok, data: list[Labelled], cfg: WorldConfig):
+    """Math-Shepherd objective: at each ``<step>`` tag, cross-entropy over the two tokens ``+``/``-``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
+    examples = [e for e in (prm_example(tok, d) for d in data) if e is not None]
+    pair = torch.tensor([tok.convert_tokens_to_ids(GOOD), tok.convert_tokens_to_ids(BAD)])
+    batches = _batches(len(examples), cfg.reward_batch, random.Random(cfg.seed + 1))
+
+    def loss_fn(idx):
+        ids = _pad([examples[i][0] for i in idx], tok.pad_token_id)
+        attention = _pad([[1] * len(examples[i][0]) for i in idx], 0)
+        targets = _pad([examples[i][1] for i in idx], -100)
+        logits = model(input_ids=ids, attention_mask=attention).logits
+        at = targets != -100
+        two = logits[at][:, pair]  # (tags, 2): [good, bad]
+        return torch.nn.functional.cross_entropy(two, (targets[at] != pair[0]).long())
+
+    return _reward_loop(model, batches, cfg.prm_steps, cfg.reward_lr, loss_fn, "prm")
+
+
+def rm_example(tok, item: Labelled) -> tuple[list[int], list[tuple[int, float]]]:
+    """The RM input (the plain chat) and its targets: at the last token the outcome, and at the end
+    of each step whether every step so far is right (dense supervision for the same head)."""
+    text = chat_text(tok, item.question, item.solution)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    start = text.rfind(item.solution)
+    targets: list[tuple[int, float]] = []
+    pos = start
+    for step, label in zip(arith.split_steps(item.solution), item.steps, strict=True):
+        at = item.solution.find(step, pos - start) + start
+        end = at + len(step.rstrip()) - 1
+        pos = end + 1
+        idx = next((t for t, (a, b) in enumerate(offsets) if a <= end < b), None)
+        if idx is not None:
+            targets.append((idx, float(label)))
+    targets.append((len(ids) - 1, float(item.correct)))
+    return ids, targets
+
+
+def train_rm(policy_dir: Path, tok, data: list[Labelled], cfg: WorldConfig):
+    """A one-logit sequence classifier over the chat, BCE against the outcome at the last token (what
+    it is read at) and against the prefix labels at each step's end; batches balanced by outcome."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(policy_dir), num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tok.pad_token_id
+    examples = [(rm_example(tok, d), d.correct) for d in data]
+    pos = [i for i, e in enumerate(examples) if e[1]]
+    neg = [i for i, e in enumerate(examples) if not e[1]]
+    rng = random.Random(cfg.seed + 2)
+
+    def balanced():
+        while True:
+            half = cfg.reward_batch // 2
+            yield rng.sample(pos, min(half, len(pos))) + rng.sample(neg, min(half, len(neg)))
+
+    def loss_fn(idx):
+        rows = [examples[i][0] for i in idx]
+        ids = _pad([r[0] for r in rows], tok.pad_token_id)
+        attention = _pad([[1] * len(r[0]) for r in rows], 0)
+        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
+        logits = model.score(hidden)[..., 0]  # (batch, seq): the head at every position
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        last = torch.stack([logits[b, r[1][-1][0]] for b, r in enumerate(rows)])
+        final = bce(last, torch.tensor([r[1][-1][1] for r in rows]))
+        steps = [(b, t, y) for b, r in enumerate(rows) for t, y in r[1][:-1]]
+        if not steps:
+            return final
+        dense = bce(torch.stack([logits[b, t] for b, t, _ in steps]), torch.tensor([y for _, _, y in steps]))
+        return final + 0.5 * dense
+
+    return _reward_loop(model, balanced(), cfg.rm_steps, cfg.reward_lr, loss_fn, "rm")
+
+
+def prm_scores(model, tok, question: str, solutions: list[str]) -> list[list[float]]:
+    """Per-step P(+)/(P(+)+P(-)) at each tag, for checking the trained PRM."""
+    import torch
+
+    pair = [tok.convert_tokens_to_ids(GOOD), tok.convert_tokens_to_ids(BAD)]
+    tag = tok.convert_tokens_to_ids(STEP_TAG)
+    out = []
+    for s in solutions:
+        ids = torch.tensor([tok(chat_text(tok, question, tag_steps(s)), add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            logits = model(input_ids=ids).logits[0]
+        probs = logits[ids[0] == tag][:, pair].softmax(-1)[:, 0]
+        out.append(probs.tolist())
+    return out
+
+
+def rm_scores(model, tok, question: str, solutions: list[str]) -> list[float]:
+    """The classifier's logit for each solution."""
+    import torch
+
+    out = []
+    for s in solutions:
+        ids = torch.tensor([tok(chat_text(tok, question, s), add_special_tokens=False)["input_ids"]])
+        with torch.inference_mode():
+            out.append(model(input_ids=ids).logits[0, 0].item())
+    return out
+
+
+# ----------------------------------------------------------------------------- the whole world
+
+def _save_tokenizer_and_generation(tok, model, path: Path) -> None:
+    from transformers import GenerationConfig
+
+    tok.save_pretrained(str(path))
+    cfg = model.config
+    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+                     do_sample=True, temperature=1.0, top_p=1.0, top_k=0).save_pretrained(str(path))
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+
+
+def build_world(out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: bool = False,
+                policy_only: bool = False) -> dict:
+    """Run every step; returns the measured figures (also written to ``assets/train_report.json``).
+    ``reuse_policy`` keeps the policy already in ``out`` and retrains only the reward models."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from winnow.demo import build
+
+    torch.set_num_threads(threads)
+    t_start = time.time()
+    report: dict = {"config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}, "threads": threads}
+    data_dir, assets = out / "data", out / "assets"
+    assets.mkdir(parents=True, exist_ok=True)
+
+    # 1. data: the last eval_problems train problems are held out for early stopping and checks
+    train_p, test_p = arith.make_splits(cfg.n_train, cfg.n_test, cfg.seed)
+    arith.write_split(train_p, data_dir / "arith_train.jsonl", "train")
+    arith.write_split(test_p, data_dir / "arith_test.jsonl", "test")
+    val_p, fit_p = train_p[-cfg.eval_problems:], train_p[:-cfg.eval_problems]
+    log(f"data: {len(train_p)} train, {len(test_p)} test problems")
+
+    # 2. tokenizer: saved beside the policy's config and read back the way every loader reads it
+    policy_dir = assets / "demo-policy"
+    if not reuse_policy:
+        _replace_dir(policy_dir)
+        tok = build.build_digit_tokenizer(None, [chat_text_raw(p.question(), p.solution()) for p in fit_p[:4000]])
+        tok.save_pretrained(str(policy_dir))
+        build.model_config("qwen2", tok, **POLICY_SIZE).save_pretrained(str(policy_dir))
+    tok = AutoTokenizer.from_pretrained(str(policy_dir))
+
+    # 3. policy: one run from scratch; the shipped policy is the checkpoint at which held-out pass@1
+    # first reaches the target (right often, not always); the run goes on to its end, and that
+    # stronger checkpoint (not shipped) is what the reward models start from: a verifier that knows
+    # the arithmetic better than the policy it judges, as real PRMs/RMs usually do
+    t0 = time.time()
+    base_dir = build_dir(out) / "verifier-base"
+    if reuse_policy:
+        report["policy"] = json.loads((policy_dir / "winnow_model.json").read_text())
+    else:
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForCausalLM.from_config(build.model_config("qwen2", tok, **POLICY_SIZE))
+        examples = [lm_example(tok, p.question(), p.solution()) for p in fit_p]
+        history: list[dict] = []
+        snapshot: dict = {}
+        low, _ = cfg.target_pass1
+
+        def evaluate(step: int) -> bool:
+            if snapshot and step < cfg.policy_steps:
+                return False
+            samples = generate(model, tok, [p.question() for p in val_p], 8, seed=cfg.seed)
+            pass1, pass8 = accuracy(val_p, samples)
+            history.append({"step": step, "pass@1": round(pass1, 4), "pass@8": round(pass8, 4)})
+            log(f"policy step {step}: held-out pass@1 {pass1:.3f} pass@8 {pass8:.3f}")
+            if not snapshot and low <= pass1:
+                snapshot.update(step=step, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            return False
+
+        train_policy(model, tok, examples, cfg, evaluate)
+        _replace_dir(base_dir)
+        model.save_pretrained(str(base_dir))
+        tok.save_pretrained(str(base_dir))
+        if snapshot:
+            model.load_state_dict(snapshot["state"])
+        model.save_pretrained(str(policy_dir))
+        _save_tokenizer_and_generation(tok, model, policy_dir)
+        report["policy"] = {"params": sum(p.numel() for p in model.parameters()),
+                            "step": snapshot.get("step", cfg.policy_steps), "evals": history,
+                            "verifier_base_step": cfg.policy_steps, "seconds": round(time.time() - t0)}
+        _write_json(policy_dir / "winnow_model.json", {"role": "policy", "task": "demo-arith", **report["policy"]})
+    model = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
+    if policy_only:
+        return report
+
+    # 4. labelled data: policy samples of train problems (every distinct one, its steps re-checked),
+    # plus each problem's reference solution and one corrupted copy of it (a realistic slip), so both
+    # reward models see right and wrong solutions that differ in one step
+    t0 = time.time()
+    label_p = fit_p[:cfg.label_problems]
+    samples = generate(model, tok, [p.question() for p in label_p], cfg.label_samples, seed=cfg.seed + 7)
+    model = None  # the reward models start from the saved policy
+    data = label_samples(label_p, samples)
+    n_policy = len(data)
+    rng = random.Random(cfg.seed + 3)
+    data += label_samples(label_p, [[p.solution(), arith.corrupt(p, rng)] for p in label_p])
+    report["labels"] = {"problems": len(label_p), "policy_samples": n_policy, "policy_right":
+                        sum(d.correct for d in data[:n_policy]), "synthetic": len(data) - n_policy,
+                        "steps": sum(len(d.steps) for d in data), "good_steps": sum(sum(d.steps) for d in data),
+                        "seconds": round(time.time() - t0)}
+    log(f"labelled samples: {report['labels']}")
+
+    # 5. PRM
+    t0 = time.time()
+    prm = train_prm(base_dir, tok, data, cfg)
+    prm_dir = assets / "demo-prm"
+    _replace_dir(prm_dir)
+    prm.config.winnow_prm = PRM_HINT
+    prm.save_pretrained(str(prm_dir))
+    _save_tokenizer_and_generation(tok, prm, prm_dir)
+    report["prm"] = {"seconds": round(time.time() - t0)}
+
+    # 6. classifier RM
+    t0 = time.time()
+    rm = train_rm(base_dir, tok, data, cfg)
+    rm_dir = assets / "demo-rm"
+    _replace_dir(rm_dir)
+    rm.save_pretrained(str(rm_dir))
+    tok.save_pretrained(str(rm_dir))
+    report["rm"] = {"seconds": round(time.time() - t0)}
+
+    # 7. a check on held-out problems: does selection by each model beat one sample?
+    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))
+    groups = generate(policy, tok, [p.question() for p in val_p], 8, seed=cfg.seed + 11)
+    check = {"pass@1": 0.0, "majority@8": 0.0, "prm-best@8": 0.0, "rm-best@8": 0.0, "pass@8": 0.0}
+    for p, group in zip(val_p, groups, strict=True):
+        right = [arith.is_correct(p, s) for s in group]
+        prm_v = [min(s) if s else 0.0 for s in prm_scores(prm, tok, p.question(), group)]
+        rm_v = rm_scores(rm, tok, p.question(), group)
+        check["pass@1"] += sum(right) / len(right)
+        check["pass@8"] += any(right)
+        votes = Counter(a for a in map(arith.boxed_answer, group) if a is not None)
+        check["majority@8"] += bool(votes) and votes.most_common(1)[0][0] == p.answer
+        check["prm-best@8"] += right[max(range(len(group)), key=lambda i: prm_v[i])]
+        check["rm-best@8"] += right[max(range(len(group)), key=lambda i: rm_v[i])]
+    report["held_out_check"] = {k: round(v / max(1, len(val_p)), 4) for k, v in check.items()}
+    log(f"held-out check: {report['held_out_check']}")
+    report["seconds"] = round(time.time() - t_start)
+    _write_json(assets / "train_report.json", report)
+    return report
+
+
+def build_dir(out: Path) -> Path:
+    """Where intermediate checkpoints go (not shipped): under ``$WINNOW_CACHE``, keyed by ``out``."""
+    import hashlib
+
+    from winnow.demo import cache_dir
+
+    return cache_dir() / "demo-world-build" / hashlib.md5(str(out.resolve()).encode()).hexdigest()[:12]
+
+
+def chat_text_raw(question: str, solution: str) -> str:
+    """ChatML text without a tokenizer (the corpus the tokenizer is trained on)."""
+    return (f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{solution} {STEP_TAG}"
+            f"<|im_end|>\n")
+
+
+def _replace_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m winnow.demo.train", description="Reproduce the demo world.")
+    ap.add_argument("--all", action="store_true", help="build data, tokenizer, policy, PRM and RM")
+    ap.add_argument("--out", default=str(HERE), help="where data/ and assets/ go (default: the package)")
+    ap.add_argument("--quick", action="store_true", help="a shortened run that only checks the scripts work")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reuse_policy", action="store_true",
+                    help="keep the trained policy (and its verifier base in $WINNOW_CACHE); retrain PRM and RM")
+    ap.add_argument("--policy_only", action="store_true", help="stop after training the policy")
+    args = ap.parse_args(argv)
+    if not args.all:
+        ap.error("nothing to do: pass --all")
+    cfg = WorldConfig.quick() if args.quick else WorldConfig()
+    cfg.seed = args.seed
+    report = build_world(Path(args.out), cfg, threads=args.threads, reuse_policy=args.reuse_policy,
+                         policy_only=args.policy_only)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -63,6 +63,19 @@ def _majority(completions: list[dict]) -> dict | None:
     return next(c for a, c in answers if a is not None and counts[a] == top)
 
 
+def _weighted_vote(completions: list[dict], key: str) -> dict | None:
+    """A completion carrying the boxed answer whose samples' ``key`` scores sum highest."""
+    totals: dict[int, float] = {}
+    first: dict[int, dict] = {}
+    for c in completions:
+        answer = arith.boxed_answer(c.get("text", ""))
+        value = (c.get("scores") or {}).get(key, {}).get("value")
+        if answer is not None and value is not None:
+            totals[answer] = totals.get(answer, 0.0) + float(value)
+            first.setdefault(answer, c)
+    return first[max(totals, key=totals.__getitem__)] if totals else None
+
+
 def metrics(records: list[dict]) -> dict[str, float]:
     """pass@1, majority@N, PRM-best@N, RM-best@N and pass@N of raw records."""
     totals = Counter()
@@ -76,17 +89,18 @@ def metrics(records: list[dict]) -> dict[str, float]:
         totals["pass@1"] += sum(right) / len(right)
         totals["pass@n"] += any(right)
         for name, pick in (("majority@n", _majority(comps)), ("prm-best@n", _best(comps, PRM)),
-                           ("rm-best@n", _best(comps, RM))):
+                           ("prm-vote@n", _weighted_vote(comps, PRM)), ("rm-best@n", _best(comps, RM))):
             totals[name] += pick is not None and _correct(pick, ref)
     n = max(1, totals.pop("problems"))
-    return {"problems": n, **{k: totals[k] / n for k in ("pass@1", "majority@n", "prm-best@n", "rm-best@n",
-                                                         "pass@n")}}
+    names = ("pass@1", "majority@n", "prm-best@n", "prm-vote@n", "rm-best@n", "pass@n")
+    return {"problems": n, **{k: totals[k] / n for k in names}}
 
 
 def table(m: dict[str, float], samples: int) -> str:
     """The metrics as a Markdown table."""
     rows = [("pass@1 (one sample, T=1)", m["pass@1"]), (f"majority@{samples}", m["majority@n"]),
             (f"PRM-best@{samples} (demo-prm, min over steps)", m["prm-best@n"]),
+            (f"PRM-weighted vote@{samples} (answer with the largest summed PRM score)", m["prm-vote@n"]),
             (f"RM-best@{samples} (demo-rm)", m["rm-best@n"]), (f"pass@{samples} (oracle)", m["pass@n"])]
     lines = [f"| {m['problems']} test problems, N={samples} | accuracy |", "|---|---|"]
     lines += [f"| {name} | {value:.1%} |" for name, value in rows]

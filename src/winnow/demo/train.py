@@ -56,12 +56,13 @@ class WorldConfig:
     target_pass1: tuple[float, float] = (0.35, 0.55)
     eval_every: int = 100
     eval_problems: int = 100
-    label_problems: int = 800
+    label_problems: int = 1000
     label_samples: int = 8
-    prm_steps: int = 800
-    rm_steps: int = 800
+    prm_steps: int = 600
+    rm_steps: int = 600
+    verifier_extra_layers: int = 3
     reward_batch: int = 32
-    reward_lr: float = 5e-4
+    reward_lr: float = 1e-3
 
     @classmethod
     def quick(cls) -> WorldConfig:
@@ -245,20 +246,71 @@ def _reward_loop(model, batches, steps: int, lr: float, loss_fn, name: str):
     return model
 
 
-def train_prm(policy_dir: Path, tok, data: list[Labelled], cfg: WorldConfig):
+def reward_batches(data: list[Labelled], problems: list[arith.Problem], size: int, rng: random.Random,
+                   balance: bool = False):
+    """Endless batches: half labelled policy samples (balanced right/wrong when ``balance``), half
+    fresh synthetic pairs: a problem's reference solution or a copy with one slip, so that right and
+    wrong solutions differing in one step are seen all the time (what teaches a verifier to read the
+    result it checks instead of guessing from the problem)."""
+    right = [d for d in data if d.correct]
+    wrong = [d for d in data if not d.correct]
+    while True:
+        half = size // 2
+        if balance and right and wrong:
+            batch = rng.sample(right, min(half // 2, len(right))) + rng.sample(wrong, min(half - half // 2, len(wrong)))
+        else:
+            batch = rng.sample(data, min(half, len(data)))
+        for _ in range(size - len(batch)):
+            p = rng.choice(problems)
+            s = p.solution() if rng.random() < 0.5 else arith.corrupt(p, rng)
+            batch += label_samples([p], [[s]])
+        yield batch
+
+
+def deepened(auto_cls, base_dir: Path, extra_layers: int, **config_overrides):
+    """``base_dir``'s model with ``extra_layers`` more decoder layers on top, each initialised as the
+    identity (zero output projections), so it starts as the base model.
+
+    A verifier must both redo the arithmetic and compare it with what is written; the policy's
+    layers all go to the first, and a model of the same depth cannot read its own last-layer
+    prediction at a later position. The added layers give the comparison room.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(str(base_dir), **config_overrides)
+    base_layers = config.num_hidden_layers
+    config.num_hidden_layers = base_layers + extra_layers
+    if getattr(config, "layer_types", None):
+        config.layer_types = (list(config.layer_types) + [config.layer_types[-1]] * extra_layers)[
+            :config.num_hidden_layers]
+    torch.manual_seed(0)
+    model = auto_cls.from_config(config)
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).model.state_dict()
+    missing, unexpected = model.model.load_state_dict(base, strict=False)
+    assert not unexpected and all(k.startswith("layers.") for k in missing), (missing, unexpected)
+    if hasattr(model, "lm_head") and not config.tie_word_embeddings:
+        model.lm_head.weight.data.copy_(AutoModelForCausalLM.from_pretrained(str(base_dir)).lm_head.weight.data)
+    for layer in model.model.layers[base_layers:]:
+        torch.nn.init.zeros_(layer.self_attn.o_proj.weight)
+        torch.nn.init.zeros_(layer.mlp.down_proj.weight)
+    return model
+
+
+def train_prm(base_dir: Path, tok, data: list[Labelled], problems: list[arith.Problem], cfg: WorldConfig):
     """Math-Shepherd objective: at each ``<step>`` tag, cross-entropy over the two tokens ``+``/``-``."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
-    examples = [e for e in (prm_example(tok, d) for d in data) if e is not None]
+    model = deepened(AutoModelForCausalLM, base_dir, cfg.verifier_extra_layers)
     pair = torch.tensor([tok.convert_tokens_to_ids(GOOD), tok.convert_tokens_to_ids(BAD)])
-    batches = _batches(len(examples), cfg.reward_batch, random.Random(cfg.seed + 1))
+    batches = reward_batches(data, problems, cfg.reward_batch, random.Random(cfg.seed + 1))
 
-    def loss_fn(idx):
-        ids = _pad([examples[i][0] for i in idx], tok.pad_token_id)
-        attention = _pad([[1] * len(examples[i][0]) for i in idx], 0)
-        targets = _pad([examples[i][1] for i in idx], -100)
+    def loss_fn(items):
+        examples = [e for e in (prm_example(tok, d) for d in items) if e is not None]
+        ids = _pad([e[0] for e in examples], tok.pad_token_id)
+        attention = _pad([[1] * len(e[0]) for e in examples], 0)
+        targets = _pad([e[1] for e in examples], -100)
         logits = model(input_ids=ids, attention_mask=attention).logits
         at = targets != -100
         two = logits[at][:, pair]  # (tags, 2): [good, bad]
@@ -287,31 +339,23 @@ def rm_example(tok, item: Labelled) -> tuple[list[int], list[tuple[int, float]]]
     return ids, targets
 
 
-def train_rm(policy_dir: Path, tok, data: list[Labelled], cfg: WorldConfig):
+def train_rm(base_dir: Path, tok, data: list[Labelled], problems: list[arith.Problem], cfg: WorldConfig):
     """A one-logit sequence classifier over the chat, BCE against the outcome at the last token (what
-    it is read at) and against the prefix labels at each step's end; batches balanced by outcome."""
+    it is read at) and against the prefix labels at each step's end; policy samples balanced by outcome."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(str(policy_dir), num_labels=1, dtype=torch.float32)
+    model = deepened(AutoModelForSequenceClassification, base_dir, cfg.verifier_extra_layers, num_labels=1)
     model.config.pad_token_id = tok.pad_token_id
-    examples = [(rm_example(tok, d), d.correct) for d in data]
-    pos = [i for i, e in enumerate(examples) if e[1]]
-    neg = [i for i, e in enumerate(examples) if not e[1]]
-    rng = random.Random(cfg.seed + 2)
+    batches = reward_batches(data, problems, cfg.reward_batch, random.Random(cfg.seed + 2), balance=True)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits
 
-    def balanced():
-        while True:
-            half = cfg.reward_batch // 2
-            yield rng.sample(pos, min(half, len(pos))) + rng.sample(neg, min(half, len(neg)))
-
-    def loss_fn(idx):
-        rows = [examples[i][0] for i in idx]
+    def loss_fn(items):
+        rows = [rm_example(tok, d) for d in items]
         ids = _pad([r[0] for r in rows], tok.pad_token_id)
         attention = _pad([[1] * len(r[0]) for r in rows], 0)
         hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
         logits = model.score(hidden)[..., 0]  # (batch, seq): the head at every position
-        bce = torch.nn.functional.binary_cross_entropy_with_logits
         last = torch.stack([logits[b, r[1][-1][0]] for b, r in enumerate(rows)])
         final = bce(last, torch.tensor([r[1][-1][1] for r in rows]))
         steps = [(b, t, y) for b, r in enumerate(rows) for t, y in r[1][:-1]]
@@ -320,7 +364,7 @@ def train_rm(policy_dir: Path, tok, data: list[Labelled], cfg: WorldConfig):
         dense = bce(torch.stack([logits[b, t] for b, t, _ in steps]), torch.tensor([y for _, _, y in steps]))
         return final + 0.5 * dense
 
-    return _reward_loop(model, balanced(), cfg.rm_steps, cfg.reward_lr, loss_fn, "rm")
+    return _reward_loop(model, batches, cfg.rm_steps, cfg.reward_lr, loss_fn, "rm")
 
 
 def prm_scores(model, tok, question: str, solutions: list[str]) -> list[list[float]]:
@@ -440,26 +484,21 @@ def build_world(out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: 
     if policy_only:
         return report
 
-    # 4. labelled data: policy samples of train problems (every distinct one, its steps re-checked),
-    # plus each problem's reference solution and one corrupted copy of it (a realistic slip), so both
-    # reward models see right and wrong solutions that differ in one step
+    # 4. labelled data: policy samples of train problems (every distinct one, its steps re-checked);
+    # the training batches add fresh synthetic right/wrong pairs (see reward_batches)
     t0 = time.time()
     label_p = fit_p[:cfg.label_problems]
     samples = generate(model, tok, [p.question() for p in label_p], cfg.label_samples, seed=cfg.seed + 7)
     model = None  # the reward models start from the saved policy
     data = label_samples(label_p, samples)
-    n_policy = len(data)
-    rng = random.Random(cfg.seed + 3)
-    data += label_samples(label_p, [[p.solution(), arith.corrupt(p, rng)] for p in label_p])
-    report["labels"] = {"problems": len(label_p), "policy_samples": n_policy, "policy_right":
-                        sum(d.correct for d in data[:n_policy]), "synthetic": len(data) - n_policy,
-                        "steps": sum(len(d.steps) for d in data), "good_steps": sum(sum(d.steps) for d in data),
-                        "seconds": round(time.time() - t0)}
+    report["labels"] = {"problems": len(label_p), "policy_samples": len(data),
+                        "policy_right": sum(d.correct for d in data), "steps": sum(len(d.steps) for d in data),
+                        "good_steps": sum(sum(d.checks) for d in data), "seconds": round(time.time() - t0)}
     log(f"labelled samples: {report['labels']}")
 
     # 5. PRM
     t0 = time.time()
-    prm = train_prm(base_dir, tok, data, cfg)
+    prm = train_prm(base_dir, tok, data, fit_p, cfg)
     prm_dir = assets / "demo-prm"
     _replace_dir(prm_dir)
     prm.config.winnow_prm = PRM_HINT
@@ -469,7 +508,7 @@ def build_world(out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: 
 
     # 6. classifier RM
     t0 = time.time()
-    rm = train_rm(base_dir, tok, data, cfg)
+    rm = train_rm(base_dir, tok, data, fit_p, cfg)
     rm_dir = assets / "demo-rm"
     _replace_dir(rm_dir)
     rm.save_pretrained(str(rm_dir))

@@ -1,17 +1,19 @@
 """The demo task family: multi-step integer arithmetic with checkable steps.
 
 A problem is a left-to-right chain of 2-4 operations written as one expression, e.g.
-``Compute (17 + 25) * 3 - 8.``; its reference solution has one step per line and a final
-``\\boxed{}`` answer, so the ``math`` ORM and step-level PRMs apply unchanged::
+``Compute (17 + 25) * 2 - 8.`` (every intermediate value within 0..99); its reference solution has
+one step per line and a final ``\\boxed{}`` answer, so the ``math`` ORM and step-level PRMs apply
+unchanged::
 
     17 + 25 = 42
-    42 * 3 = 126
-    126 - 8 = 118
-    The answer is \\boxed{118}.
+    42 * 2 = 84
+    84 - 8 = 76
+    The answer is \\boxed{76}.
 
-:func:`step_labels` re-checks every line of a sampled solution against the problem (right operands,
+:func:`step_checks` re-checks every line of a sampled solution against the problem (right operands,
 right operator, right arithmetic, right carried result), which gives the step-level correctness
-labels the process reward model is trained on. Nothing here imports torch.
+labels the process reward model is trained on; :func:`step_labels` is their prefix AND. Nothing
+here imports torch.
 """
 
 from __future__ import annotations

@@ -3,19 +3,21 @@
     python -m winnow.demo.train --all                 # everything, into src/winnow/demo/{data,assets}
     python -m winnow.demo.train --all --quick --out /tmp/w   # a shortened run (what the tests do)
 
-Seeded and CPU-only; the full run takes minutes on 2 cores. The steps:
+Seeded and CPU-only (about 20 minutes on 2 shared cores; ``--threads 1`` is fastest when other
+processes share the cores). The steps:
 
 1. ``arith.make_splits`` -> ``data/arith_train.jsonl`` and ``data/arith_test.jsonl``.
-2. A digit-level BPE tokenizer with a ChatML template (``<step>`` is a special token).
-3. ``demo-policy``: a Qwen2-architecture causal LM trained from scratch on the reference
-   solutions (loss on the assistant tokens only), stopped early so that, sampled at temperature 1,
-   it is right often but not always: there is room for best-of-N to help.
-4. The policy samples train problems (through winnow's transformers engine); every sample's steps
-   are labelled by re-checking their arithmetic (``arith.step_labels``).
-5. ``demo-prm``: a Math-Shepherd-style PRM, a causal LM initialised from the policy and trained to
-   predict ``+``/``-`` at the ``<step>`` tag after each step.
-6. ``demo-rm``: a sequence classifier (one logit), initialised from the policy, trained with BCE
-   to score right solutions above wrong ones.
+2. A digit-level BPE tokenizer (Qwen2's pre-tokenizer) with a ChatML template; ``<step>`` is special.
+3. ``demo-policy``: a Qwen2-architecture causal LM trained from scratch on the reference solutions
+   (loss on the assistant tokens only); the shipped checkpoint is the first at which held-out
+   pass@1 at temperature 1 reaches the target, so there is room for best-of-N to help. The run
+   continues to its end; that stronger checkpoint (the verifier base, kept under ``$WINNOW_CACHE``,
+   not shipped) is what the reward models start from.
+4. The policy samples train problems; every sample's steps are re-checked (``arith.step_checks``).
+5. ``demo-prm``: a Math-Shepherd-style PRM, a causal LM (the verifier base deepened by identity
+   layers) trained to predict ``+``/``-`` at the ``<step>`` tag after each step.
+6. ``demo-rm``: a one-logit sequence classifier from the same deepened base, trained with BCE to
+   score right solutions above wrong ones.
 """
 
 from __future__ import annotations

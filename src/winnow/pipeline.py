@@ -149,17 +149,21 @@ class Progress:
             now = time.monotonic()
             if now - self._shown >= 0.2:  # formatting the fields per group costs more than the group
                 self._shown = now
-                dt = max(now - self.start, 1e-9)
-                postfix = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
-                if self.extra is not None:
-                    postfix.update(self.extra())
-                if self.failures:
-                    postfix["failed"] = self.failures
-                self.bar.set_postfix(postfix, refresh=False)
+                self._set_fields(now)
             self.bar.update(prompts)
+
+    def _set_fields(self, now: float) -> None:
+        dt = max(now - self.start, 1e-9)
+        postfix = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
+        if self.extra is not None:
+            postfix.update(self.extra())
+        if self.failures:
+            postfix["failed"] = self.failures
+        self.bar.set_postfix(postfix, refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
+            self._set_fields(time.monotonic())  # the last figures, not those of 0.2 s before the end
             self.bar.close()
 
 

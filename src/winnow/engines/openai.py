@@ -156,6 +156,61 @@ def _split(total: int, weights: list[int]) -> list[int]:
     return out
 
 
+class _DirectHTTP:
+    """Non-streaming chat requests over one aiohttp session, without the SDK's per-request machinery
+    (request options, retries wrapper, response parsing), which costs most of the client's CPU at
+    high concurrency. Failures are raised as the SDK's own exception types, so one error ladder
+    (:meth:`OpenAIEngine._attempt`) serves both paths."""
+
+    def __init__(self, openai: Any, client: Any, headers: dict | None, timeout: float, pool: int):
+        self.openai = openai
+        self.url = str(client.base_url).rstrip("/") + "/chat/completions"
+        self.headers = {"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json",
+                        "Accept": "application/json", **(headers or {})}
+        self.timeout = timeout
+        self.pool = pool
+        self._session = None
+        self._loop = None
+
+    def _session_for_loop(self):
+        import aiohttp
+
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._loop is not loop:  # an engine reused under a new event loop
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.pool),
+                timeout=aiohttp.ClientTimeout(total=self.timeout), headers=self.headers)
+            self._loop = loop
+        return self._session
+
+    async def post(self, body: dict) -> Any:
+        import aiohttp
+        import httpx
+
+        try:
+            async with self._session_for_loop().post(self.url, data=json.dumps(body)) as resp:
+                raw = await resp.read()
+                status, headers = resp.status, resp.headers
+        except asyncio.TimeoutError:
+            raise
+        except aiohttp.ClientError as e:
+            raise self.openai.APIConnectionError(message=f"{type(e).__name__}: {e}",
+                                                 request=httpx.Request("POST", self.url)) from None
+        if status >= 400:
+            try:
+                err_body = json.loads(raw)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                err_body = raw.decode("utf-8", errors="replace")[:500]
+            response = httpx.Response(status, headers=dict(headers), content=raw,
+                                      request=httpx.Request("POST", self.url))
+            raise self.openai.APIStatusError(f"Error code: {status}", response=response, body=err_body)
+        return json.loads(raw)
+
+    async def aclose(self) -> None:
+        if self._session is not None and not self._session.closed:
+            await self._session.close()
+
+
 class OpenAIEngine:
     """An OpenAI-compatible chat completions API (vLLM, SGLang, ``winnow serve``, a hosted API)."""
 
@@ -219,6 +274,10 @@ class OpenAIEngine:
             api_key=key, base_url=self.base_url, max_retries=0, timeout=self.request_timeout,
             default_headers=headers or None, http_client=self._make_http_client(),
         )
+        # plain (non-streaming) requests skip the SDK's per-request work when aiohttp is there
+        self._direct = (_DirectHTTP(openai, self.client, headers, self.request_timeout,
+                                    max(self.max_concurrency + 16, 100))
+                        if self.http_client_kind == "aiohttp" and not self.stream else None)
         self._slots: asyncio.Semaphore | None = None
         self._stop: asyncio.Event | None = None
         self._stopping = False
@@ -300,6 +359,8 @@ class OpenAIEngine:
             task.cancel()
 
     async def aclose(self) -> None:
+        if self._direct is not None:
+            await self._direct.aclose()
         await self.client.close()
 
     async def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
@@ -452,7 +513,10 @@ class OpenAIEngine:
     async def _call(self, body: dict) -> tuple[list[dict], dict]:
         """The HTTP exchange: (choices as {content, reasoning, finish_reason}, usage)."""
         if not self.stream:
-            data = await self.client.post("/chat/completions", body=body, cast_to=object)
+            if self._direct is not None:
+                data = await self._direct.post(body)
+            else:
+                data = await self.client.post("/chat/completions", body=body, cast_to=object)
             if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
                 raise json.JSONDecodeError("not a chat completion object", str(data)[:200], 0)
             choices = []

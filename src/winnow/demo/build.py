@@ -90,16 +90,30 @@ SIZES = {
 }
 
 
+def build_atomically(out_dir: str | os.PathLike, build) -> Path:
+    """Run ``build(tmp_dir)`` and move the result to ``out_dir`` in one rename, so a reader never
+    sees a half-written model (an interrupted build leaves the old one, or nothing)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        build(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
 def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "qwen2", size: str = "tiny", seed: int = 0,
                      vocab_size: int = 2048, tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """A random-weight causal LM with a trained tokenizer and chat template, saved atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
+    def build(tmp: Path) -> None:
         if tokenizer_dir:
             tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
             tok.save_pretrained(str(tmp))
@@ -112,13 +126,8 @@ def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "qwen2", size: s
         GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                          pad_token_id=cfg.pad_token_id, do_sample=True).save_pretrained(str(tmp))
         (tmp / "winnow_model.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed}))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+
+    return build_atomically(out_dir, build)
 
 
 # ----------------------------------------------------------------------------- the arithmetic demo world

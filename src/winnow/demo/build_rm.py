@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-from winnow.demo.build import SIZES, model_config
+from winnow.demo.build import SIZES, build_atomically, model_config
 
 PRM_TAGS = {"math_shepherd": "<step>", "qwen_prm": "<extra_0>", "token_classification": None}
 
@@ -29,21 +27,6 @@ def _tokenizer(tokenizer_dir, extra: list[str]):
     if missing:
         tok.add_tokens(missing, special_tokens=True)
     return tok
-
-
-def _atomic(out_dir, build) -> Path:
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
-    try:
-        build(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def build_tiny_classifier_rm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, arch: str = "qwen2",
@@ -59,7 +42,7 @@ def build_tiny_classifier_rm(out_dir: str | os.PathLike, tokenizer_dir: str | os
         cfg = model_config(arch, tok, **SIZES[size], num_labels=1)
         AutoModelForSequenceClassification.from_config(cfg).save_pretrained(str(tmp))
 
-    return _atomic(out_dir, build)
+    return build_atomically(out_dir, build)
 
 
 def build_tiny_prm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, style: str = "math_shepherd",
@@ -87,7 +70,7 @@ def build_tiny_prm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike,
         else:
             _save_qwen_prm(tmp, model_config("qwen2", tok, **SIZES[size], num_labels=2))
 
-    return _atomic(out_dir, build)
+    return build_atomically(out_dir, build)
 
 
 def _save_qwen_prm(tmp: Path, cfg) -> None:

@@ -129,3 +129,11 @@ def test_transient_failures_are_retried_on_resume_bad_rows_are_not(tmp_path):
     again.write_failed(2, "c", "d.jsonl:3", "APITimeoutError after 5 retries", stage="generate", retry=True)
     again.close()
     assert [e["id"] for e in _lines(tmp_path / "o.failed.jsonl")] == ["b", "c"]  # logged once, not twice
+
+
+def test_count_done_matches_probing_every_position(tmp_path):
+    from winnow.store import ResumeState
+
+    state = ResumeState(watermark=10, done={12, 15, 40}, redo={3, 15, 20})
+    for total in (0, 5, 11, 13, 16, 41, 100):
+        assert state.count_done(total) == sum(state.is_done(p) for p in range(total))

@@ -58,9 +58,7 @@ def _parse(cls, argv: list[str], prog: str, description: str):
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
         raise SystemExit(0)
-    # parse once with our one-line parser to report bad flags, then build the config
-    parser.parse_args(argv)
-    return parse_args(cls, argv, prog, description)
+    return parse_args(cls, argv, prog, description, parser=parser)  # bad flags: one line, exit 2
 
 
 def cmd_sample(argv: list[str]) -> int:

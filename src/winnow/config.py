@@ -328,9 +328,9 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
     return value
 
 
-def parse_args(cls, argv: list[str], prog: str, description: str):
+def parse_args(cls, argv: list[str], prog: str, description: str, parser: argparse.ArgumentParser | None = None):
     """Parse CLI flags (plus an optional ``--config`` YAML they override) into ``cls``."""
-    parser = build_parser(cls, prog, description)
+    parser = parser or build_parser(cls, prog, description)
     ns = vars(parser.parse_args(argv))
     values: dict[str, Any] = {}
     config_path = ns.pop("config", None)

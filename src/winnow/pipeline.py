@@ -223,7 +223,7 @@ class Run:
         self.cache = SampleCache(config.cache_files) if config.cache_files else None
         self._write_manifest("running")
         self._install_signals()
-        done_before = sum(1 for p in range(len(plan)) if store.is_done(p)) if store.resumed else 0
+        done_before = store.state.count_done(len(plan)) if store.resumed else 0
         self.summary.rows_skipped_resumed = done_before
         progress = Progress(len(plan), done_before, config.progress, getattr(engine, "progress_fields", None))
         self.progress = progress

@@ -46,6 +46,11 @@ class ResumeState:
     def is_done(self, position: int) -> bool:
         return (position < self.watermark or position in self.done) and position not in self.redo
 
+    def count_done(self, total: int) -> int:
+        """How many of positions ``0..total-1`` are done (without probing each one)."""
+        done = min(self.watermark, total) + sum(1 for p in self.done if self.watermark <= p < total)
+        return done - sum(1 for p in self.redo if p < total and (p < self.watermark or p in self.done))
+
 
 def _tail_lines(path: Path):
     """(line, end offset just past its newline) for the complete lines of ``path``, last first."""

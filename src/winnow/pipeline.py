@@ -24,7 +24,7 @@ from winnow.engines import Engine, check_aligned, get_engine
 from winnow.errors import DataError
 from winnow.schema import FINISH_ERROR, BadRow, Group, Prompt, SamplingParams
 from winnow.select import SelectOptions, select, with_reference
-from winnow.store import OutputStore
+from winnow.store import OutputStore, check_writable
 
 # options that decide which rows a position holds and what is written for it; a resumed run must
 # match them
@@ -195,6 +195,8 @@ class Run:
         )
         if config.strict:
             validate_rows(plan)
+        check_writable(config.output_dir, config.output_file, resume=config.resume,
+                       override=config.override_exist_file)  # before loading any model
         engine = self.given_engine or build_engine(config)
         if engine is None and not config.cache_files:
             raise DataError("--sampler_engine no needs --cache_files: the stage-1 outputs to score")

@@ -77,6 +77,18 @@ def _tail_lines(path: Path):
             yield carry.decode("utf-8", errors="replace"), len(carry) + 1
 
 
+def check_writable(output_dir: str | os.PathLike, output_file: str | None, *, resume: bool, override: bool) -> None:
+    """Refuse an existing output that is neither resumed nor overridden (cheap: a run checks this
+    before it loads any model)."""
+    if output_file is None or resume or override:
+        return
+    path = Path(output_dir) / output_file
+    if path.exists() and path.stat().st_size > 0:
+        raise OutputExistsError(
+            f"{path} already exists; add --resume true to continue it or --override_exist_file true to replace it"
+        )
+
+
 class OutputStore:
     """One output file and its side files, opened for a fresh run or for resuming one."""
 
@@ -126,10 +138,7 @@ class OutputStore:
             self.state = self._recover()
             self.resumed = True
         elif exists and not override:
-            raise OutputExistsError(
-                f"{self.path} already exists; add --resume true to continue it or --override_exist_file true "
-                "to replace it"
-            )
+            check_writable(self.dir, self.path.name, resume=resume, override=override)
         else:
             for p in (self.path, self.failed_path, self.index_path):
                 if p.exists():

@@ -90,8 +90,53 @@ def test_shortened_reproduction_runs(tmp_path):
     assert json.loads((tmp_path / "assets" / "demo-prm" / "config.json").read_text())["winnow_prm"] == train.PRM_HINT
 
 
-def test_corrupted_solutions_have_exactly_one_first_slip():
+def test_noisy_solutions_carry_the_written_values_and_are_labelled_step_by_step():
     rng = random.Random(0)
-    for p in arith.generate(200, seed=5):
-        labels = arith.step_labels(p, arith.corrupt(p, rng))
-        assert False in labels and labels == sorted(labels, reverse=True)
+    wrong_steps = total = 0
+    for p in arith.generate(300, seed=5):
+        s = arith.noisy_solution(p, rng)
+        checks = arith.step_checks(p, s)
+        assert len(checks) == len(p.ops) + 1
+        wrong_steps += checks.count(False)
+        total += len(checks)
+        lines = arith.split_steps(arith.noisy_solution(p, rng, p_miscopy=0.0))
+        for before, after in zip(lines, lines[1:-1], strict=False):  # each step starts from the value written before
+            assert after.split(" ")[0] == before.split(" = ")[1]
+    assert 0.4 < wrong_steps / total < 0.7
+
+
+def test_near_misses_are_wrong_and_close():
+    rng = random.Random(1)
+    for value in list(range(100)) * 5:
+        miss = arith.near_miss(value, rng)
+        assert miss != value and miss >= 0 and abs(miss - value) <= max(20, 9 * value)
+
+
+def test_char_checks_mark_where_a_step_goes_wrong():
+    p = arith.parse_question("Compute 25 - 17 + 5.")
+    s = "25 - 17 = 9\n9 + 6 = 15\nThe answer is \\boxed{15}."
+    marks = "".join(f"{s[i]}{'' if ok else '!'}" for i, ok in arith.char_checks(p, s))
+    # 25 - 17 is 8, not 9; the next step starts right from the 9 written but adds 6, not 5 (its sum
+    # of what it wrote is right); the answer boxes the last result
+    assert marks == "25-179!9+6!1515"
+    assert arith.char_checks(p, p.solution()) and all(ok for _, ok in arith.char_checks(p, p.solution()))
+
+
+def test_verifier_examples_put_targets_on_the_right_tokens():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(demo.ASSETS / "demo-prm"))
+    p = arith.parse_question("Compute 25 - 17 + 5.")
+    item = train._labelled(p, "25 - 17 = 9\n9 + 5 = 14\nThe answer is \\boxed{14}.")
+    prm = train.verifier_example(tok, p, p.question(), item, tagged=True)
+    names = tok.convert_ids_to_tokens(prm.ids)
+    assert [names[t] for t, _ in prm.steps] == [train.STEP_TAG] * 3
+    assert [ok for _, ok in prm.steps] == [False, True, True]
+    assert [(names[t].lstrip("\u0120"), ok) for t, ok in prm.dense if not ok] == [("9", False)]
+    rm = train.verifier_example(tok, p, p.question(), item, tagged=False)
+    names = tok.convert_ids_to_tokens(rm.ids)
+    assert [(names[t], ok) for t, ok in rm.steps] == [("\u010a", False), ("\u010a", False)]
+    assert rm.outcome is False and len(rm.dense) == len(prm.dense)
+    bare = train.verifier_example(tok, arith.Problem(42, (arith.Op("*", 2),)), None,
+                                  train._labelled(arith.Problem(42, (arith.Op("*", 2),)), "42 * 2 = 84"), tagged=True)
+    assert tok.decode(bare.ids) == "42 * 2 = 84 <step>" and bare.steps == [(len(bare.ids) - 1, True)]

@@ -29,6 +29,7 @@ OPS = "+-*"
 MAX_VALUE = 99
 _STEP = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*\.?\s*$")
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+_BOXED_SPAN = re.compile(r"\\boxed\{\s*(-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -217,39 +218,88 @@ def step_labels(problem: Problem, solution: str) -> list[bool]:
     return out
 
 
-def corrupt(problem: Problem, rng: random.Random) -> str:
-    """A solution with one realistic slip (a wrong digit in a result, a miscopied operand, a wrong
-    operator or a wrong boxed answer); later steps go on correctly from the wrong value, as a
-    model's would. Extra negatives for the reward models, labelled by :func:`step_labels`."""
-    k = rng.randrange(len(problem.ops) + 1)
+def near_miss(value: int, rng: random.Random) -> int:
+    """A wrong value of the kind the demo policy writes: mostly a carry slip (off by 10), else off
+    by 1 or 2, one digit changed, off by a little more, or its digits swapped (never negative)."""
+    value = abs(value)
+    for _ in range(20):
+        k = rng.random()
+        if k < 0.35:
+            out = value + rng.choice((-10, 10))
+        elif k < 0.65:
+            out = value + rng.choice((-2, -1, 1, 2))
+        elif k < 0.8:
+            digits = list(str(value))
+            i = rng.randrange(len(digits))
+            digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
+            out = int("".join(digits))
+        elif k < 0.95:
+            out = value + rng.choice((-1, 1)) * rng.randint(3, 20)
+        else:
+            out = int(str(value)[::-1])
+        if out != value and out >= 0:
+            return out
+    return value + 1
+
+
+def noisy_solution(problem: Problem, rng: random.Random, p_wrong: float = 0.5, p_miscopy: float = 0.1) -> str:
+    """A solution whose every written result is, independently, right or a near miss (``p_wrong``),
+    with now and then a miscopied operand or operator; later steps go on from the value written, as
+    a model's would. Right and wrong results then come with the same operands equally often, so a
+    verifier trained on them cannot score a step by how hard its numbers look: it has to check it."""
     steps, acc = [], problem.start
-    kind = rng.choice(("result", "result", "operand", "operator")) if k < len(problem.ops) else "answer"
-    for i, op in enumerate(problem.ops):
-        left, new = acc, apply(acc, op)
-        sign = op.sign
-        if i == k and kind == "operand":
-            left = _slip(acc, rng)
-            new = apply(left, op)
-        elif i == k and kind == "operator":
+    for op in problem.ops:
+        left, sign, value = acc, op.sign, op.value
+        r = rng.random()
+        if r < p_miscopy / 3:
+            left = near_miss(acc, rng)
+        elif r < 2 * p_miscopy / 3:
+            value = near_miss(value, rng)
+        elif r < p_miscopy:
             sign = rng.choice([s for s in OPS if s != op.sign])
-            new = apply(acc, Op(sign, op.value))
-        elif i == k:
-            new = _slip(new, rng)
-        steps.append(f"{left} {sign} {op.value} = {new}")
+        new = apply(left, Op(sign, value))
+        if rng.random() < p_wrong:
+            new = near_miss(new, rng)
+        steps.append(f"{left} {sign} {value} = {new}")
         acc = new
-    if kind == "answer":
-        acc = _slip(acc, rng)
-    steps.append(f"The answer is \\boxed{{{acc}}}.")
+    answer = acc if rng.random() >= p_wrong else near_miss(acc, rng)
+    steps.append(f"The answer is \\boxed{{{answer}}}.")
     return STEP_SEPARATOR.join(steps)
 
 
-def _slip(value: int, rng: random.Random) -> int:
-    """A nearby wrong value: one digit changed, or off by 1 or 10."""
-    if rng.random() < 0.5:
-        digits = list(str(value))
-        i = rng.randrange(len(digits))
-        digits[i] = rng.choice([d for d in "0123456789" if d != digits[i]])
-        out = int("".join(digits))
-    else:
-        out = value + rng.choice((-10, -1, 1, 10))
-    return out if out != value and out >= 0 else value + 1
+def char_checks(problem: Problem, solution: str) -> list[tuple[int, bool]]:
+    """Dense labels: for each character of a number or operator a step writes, its offset in
+    ``solution`` and whether the step is still right up to and including it (each step judged given
+    the steps before it, like :func:`step_checks`): the left operand against the result the step
+    before wrote, the operator and right operand against the problem, the result's digits against
+    the arithmetic of the operands written, the boxed answer against the last result.
+
+    A verifier checks a step token by token; labels at those tokens teach it where to look, which a
+    label at the end of the step alone does not (a tiny model trained on those alone learns only
+    how hard the step's numbers look)."""
+    out: list[tuple[int, bool]] = []
+    acc, k, pos = problem.start, 0, 0
+    for step in split_steps(solution):
+        at = solution.index(step, pos)
+        pos = at + len(step)
+        m = _STEP.match(step)
+        if m and k < len(problem.ops):
+            expected = problem.ops[k]
+            left, sign, right, result = m[1], m[2], m[3], m[4]
+            truth = str(apply(int(left), Op(sign, int(right))))
+            ok = True
+            for group, want in ((1, str(acc)), (2, expected.sign), (3, str(expected.value)), (4, truth)):
+                text = m[group]
+                ok_group = ok if group != 4 else True  # the result is checked against the operands written
+                for j in range(len(text)):
+                    out.append((at + m.start(group) + j, ok_group and text[:j + 1] == want[:j + 1]))
+                ok = ok and text == want
+            acc, k = int(result), k + 1
+        else:
+            boxed = list(_BOXED_SPAN.finditer(step))
+            if boxed:
+                text, start = boxed[-1][1], at + boxed[-1].start(1)
+                for j in range(len(text)):
+                    out.append((start + j, k == len(problem.ops) and text[:j + 1] == str(acc)[:j + 1]))
+            k = len(problem.ops) + 1
+    return out

@@ -60,17 +60,19 @@ class WorldConfig:
     eval_problems: int = 100
     label_problems: int = 1000
     label_samples: int = 8
+    line_steps: int = 2000
+    line_batch: int = 256
     prm_steps: int = 600
     rm_steps: int = 600
-    verifier_extra_layers: int = 3
-    reward_batch: int = 32
+    verifier_extra_layers: int = 2
+    reward_batch: int = 64
     reward_lr: float = 1e-3
 
     @classmethod
     def quick(cls) -> WorldConfig:
         return cls(n_train=400, n_test=50, policy_steps=6, policy_batch=8, eval_every=2, eval_problems=8,
-                   target_pass1=(0.0, 1.0), label_problems=6, label_samples=2, prm_steps=3, rm_steps=3,
-                   reward_batch=4)
+                   target_pass1=(0.0, 1.0), label_problems=6, label_samples=2, line_steps=3, line_batch=8, prm_steps=3,
+                   rm_steps=3, reward_batch=4)
 
 
 def log(msg: str) -> None:
@@ -216,56 +218,109 @@ def label_samples(problems: list[arith.Problem], samples: list[list[str]]) -> li
     return out
 
 
-def prm_example(tok, item: Labelled) -> tuple[list[int], list[int]] | None:
-    """The PRM input (chat template over the tagged solution) and, at each tag, the target token id
-    (``+`` when the step is right given the steps before it; with ``min`` aggregation a solution
-    scores high only if every step is right); None when the tags cannot be matched to the steps."""
-    ids = tok(chat_text(tok, item.question, tag_steps(item.solution)), add_special_tokens=False)["input_ids"]
-    tag, good, bad = (tok.convert_tokens_to_ids(t) for t in (STEP_TAG, GOOD, BAD))
-    if ids.count(tag) != len(item.steps):
-        return None  # the sample spells out a special token itself (an untrained policy can)
-    labels = iter(item.checks)
-    targets = [(good if next(labels) else bad) if t == tag else -100 for t in ids]
-    return ids, targets
+@dataclass
+class VerifierExample:
+    """One verifier input: token ids, the dense per-token labels (``arith.char_checks``, read by
+    the training-only auxiliary head), the step labels read by the model's own head, and the
+    outcome label at the last token (classifier only)."""
+
+    ids: list[int]
+    dense: list[tuple[int, bool]]
+    steps: list[tuple[int, bool]]
+    outcome: bool | None = None
 
 
-def _reward_loop(model, batches, steps: int, lr: float, loss_fn, name: str):
-    import torch
-
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = lr * _schedule(step, steps, 20)
-        loss = loss_fn(next(batches))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 25 == 0:
-            log(f"{name} step {step} loss {loss.item():.4f}")
-    model.eval()
-    return model
+def _token_index(offsets) -> dict[int, int]:
+    """Character offset -> index of the token that covers it."""
+    out: dict[int, int] = {}
+    for t, (a, b) in enumerate(offsets):
+        for c in range(a, b):
+            out.setdefault(c, t)
+    return out
 
 
-def reward_batches(data: list[Labelled], problems: list[arith.Problem], size: int, rng: random.Random,
-                   balance: bool = False):
-    """Endless batches: half labelled policy samples (balanced right/wrong when ``balance``), half
-    fresh synthetic pairs: a problem's reference solution or a copy with one slip, so that right and
-    wrong solutions differing in one step are seen all the time (what teaches a verifier to read the
-    result it checks instead of guessing from the problem)."""
+def _in_text(text: str, part: str, start: int) -> list[int]:
+    """The offset in ``text`` of each character of ``part`` (a subsequence of ``text`` from
+    ``start``: the tagged solution adds tags between the plain solution's characters)."""
+    out, i = [], start
+    for ch in part:
+        i = text.index(ch, i)
+        out.append(i)
+        i += 1
+    return out
+
+
+def verifier_example(tok, problem: arith.Problem, question: str | None, item: Labelled, *,
+                     tagged: bool) -> VerifierExample | None:
+    """The PRM input (``tagged``: the chat over the solution with ``<step>`` after each step; the
+    targets at the tags are each step's own check) or the classifier's (the plain chat; targets:
+    at the end of each step whether every step so far is right, and the outcome at the last token).
+    ``question`` None: the bare tagged solution, with no chat around it (the line phase). None when
+    the tags cannot be matched to the steps (a sample that spells out the tag itself)."""
+    solution = tag_steps(item.solution) if tagged else item.solution
+    text = solution if question is None else chat_text(tok, question, solution)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, where = enc["input_ids"], _token_index(enc["offset_mapping"])
+    start = text.rfind(solution)
+    chars = _in_text(text, item.solution, start)
+    dense = [(where[chars[c]], ok) for c, ok in arith.char_checks(problem, item.solution)]
+    if tagged:
+        tag = tok.convert_tokens_to_ids(STEP_TAG)
+        tags = [t for t, v in enumerate(ids) if v == tag]
+        if len(tags) != len(item.checks):
+            return None
+        return VerifierExample(ids, dense, list(zip(tags, item.checks, strict=True)))
+    # the end of every step but the last (the outcome covers that one): the newline after it
+    ends = [where[chars[i]] for i, ch in enumerate(item.solution) if ch == arith.STEP_SEPARATOR]
+    return VerifierExample(ids, dense, list(zip(ends, item.steps, strict=False)), item.correct)
+
+
+def line_batches(problems: list[arith.Problem], data: list[Labelled], size: int, rng: random.Random):
+    """Endless batches for the line phase: single tagged steps ``a op b = c <step>``, half taken from
+    policy samples (right and wrong equally), half made up from train problems (the result right or
+    a near miss, equally): checking one step's arithmetic is the skill the reward models share."""
+    pools: tuple[list, list] = ([], [])
+    for d in data:
+        for step, ok in zip(arith.split_steps(d.solution), d.checks, strict=True):
+            m = arith._STEP.match(step)
+            if m:
+                pools[ok].append((arith.Problem(int(m[1]), (arith.Op(m[2], int(m[3])),)), step.strip()))
+    while True:
+        batch = []
+        for i in range(size):
+            if i % 2 and all(pools):
+                batch.append(rng.choice(pools[i % 4 == 1]))
+                continue
+            p = rng.choice(problems)
+            k = rng.randrange(len(p.ops))
+            one = arith.Problem(([p.start] + p.results())[k], (p.ops[k],))
+            truth = one.answer
+            result = truth if rng.random() < 0.5 else arith.near_miss(truth, rng)
+            batch.append((one, f"{one.start} {p.ops[k].sign} {p.ops[k].value} = {result}"))
+        yield [(p, None, _labelled(p, line)) for p, line in batch]
+
+
+def _labelled(p: arith.Problem, solution: str) -> Labelled:
+    checks = arith.step_checks(p, solution)
+    return Labelled(p.question(), solution, arith.step_labels(p, solution), checks, arith.is_correct(p, solution))
+
+
+def reward_batches(data: list[Labelled], problems: list[arith.Problem], size: int, rng: random.Random):
+    """Endless batches of whole solutions: half policy samples (right and wrong equally), half
+    made-up ones: a reference solution or, mostly, a noisy one (``arith.noisy_solution``)."""
     right = [d for d in data if d.correct]
     wrong = [d for d in data if not d.correct]
     while True:
         half = size // 2
-        if balance and right and wrong:
+        if right and wrong:
             batch = rng.sample(right, min(half // 2, len(right))) + rng.sample(wrong, min(half - half // 2, len(wrong)))
         else:
             batch = rng.sample(data, min(half, len(data)))
-        for _ in range(size - len(batch)):
+        batch = [(arith.parse_question(d.question), d.question, d) for d in batch]
+        while len(batch) < size:
             p = rng.choice(problems)
-            s = p.solution() if rng.random() < 0.5 else arith.corrupt(p, rng)
-            batch += label_samples([p], [[s]])
+            s = p.solution() if rng.random() < 0.3 else arith.noisy_solution(p, rng)
+            batch.append((p, p.question(), _labelled(p, s)))
         yield batch
 
 
@@ -299,74 +354,115 @@ def deepened(auto_cls, base_dir: Path, extra_layers: int, **config_overrides):
     return model
 
 
-def train_prm(base_dir: Path, tok, data: list[Labelled], problems: list[arith.Problem], cfg: WorldConfig):
-    """Math-Shepherd objective: at each ``<step>`` tag, cross-entropy over the two tokens ``+``/``-``."""
+class Verifier:
+    """A reward model in training: the model, how its own head scores every position (PRM: the
+    ``+``/``-`` logit difference; classifier: the ``score`` logit), and a training-only linear head
+    for the dense labels (not saved: the shipped model is a plain PRM or classifier)."""
+
+    def __init__(self, model, tok):
+        import torch
+
+        self.model, self.tok = model, tok
+        self.aux = torch.nn.Linear(model.config.hidden_size, 1)
+        self.pair = [tok.convert_tokens_to_ids(GOOD), tok.convert_tokens_to_ids(BAD)]
+
+    def parameters(self):
+        return list(self.model.parameters()) + list(self.aux.parameters())
+
+    def forward(self, ids, attention):
+        if hasattr(self.model, "lm_head"):
+            out = self.model(input_ids=ids, attention_mask=attention, output_hidden_states=True)
+            return out.logits[..., self.pair[0]] - out.logits[..., self.pair[1]], out.hidden_states[-1]
+        hidden = self.model.model(input_ids=ids, attention_mask=attention).last_hidden_state
+        return self.model.score(hidden)[..., 0], hidden
+
+    def loss(self, examples: list[VerifierExample], dense_weight: float):
+        """BCE on the steps and outcome through the model's head, plus the dense labels through the
+        auxiliary head; also the accuracy on the step labels (for the log)."""
+        import torch
+
+        bce = torch.nn.functional.binary_cross_entropy_with_logits
+        ids = _pad([e.ids for e in examples], self.tok.pad_token_id)
+        scores, hidden = self.forward(ids, _pad([[1] * len(e.ids) for e in examples], 0))
+
+        def at(pairs, values):
+            rows = torch.tensor([b for b, t, _ in pairs])
+            cols = torch.tensor([t for _, t, _ in pairs])
+            return values[rows, cols], torch.tensor([float(y) for *_, y in pairs])
+
+        steps = [(b, t, y) for b, e in enumerate(examples) for t, y in e.steps]
+        z, y = at(steps, scores)
+        loss = bce(z, y)
+        accuracy = ((z > 0) == (y > 0.5)).float().mean().item()
+        outcome = [(b, len(e.ids) - 1, e.outcome) for b, e in enumerate(examples) if e.outcome is not None]
+        if outcome:
+            z, y = at(outcome, scores)
+            loss = loss + bce(z, y)
+            accuracy = ((z > 0) == (y > 0.5)).float().mean().item()
+        dense = [(b, t, y) for b, e in enumerate(examples) for t, y in e.dense]
+        if dense:
+            h, y = at(dense, hidden)
+            loss = loss + dense_weight * bce(self.aux(h)[:, 0], y)
+        return loss, accuracy
+
+
+def train_verifier(verifier: Verifier, batches, steps: int, lr: float, name: str, *, tagged: bool,
+                   dense_weight: float = 1.0) -> Verifier:
+    """AdamW with warm-up and cosine decay; logs the loss and the accuracy of the head's verdicts."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = deepened(AutoModelForCausalLM, base_dir, cfg.verifier_extra_layers)
-    pair = torch.tensor([tok.convert_tokens_to_ids(GOOD), tok.convert_tokens_to_ids(BAD)])
-    batches = reward_batches(data, problems, cfg.reward_batch, random.Random(cfg.seed + 1))
-
-    def loss_fn(items):
-        examples = [e for e in (prm_example(tok, d) for d in items) if e is not None]
-        ids = _pad([e[0] for e in examples], tok.pad_token_id)
-        attention = _pad([[1] * len(e[0]) for e in examples], 0)
-        targets = _pad([e[1] for e in examples], -100)
-        logits = model(input_ids=ids, attention_mask=attention).logits
-        at = targets != -100
-        two = logits[at][:, pair]  # (tags, 2): [good, bad]
-        return torch.nn.functional.cross_entropy(two, (targets[at] != pair[0]).long())
-
-    return _reward_loop(model, batches, cfg.prm_steps, cfg.reward_lr, loss_fn, "prm")
-
-
-def rm_example(tok, item: Labelled) -> tuple[list[int], list[tuple[int, float]]]:
-    """The RM input (the plain chat) and its targets: at the last token the outcome, and at the end
-    of each step whether every step so far is right (dense supervision for the same head)."""
-    text = chat_text(tok, item.question, item.solution)
-    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    start = text.rfind(item.solution)
-    targets: list[tuple[int, float]] = []
-    pos = start
-    for step, label in zip(arith.split_steps(item.solution), item.steps, strict=True):
-        at = item.solution.find(step, pos - start) + start
-        end = at + len(step.rstrip()) - 1
-        pos = end + 1
-        idx = next((t for t, (a, b) in enumerate(offsets) if a <= end < b), None)
-        if idx is not None:
-            targets.append((idx, float(label)))
-    targets.append((len(ids) - 1, float(item.correct)))
-    return ids, targets
+    params = verifier.parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    verifier.model.train()
+    seen, correct = 0, 0.0
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = lr * _schedule(step, steps, 50)
+        examples = [e for e in (verifier_example(verifier.tok, p, q, d, tagged=tagged) for p, q, d in next(batches))
+                    if e is not None and e.steps]
+        loss, accuracy = verifier.loss(examples, dense_weight)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        seen, correct = seen + 1, correct + accuracy
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            log(f"{name} step {step + 1}: loss {loss.item():.4f}, verdicts right {correct / seen:.3f}")
+            seen, correct = 0, 0.0
+    verifier.model.eval()
+    return verifier
 
 
-def train_rm(base_dir: Path, tok, data: list[Labelled], problems: list[arith.Problem], cfg: WorldConfig):
-    """A one-logit sequence classifier over the chat, BCE against the outcome at the last token (what
-    it is read at) and against the prefix labels at each step's end; policy samples balanced by outcome."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
+def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: list[arith.Problem],
+                        cfg: WorldConfig):
+    """The line phase, then the PRM and the classifier from it (returns both models).
 
-    model = deepened(AutoModelForSequenceClassification, base_dir, cfg.verifier_extra_layers, num_labels=1)
-    model.config.pad_token_id = tok.pad_token_id
-    batches = reward_batches(data, problems, cfg.reward_batch, random.Random(cfg.seed + 2), balance=True)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits
+    1. Lines: the verifier base deepened by identity layers learns to check one step ``a op b = c``
+       (its own head at the tag, the dense labels on the digits), cheap because a line is short.
+    2. PRM: that model on whole tagged chats (policy samples and made-up solutions).
+    3. Classifier: the same trunk with a fresh ``score`` head on whole plain chats.
+    """
+    import copy
 
-    def loss_fn(items):
-        rows = [rm_example(tok, d) for d in items]
-        ids = _pad([r[0] for r in rows], tok.pad_token_id)
-        attention = _pad([[1] * len(r[0]) for r in rows], 0)
-        hidden = model.model(input_ids=ids, attention_mask=attention).last_hidden_state
-        logits = model.score(hidden)[..., 0]  # (batch, seq): the head at every position
-        last = torch.stack([logits[b, r[1][-1][0]] for b, r in enumerate(rows)])
-        final = bce(last, torch.tensor([r[1][-1][1] for r in rows]))
-        steps = [(b, t, y) for b, r in enumerate(rows) for t, y in r[1][:-1]]
-        if not steps:
-            return final
-        dense = bce(torch.stack([logits[b, t] for b, t, _ in steps]), torch.tensor([y for _, _, y in steps]))
-        return final + 0.5 * dense
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    return _reward_loop(model, batches, cfg.rm_steps, cfg.reward_lr, loss_fn, "rm")
+    rng = random.Random(cfg.seed + 1)
+    lines = Verifier(deepened(AutoModelForCausalLM, base_dir, cfg.verifier_extra_layers), tok)
+    train_verifier(lines, line_batches(problems, data, cfg.line_batch, rng), cfg.line_steps, cfg.reward_lr,
+                   "lines", tagged=True)
+    prm = Verifier(copy.deepcopy(lines.model), tok)
+    prm.aux = copy.deepcopy(lines.aux)
+    train_verifier(prm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.prm_steps, cfg.reward_lr,
+                   "prm", tagged=True)
+    config = copy.deepcopy(lines.model.config)
+    config.num_labels = 1
+    config.pad_token_id = tok.pad_token_id
+    rm = Verifier(AutoModelForSequenceClassification.from_config(config), tok)
+    rm.model.model.load_state_dict(lines.model.model.state_dict())
+    rm.aux = lines.aux
+    train_verifier(rm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.rm_steps, cfg.reward_lr,
+                   "rm", tagged=False)
+    return prm.model, rm.model
 
 
 def prm_scores(model, tok, question: str, solutions: list[str]) -> list[list[float]]:
@@ -498,24 +594,18 @@ def build_world(out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: 
                         "good_steps": sum(sum(d.checks) for d in data), "seconds": round(time.time() - t0)}
     log(f"labelled samples: {report['labels']}")
 
-    # 5. PRM
+    # 5. reward models: the line phase, then the PRM and the classifier from it
     t0 = time.time()
-    prm = train_prm(base_dir, tok, data, fit_p, cfg)
-    prm_dir = assets / "demo-prm"
+    prm, rm = train_reward_models(base_dir, tok, data, fit_p, cfg)
+    prm_dir, rm_dir = assets / "demo-prm", assets / "demo-rm"
     _replace_dir(prm_dir)
     prm.config.winnow_prm = PRM_HINT
     prm.save_pretrained(str(prm_dir))
     _save_tokenizer_and_generation(tok, prm, prm_dir)
-    report["prm"] = {"seconds": round(time.time() - t0)}
-
-    # 6. classifier RM
-    t0 = time.time()
-    rm = train_rm(base_dir, tok, data, fit_p, cfg)
-    rm_dir = assets / "demo-rm"
     _replace_dir(rm_dir)
     rm.save_pretrained(str(rm_dir))
     tok.save_pretrained(str(rm_dir))
-    report["rm"] = {"seconds": round(time.time() - t0)}
+    report["reward_models"] = {"seconds": round(time.time() - t0)}
 
     # 7. a check on held-out problems: does selection by each model beat one sample?
     policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))

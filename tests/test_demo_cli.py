@@ -4,6 +4,7 @@ and RM by name, the report computed from its raw output, and ``winnow serve`` of
 from __future__ import annotations
 
 import signal
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -32,27 +33,49 @@ def test_sample_with_demo_names_and_report(tmp_path):
     assert "pass@4 (oracle)" in report.table(m, 4)
 
 
-def test_serve_demo_policy_and_prm(tmp_path):
-    policy = Server(tmp_path / "policy.log", "--model", "demo-policy", "--max_wait_ms", "20")
+QUESTION = {"role": "user", "content": "Compute 12 + 30 - 5."}
+GOOD = [QUESTION, {"role": "assistant", "content": "12 + 30 = 42\n42 - 5 = 37\nThe answer is \\boxed{37}."}]
+BAD = [QUESTION, {"role": "assistant", "content": "12 + 30 = 52\n52 - 5 = 47\nThe answer is \\boxed{47}."}]
+
+
+@contextmanager
+def served(tmp_path, name: str):
+    """``winnow serve --model name`` for the duration; it must exit cleanly on SIGTERM."""
+    server = Server(tmp_path / f"{name}.log", "--model", name, "--max_wait_ms", "20")
     try:
+        yield server
+    finally:
+        assert server.stop(signal.SIGTERM) == 0
+
+
+def rewards_of_good_and_bad(server, kind: str) -> list[dict]:
+    """``/v1/rewards`` for the right and the wrong solution of the same problem."""
+    assert server.health()["kind"] == kind
+    resp = httpx.post(f"{server.url}/v1/rewards", json={"messages": [GOOD, BAD]}, timeout=60)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["data"]
+
+
+def test_serve_demo_policy_and_prm(tmp_path):
+    with served(tmp_path, "demo-policy") as policy:
         resp = httpx.post(f"{policy.url}/v1/chat/completions", timeout=60, json={
-            "model": policy.health()["model"], "messages": [{"role": "user", "content": "Compute 12 + 30 - 5."}],
-            "max_tokens": 48, "temperature": 0})
+            "model": policy.health()["model"], "messages": [QUESTION], "max_tokens": 48, "temperature": 0})
         assert resp.status_code == 200, resp.text
         assert "\\boxed{" in resp.json()["choices"][0]["message"]["content"]
-    finally:
-        assert policy.stop(signal.SIGTERM) == 0
-    prm = Server(tmp_path / "prm.log", "--model", "demo-prm", "--max_wait_ms", "20")
-    try:
-        health = prm.health()
-        assert health["kind"] == "prm"
-        question = {"role": "user", "content": "Compute 12 + 30 - 5."}
-        good = [question, {"role": "assistant", "content": "12 + 30 = 42\n42 - 5 = 37\nThe answer is \\boxed{37}."}]
-        bad = [question, {"role": "assistant", "content": "12 + 30 = 52\n52 - 5 = 47\nThe answer is \\boxed{47}."}]
-        resp = httpx.post(f"{prm.url}/v1/rewards", json={"messages": [good, bad]}, timeout=60)
-        assert resp.status_code == 200, resp.text
-        data = resp.json()["data"]
+    with served(tmp_path, "demo-prm") as prm:
+        data = rewards_of_good_and_bad(prm, "prm")
         assert [len(d["step_scores"]) for d in data] == [3, 3]
         assert all(0 <= v <= 1 for d in data for v in [d["score"], *d["step_scores"]])
-    finally:
-        assert prm.stop(signal.SIGTERM) == 0
+        # the trained PRM reads the arithmetic: 12 + 30 = 52 is the wrong step
+        assert data[1]["step_scores"][0] < 0.5 < data[0]["step_scores"][0]
+        assert data[0]["score"] > data[1]["score"]
+
+
+def test_serve_demo_rm(tmp_path):
+    with served(tmp_path, "demo-rm") as rm:
+        good, bad = (d["score"] for d in rewards_of_good_and_bad(rm, "classifier"))
+        assert good > bad
+        chat = httpx.post(f"{rm.url}/v1/chat/completions", json={"model": rm.health()["model"], "messages": GOOD},
+                          timeout=60)
+        assert chat.status_code == 200, chat.text
+        assert float(chat.json()["choices"][0]["message"]["content"]) == pytest.approx(good, abs=1e-4)

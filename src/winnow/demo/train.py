@@ -3,7 +3,7 @@
     python -m winnow.demo.train --all                 # everything, into src/winnow/demo/{data,assets}
     python -m winnow.demo.train --all --quick --out /tmp/w   # a shortened run (what the tests do)
 
-Seeded and CPU-only (about 20 minutes on 2 shared cores; ``--threads 1`` is fastest when other
+Seeded and CPU-only (about 40 minutes on 2 shared cores; ``--threads 1`` is fastest when other
 processes share the cores). The steps:
 
 1. ``arith.make_splits`` -> ``data/arith_train.jsonl`` and ``data/arith_test.jsonl``.
@@ -14,10 +14,15 @@ processes share the cores). The steps:
    continues to its end; that stronger checkpoint (the verifier base, kept under ``$WINNOW_CACHE``,
    not shipped) is what the reward models start from.
 4. The policy samples train problems; every sample's steps are re-checked (``arith.step_checks``).
-5. ``demo-prm``: a Math-Shepherd-style PRM, a causal LM (the verifier base deepened by identity
-   layers) trained to predict ``+``/``-`` at the ``<step>`` tag after each step.
-6. ``demo-rm``: a one-logit sequence classifier from the same deepened base, trained with BCE to
-   score right solutions above wrong ones.
+5. Line phase: the verifier base, deepened by identity layers, learns to check one step
+   ``a op b = c <step>`` (``+``/``-`` at the tag, and dense per-character labels from
+   ``arith.char_checks`` through a training-only head): single lines are short, so a batch holds
+   hundreds of checked steps. On whole solutions alone a model this small only learns how hard a
+   step's numbers look.
+6. ``demo-prm``: a Math-Shepherd-style PRM, that model trained further on whole tagged chats
+   (policy samples and made-up solutions whose every result is right or a near miss).
+7. ``demo-rm``: a one-logit sequence classifier on the PRM's trunk, trained with BCE on the outcome
+   at the last token and "every step so far is right" at the end of each step.
 """
 
 from __future__ import annotations
@@ -440,7 +445,8 @@ def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: lis
     1. Lines: the verifier base deepened by identity layers learns to check one step ``a op b = c``
        (its own head at the tag, the dense labels on the digits), cheap because a line is short.
     2. PRM: that model on whole tagged chats (policy samples and made-up solutions).
-    3. Classifier: the same trunk with a fresh ``score`` head on whole plain chats.
+    3. Classifier: the PRM's trunk (it already checks steps in context) with a fresh ``score``
+       head on whole plain chats; it has to learn only to carry the verdicts to the last token.
     """
     import copy
 
@@ -454,12 +460,12 @@ def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: lis
     prm.aux = copy.deepcopy(lines.aux)
     train_verifier(prm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.prm_steps, cfg.reward_lr,
                    "prm", tagged=True)
-    config = copy.deepcopy(lines.model.config)
+    config = copy.deepcopy(prm.model.config)
     config.num_labels = 1
     config.pad_token_id = tok.pad_token_id
     rm = Verifier(AutoModelForSequenceClassification.from_config(config), tok)
-    rm.model.model.load_state_dict(lines.model.model.state_dict())
-    rm.aux = lines.aux
+    rm.model.model.load_state_dict(copy.deepcopy(prm.model.model.state_dict()))
+    rm.aux = copy.deepcopy(prm.aux)
     train_verifier(rm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.rm_steps, cfg.reward_lr,
                    "rm", tagged=False)
     return prm.model, rm.model

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import winnow
-from winnow.demo import resolve_model, train
+from winnow.demo import report, resolve_model, train
 
 
 def sample(model: str, dataset: str, n: int, out: Path, name: str, seed: int) -> list[dict]:
@@ -25,12 +25,11 @@ def sample(model: str, dataset: str, n: int, out: Path, name: str, seed: int) ->
     winnow.sample(model=model, dataset=[dataset], num_return_sequences=n, temperature=1.0, max_new_tokens=64,
                   orm_model="math", output_format="raw", output_dir=str(out), output_file=name,
                   override_exist_file=True, seed=seed, progress=False)
-    return [json.loads(line) for line in (out / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return report.read_raw(out / name)
 
 
 def is_right(completion: dict) -> bool:
-    score = (completion.get("scores") or {}).get("math", {}).get("value")
-    return score is not None and score > 0.5
+    return report.correct(completion, None)  # the math ORM's verdict
 
 
 def pass_at_1(records: list[dict]) -> float:

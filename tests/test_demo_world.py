@@ -127,7 +127,7 @@ def test_verifier_examples_put_targets_on_the_right_tokens():
 
     tok = AutoTokenizer.from_pretrained(str(demo.ASSETS / "demo-prm"))
     p = arith.parse_question("Compute 25 - 17 + 5.")
-    item = train._labelled(p, "25 - 17 = 9\n9 + 5 = 14\nThe answer is \\boxed{14}.")
+    item = train.labelled(p, "25 - 17 = 9\n9 + 5 = 14\nThe answer is \\boxed{14}.")
     prm = train.verifier_example(tok, p, p.question(), item, tagged=True)
     names = tok.convert_ids_to_tokens(prm.ids)
     assert [names[t] for t, _ in prm.steps] == [train.STEP_TAG] * 3
@@ -138,5 +138,5 @@ def test_verifier_examples_put_targets_on_the_right_tokens():
     assert [(names[t], ok) for t, ok in rm.steps] == [("\u010a", False), ("\u010a", False)]
     assert rm.outcome is False and len(rm.dense) == len(prm.dense)
     bare = train.verifier_example(tok, arith.Problem(42, (arith.Op("*", 2),)), None,
-                                  train._labelled(arith.Problem(42, (arith.Op("*", 2),)), "42 * 2 = 84"), tagged=True)
+                                  train.labelled(arith.Problem(42, (arith.Op("*", 2),)), "42 * 2 = 84"), tagged=True)
     assert tok.decode(bare.ids) == "42 * 2 = 84 <step>" and bare.steps == [(len(bare.ids) - 1, True)]

@@ -37,7 +37,7 @@ def sample_command(n: int, samples: int, output_dir: str, seed: int = 42, output
             "--output_file", output_file, "--override_exist_file", "true", "--seed", str(seed)]
 
 
-def _correct(completion: dict, reference: str | None) -> bool:
+def correct(completion: dict, reference: str | None) -> bool:
     """The math ORM's verdict when present; the demo checker's otherwise."""
     score = (completion.get("scores") or {}).get(ORM)
     if score is not None and score.get("value") is not None:
@@ -84,13 +84,13 @@ def metrics(records: list[dict]) -> dict[str, float]:
         if not comps:
             continue
         ref = r.get("reference")
-        right = [_correct(c, ref) for c in comps]
+        right = [correct(c, ref) for c in comps]
         totals["problems"] += 1
         totals["pass@1"] += sum(right) / len(right)
         totals["pass@n"] += any(right)
         for name, pick in (("majority@n", _majority(comps)), ("prm-best@n", _best(comps, PRM)),
                            ("prm-vote@n", _weighted_vote(comps, PRM)), ("rm-best@n", _best(comps, RM))):
-            totals[name] += pick is not None and _correct(pick, ref)
+            totals[name] += pick is not None and correct(pick, ref)
     n = max(1, totals.pop("problems"))
     names = ("pass@1", "majority@n", "prm-best@n", "prm-vote@n", "rm-best@n", "pass@n")
     return {"problems": n, **{k: totals[k] / n for k in names}}

@@ -216,11 +216,14 @@ def label_samples(problems: list[arith.Problem], samples: list[list[str]]) -> li
     """Every distinct sample per problem, with its step labels (re-checked arithmetic)."""
     out = []
     for p, group in zip(problems, samples, strict=True):
-        for s in dict.fromkeys(group):
-            steps = arith.step_labels(p, s)
-            if steps:
-                out.append(Labelled(p.question(), s, steps, arith.step_checks(p, s), arith.is_correct(p, s)))
+        out += [item for item in (labelled(p, s) for s in dict.fromkeys(group)) if item.steps]
     return out
+
+
+def labelled(p: arith.Problem, solution: str) -> Labelled:
+    """``solution`` to ``p`` with its step checks, prefix labels and outcome."""
+    checks = arith.step_checks(p, solution)
+    return Labelled(p.question(), solution, arith.step_labels(p, solution), checks, arith.is_correct(p, solution))
 
 
 @dataclass
@@ -284,17 +287,18 @@ def line_batches(problems: list[arith.Problem], data: list[Labelled], size: int,
     """Endless batches for the line phase: single tagged steps ``a op b = c <step>``, half taken from
     policy samples (right and wrong equally), half made up from train problems (the result right or
     a near miss, equally): checking one step's arithmetic is the skill the reward models share."""
-    pools: tuple[list, list] = ([], [])
+    right: list[tuple[arith.Problem, str]] = []
+    wrong: list[tuple[arith.Problem, str]] = []
     for d in data:
         for step, ok in zip(arith.split_steps(d.solution), d.checks, strict=True):
             m = arith._STEP.match(step)
             if m:
-                pools[ok].append((arith.Problem(int(m[1]), (arith.Op(m[2], int(m[3])),)), step.strip()))
+                (right if ok else wrong).append((arith.Problem(int(m[1]), (arith.Op(m[2], int(m[3])),)), step.strip()))
     while True:
         batch = []
         for i in range(size):
-            if i % 2 and all(pools):
-                batch.append(rng.choice(pools[i % 4 == 1]))
+            if i % 2 and right and wrong:  # odd slots: policy lines, right and wrong in turn
+                batch.append(rng.choice(right if i % 4 == 1 else wrong))
                 continue
             p = rng.choice(problems)
             k = rng.randrange(len(p.ops))
@@ -302,12 +306,7 @@ def line_batches(problems: list[arith.Problem], data: list[Labelled], size: int,
             truth = one.answer
             result = truth if rng.random() < 0.5 else arith.near_miss(truth, rng)
             batch.append((one, f"{one.start} {p.ops[k].sign} {p.ops[k].value} = {result}"))
-        yield [(p, None, _labelled(p, line)) for p, line in batch]
-
-
-def _labelled(p: arith.Problem, solution: str) -> Labelled:
-    checks = arith.step_checks(p, solution)
-    return Labelled(p.question(), solution, arith.step_labels(p, solution), checks, arith.is_correct(p, solution))
+        yield [(p, None, labelled(p, line)) for p, line in batch]
 
 
 def reward_batches(data: list[Labelled], problems: list[arith.Problem], size: int, rng: random.Random):
@@ -325,7 +324,7 @@ def reward_batches(data: list[Labelled], problems: list[arith.Problem], size: in
         while len(batch) < size:
             p = rng.choice(problems)
             s = p.solution() if rng.random() < 0.3 else arith.noisy_solution(p, rng)
-            batch.append((p, p.question(), _labelled(p, s)))
+            batch.append((p, p.question(), labelled(p, s)))
         yield batch
 
 
@@ -456,16 +455,18 @@ def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: lis
     lines = Verifier(deepened(AutoModelForCausalLM, base_dir, cfg.verifier_extra_layers), tok)
     train_verifier(lines, line_batches(problems, data, cfg.line_batch, rng), cfg.line_steps, cfg.reward_lr,
                    "lines", tagged=True)
-    prm = Verifier(copy.deepcopy(lines.model), tok)
-    prm.aux = copy.deepcopy(lines.aux)
+    # each Verifier() draws a head from torch's generator even when it is replaced: the seeded run
+    # that made the shipped weights drew them in this order
+    prm = Verifier(lines.model, tok)
+    prm.aux = lines.aux
     train_verifier(prm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.prm_steps, cfg.reward_lr,
                    "prm", tagged=True)
     config = copy.deepcopy(prm.model.config)
     config.num_labels = 1
     config.pad_token_id = tok.pad_token_id
     rm = Verifier(AutoModelForSequenceClassification.from_config(config), tok)
-    rm.model.model.load_state_dict(copy.deepcopy(prm.model.model.state_dict()))
-    rm.aux = copy.deepcopy(prm.aux)
+    rm.model.model.load_state_dict(prm.model.model.state_dict())  # copies
+    rm.aux = prm.aux
     train_verifier(rm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.rm_steps, cfg.reward_lr,
                    "rm", tagged=False)
     return prm.model, rm.model

@@ -59,7 +59,7 @@ def test_python_api_validates_like_the_cli():
     (["--model", "m", "--dataset", "a", "--num_return_sequences", "x"], "invalid int value"),
     (["--model", "m", "--dataset", "a", "--resume", "maybe"], "expected true or false"),
     (["--model", "m", "--dataset", "a", "--engine_kwargs", "{bad"], "expected a JSON object"),
-    (["--model", "m", "--dataset", "a", "--sampler_engine", "tgi"], "sampler_engine 'tgi' is not one of"),
+    (["--model", "m", "--dataset", "a", "--sampler_engine", "tgi"], "--sampler_engine 'tgi': not one of"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(argv, needle):
     proc = run_winnow("sample", *argv)

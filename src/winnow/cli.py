@@ -69,6 +69,10 @@ def cmd_sample(argv: list[str]) -> int:
     print(summary.line(), file=sys.stderr)
     if summary.status == "interrupted":
         return 130
+    if summary.rows_total and not summary.totals.get("lines"):
+        print(f"winnow sample: WARNING: the output has no lines: every row failed or was filtered; the reasons are "
+              f"in the summary above and in {summary.failed_file or 'the failed-rows log'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -124,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except WinnowError as e:
         if debug:
             raise
-        print(f"winnow {command}: error: {e}", file=sys.stderr)
+        from winnow.redact import Redactor
+
+        print(f"winnow {command}: error: {Redactor.for_values(rest).text(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"winnow {command}: stopped; what was written is kept (resume with --resume true)", file=sys.stderr)

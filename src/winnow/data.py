@@ -114,17 +114,26 @@ def _id_bytes(raw_line: bytes) -> bytes:
 
 
 class TableSource:
-    """Rows that come as a table: JSON arrays, CSV, Parquet and hub datasets (random access)."""
+    """Rows that come as a table: JSON arrays, CSV, Parquet and hub datasets (random access).
 
-    def __init__(self, name: str, rows: Any, line_offset: int = 1, label: str = "row"):
+    ``broken`` maps row numbers that could not be read (a ragged CSV line) to the reason; reading
+    one raises ``ValueError``, so it becomes a bad row of its own and the rest of the file goes on.
+    """
+
+    def __init__(self, name: str, rows: Any, line_offset: int = 1, label: str = "row",
+                 lines: list[int] | None = None, broken: dict[int, str] | None = None):
         self.name = name
         self.rows = rows  # list of dicts, or a datasets.Dataset (memory-mapped)
         self.line_offset = line_offset
         self.label = label
+        self.lines = lines
+        self.broken = broken or {}
         self.keys = array("Q")
         for i in range(len(rows)):
             row = rows[i]
-            if isinstance(row, dict) and isinstance(row.get("id"), (str, int)):
+            if i in self.broken:
+                data = f"broken:{i}:{self.broken[i]}".encode()
+            elif isinstance(row, dict) and isinstance(row.get("id"), (str, int)):
                 data = ("id:" + str(row["id"])).encode()
             else:
                 data = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
@@ -134,12 +143,68 @@ class TableSource:
         return len(self.rows)
 
     def where(self, i: int) -> str:
+        if self.lines is not None:
+            return f"{self.name}:{self.lines[i]}"
         if self.label == "line":
             return f"{self.name}:{i + self.line_offset}"
         return f"{self.name} row {i}"
 
     def row(self, i: int) -> Any:
+        if i in self.broken:
+            raise ValueError(self.broken[i])
         return self.rows[i]
+
+
+class BrokenSource:
+    """A file of a dataset folder that cannot be read at all: one bad row naming the file and why,
+    so that the other files of the folder are still sampled."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        self.keys = array("Q", [_key64(f"broken:{name}".encode())])
+
+    def __len__(self) -> int:
+        return 1
+
+    def where(self, i: int) -> str:
+        return self.name
+
+    def row(self, i: int) -> Any:
+        raise ValueError(self.reason)
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert the file "
+                     f"to UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}")
+
+
+def _read_csv(path: Path) -> TableSource:
+    """A CSV file with a header line; a line with more or fewer fields than the header is a bad row."""
+    rows: list[dict] = []
+    lines: list[int] = []
+    broken: dict[int, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}: empty CSV file; the first line must name the columns")
+            for record in reader:
+                if not any(field.strip() for field in record):
+                    continue  # a blank line
+                lines.append(reader.line_num)
+                if len(record) != len(header):
+                    broken[len(rows)] = (f"this line has {len(record)} fields and the header {len(header)}; "
+                                         "quote fields that hold commas or line breaks")
+                    rows.append({})
+                else:
+                    rows.append(dict(zip(header, record, strict=True)))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e}); check its quoting") from None
+    return TableSource(str(path), rows, lines=lines, broken=broken)
 
 
 def _open_file(path: Path):
@@ -149,6 +214,8 @@ def _open_file(path: Path):
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json dataset must be one JSON array "
                             "of rows (use .jsonl for one row per line)") from None
@@ -161,16 +228,29 @@ def _open_file(path: Path):
             raise DataError(f"{path}: expected a JSON array of rows")
         return TableSource(str(path), data)
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        return TableSource(str(path), rows, line_offset=2, label="line")  # line 1 is the header
+        return _read_csv(path)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
-        return TableSource(str(path), pq.read_table(path).to_pylist())
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises its own error types for damaged files
+            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        return TableSource(str(path), table.to_pylist())
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def _open_folder_file(path: Path):
+    """One file of a dataset folder: a file that cannot be read fails as one bad row, not the run."""
+    try:
+        return _open_file(path)
+    except DataError as e:
+        return BrokenSource(str(path), f"{e}; the other files of the folder are used")
+    except OSError as e:
+        return BrokenSource(str(path), f"cannot read the file ({e.strerror or e}); the other files of the folder "
+                                       "are used")
 
 
 def _open_hub(spec: DatasetSpec):
@@ -197,12 +277,15 @@ def open_sources(spec: DatasetSpec) -> list:
         if bundled is not None:
             path = Path(bundled)
     if path.is_file():
-        return [_open_file(path)]
+        try:
+            return [_open_file(path)]
+        except OSError as e:
+            raise DataError(f"--dataset {spec.text}: cannot read {path} ({e.strerror or e})") from None
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise DataError(f"--dataset {spec.text}: the folder has no {'/'.join(FILE_SUFFIXES)} files")
-        return [_open_file(p) for p in files]
+        return [_open_folder_file(p) for p in files]
     looks_local = spec.path.startswith((".", "/", "~")) or Path(spec.path).suffix.lower() in FILE_SUFFIXES
     if looks_local:
         raise DataError(f"--dataset {spec.text}: no such file or folder")

@@ -40,7 +40,8 @@ def check_fields(config) -> None:
         for item in (value if isinstance(value, list) else [value]):
             if item is None or isinstance(item, bool):
                 continue
-            flag = f"--{f.name} {item!r}" if isinstance(item, str) else f"--{f.name} {item}"
+            flag = f"--{f.name} {item!r}" if isinstance(item, str) else \
+                f"--{f.name} {item:g}" if isinstance(item, float) else f"--{f.name} {item}"
             if meta.get("choices") and item not in meta["choices"]:
                 raise ConfigError(f"{flag}: not one of {', '.join(map(str, meta['choices']))}")
             if not isinstance(item, (int, float)):

@@ -15,7 +15,6 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from winnow import data, rewards
@@ -314,8 +313,8 @@ class Run:
         s.cost_usd = self._cost()
         try:
             self._write_manifest(s.status)
-        except OSError as e:
-            print(f"winnow: warning: cannot write {store.manifest_path}: {e.strerror or e}", file=sys.stderr)
+        except (OSError, WinnowError) as e:
+            print(f"winnow: warning: {e}", file=sys.stderr)
         if fatal is not None and not isinstance(self.error, WinnowError):
             raise WinnowError(f"the run failed: {s.error}; what was written is kept "
                               f"(resume with --resume true)") from fatal
@@ -472,7 +471,7 @@ class Run:
         s = self.summary
         self.store.write_manifest({
             "status": status,
-            "command": self.redactor.argv(sys.argv) if sys.argv and "winnow" in Path(sys.argv[0]).name else None,
+            "command": self.redactor.argv(sys.argv) if sys.argv and "winnow" in sys.argv[0] else None,
             "config": to_dict(self.config),
             "seed": self.config.seed,
             "versions": versions(),

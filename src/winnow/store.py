@@ -36,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from winnow.errors import OutputExistsError, WinnowError
+from winnow.errors import ConfigError, OutputExistsError, StoreError, WinnowError
 
 INDEX_VERSION = 2
 WRITTEN, FILTERED, RETRY, FAILED = "w", "f", "x", "b"
@@ -133,10 +133,10 @@ def check_writable(output_dir: str | os.PathLike, output_file: str | None, *, re
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise WinnowError(f"--output_dir {output_dir}: cannot create it ({e.strerror or e}); "
+        raise ConfigError(f"--output_dir {output_dir}: cannot create it ({e.strerror or e}); "
                           "choose a directory you can write to") from None
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise WinnowError(f"--output_dir {output_dir}: not writable by this user; choose a directory you can write to")
+        raise ConfigError(f"--output_dir {output_dir}: not writable by this user; choose a directory you can write to")
     if output_file is None or resume or override:
         return
     path = directory / output_file
@@ -356,8 +356,7 @@ class OutputStore:
     def write_group(self, position: int, records: list[dict[str, Any]], row_id: str | None = None) -> None:
         """Append one finished group's records (none: the row was filtered) and mark its position done."""
         if records:
-            self._out.write("".join(dumps(r) + "\n" for r in records).encode("utf-8"))
-            self._out.flush()
+            self._append(self._out, "".join(dumps(r) + "\n" for r in records).encode("utf-8"))
         self._settle(position, WRITTEN if records else FILTERED)
         if records:
             self.totals.groups += 1
@@ -375,8 +374,7 @@ class OutputStore:
             entry["position"] = position
         if retry:
             entry["retry"] = True
-        self._failed.write((dumps(entry) + "\n").encode("utf-8"))
-        self._failed.flush()
+        self._append(self._failed, (dumps(entry) + "\n").encode("utf-8"))
         if position is None:
             return
         kind = RETRY if retry and position is not None else FAILED
@@ -417,21 +415,40 @@ class OutputStore:
         self._since_checkpoint = 0
 
     def _write_index(self, entry: dict[str, Any]) -> None:
-        self._index.write((dumps(entry) + "\n").encode("utf-8"))
-        self._index.flush()
+        self._append(self._index, (dumps(entry) + "\n").encode("utf-8"))
+
+    def _append(self, f, data: bytes) -> None:
+        """Append and flush, or say in one line which file could not be written and what to do."""
+        try:
+            f.write(data)
+            f.flush()
+        except OSError as e:
+            raise self._write_error(f.name, e) from None
+
+    def _write_error(self, name: str, e: OSError) -> StoreError:
+        return StoreError(f"cannot write {name}: {e.strerror or e}; everything written before is kept: make room "
+                          "(or lift the limit) and rerun the same command with --resume true")
 
     def sync(self) -> None:
         """Make what was written survive a power loss (output and failed log first, then the index)."""
         for f in (self._out, self._failed, self._index):
-            f.flush()
-            os.fsync(f.fileno())
+            try:
+                f.flush()
+                os.fsync(f.fileno())
+            except OSError as e:
+                raise self._write_error(f.name, e) from None
 
     def close(self) -> None:
         if self._out.closed:
             return
-        self.sync()
-        for f in (self._out, self._failed, self._index):
-            f.close()
+        try:
+            self.sync()
+        finally:
+            for f in (self._out, self._failed, self._index):
+                try:
+                    f.close()
+                except OSError:
+                    pass  # the sync above has said what could not be written
         self._compact_failed_log()
         if self.failed_path.exists() and self.failed_path.stat().st_size == 0:
             self.failed_path.unlink()
@@ -444,5 +461,8 @@ class OutputStore:
                 path.unlink()
 
     def write_manifest(self, data: dict[str, Any]) -> None:
-        atomic_write_json(self.manifest_path, {"output_file": self.path.name, "fingerprint": self.fingerprint,
-                                               **data})
+        try:
+            atomic_write_json(self.manifest_path, {"output_file": self.path.name, "fingerprint": self.fingerprint,
+                                                   **data})
+        except OSError as e:
+            raise self._write_error(str(self.manifest_path), e) from None

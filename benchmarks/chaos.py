@@ -7,9 +7,10 @@ requests, and a count of what went wrong.
 Scenarios: ``client`` and ``client-stream`` (the client engine against the fault-injecting server with
 ``--chaos 0.3``: 429/500/503, dropped connections, malformed bodies, empty answers and, when
 streaming, streams cut mid-answer), and ``transformers`` (a tiny local model). Each cycle starts the
-run (``--resume true`` after the first), kills it with SIGKILL after a random delay, and goes on;
-then the run is finished without kills, and once more with the faults off so that rows left for a
-retry get their retry. Printed per scenario:
+run (``--resume true`` after the first) and kills it with SIGKILL: one cycle in five at a random
+moment of its start-up (loading, opening the output to resume), the others once a random number of
+rows more are settled (mid-batch, mid-write); then the run is finished without kills, and once more
+with the faults off so that rows left for a retry get their retry. Printed per scenario:
 
 - lost: rows neither written nor in the failed log; duplicated: rows written twice;
 - torn: output lines that do not parse; fragments: written answers that are not the whole answer;
@@ -43,6 +44,17 @@ def winnow(args: list[str]) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
 
 
+def settled(out: Path) -> int:
+    """Rows written or logged as failed so far (lines of the raw output and of the failed log)."""
+    total = 0
+    for path in (out / "o.jsonl", out / "o.failed.jsonl"):
+        try:
+            total += path.read_bytes().count(b"\n")
+        except FileNotFoundError:
+            pass
+    return total
+
+
 def check(out: Path, rows: int, expected: dict[str, str] | None) -> dict[str, int]:
     """Lost, duplicated, torn and fragment counts of a finished output."""
     torn = 0
@@ -69,7 +81,7 @@ def check(out: Path, rows: int, expected: dict[str, str] | None) -> dict[str, in
 
 
 def scenario(name: str, cycles: int, work: Path, rng: random.Random, model: str | None) -> dict:
-    rows = 500 if name.startswith("client") else 32
+    rows = 500 if name.startswith("client") else 160
     data = work / "d.jsonl"
     data.write_text("".join(json.dumps({"query": f"What is {k} + {k}?", "k": k}) + "\n" for k in range(rows)))
     out = work / "out"
@@ -85,22 +97,31 @@ def scenario(name: str, cycles: int, work: Path, rng: random.Random, model: str 
                      "--max_concurrency", "16", "--max_retries", "5", "--engine_kwargs", json.dumps(engine)]
             if name == "client-stream":
                 args += ["--stream", "true"]
-            delays = (0.3, 2.5)
+            startup = 1.5
         else:
-            args += ["--model", model or "demo-tiny", "--num_return_sequences", "4", "--max_new_tokens", "48",
-                     "--num_sampling_batch_size", "4"]
-            delays = (2.0, 9.0)
+            args += ["--model", model or "demo-tiny", "--num_return_sequences", "4", "--max_new_tokens", "32",
+                     "--num_sampling_batch_size", "2"]
+            startup = 6.0
         kills = finished_early = 0
         started = time.monotonic()
+        step = max(2, 2 * rows // max(1, cycles))  # so that the kills, not the runs, end most cycles
         for cycle in range(cycles):
+            before = settled(out)
             proc = winnow(args + (["--resume", "true"] if cycle else []))
-            try:
-                proc.wait(rng.uniform(*delays))
-                finished_early += 1  # it finished before the kill: start again (resume is a no-op)
-            except subprocess.TimeoutExpired:
+            if rng.random() < 0.2:  # killed early: while starting, loading or opening the output to resume
+                deadline = time.monotonic() + rng.uniform(0.0, startup)
+                target = None
+            else:  # killed after a random number of rows more, mid-batch and mid-write alike
+                deadline = time.monotonic() + 600
+                target = before + rng.randint(1, step)
+            while proc.poll() is None and time.monotonic() < deadline and (target is None or settled(out) < target):
+                time.sleep(0.005)
+            if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 kills += 1
+            else:
+                finished_early += 1
         final = winnow(args + ["--resume", "true"])
         final.wait()
         server.defaults["chaos"] = 0.0  # the faults stop: the rows logged for a retry get it

@@ -170,12 +170,10 @@ class MathVerifier:
     def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                import multiprocessing as mp
+                from winnow.procs import worker_context
 
-                # forkserver: workers never inherit the parent's torch threads or CUDA state
-                method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=mp.get_context(method), initializer=_warm)
+                    self.workers, mp_context=worker_context(), initializer=_warm)
             return self._pool
 
     def _restart(self) -> None:

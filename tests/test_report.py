@@ -26,7 +26,8 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 def samples(correct: list[bool], answers: list | None = None, **rewards: list) -> list[Sample]:
     answers = answers or [None] * len(correct)
-    return [Sample(c, a, {k: v[i] for k, v in rewards.items()}) for i, (c, a) in enumerate(zip(correct, answers))]
+    return [Sample(c, a, {k: v[i] for k, v in rewards.items()})
+            for i, (c, a) in enumerate(zip(correct, answers, strict=True))]
 
 
 # ----------------------------------------------------------------------------- estimators, by hand

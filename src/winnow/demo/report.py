@@ -11,6 +11,8 @@ with the ``math`` ORM (math-verify on ``\\boxed{}``), the ``demo-prm`` process r
 - majority@N: the most frequent boxed answer of each problem (self-consistency);
 - PRM-best@N / RM-best@N: the sample the reward model scores highest;
 - pass@N (oracle): whether any sample is right.
+
+The figures come from ``winnow.report``'s estimators (``winnow report`` draws the whole curve).
 """
 
 from __future__ import annotations

@@ -124,6 +124,7 @@ def test_tokens_at_k():
     assert p.tokens_at(1) == 20 and p.tokens_at(2) == 40
     assert Problem("p", [Sample(True, tokens=10)], tokens=500).tokens_at(1) == 500  # a search group's own count
     assert Problem("p", [Sample(True)]).tokens_at(1) is None
+    assert Problem("p", [Sample(True, tokens=0)]).tokens_at(1) is None
 
 
 # ----------------------------------------------------------------------------- reading

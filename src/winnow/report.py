@@ -57,6 +57,8 @@ class Problem:
             if any(t is None for t in counts):
                 return None
             total = float(sum(counts))
+        if not total:  # outputs scored from caches count no tokens (0): unknown, not free
+            return None
         return total * min(k, n) / n
 
 

@@ -274,6 +274,8 @@ def is_qwen_eval(row: Mapping[str, Any]) -> bool:
 def qwen_eval_record(row: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     """A Qwen2.5-Math evaluation line as a raw record: its labels as the ``label`` ORM score, ``pred_score`` as an
     RM score and ``pred`` as each completion's extracted answer."""
+    if not is_qwen_eval(row):
+        raise DataError(f"{where}: not a Qwen2.5-Math eval line (it needs 'code' and 'score' lists)")
     texts, labels = row["code"], row["score"]
     preds = row.get("pred") or [None] * len(texts)
     rm = row.get("pred_score") or [None] * len(texts)
@@ -372,6 +374,50 @@ def _math_verdicts(completions: Sequence[Mapping[str, Any]], reference: Any, whe
     return [verify_answer(c.get("text") or "", str(reference))[0] for c in completions]
 
 
+def _score_keys(path: Path, rows: list[tuple[int, dict]], roles: dict[str, str],
+                config: ReportConfig) -> tuple[str | None, list[str]]:
+    """(the verdict's score key, the reward keys) of an output, each checked against the scores it holds."""
+    found: dict[str, None] = dict.fromkeys(roles)  # ordered: the manifest's keys, then any others seen
+    for i, record in rows:
+        completions = record.get("completions")
+        if not isinstance(completions, list):
+            raise DataError(f"{path}:{i}: no 'completions' list; report reads raw outputs "
+                            "(winnow sample --output_format raw) or Qwen2.5-Math eval files")
+        for c in completions:
+            found.update(dict.fromkeys(score_values(c)))
+    known = f"scores found: {', '.join(found) or 'none'}"
+    orm = config.orm or next((k for k, role in roles.items() if role == "orm"), None)
+    if config.verdict == "orm":
+        if orm is None:
+            raise ConfigError(f"{path}: no manifest names an ORM; name the correctness score with --orm KEY "
+                              f"({known}) or judge with --verdict math")
+        if orm not in found:
+            raise ConfigError(f"{path}: no completion has a score {orm!r} ({known}); name the correctness "
+                              "score with --orm KEY")
+    rewards = list(config.rewards) or [k for k in found if k != orm and roles.get(k) != "orm" and k != "reward"]
+    unknown = [k for k in rewards if k not in found]
+    if unknown:
+        raise ConfigError(f"{path}: no completion has a score {', '.join(map(repr, unknown))} ({known})")
+    return orm, rewards
+
+
+def _problem(record: dict, where: str, orm: str | None, rewards: list[str],
+             config: ReportConfig) -> tuple[Problem, int]:
+    """One record's usable samples (failed ones left out) with their verdicts, answer classes and rewards; and
+    how many of them the verdict could not judge."""
+    usable = [c for c in record["completions"] if c.get("finish_reason") != "error"]
+    values = [score_values(c) for c in usable]
+    if config.verdict == "math":
+        verdicts = _math_verdicts(usable, record.get("reference"), where) if usable else []
+    else:
+        verdicts = [v.get(orm) for v in values]
+    answers = answer_keys(usable, config.answer_match)
+    samples = [Sample(correct=verdict is not None and verdict > 0, answer=answer,
+                      rewards={k: v.get(k) for k in rewards}, tokens=c.get("completion_tokens"))
+               for c, v, verdict, answer in zip(usable, values, verdicts, answers, strict=True)]
+    return Problem(str(record.get("id", where)), samples, group_tokens(record)), sum(v is None for v in verdicts)
+
+
 def load_run(path: str | Path, config: ReportConfig, label: str | None = None) -> Run:
     """Read one output (raw or Qwen2.5-Math eval) into problems with verdicts, answer classes and rewards."""
     path = Path(path)
@@ -387,62 +433,27 @@ def load_run(path: str | Path, config: ReportConfig, label: str | None = None) -
     else:
         manifest = load_manifest(path)
         roles = {r["key"]: r.get("role", "") for r in (manifest or {}).get("rewards") or [] if "key" in r}
-    found: dict[str, None] = dict.fromkeys(roles)  # ordered: the manifest's keys, then any others seen
-    for i, record in rows:
-        completions = record.get("completions")
-        if not isinstance(completions, list):
-            raise DataError(f"{path}:{i}: no 'completions' list; report reads raw outputs "
-                            "(winnow sample --output_format raw) or Qwen2.5-Math eval files")
-        for c in completions:
-            found.update(dict.fromkeys(score_values(c)))
-    orm = config.orm or next((k for k, role in roles.items() if role == "orm"), None)
-    if config.verdict == "orm":
-        if orm is None:
-            raise ConfigError(f"{path}: no manifest names an ORM; name the correctness score with --orm KEY "
-                              f"(scores found: {', '.join(found) or 'none'}) or judge with --verdict math")
-        if orm not in found:
-            raise ConfigError(f"{path}: no completion has a score {orm!r} (scores found: "
-                              f"{', '.join(found) or 'none'}); name the correctness score with --orm KEY")
-    rewards = list(config.rewards) or [k for k in found if k != orm and roles.get(k) != "orm" and k != "reward"]
-    unknown = [k for k in rewards if k not in found]
-    if unknown:
-        raise ConfigError(f"{path}: no completion has a score {', '.join(map(repr, unknown))} "
-                          f"(scores found: {', '.join(found)})")
+    orm, rewards = _score_keys(path, rows, roles, config)
 
     problems: list[Problem] = []
     failed = empty = unjudged = 0
     for i, record in rows:
-        usable = [c for c in record["completions"] if c.get("finish_reason") != "error"]
-        failed += len(record["completions"]) - len(usable)
-        if not usable:
-            empty += 1
-            continue
-        values = [score_values(c) for c in usable]
-        if config.verdict == "math":
-            verdicts = _math_verdicts(usable, record.get("reference"), f"{path}:{i}")
+        problem, problem_unjudged = _problem(record, f"{path}:{i}", orm, rewards, config)
+        failed += len(record["completions"]) - len(problem.samples)
+        unjudged += problem_unjudged
+        if problem.samples:
+            problems.append(problem)
         else:
-            verdicts = [v.get(orm) for v in values]
-        unjudged += sum(v is None for v in verdicts)
-        answers = answer_keys(usable, config.answer_match)
-        samples = [Sample(correct=verdict is not None and verdict > 0, answer=answer,
-                          rewards={k: v.get(k) for k in rewards}, tokens=c.get("completion_tokens"))
-                   for c, v, verdict, answer in zip(usable, values, verdicts, answers, strict=True)]
-        problems.append(Problem(str(record.get("id", i)), samples, group_tokens(record)))
+            empty += 1
 
     vote_rewards = [k for k in rewards if all((s.rewards[k] or 0) >= 0 for p in problems for s in p.samples)]
-    notes = []
-    if failed:
-        notes.append(f"{failed} failed samples left out")
-    if empty:
-        notes.append(f"{empty} problems with no usable sample left out")
-    if unjudged:
-        notes.append(f"{unjudged} samples the verdict could not judge count as wrong")
-    short = sum(len(p.samples) < max(len(q.samples) for q in problems) for p in problems) if problems else 0
-    if short:
-        notes.append(f"{short} problems have fewer samples than N: k is capped at what they have")
-    for k in rewards:
-        if k not in vote_rewards:
-            notes.append(f"no {k}-weighted vote: its scores go below 0")
+    most = max((len(p.samples) for p in problems), default=0)
+    notes = [f"{failed} failed samples left out" if failed else "",
+             f"{empty} problems with no usable sample left out" if empty else "",
+             f"{unjudged} samples the verdict could not judge count as wrong" if unjudged else ""]
+    short = sum(len(p.samples) < most for p in problems)
+    notes.append(f"{short} problems have fewer samples than N: k is capped at what they have" if short else "")
+    notes += [f"no {k}-weighted vote: its scores go below 0" for k in rewards if k not in vote_rewards]
     if config.verdict == "math":
         verdict = "winnow's math verifier against the reference"
     elif qwen and orm == "label":
@@ -450,10 +461,10 @@ def load_run(path: str | Path, config: ReportConfig, label: str | None = None) -
     else:
         verdict = f"ORM score {orm!r} > 0"
     answers = "math-verify equivalence" if config.answer_match == "math" else "the same answer text"
-    if qwen and config.answer_match == "math":
+    if qwen:
         answers += " of the file's extracted answers (pred)"
     return Run(label or (f"{path.stem} (Qwen2.5-Math eval)" if qwen else manifest_label(manifest, path)),
-               str(path), problems, verdict, rewards, vote_rewards, answers, notes)
+               str(path), problems, verdict, rewards, vote_rewards, answers, [n for n in notes if n])
 
 
 # ----------------------------------------------------------------------------- table, plots, page

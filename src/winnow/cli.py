@@ -1,4 +1,4 @@
-"""The ``winnow`` command: ``sample``, ``serve`` (alias ``deploy``), ``list``.
+"""The ``winnow`` command: ``sample``, ``serve`` (alias ``deploy``), ``report``, ``list``.
 
 One handler turns winnow's errors into one line and an exit code; tracebacks only with --debug.
 Nothing heavy is imported here: ``winnow --help`` needs neither torch nor transformers.
@@ -12,12 +12,13 @@ import sys
 from typing import Any
 
 from winnow import __version__
-from winnow.config import SampleConfig, ServeConfig, build_parser, parse_args
+from winnow.config import ReportConfig, SampleConfig, ServeConfig, build_parser, parse_args
 from winnow.errors import WinnowError
 
 COMMANDS = {
     "sample": "Sample N completions per prompt, score them, keep the best, write JSONL.",
     "serve": "Serve a model or reward model over an OpenAI-compatible API (alias: deploy).",
+    "report": "Scaling table and plots (pass@k, majority@k, best-of-k, vs tokens) from raw outputs.",
     "list": "List components: winnow list rewards [--external_plugins F.py] | winnow list engines.",
 }
 
@@ -85,6 +86,14 @@ def cmd_serve(argv: list[str]) -> int:
     return run_server(config) or 0
 
 
+def cmd_report(argv: list[str]) -> int:
+    from winnow.report import report
+
+    config = _parse(ReportConfig, argv, "winnow report", ReportConfig.__doc__ or "")
+    report(config, out=print, log=lambda line: print(line, file=sys.stderr))
+    return 0
+
+
 def cmd_list(argv: list[str]) -> int:
     what = argv[0] if argv else "rewards"
     if what == "engines":
@@ -106,7 +115,7 @@ def cmd_list(argv: list[str]) -> int:
     raise WinnowError(f"winnow list {what!r}: use 'winnow list rewards' or 'winnow list engines'")
 
 
-HANDLERS = {"sample": cmd_sample, "serve": cmd_serve, "deploy": cmd_serve, "list": cmd_list}
+HANDLERS = {"sample": cmd_sample, "serve": cmd_serve, "deploy": cmd_serve, "report": cmd_report, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:

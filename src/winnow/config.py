@@ -23,10 +23,10 @@ OUTPUT_FORMATS = ("swift", "sft", "dpo", "raw", "grpo")
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True,
-        ge: float | None = None, gt: float | None = None, le: float | None = None):
+        ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False):
     """A config field with its help text, choices and range recorded once, for --help, YAML, docs and
     the checks every entry point (CLI, YAML, Python) goes through."""
-    meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le}
+    meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -205,6 +205,46 @@ class ServeConfig:
         self.engine = ENGINE_ALIASES.get(self.engine, self.engine)
 
 
+@dataclass
+class ReportConfig:
+    """Options of ``winnow report``: the test-time scaling table and plots from outputs."""
+
+    outputs: list[str] = opt(
+        None, "Outputs to report on: raw JSONL (or Parquet) from `winnow sample --output_format raw`, any strategy, "
+        "or a Qwen2.5-Math evaluation JSONL. Several: one strategy or run each.", factory=list, positional=True)
+    output_dir: str | None = opt(None, "Where report.png, report.html and report.json go; unset: beside the first "
+                                       "output.")
+    label: list[str] = opt(None, "A label per output; unset: model, sampler and N from its manifest, else the "
+                                 "file name.", factory=list)
+    orm: str | None = opt(None, "Score key of the correctness verdict, value > 0 passes; unset: the manifest's "
+                                "ORM.")
+    rewards: list[str] = opt(None, "Score keys to rank (best-of-k) and weight votes by; unset: every PRM, RM and "
+                                   "function reward of the manifest, or every non-ORM score.", factory=list)
+    verdict: str = opt("orm", "Correctness from the ORM score (orm), or from winnow's math verifier against each "
+                              "record's reference, run now (math).", choices=("orm", "math"))
+    answer_match: str = opt("math", "How votes group final answers: math (math-verify equivalence) or exact (the "
+                                    "same answer text).", choices=("math", "exact"))
+    ties: str = opt("first", "A tied vote or tied best score goes to the sample seen first (first), or counts as "
+                             "the mean of the tied ones (average).", choices=("first", "average"))
+    max_k: int | None = opt(None, "Largest k in the table; unset: the most samples a problem has.", ge=1)
+    draws: int = opt(200, "Majority votes: every k-subset of a problem's samples when there are at most this many, "
+                           "else this many seeded random ones.", ge=1)
+    bootstrap: int = opt(1000, "Bootstrap resamples of the problems for the 95% intervals (0: no intervals).", ge=0)
+    seed: int = opt(0, "Seed of the subset draws and the bootstrap.")
+    input_format: str = opt("auto", "Input format: raw, qwen_eval (Qwen2.5-Math eval JSONL) or auto (by the "
+                                    "first line).", choices=("auto", "raw", "qwen_eval"))
+    plots: bool = opt(True, "Write report.png and report.html (needs matplotlib: pip install 'winnow[report]').")
+    debug: bool = opt(False, "Show tracebacks on errors.")
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            raise ConfigError("give at least one output: winnow report OUTPUT.jsonl [MORE.jsonl ...]")
+        check_fields(self)
+        if self.label and len(self.label) != len(self.outputs):
+            raise ConfigError(f"--label takes one label per output: {len(self.outputs)} outputs, "
+                              f"{len(self.label)} labels")
+
+
 # ----------------------------------------------------------------------------- CLI / YAML derivation
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:
@@ -281,6 +321,9 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         if not f.metadata.get("cli", True):
             continue
         kind, extra = _converter(hints[f.name])
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=kind, help=f.metadata.get("help", "").replace("%", "%%"), **extra)
+            continue
         names = [f"--{f.name}"]
         if "_" in f.name:
             names.append(f"--{f.name.replace('_', '-')}")
@@ -288,7 +331,8 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             help_text += f" Choices: {', '.join(f.metadata['choices'])}."
-        parser.add_argument(*names, dest=f.name, type=kind, help=f"{help_text} (default: {default})", **extra)
+        help_text = f"{help_text} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(*names, dest=f.name, type=kind, help=help_text, **extra)
     return parser
 
 

@@ -117,14 +117,20 @@ class SampleConfig:
     external_plugins: list[str] = opt(None, "Python files defining orms/prms/reward functions.", factory=list)
     n_best_to_keep: int | None = opt(None, "Samples kept per prompt (default: 5, as swift, or N if fewer); at most "
                                       "--num_return_sequences.", ge=1)
-    prm_threshold: float | None = opt(None, "Samples whose PRM score is at or below this are not kept.")
+    selection: str = opt("winnow", "winnow: swift's records with swift's bugs fixed (docs/rewards.md); swift: ms-swift "
+                                   "4.6's selection, line for line.", choices=("winnow", "swift"))
+    prm_threshold: float | None = opt(0.0, "With a PRM: samples whose PRM score is at or below this are not kept "
+                                           "(as swift; none: no threshold).")
     prm_agg: str = opt("min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"))
     easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.", ge=0, le=1)
     hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.", ge=0, le=1)
     num_rejected: int = opt(1, "Rejected responses paired with each kept sample.", ge=1)
     min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.", ge=0)
     include_reference: bool = opt(False, "Let the dataset's reference answer be a candidate.")
-    keep_unpaired: bool = opt(False, "Keep samples that have no rejected partner (without rejected_response).")
+    keep_unpaired: bool = opt(True, "Write kept samples that have no rejected partner (no sample scores below them) "
+                                    "without rejected_response; false drops them (counted).")
+    keep_truncated: bool = opt(True, "Keep answers cut at the token limit (their finish_reason says length; the "
+                                     "summary counts them); false fails them.")
     cache_files: list[str] = opt(None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list)
 
     # --- API client

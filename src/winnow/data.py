@@ -417,14 +417,46 @@ def row_to_conversation(row: dict, fmt: str) -> list[Message]:
     raise RowError(f"unknown format {fmt!r}")
 
 
-def row_to_prompt(row: Any, fmt: str, *, id: str, source: str, position: int, system: str | None) -> Prompt:
-    """A dataset row as a :class:`Prompt`; raises :class:`RowError` with the reason if it cannot be one."""
+# the columns ms-swift keeps when it preprocesses a row (besides messages); its row id hashes them
+SWIFT_COLUMNS = ("images", "videos", "audios", "tools", "objects", "label", "channel", "margin", "chat_template_kwargs")
+
+
+def swift_row_id(conversation: list[Message], dataset: str, row: dict | None = None) -> str:
+    """ms-swift's id of a row: the md5 of its preprocessed form (the whole conversation, system and
+    answer included, the ``--dataset`` name as typed, and swift's standard columns the row has)."""
+    processed: dict[str, Any] = {"messages": [{"role": m["role"], "content": m["content"]} for m in conversation]}
+    for key in SWIFT_COLUMNS:
+        if row is not None and key in row:
+            processed[key] = row[key]
+    processed["dataset"] = dataset
+    return hashlib.md5(json.dumps(processed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def with_system(conversation: list[Message], system: str | None) -> list[Message]:
+    """``--system`` as swift applies it: it replaces the conversation's system message, or comes first."""
+    if not system:
+        return conversation
+    if conversation and conversation[0]["role"] == "system":
+        return [{"role": "system", "content": system}, *conversation[1:]]
+    return [{"role": "system", "content": system}, *conversation]
+
+
+def row_to_prompt(row: Any, fmt: str, *, id: str | None, source: str, position: int, system: str | None,
+                  dataset: str = "", id_suffix: str = "") -> Prompt:
+    """A dataset row as a :class:`Prompt`; raises :class:`RowError` with the reason if it cannot be one.
+
+    Its id is ``id`` when given, else the row's own ``id`` field, else swift's id of the row
+    (:func:`swift_row_id`), followed by ``id_suffix`` (which tells repeated rows apart)."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
     missing = [k for k in FORMAT_KEYS[fmt][:1] if k not in row and not (fmt == "math" and "question" in row)]
     if missing:
         raise RowError(f"missing field {missing[0]!r} (this file's rows are {fmt} format)")
-    conversation = row_to_conversation(row, fmt)
+    conversation = with_system(row_to_conversation(row, fmt), system)
+    swift_id = swift_row_id(conversation, dataset, row)
+    if id is None:
+        own = row.get("id")
+        id = (str(own) if isinstance(own, (str, int)) and not isinstance(own, bool) else swift_id) + id_suffix
     response = None
     if conversation and conversation[-1]["role"] == "assistant":
         response = conversation[-1]["content"]
@@ -433,13 +465,11 @@ def row_to_prompt(row: Any, fmt: str, *, id: str, source: str, position: int, sy
         raise RowError("the conversation must end with a user turn (the prompt) before the answer")
     if not any(m["role"] == "user" and m["content"].strip() for m in conversation):
         raise RowError("empty prompt: no user turn has any text")
-    if system and conversation[0]["role"] != "system":
-        conversation = [{"role": "system", "content": system}, *conversation]
     consumed = set(FORMAT_KEYS[fmt])
     columns = {k: v for k, v in row.items() if k not in consumed and k != "id"}
     reference = next((str(row[k]) for k in REFERENCE_COLUMNS if row.get(k) not in (None, "")), response)
     return Prompt(id=id, messages=conversation, response=response, reference=reference, columns=columns,
-                  source=source, position=position)
+                  source=source, position=position, dataset=dataset, swift_id=swift_id)
 
 
 # ----------------------------------------------------------------------------- order and shards
@@ -484,8 +514,9 @@ class RowPlan:
     """
 
     def __init__(self, sources: list, formats: list[str | None], dups: list[dict[int, int]],
-                 system: str | None):
+                 system: str | None, names: list[str] | None = None):
         self.sources = sources
+        self.names = names or [""] * len(sources)  # each source's --dataset name, as typed
         self.formats = formats
         self.dups = dups
         self.system = system
@@ -496,20 +527,24 @@ class RowPlan:
     def __len__(self) -> int:
         return len(self.idx)
 
-    def row_id(self, position: int) -> str:
-        """The stable id of the row at ``position``: a hash of the row (or of its own ``id`` field)."""
+    def id_suffix(self, position: int) -> str:
+        """What tells a repeated row apart: ``-k`` for the k-th repeat of a line in its file, ``-rK``
+        for the K-th copy that ``#N`` above the dataset size made."""
         s, i, copy = self.src[position], self.idx[position], self.copy[position]
-        out = f"{self.sources[s].keys[i]:016x}"
-        if i in self.dups[s]:
-            out += f"-{self.dups[s][i]}"
+        out = f"-{self.dups[s][i]}" if i in self.dups[s] else ""
         return out if copy == 0 else f"{out}-r{copy}"
+
+    def row_id(self, position: int) -> str:
+        """An id for a row that cannot be read (a hash of its bytes): a readable row's id is made when it
+        is read (:func:`row_to_prompt`)."""
+        s, i = self.src[position], self.idx[position]
+        return f"{self.sources[s].keys[i]:016x}" + self.id_suffix(position)
 
     def read(self, position: int) -> Prompt | BadRow:
         """The prompt at ``position`` of the run's order, or why that row cannot be used."""
         s, i = self.src[position], self.idx[position]
         source = self.sources[s]
         where = source.where(i)
-        row_id = self.row_id(position)
         try:
             row = source.row(i)
             fmt = self.formats[s] or detect_format(row)
@@ -517,9 +552,10 @@ class RowPlan:
                 keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
                 raise RowError(f"unknown row format (fields: {keys}); expected messages, conversations, "
                                "instruction/input/output, query/response, prompt/completion or problem/solution")
-            return row_to_prompt(row, fmt, id=row_id, source=where, position=position, system=self.system)
+            return row_to_prompt(row, fmt, id=None, source=where, position=position, system=self.system,
+                                 dataset=self.names[s], id_suffix=self.id_suffix(position))
         except (RowError, ValueError) as e:
-            return BadRow(source=where, reason=str(e), id=row_id, position=position)
+            return BadRow(source=where, reason=str(e), id=self.row_id(position), position=position)
 
     def iter_from(self, skip: set[int] | None = None, start: int = 0) -> Iterator[Prompt | BadRow]:
         """Prompts in order from ``start``, leaving out positions in ``skip``."""
@@ -563,7 +599,8 @@ def build_plan(
         sources.append((spec, opened))
     flat_sources = [s for _, opened in sources for s in opened]
     plan = RowPlan(flat_sources, [_first_format(s) for s in flat_sources],
-                   [_occurrences(s.keys) for s in flat_sources], system)
+                   [_occurrences(s.keys) for s in flat_sources], system,
+                   [spec.path for spec, opened in sources for _ in opened])
     base = 0
     for spec, opened in sources:
         # (source number, row index) for every row of this spec, in file order

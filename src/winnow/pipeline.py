@@ -22,7 +22,7 @@ from winnow.config import SampleConfig, make_config, to_dict
 from winnow.engines import Engine, check_aligned, get_engine
 from winnow.errors import DataError, WinnowError
 from winnow.redact import Redactor
-from winnow.schema import FINISH_ERROR, BadRow, Group, Prompt, SamplingParams
+from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, SamplingParams
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore, check_writable
 
@@ -33,6 +33,7 @@ FINGERPRINT_FIELDS = ("dataset", "seed", "dataset_shuffle", "data_range", "num_s
                       "output_format", "orm_model", "prm_model", "reward_funcs", "reward_model", "reward_weights",
                       "reward_kwargs", "prm_agg", "n_best_to_keep", "prm_threshold", "easy_query_threshold",
                       "hard_query_threshold", "num_rejected", "min_margin", "include_reference", "keep_unpaired",
+                      "selection", "keep_truncated",
                       "reasoning_format", "cache_files")
 
 
@@ -59,6 +60,9 @@ class RunSummary:
     cache_short_rows: int = 0  # --cache_files rows with fewer than N samples (scored as they are, engine 'no')
     cache_short_samples: int = 0
     error: str | None = None  # why a failed run stopped (secrets removed)
+    samples_truncated: int = 0  # samples cut at the token limit (kept unless --keep_truncated false)
+    # what selection did beyond the records, by kind (lines without rejected_response, duplicates...)
+    selection_notes: dict[str, int] = field(default_factory=dict)
     # every run of this output together (a resumed run adds to what the earlier ones did)
     totals: dict[str, int] = field(default_factory=dict)
 
@@ -84,6 +88,9 @@ class RunSummary:
         parts.append(f"{self.rows_failed} rows failed")
         if self.samples_failed:
             parts.append(f"{self.samples_failed} samples failed")
+        if self.samples_truncated:
+            parts.append(f"{self.samples_truncated} samples cut at the token limit")
+        parts += [f"{count} {note}" for note, count in sorted(self.selection_notes.items())]
         if self.cost_usd is not None:
             parts.append(f"cost ${self.cost_usd:.4f}")
         line = "winnow sample " + ", ".join(parts) + f" -> {self.output_file}"
@@ -235,7 +242,10 @@ class Run:
             prm_threshold=config.prm_threshold, easy_query_threshold=config.easy_query_threshold,
             hard_query_threshold=config.hard_query_threshold, num_rejected=config.num_rejected,
             min_margin=config.min_margin, include_reference=config.include_reference,
-            keep_unpaired=config.keep_unpaired)
+            keep_unpaired=config.keep_unpaired, mode=config.selection,
+            num_return_sequences=config.num_return_sequences)
+        # swift's selection scores the dataset's answer beside the samples
+        self.add_reference = config.include_reference or (config.selection == "swift" and scorer is not None)
         from winnow.cache import SampleCache
 
         self.cache = SampleCache(config.cache_files) if config.cache_files else None
@@ -342,7 +352,8 @@ class Run:
     async def _process(self, batch: list[Prompt], slots: asyncio.Semaphore, advanced: asyncio.Event) -> None:
         try:
             groups = await self._generate(batch)
-            if self.config.include_reference:
+            self._check_truncated(groups)
+            if self.add_reference:
                 groups = [with_reference(g) for g in groups]
             if self.scorer is not None:
                 await self.scorer.score(groups)
@@ -382,9 +393,22 @@ class Run:
                 g.completions.extend(extra)
         return groups
 
+    def _check_truncated(self, groups: list[Group]) -> None:
+        """Count the samples cut at the token limit; with --keep_truncated false they fail (with the reason)."""
+        for group in groups:
+            for c in group.completions:
+                if c.finish_reason == FINISH_LENGTH and c.error is None:
+                    self.summary.samples_truncated += 1
+                    if not self.config.keep_truncated:
+                        c.error = (f"truncated: the answer reached the token limit (--max_new_tokens "
+                                   f"{self.config.max_new_tokens}); --keep_truncated true keeps such answers")
+
     def _write(self, group: Group) -> None:
         s = self.summary
-        records, reason = select(group, self.select_opts)
+        selection = select(group, self.select_opts)
+        records, reason = selection.records, selection.reason
+        for note, count in selection.notes.items():
+            s.selection_notes[note] = s.selection_notes.get(note, 0) + count
         failed = len(group.completions) - len(group.ok)
         tokens = sum(c.completion_tokens for c in group.completions)
         s.samples += len(group.ok)

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import ast
 import asyncio
+import json
 import os
+import shutil
 import socket
+import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +27,8 @@ from winnow.rewards import sandbox
 from winnow.rewards.sandbox import Limits, Sandbox, run_python
 
 ROOT = os.geteuid() == 0
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
 SLACK_S = 3.0  # start-up and teardown on two busy cores
 
 
@@ -173,3 +179,26 @@ def test_large_stdin_and_output_pass_through():
     result = run_python("import sys\nsys.stdout.write(sys.stdin.read())", stdin=data,
                         limits=Limits(max_output_bytes=1 << 21))
     assert result.ok and result.stdout == data
+
+
+NON_ROOT_CHECK = """
+import json, sys
+from winnow.rewards import sandbox
+import hostile_programs as h
+out = {"isolation": sandbox.isolation()}
+for name in ("daemon", "orphan_child", "infinite_loop"):
+    marker = h.new_marker()
+    r = sandbox.run_python(h.program(name, marker), limits=h.LIMITS)
+    out[name] = [r.limit or r.exit_code, h.processes_with(marker)]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not ROOT or not shutil.which("setpriv"), reason="needs root and setpriv to become another user")
+def test_fallback_run_by_an_unprivileged_user_still_clears_what_programs_leave():
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{SRC}:{TESTS}", "LANG": "C.UTF-8"}
+    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sandbox.default_python(),
+                           "-c", NON_ROOT_CHECK], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out == {"isolation": "none", "daemon": [0, []], "orphan_child": [0, []], "infinite_loop": ["timeout", []]}

@@ -12,8 +12,11 @@ with ``-I -S``). What it does:
    size-capped tmpfs on /tmp (bound on /var/tmp and /dev/shm too): the only writable place, the
    working directory, gone with the namespace.
 3. It forks the program: rlimits, the run's own uid (when root), no new privileges, exec.
-4. It waits for the program and writes ``{"status": wait status, "cpu_s", "maxrss_kb"}`` (or
-   ``{"error": ...}``) as one JSON line on the status descriptor, which the program never holds.
+4. It waits for the program. Without namespaces it is a child subreaper: it then kills and reaps
+   every process the program left (daemons included: orphans are re-parented to it). It writes
+   ``{"status": wait status, "cpu_s", "maxrss_kb"}`` (or ``{"error": ...}``) as one JSON line on the
+   status descriptor, which the program never holds (also ``program_pid``, and ``init_pid``: PID 1's
+   pid outside the namespace, for the caller to kill on a timeout).
 """
 
 import ctypes
@@ -29,7 +32,7 @@ MS_PRIVATE = 1 << 18
 # flags a read-only remount must repeat or it would clear them (and may not clear, in some setups)
 KEPT = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": 1024, "nodiratime": 2048,
         "relatime": 1 << 21}
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -96,22 +99,58 @@ def start_program(cfg: dict, code: bytes, workdir: str, status: int) -> int:
             f.write(code)
         os.execv(cfg["python"], [cfg["python"], "-I", "main.py"])
     except BaseException as e:  # noqa: BLE001 - anything here is the sandbox failing, said on the status fd
-        os.write(status, (json.dumps({"error": f"starting the program: {e}"}) + "\n").encode())
+        _say(status, {"error": f"starting the program: {e}"})
     os._exit(127)
 
 
+def _say(status: int, message: dict) -> None:
+    os.write(status, (json.dumps(message) + "\n").encode())
+
+
+def _children() -> list[int]:
+    me, found = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        found.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
+
+
+def reap_descendants() -> None:
+    """Kill and reap every process the program left. As a child subreaper this launcher inherits each
+    orphan, however it detached (``setsid()`` included), once its parent is dead."""
+    while True:
+        for pid in _children():
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 def supervise(cfg: dict, code: bytes, status: int) -> None:
-    """Run the program, wait for it, report how it ended."""
+    """Run the program, wait for it, clear what it left, report how it ended."""
     try:
         if cfg["namespaces"]:
-            isolate_files(cfg)
+            isolate_files(cfg)  # PID 1 of the namespace: the kernel clears what is left when it exits
+        else:
+            _check(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)")
         pid = start_program(cfg, code, "/tmp" if cfg["namespaces"] else cfg["workdir"], status)
     except OSError as e:
-        os.write(status, (json.dumps({"error": f"sandbox setup: {e}"}) + "\n").encode())
+        _say(status, {"error": f"sandbox setup: {e}"})
         os._exit(1)
+    _say(status, {"program_pid": pid})
     _, wait_status, usage = os.wait4(pid, 0)
-    report = {"status": wait_status, "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss}
-    os.write(status, (json.dumps(report) + "\n").encode())
+    if not cfg["namespaces"]:
+        reap_descendants()
+    _say(status, {"status": wait_status, "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_kb": usage.ru_maxrss})
     os._exit(0)
 
 
@@ -127,13 +166,13 @@ def main() -> None:
     try:
         _check(libc.unshare(flags), "unshare")
     except OSError as e:
-        os.write(status, (json.dumps({"error": f"sandbox setup: {e}"}) + "\n").encode())
+        _say(status, {"error": f"sandbox setup: {e}"})
         sys.exit(1)
     pid = os.fork()
     if pid == 0:
         libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0)  # should this launcher be killed, PID 1 and its namespace go too
         supervise(cfg, code, status)
-    os.write(status, (json.dumps({"init_pid": pid}) + "\n").encode())
+    _say(status, {"init_pid": pid})
     os.close(status)
     os.waitpid(pid, 0)
 

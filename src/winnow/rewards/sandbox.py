@@ -2,26 +2,28 @@
 for many runs at once (a bounded pool, sync and async).
 
 Each run is a fresh interpreter (``python -I``) started through a small launcher
-(``_sandbox_launch.py``) in its own session and process group, with a scrubbed environment (a
-minimal PATH and locale, HOME and TMPDIR in the working directory), stdin from the caller or empty,
-stdout and stderr captured up to a cap, and these limits (:class:`Limits`):
+(``_sandbox_launch.py``) in its own session, with a scrubbed environment (a minimal PATH and locale,
+HOME and TMPDIR in the working directory), stdin from the caller or empty, stdout and stderr
+captured up to a cap, and these limits (:class:`Limits`):
 
-- wall clock: past ``timeout_s`` every process of the run is killed (SIGKILL);
+- wall clock: past ``timeout_s`` the run is killed (SIGKILL), every process of it;
 - ``RLIMIT_CPU`` (SIGXCPU), ``RLIMIT_AS`` (memory), ``RLIMIT_FSIZE`` (one file's size),
-  ``RLIMIT_CORE`` 0 (no core files), ``RLIMIT_NOFILE``;
+  ``RLIMIT_CORE`` 0 (no core files), ``RLIMIT_NOFILE``, and no new privileges (setuid binaries
+  do not elevate);
 - as root, every run has its own unprivileged uid, so ``RLIMIT_NPROC`` (per uid) caps the processes
-  and threads of that run alone (as root the limit would not apply at all), and the program cannot
-  write anywhere a fresh uid cannot;
+  and threads of that run alone (for root itself the limit would not apply at all), and the program
+  can write only where any user can;
 - where the machine allows it (root, ``unshare`` permitted: :func:`isolation` says ``"namespaces"``),
   new mount, network, PID and IPC namespaces: no network (only a down loopback), every mount
-  read-only, a size-capped tmpfs as the working directory (also on /tmp, /var/tmp, /dev/shm), and
-  the program as a child of PID 1, so when the run ends the kernel kills every process it left,
-  daemons that left the process group included, and the tmpfs disappears with them.
+  read-only, a size-capped tmpfs as the working directory (also on /tmp, /var/tmp, /dev/shm), a
+  /proc that shows only the run, and the program as a child of PID 1, so when the run ends the
+  kernel kills every process it left and the tmpfs disappears with them.
 
 Without namespaces (``isolation() == "none"``: not root, or a container that forbids ``unshare``)
-the network is open, the working directory is a temporary folder removed after the run, and
-processes that left the group are found and killed by uid (root) or survive (not root). See
-docs/code.md for exactly what holds where.
+the network is open, the working directory is a temporary folder removed after the run, and the
+launcher is a child subreaper that kills and reaps everything the program left (daemons included)
+before it reports; as root, what the run's uid wrote in /tmp, /var/tmp and /dev/shm is removed too.
+See docs/code.md for exactly what holds where.
 """
 
 from __future__ import annotations
@@ -77,8 +79,8 @@ class RunResult:
     exit_code: int | None  # None when a signal ended it or it never ran
     signal: int | None = None  # the signal that ended the program, if one did
     timed_out: bool = False
-    limit: str | None = None  # the limit it hit, as far as can be told: timeout, cpu, memory, file_size, disk,
-    # processes, output
+    # the limit it hit, as far as can be told: timeout, cpu, memory, file_size, disk, processes, output
+    limit: str | None = None
     duration_s: float = 0.0
     cpu_s: float | None = None
     max_rss_mb: float | None = None
@@ -95,28 +97,36 @@ class RunResult:
 _uid_lock = threading.Lock()
 _uids_free: list[int] = []
 _uids_made = 0
+_uids_pid = os.getpid()  # a forked copy of this process must not reuse its parent's uids
 
 
 @contextlib.contextmanager
 def _run_uid():
-    """A uid no other live run of this process uses (None when not root: runs keep the caller's uid)."""
-    global _uids_made
+    """(uid, clean): a uid no other live run of this process uses (None when not root: runs keep the
+    caller's uid), and a flag the run sets to ``[False]`` when processes of the uid could not be cleared:
+    the uid is then never handed out again (its leftovers would count against the next run's limit)."""
+    global _uids_made, _uids_free, _uids_pid
     if os.geteuid() != 0:
-        yield None
+        yield None, [True]
         return
     with _uid_lock:
+        if _uids_pid != os.getpid():
+            _uids_free, _uids_made, _uids_pid = [], 0, os.getpid()
         if _uids_free:
             uid = _uids_free.pop()
         elif _uids_made < UIDS_PER_PROCESS:
-            uid = UID_BASE + (os.getpid() % 10_000_000) * UIDS_PER_PROCESS + _uids_made
+            uid = UID_BASE + os.getpid() * UIDS_PER_PROCESS + _uids_made  # pids stay below 2**22
             _uids_made += 1
         else:
-            raise RuntimeError(f"more than {UIDS_PER_PROCESS} sandbox runs at once in one process")
+            raise RewardError(f"more than {UIDS_PER_PROCESS} sandbox runs at once in one process, "
+                              "or too many uids retired after runs whose processes could not be cleared")
+    clean = [True]
     try:
-        yield uid
+        yield uid, clean
     finally:
-        with _uid_lock:
-            _uids_free.append(uid)
+        if clean[0]:
+            with _uid_lock:
+                _uids_free.append(uid)
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,23 +174,22 @@ def _rlimits(limits: Limits, uid: int | None) -> dict[str, list[int]]:
     return out
 
 
-def _kill_uid(uid: int) -> None:
-    """SIGKILL every live process of ``uid`` until none is left (without namespaces, the only way to
-    catch a process that left the run's process group)."""
-    for _ in range(200):
+def _kill_uid(uid: int, wait_s: float = 2.0) -> bool:
+    """SIGKILL every process of ``uid``; True once none is left, dead ones waiting to be reaped included
+    (without namespaces, the only way to catch a process that left the run's process group)."""
+    deadline = time.monotonic() + wait_s
+    while True:
         found = False
         for entry in os.scandir("/proc"):
             if entry.name.isdigit():
                 with contextlib.suppress(OSError):
-                    if entry.stat().st_uid != uid:
-                        continue
-                    with open(f"/proc/{entry.name}/stat") as f:
-                        if f.read().rsplit(")", 1)[1].split()[0] == "Z":  # dead, waiting for its reaper
-                            continue
-                    os.kill(int(entry.name), signal.SIGKILL)
-                    found = True
+                    if entry.stat().st_uid == uid:
+                        found = True
+                        os.kill(int(entry.name), signal.SIGKILL)
         if not found:
-            return
+            return True
+        if time.monotonic() > deadline:  # zombies the machine's init does not reap
+            return False
         time.sleep(0.005)
 
 
@@ -278,18 +287,21 @@ def _collect(proc: subprocess.Popen, status_fd: int, stdin: bytes | None, deadli
     return stdout, stderr, parsed, broke
 
 
-def _end(proc: subprocess.Popen, messages: list[dict], broke: str | None) -> None:
+def _end(proc: subprocess.Popen, messages: list[dict], broke: str | None, namespaces: bool) -> None:
     """Make sure every process of the run is gone before returning."""
-    init = next((m["init_pid"] for m in messages if "init_pid" in m), None)
-    if init is not None:
-        if broke:  # killing PID 1 kills its whole namespace
+    if broke:
+        # the supervisor clears the rest: the kernel when PID 1 of the namespace dies, else the launcher.
+        # (With namespaces program_pid is a pid inside them: meaningless, even dangerous, out here.)
+        key = "init_pid" if namespaces else "program_pid"
+        target = next((m[key] for m in messages if key in m), None)
+        if target is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(init, signal.SIGKILL)
-        try:  # the launcher returns only once the kernel has reaped every process of the namespace
-            proc.wait(timeout=10)
-            return
-        except subprocess.TimeoutExpired:
-            pass
+                os.kill(target, signal.SIGKILL)
+    try:
+        proc.wait(timeout=10)
+        return
+    except subprocess.TimeoutExpired:
+        pass
     # the launcher is not reaped yet, so no other process group can have taken its id
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -298,7 +310,7 @@ def _end(proc: subprocess.Popen, messages: list[dict], broke: str | None) -> Non
 
 def _run(code: str, stdin: str | bytes | None, limits: Limits, *, namespaces: bool, python: str) -> RunResult:
     start = time.monotonic()
-    with _run_uid() as uid, tempfile.TemporaryDirectory(prefix="winnow-sandbox-") as folder:
+    with _run_uid() as (uid, clean), tempfile.TemporaryDirectory(prefix="winnow-sandbox-") as folder:
         os.chmod(folder, 0o711)  # without namespaces the run's uid works in folder/work
         program = Path(folder, "program.py")
         program.write_text(code, encoding="utf-8")
@@ -313,22 +325,21 @@ def _run(code: str, stdin: str | bytes | None, limits: Limits, *, namespaces: bo
                "rlimits": _rlimits(limits, uid)}
         data = stdin.encode() if isinstance(stdin, str) else stdin
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)], cwd=workdir, env=env,
-                stdin=subprocess.PIPE if data else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE, pass_fds=(status_w,), start_new_session=True)
-        finally:
-            os.close(status_w)
-        messages: list[dict] = []
-        try:
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)], cwd=workdir, env=env,
+                    stdin=subprocess.PIPE if data else subprocess.DEVNULL, stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE, pass_fds=(status_w,), start_new_session=True)
+            finally:
+                os.close(status_w)
             with proc:
                 stdout, stderr, messages, broke = _collect(proc, status_r, data, start + limits.timeout_s,
                                                            limits.max_output_bytes)
-                _end(proc, messages, broke)
+                _end(proc, messages, broke, namespaces)
         finally:
             os.close(status_r)
             if uid is not None and not namespaces:
-                _kill_uid(uid)
+                clean[0] = _kill_uid(uid)
                 _remove_uid_files(uid)
     return _result(stdout, stderr, messages, broke, time.monotonic() - start)
 

@@ -242,3 +242,36 @@ def test_swift_cache_files_match_by_swifts_id_or_by_content_and_a_missing_one_is
                "--progress", "false", check=True)
     stage1 = read_jsonl(tmp_path / "sample_output" / "s1.jsonl")
     assert [r["id"] for r in stage1] == ["5a316c01dd42f2d7294e29e057e83c71"] * 2
+
+
+# ----------------------------------------------------------------------------- the seed's commands
+
+def test_the_seed_commands_give_the_line_counts_swifts_document_states(tmp_path):
+    """../shared/reference/swift-sample.md, with the demo world's local models and data for the hub ids."""
+    common = ["sample", "--model", "demo-policy", "--sampler_engine", "pt", "--num_return_sequences", "5",
+              "--dataset", "demo-arith#5", "--output_dir", str(tmp_path), "--progress", "false"]
+    run_winnow(*common, "--output_file", "plain.jsonl", check=True)
+    plain = read_jsonl(tmp_path / "plain.jsonl")
+    assert len(plain) == 25 and all(r["messages"][-1]["role"] == "assistant" and r["id"] for r in plain)
+    run_winnow(*common, "--n_best_to_keep", "2", "--prm_model", "demo-prm", "--orm_model", "math",
+               "--output_file", "scored.jsonl", check=True)
+    scored = read_jsonl(tmp_path / "scored.jsonl")
+    assert 0 < len(scored) <= 10 and all("rejected_response" in r for r in scored)
+
+
+def test_the_seed_distill_command_keeps_long_reasoning_answers(tmp_path):
+    from fakeserver import FakeServer
+
+    # answers of 3,000 words: past the 2,048-token cap winnow used to send (0 of 5 lines were written)
+    data = write_jsonl(tmp_path / "math.jsonl", [{"problem": f"[[words=3000]] What is {i} + {i}?",
+                                                  "solution": str(2 * i)} for i in range(5)])
+    with FakeServer().running() as server:
+        proc = run_winnow("sample", "--sampler_type", "distill", "--sampler_engine", "client", "--model",
+                          "deepseek-r1", "--stream", "true", "--dataset", f"{data}#5", "--num_return_sequences", "1",
+                          "--temperature", "0.6", "--top_p", "0.95", "--engine_kwargs",
+                          json.dumps({"base_url": server.url}), "--output_dir", str(tmp_path), "--output_file",
+                          "distill.jsonl", env={"OPENAI_API_KEY": "sk-test"}, check=True)
+    records = read_jsonl(tmp_path / "distill.jsonl")
+    assert len(records) == 5, proc.stderr
+    assert all(r["messages"][-1]["content"].startswith("<think>") and "</think>\n\n<answer>" in
+               r["messages"][-1]["content"] and len(r["messages"][-1]["content"].split()) > 3000 for r in records)

@@ -162,8 +162,31 @@ def test_dpo_sft_raw_grpo_formats():
     rewards = [1.5, 0.1, 1.3]
     mean = sum(rewards) / 3
     std = (sum((r - mean) ** 2 for r in rewards) / 2) ** 0.5
-    assert grpo["reward_mean"] == pytest.approx(mean) and grpo["reward_std"] == pytest.approx(std)
-    assert [c["advantage"] for c in grpo["completions"]] == pytest.approx([(r - mean) / (std + 1e-4) for r in rewards])
+    # a prompt a GRPO trainer loads: prompt (TRL) and messages (swift), the row's columns, statistics aside
+    assert grpo["prompt"] == grpo["messages"] == [{"role": "user", "content": "q?"}] and "completions" not in grpo
+    assert grpo["level"] == 3 and grpo["solution"] == "ref answer" and grpo["winnow_samples"] == 3
+    assert grpo["winnow_pass_rate"] == pytest.approx(2 / 3)
+    assert grpo["winnow_reward_mean"] == pytest.approx(mean) and grpo["winnow_reward_std"] == pytest.approx(std)
+    pc, _ = select(g, opts(output_format="prompt_completion"))
+    assert pc[0]["prompt"] == [{"role": "user", "content": "q?"}]
+    assert [r["completion"] for r in pc] == [[{"role": "assistant", "content": "a"}],
+                                             [{"role": "assistant", "content": "c"}]]
+
+
+def test_reasoning_goes_where_asked():
+    g = group(("a", 1, 0.5), ("b", 0, 0.1))
+    for c in g.completions:
+        c.reasoning = "think " + c.text
+    for fmt, check in [
+        ("message", lambda r: r["messages"][-1] == {"role": "assistant", "content": "a",
+                                                    "reasoning_content": "think a"}),
+        ("think_answer", lambda r: r["messages"][-1]["content"] == "<think>think a</think>\n\n<answer>a</answer>"),
+        ("think", lambda r: r["messages"][-1]["content"] == "<think>\nthink a\n</think>\n\na"),
+        ("separate", lambda r: r["reasoning"] == "think a" and r["messages"][-1]["content"] == "a"),
+        ("none", lambda r: r["messages"][-1] == {"role": "assistant", "content": "a"} and "reasoning" not in r),
+    ]:
+        records, _ = select(g, opts(reasoning_format=fmt))
+        assert check(records[0]), fmt
 
 
 def test_unscored_keeps_every_sample():

@@ -19,7 +19,7 @@ from winnow.errors import ConfigError
 
 ENGINE_ALIASES = {"pt": "transformers", "hf": "transformers", "openai": "client"}
 ENGINES = ("pt", "transformers", "vllm", "sglang", "lmdeploy", "client", "no")
-OUTPUT_FORMATS = ("swift", "sft", "dpo", "raw", "grpo")
+OUTPUT_FORMATS = ("swift", "sft", "prompt_completion", "dpo", "raw", "grpo")
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True,
@@ -165,7 +165,10 @@ class SampleConfig:
     output_file: str | None = opt(None, "Output file name (no directory, .jsonl). Default: a timestamp.")
     override_exist_file: bool = opt(False, "Overwrite an existing output file.")
     resume: bool = opt(False, "Continue an interrupted run: skip groups already written.")
-    output_format: str = opt("swift", "Record format: swift, sft, dpo, raw, grpo.", choices=OUTPUT_FORMATS)
+    output_format: str = opt("swift", "Record format: swift (messages, id, rejected_response), sft (messages), "
+                                      "prompt_completion (TRL's prompt/completion SFT form), dpo (TRL's prompt/"
+                                      "chosen/rejected), raw (every sample with its scores), grpo (prompts a GRPO "
+                                      "trainer loads, with the group's statistics).", choices=OUTPUT_FORMATS)
 
     # --- rewards and selection
     orm_model: str | None = opt(
@@ -200,9 +203,11 @@ class SampleConfig:
     stream: bool = opt(False, "Stream API responses.")
     # a plain str with an "auto" default: "none" is one of the choices, not the absence of a value
     reasoning_format: str = opt(
-        "auto", "Where reasoning goes: think_answer (the default for distill), separate (a 'reasoning' field; "
-        "the default for sample), none (dropped).",
-        choices=("auto", "think_answer", "separate", "none"),
+        "auto", "Where a reasoning model's reasoning goes: message (reasoning_content on the assistant message, what "
+        "chat templates read; the default for sample), think_answer (<think>...</think><answer>...</answer>, the "
+        "default for distill, as swift), think (<think>...</think> then the answer), separate (a 'reasoning' "
+        "column), none (dropped).",
+        choices=("auto", "message", "think_answer", "think", "separate", "none"),
     )
     max_concurrency: int = opt(64, "API requests in flight.", ge=1)
     rpm: int | None = opt(None, "Most API requests per minute.", ge=1)
@@ -305,7 +310,7 @@ class SampleConfig:
         if not self.dataset:
             raise ConfigError("--dataset is required, e.g. --dataset data.jsonl#100")
         if self.reasoning_format in (None, "auto"):
-            self.reasoning_format = "think_answer" if self.sampler_type == "distill" else "separate"
+            self.reasoning_format = "think_answer" if self.sampler_type == "distill" else "message"
 
     @property
     def engine(self) -> str:

@@ -336,15 +336,26 @@ def _text(value: Any, what: str) -> str:
 
 
 def _check_messages(messages: Any) -> list[Message]:
+    """Chat messages as given, every field kept (tool calls, tool_call_id, name, reasoning_content...),
+    text content parts joined; an assistant turn that only calls tools has ``content: null``."""
     if not isinstance(messages, list) or not messages:
         raise RowError("'messages' must be a non-empty list of {role, content}")
     out = []
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m:
             raise RowError(f"message {k} must have 'role' and 'content'")
         if m["role"] not in ROLES:
             raise RowError(f"message {k} has role {m['role']!r}; use one of {', '.join(sorted(ROLES))}")
-        out.append({"role": m["role"], "content": _text(m["content"], f"message {k} content")})
+        message = dict(m)
+        if m.get("content") is None:
+            if not (m["role"] == "assistant" and m.get("tool_calls")):
+                raise RowError(f"message {k} has no content (only an assistant turn with tool_calls may have none)")
+            message["content"] = None
+        else:
+            message["content"] = _text(m["content"], f"message {k} content")
+        if "tool_calls" in m and not isinstance(m["tool_calls"], list):
+            raise RowError(f"message {k}: 'tool_calls' must be a list of calls")
+        out.append(message)
     return out
 
 
@@ -463,13 +474,22 @@ def row_to_prompt(row: Any, fmt: str, *, id: str | None, source: str, position: 
         conversation = conversation[:-1]
     if not conversation or conversation[-1]["role"] not in ("user", "tool"):
         raise RowError("the conversation must end with a user turn (the prompt) before the answer")
-    if not any(m["role"] == "user" and m["content"].strip() for m in conversation):
+    if not any(m["role"] == "user" and (m["content"] or "").strip() for m in conversation):
         raise RowError("empty prompt: no user turn has any text")
-    consumed = set(FORMAT_KEYS[fmt])
+    consumed = set(FORMAT_KEYS[fmt]) | {"tools"}
     columns = {k: v for k, v in row.items() if k not in consumed and k != "id"}
+    tools = row.get("tools")
+    if isinstance(tools, str):  # swift's datasets keep tools as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RowError("'tools' is not valid JSON") from None
+    if tools is not None and not isinstance(tools, list):
+        raise RowError("'tools' must be a list of function definitions")
     reference = next((str(row[k]) for k in REFERENCE_COLUMNS if row.get(k) not in (None, "")), response)
     return Prompt(id=id, messages=conversation, response=response, reference=reference, columns=columns,
-                  source=source, position=position, dataset=dataset, swift_id=swift_id)
+                  source=source, position=position, dataset=dataset, swift_id=swift_id,
+                  conversational=not (fmt == "prompt" and isinstance(row.get("prompt"), str)), tools=tools or None)
 
 
 # ----------------------------------------------------------------------------- order and shards

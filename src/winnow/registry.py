@@ -103,6 +103,11 @@ def load_plugin(path: str) -> list[str]:
                 if swift_before[kind].get(key) is not target:
                     _REWARDS[key] = RewardEntry(str(key), target, kind=kind, source=file.name)
                     names.append(str(key))
+    for attr, value in vars(module).items():  # bare reward functions (TRL's convention), found by name
+        if (inspect.isfunction(value) and not attr.startswith("_") and attr not in _REWARDS
+                and {"completions", "prompts"} & set(inspect.signature(value).parameters)):
+            _REWARDS[attr] = RewardEntry(attr, value, kind="reward", source=file.name)
+            names.append(attr)
     for attr, kind in PLUGIN_DICTS.items():
         table = getattr(module, attr, None)
         if table is None:
@@ -172,8 +177,13 @@ def build(entry: RewardEntry, options: dict[str, Any], flat: dict[str, Any] | No
             raise ConfigError(f"reward {entry.name}: {e}") from None
     runtime = {"completions", "infer_requests", "ground_truths", "completion_tokens", "prompts", "messages",
                "reference", "finish_reasons"}
+    from winnow.rewards.base import calling_style
+
+    # a plugin's TRL-style function takes dataset columns as required parameters, supplied when it is called;
+    # a built-in's required parameters are its options
+    options_only = calling_style(target) == "seed" or entry.source == "builtin"
     missing = [p.name for p in params.values() if p.default is p.empty and p.name not in chosen
-               and p.name not in runtime and list(params).index(p.name) > 0]
+               and p.name not in runtime and list(params).index(p.name) > 0] if options_only else []
     if missing:
         raise ConfigError(f"reward {entry.name} needs {', '.join(missing)}: "
                           f"--reward_kwargs '{{\"{entry.name}\": {{\"{missing[0]}\": ...}}}}'")

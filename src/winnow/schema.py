@@ -36,6 +36,9 @@ class Prompt:
     position: int = 0  # position in this run's row order; the resume index is keyed on it
     dataset: str = ""  # the --dataset name the row came from, as typed (swift's records carry it)
     swift_id: str = ""  # ms-swift's id of the row (the md5 of its preprocessed form), for its cache files
+    # a chat row (TRL passes its prompts and completions as message lists) or a plain-text prompt/completion row
+    conversational: bool = True
+    tools: list[dict[str, Any]] | None = None  # the functions the model may call (OpenAI's tools shape)
 
 
 @dataclass
@@ -60,6 +63,10 @@ class Completion:
     scores: dict[str, Score] = field(default_factory=dict)
     # The combined score used for ranking (weighted reward sum); None when not scored.
     reward: float | None = None
+    # the answer's token ids, when the engine has them (TRL rewards get them as completion_ids); not written
+    token_ids: list[int] | None = None
+    # the functions the answer calls, in OpenAI's shape ({"id", "type": "function", "function": {...}})
+    tool_calls: list[dict[str, Any]] | None = None
 
     @property
     def failed(self) -> bool:
@@ -76,11 +83,14 @@ class Completion:
         }
         if self.reasoning is not None:
             out["reasoning"] = self.reasoning
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
         if self.error is not None:
             out["error"] = self.error
         if self.scores:
             out["scores"] = {
-                name: {"value": s.value, **({"steps": s.steps} if s.steps is not None else {})}
+                name: {"value": s.value, **({"steps": s.steps} if s.steps is not None else {}),
+                       **({"info": s.info} if s.info else {})}
                 for name, s in self.scores.items()
             }
         if self.reward is not None:
@@ -100,6 +110,7 @@ class Completion:
             completion_tokens=int(d.get("completion_tokens") or 0),
             reasoning=d.get("reasoning"),
             error=d.get("error"),
+            tool_calls=d.get("tool_calls"),
             scores=scores,
             reward=d.get("reward"),
         )

@@ -66,20 +66,38 @@ def with_reference(group: Group) -> Group:
     return group
 
 
-def assistant_content(c: Completion, reasoning_format: str) -> str:
-    """The assistant turn for a completion: with its reasoning in ``<think>`` tags when asked."""
+def assistant_content(c: Completion, reasoning_format: str) -> str | None:
+    """The assistant turn's text for a completion: with its reasoning in ``<think>`` tags when asked
+    (``None`` for a turn that is only tool calls, as OpenAI writes it)."""
     if c.reasoning and reasoning_format == "think_answer":
         return f"<think>{c.reasoning}</think>\n\n<answer>{c.text}</answer>"
+    if c.reasoning and reasoning_format == "think":
+        return f"<think>\n{c.reasoning}\n</think>\n\n{c.text}"
+    if not c.text and c.tool_calls:
+        return None
     return c.text
+
+
+def assistant_message(c: Completion, opts: SelectOptions) -> dict[str, Any]:
+    """The assistant message of a completion: its text, its tool calls, and its reasoning as
+    ``reasoning_content`` (what chat templates read) with ``--reasoning_format message``."""
+    message: dict[str, Any] = {"role": "assistant", "content": assistant_content(c, opts.reasoning_format)}
+    if c.reasoning and opts.reasoning_format == "message":
+        message["reasoning_content"] = c.reasoning
+    if c.tool_calls:
+        message["tool_calls"] = c.tool_calls
+    return message
 
 
 def conversation(group: Group, c: Completion, opts: SelectOptions) -> list[dict[str, Any]]:
     """The prompt's conversation with ``c`` as the last assistant turn."""
-    return [*group.prompt.messages, {"role": "assistant", "content": assistant_content(c, opts.reasoning_format)}]
+    return [*group.prompt.messages, assistant_message(c, opts)]
 
 
 def _extra(group: Group, c: Completion, opts: SelectOptions) -> dict[str, Any]:
     out = dict(group.prompt.columns)
+    if group.prompt.tools is not None:
+        out["tools"] = group.prompt.tools
     if c.reasoning and opts.reasoning_format == "separate":
         out["reasoning"] = c.reasoning
     return out
@@ -268,8 +286,8 @@ def swift_records_unscored(group: Group, kept: list[Completion], opts: SelectOpt
     """swift sample's record: the full conversation and the row id (one line per sample); in swift mode,
     swift's exact line (the preprocessed row and its md5 id, other columns dropped)."""
     if opts.mode == "swift":
-        return [{"messages": conversation(group, c, opts), "dataset": group.prompt.dataset, "id": group.prompt.swift_id}
-                for c in kept]
+        return [{"messages": conversation(group, c, opts), "dataset": group.prompt.dataset,
+                 "id": group.prompt.swift_id} for c in kept]
     return [{**_extra(group, c, opts), "messages": conversation(group, c, opts), "id": group.prompt.id}
             for c in kept]
 
@@ -297,12 +315,12 @@ def dpo_records(group: Group, choice: Choice, opts: SelectOptions) -> list[dict[
     """TRL's conversational preference format: ``prompt`` messages, ``chosen``/``rejected`` assistant turns."""
     out = []
     def turn(c: Candidate) -> list[dict[str, Any]]:
-        return [{"role": "assistant", "content": assistant_content(c.completion, opts.reasoning_format)}]
+        return [assistant_message(c.completion, opts)]
 
     for chosen, rejected in choice.kept:
         for r in rejected:
             out.append({
-                **group.prompt.columns,
+                **_extra(group, chosen.completion, opts),
                 "prompt": group.prompt.messages,
                 "chosen": turn(chosen),
                 "rejected": turn(r),
@@ -325,15 +343,29 @@ def raw_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
 
 
 def grpo_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
-    """The raw record plus the group's reward mean and std and each sample's advantage (r - mean) / (std + 1e-4)."""
-    record = raw_record(group, opts)
-    rewards = [c.reward for c in group.completions if not c.failed and c.reward is not None]
+    """A prompt a GRPO trainer loads directly: ``prompt`` (TRL) and ``messages`` (ms-swift), the row's
+    columns (its reward functions read them), and the group's measured statistics under ``winnow_*``
+    names, which no trainer reads as an argument. No samples: the trainer makes its own."""
+    rewards = [c.reward for c in group.completions if not c.failed and c.reward is not None
+               and c.finish_reason != FINISH_REFERENCE]
     mean = sum(rewards) / len(rewards) if rewards else None
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else 0.0
-    for out, c in zip(record["completions"], group.completions, strict=True):
-        out["advantage"] = None if c.failed or c.reward is None or mean is None else (c.reward - mean) / (std + 1e-4)
-    record.update(reward_mean=mean, reward_std=std if rewards else None)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else None
+    record: dict[str, Any] = {**group.prompt.columns, "prompt": group.prompt.messages,
+                              "messages": group.prompt.messages, "id": group.prompt.id}
+    if group.prompt.tools is not None:
+        record["tools"] = group.prompt.tools
+    if group.prompt.reference is not None and "solution" not in record and "answer" not in record:
+        record["solution"] = group.prompt.reference  # TRL's accuracy_reward reads it
+    record.update(winnow_samples=len([c for c in group.completions if c.finish_reason != FINISH_REFERENCE]),
+                  winnow_pass_rate=pass_rate(group, opts) if opts.orm_key else None,
+                  winnow_reward_mean=mean, winnow_reward_std=std)
     return record
+
+
+def prompt_completion_records(group: Group, kept: list[Completion], opts: SelectOptions) -> list[dict[str, Any]]:
+    """TRL's conversational prompt-completion SFT form: the trainer computes the loss on the completion only."""
+    return [{**_extra(group, c, opts), "prompt": group.prompt.messages, "completion": [assistant_message(c, opts)],
+             "id": group.prompt.id} for c in kept]
 
 
 def select(group: Group, opts: SelectOptions) -> Selection:
@@ -352,6 +384,8 @@ def select(group: Group, opts: SelectOptions) -> Selection:
     if not opts.scored:
         if opts.output_format == "dpo":
             return Selection([], "no pair: the dpo format needs rewards (--orm_model/--prm_model/--reward_funcs)")
+        if opts.output_format == "prompt_completion":
+            return Selection(prompt_completion_records(group, ok, opts))
         return Selection(swift_records_unscored(group, ok, opts))  # stage 1: every sample, for a later pass
     if opts.mode == "swift" and opts.output_format == "swift":
         return swift_records(group, opts)
@@ -365,6 +399,8 @@ def select(group: Group, opts: SelectOptions) -> Selection:
     if opts.output_format == "sft":
         return Selection([{**_extra(group, c.completion, opts), "messages": conversation(group, c.completion, opts),
                            "id": group.prompt.id} for c, _ in choice.kept], None, notes)
+    if opts.output_format == "prompt_completion":
+        return Selection(prompt_completion_records(group, [c.completion for c, _ in choice.kept], opts), None, notes)
     unpaired = _unpaired(choice)
     if opts.output_format == "dpo":
         records = dpo_records(group, choice, opts)

@@ -85,15 +85,17 @@ def load_template(template: str | None) -> str | None:
 
 
 def render_chat(tokenizer, messages: list[dict], template: str | None = None, add_generation_prompt: bool = True,
-                template_kwargs: dict | None = None, response_prefix: str | None = None) -> str:
+                template_kwargs: dict | None = None, response_prefix: str | None = None,
+                tools: list[dict] | None = None) -> str:
     """The prompt text for ``messages`` under the tokenizer's (or the given) chat template; ``template_kwargs``
-    are the template's variables (``enable_thinking``...), ``response_prefix`` the text the answer starts with."""
+    are the template's variables (``enable_thinking``...), ``response_prefix`` the text the answer starts with,
+    ``tools`` the functions the model may call (templates that support tools list them)."""
     chat_template = template or getattr(tokenizer, "chat_template", None)
     if not chat_template:
         raise EngineError("the tokenizer has no chat template; pass one with --template NAME_FILE_OR_JINJA")
     text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
-        **(template_kwargs or {}))
+        **({"tools": tools} if tools else {}), **(template_kwargs or {}))
     return text + (response_prefix or "")
 
 

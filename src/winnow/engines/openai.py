@@ -399,6 +399,8 @@ class OpenAIEngine:
     def _body(self, prompt: Prompt, params: SamplingParams, n: int) -> dict[str, Any]:
         # what the run leaves unset is not sent: the server's defaults (often the model's own) apply
         body: dict[str, Any] = {"model": self.model, "messages": prompt.messages}
+        if prompt.tools:
+            body["tools"] = prompt.tools
         for key, value in (("temperature", params.temperature), ("top_p", params.top_p),
                            (self.max_tokens_param, params.max_new_tokens), ("seed", None)):
             if value is not None:
@@ -533,6 +535,7 @@ class OpenAIEngine:
                 msg = ch.get("message") or {}
                 choices.append({"index": ch.get("index", len(choices)), "content": msg.get("content"),
                                 "reasoning": msg.get("reasoning_content") or msg.get("reasoning"),
+                                "tool_calls": msg.get("tool_calls") or None,
                                 "finish_reason": ch.get("finish_reason")})
             return choices, data.get("usage") or {}
         return await asyncio.wait_for(self._call_stream(body), self.request_timeout)
@@ -549,17 +552,26 @@ class OpenAIEngine:
                 usage = chunk["usage"]
             for ch in chunk.get("choices") or ():
                 acc = parts.setdefault(int(ch.get("index") or 0), {"content": [], "reasoning": [],
-                                                                    "finish_reason": None})
+                                                                    "finish_reason": None, "tool_calls": {}})
                 delta = ch.get("delta") or {}
                 if delta.get("content"):
                     acc["content"].append(delta["content"])
+                for call in delta.get("tool_calls") or ():  # pieces of a call, keyed by its index
+                    slot = acc["tool_calls"].setdefault(int(call.get("index") or 0),
+                                                        {"id": None, "type": "function",
+                                                         "function": {"name": "", "arguments": ""}})
+                    slot["id"] = call.get("id") or slot["id"]
+                    function = call.get("function") or {}
+                    slot["function"]["name"] += function.get("name") or ""
+                    slot["function"]["arguments"] += function.get("arguments") or ""
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if reasoning:
                     acc["reasoning"].append(reasoning)
                 if ch.get("finish_reason"):
                     acc["finish_reason"] = ch["finish_reason"]
         choices = [{"index": i, "content": "".join(p["content"]) if p["content"] else None,
-                    "reasoning": "".join(p["reasoning"]) or None, "finish_reason": p["finish_reason"]}
+                    "reasoning": "".join(p["reasoning"]) or None, "finish_reason": p["finish_reason"],
+                    "tool_calls": [call for _, call in sorted(p["tool_calls"].items())] or None}
                    for i, p in sorted(parts.items())]
         if not choices:
             raise json.JSONDecodeError("the stream ended without any choice", "", 0)
@@ -582,14 +594,15 @@ class OpenAIEngine:
         for c, ct in zip(choices, _split(completion_tokens, weights), strict=True):
             text = c["content"] or ""
             finish = c["finish_reason"] or FINISH_STOP
-            comp = Completion(text=text, finish_reason=finish, completion_tokens=ct, reasoning=c["reasoning"])
+            comp = Completion(text=text, finish_reason=finish, completion_tokens=ct, reasoning=c["reasoning"],
+                              tool_calls=c.get("tool_calls"))
             if finish == FINISH_LENGTH:
                 if not self.keep_truncated:
                     comp.error = (f"truncated: the answer reached --max_new_tokens {params.max_new_tokens} "
                                   "(finish_reason length)")
             elif finish == FINISH_CONTENT_FILTER:
                 comp.error = "blocked by the server's content filter (finish_reason content_filter)"
-            elif not text.strip():
+            elif not text.strip() and not comp.tool_calls:
                 comp.finish_reason = FINISH_ERROR
                 comp.error = "empty content" + (" (reasoning only)" if c["reasoning"] else "")
             out.append(comp)

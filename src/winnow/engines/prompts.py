@@ -73,7 +73,7 @@ class PromptEncoder:
         if not self.use_chat_template:
             return hf.plain_prompt(prompt.messages, self.response_prefix)
         return hf.render_chat(self.tokenizer, prompt.messages, self.template, template_kwargs=self.template_kwargs,
-                              response_prefix=self.response_prefix)
+                              response_prefix=self.response_prefix, tools=prompt.tools)
 
     def budget(self, prompt_tokens: int, params: SamplingParams) -> int:
         """The answer's token budget: ``max_new_tokens`` within the context, or the rest of the context."""

@@ -110,7 +110,7 @@ def _named_reward(spec: str, role: str, config) -> Reward | None:
         own = {}
     flat = {k: v for k, v in kwargs.items() if not isinstance(v, dict)}
     obj = registry.build(entry, own, flat)
-    return adapt(entry.name, obj, agg=config.prm_agg, args=own or None)
+    return adapt(entry.name, obj, agg=config.prm_agg, args=own or None, swift_registered=entry.kind in ("orm", "prm"))
 
 
 def build_run_scorer(config) -> RunScorer:

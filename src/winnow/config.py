@@ -172,12 +172,29 @@ class ServeConfig:
     template: str | None = opt(None, "Chat template (Jinja string or file).")
     max_new_tokens: int | None = opt(None, "max_tokens of requests that set none; unset: the rest of the context.")
     seed: int = opt(42, "Seed of the server's random stream; a request's own seed gets an engine call of its own.")
+    # --- limits against hostile or broken clients (docs/serve.md, "Limits")
+    max_request_bytes: int = opt(32 * 1024 * 1024, "Largest request body in bytes; a larger one is answered 413 "
+                                                   "before it is read.")
+    max_messages: int = opt(2048, "Most messages in one conversation, and content parts in one message.")
+    max_prompts: int = opt(256, "Most prompts in one /v1/completions request and conversations in one "
+                                "/v1/rewards request.")
+    max_stop: int = opt(16, "Most stop strings in one request.")
+    max_stop_chars: int = opt(256, "Longest stop string, in characters.")
+    max_connections: int = opt(1024, "Most open client connections; beyond it the oldest connection that has not "
+                                     "sent a whole request head is closed, or the new one refused with 503.")
+    timeout_headers: float = opt(10.0, "Seconds a connection has to send a whole request head (408 after).")
+    timeout_body: float = opt(60.0, "Seconds a request has to send its whole body once its head is in (408 after).")
+    timeout_keep_alive: float = opt(5.0, "Seconds an idle keep-alive connection stays open.")
     debug: bool = opt(False, "Show tracebacks on errors.")
 
     def __post_init__(self) -> None:
         if not self.model:
             raise ConfigError("--model is required")
         self.engine = ENGINE_ALIASES.get(self.engine, self.engine)
+        for name in ("max_request_bytes", "max_messages", "max_prompts", "max_stop", "max_stop_chars",
+                     "max_connections", "timeout_headers", "timeout_body", "timeout_keep_alive"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
 
 
 # ----------------------------------------------------------------------------- CLI / YAML derivation

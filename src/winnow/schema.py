@@ -128,6 +128,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_p: float | None = None  # drop tokens below min_p x the top token's probability (None: off)
 
 
 @dataclass

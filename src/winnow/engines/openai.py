@@ -405,6 +405,8 @@ class OpenAIEngine:
             body["top_k"] = params.top_k
         if params.repetition_penalty != 1.0:
             body["repetition_penalty"] = params.repetition_penalty
+        if params.min_p:
+            body["min_p"] = params.min_p
         if self.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}

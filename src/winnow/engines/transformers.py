@@ -193,6 +193,8 @@ class TransformersEngine:
         }
         if sample:
             gen.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
+            if params.min_p:
+                gen["min_p"] = params.min_p
         else:
             gen.update(temperature=None, top_p=None, top_k=None)
         if params.stop:

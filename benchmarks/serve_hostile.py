@@ -5,7 +5,8 @@ Starts the server itself and measures, on loopback:
 1. a chat request with one huge message (``--sizes_mb``, default 10 and 100 MB), then bodies of
    ``--shape_mb`` (default 31, just under the default cap) shaped to cost the most per byte: one
    long token-id prompt, as many messages as fit, as many content parts as fit: the status, the
-   time to answer, and the server's peak RSS (``VmHWM`` in ``/proc/PID/status``) after each. A
+   time to answer, and the server's peak RSS while answering (``VmHWM`` in ``/proc/PID/status``,
+   reset before each request through ``/proc/PID/clear_refs`` where the kernel allows). A
    watchdog kills the server if its RSS passes ``--rss_cap_gb`` (the machine is shared: an
    unprotected server would take it all), and says so;
 2. a chat request with ``--stop_strings`` stop strings: its status and time, and the latency of
@@ -73,6 +74,16 @@ class Watchdog:
         self._thread.join()
 
 
+def reset_peak(pid: int) -> bool:
+    """Reset the process's VmHWM to its current RSS (Linux 4.0+); False where not allowed."""
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def normal_request(url: str) -> tuple[int, float]:
     start = time.perf_counter()
     resp = httpx.post(f"{url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4}, timeout=300)
@@ -114,6 +125,8 @@ def big_bodies(args) -> None:
     try:
         print(f"server idle: VmHWM {status_kb(pid, 'VmHWM') / 1024:.0f} MB", flush=True)
         for label, route, body in shaped_bodies(args):
+            reset = reset_peak(pid)
+            before = status_kb(pid, "VmRSS") or 0
             start = time.perf_counter()
             try:
                 resp = httpx.post(f"{server.url}/v1/{route}", content=body, timeout=600,
@@ -123,7 +136,9 @@ def big_bodies(args) -> None:
                 outcome = f"no answer ({type(e).__name__})"
             seconds = time.perf_counter() - start
             hwm = status_kb(pid, "VmHWM")
-            peak = f"VmHWM {hwm / 1024:.0f} MB" if hwm is not None else "server gone"
+            peak = "server gone"
+            if hwm is not None:
+                peak = f"VmHWM {hwm / 1024:.0f} MB" + (f" (+{max(0, hwm - before) / 1024:.0f} MB)" if reset else "")
             if dog.fired:
                 peak = f"KILLED by the watchdog at {args.rss_cap_gb} GB RSS"
             print(f"{label:<26} {outcome.strip():<32} {seconds:6.2f} s   {peak}", flush=True)

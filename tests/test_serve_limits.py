@@ -23,7 +23,7 @@ from test_serve import Server
 
 MAX_BYTES = 200_000
 TIMEOUT_HEADERS = 1.5
-TIMEOUT_BODY = 1.5
+TIMEOUT_BODY = 4.0  # long enough to hold --max_connections busy connections while a test looks
 MAX_CONNECTIONS = 64
 CHAT = [{"role": "user", "content": "What is 2 + 3?"}]
 # the tiny model's ChatML template, plus Qwen3's switch: enable_thinking=false pre-fills an empty think block
@@ -104,9 +104,26 @@ def http_status(raw: bytes) -> int:
 def first_response(raw: bytes) -> tuple[int, dict]:
     """Status and JSON body of the first HTTP response in ``raw``."""
     head, _, rest = raw.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length"))
-    return http_status(raw), json.loads(rest[:length])
+    return http_status(raw), json.loads(rest[:_content_length(head)])
+
+
+def read_response(sock: socket.socket, timeout: float = 10) -> bytes:
+    """One whole HTTP response (head and ``Content-Length`` body), leaving the connection open."""
+    sock.settimeout(timeout)
+    raw = b""
+    while True:
+        head, sep, body = raw.partition(b"\r\n\r\n")
+        if sep and len(body) >= _content_length(head):
+            return raw
+        chunk = sock.recv(65536)
+        if not chunk:
+            return raw
+        raw += chunk
+
+
+def _content_length(head: bytes) -> int:
+    return next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                 if line.lower().startswith(b"content-length")), 0)
 
 
 # ----------------------------------------------------------------------------- body size and time
@@ -115,8 +132,7 @@ def test_declared_body_over_the_cap_is_413_before_it_is_sent(server):
     with connect(server) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100000000\r\n\r\n")  # 100 MB announced, not a byte of it sent
-        sock.settimeout(5)
-        raw = sock.recv(65536)  # the answer comes at once, though the body never does
+        raw = read_response(sock, timeout=5)  # the answer comes at once, though the body never does
     status, body = first_response(raw)
     assert status == 413, raw[:300]
     err = body["error"]
@@ -186,11 +202,31 @@ def test_half_open_connections_are_closed_and_others_still_served(server):
     assert server.health()["status"] == "ok"
 
 
+def test_past_the_cap_with_every_connection_busy_a_new_one_is_refused_with_503(server):
+    busy: list[socket.socket] = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 4):  # each busy reading its body, until --timeout_body
+            sock = connect(server)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n"
+                         b"Expect: 100-continue\r\n\r\n")
+            busy.append(sock)
+            if sock.recv(65536).startswith(b"HTTP/1.1 100"):  # the server holds its head and reads its body
+                sock.sendall(b"{")
+        with connect(server) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
+            status, body = first_response(read_until_closed(sock, timeout=10))
+        assert status == 503 and body["error"]["code"] == "server_overloaded", body
+        assert "--max_connections" in body["error"]["message"]
+    finally:
+        for sock in busy:
+            sock.close()
+    assert server.health()["status"] == "ok"
+
+
 def test_idle_keep_alive_connection_with_half_a_next_request_is_closed(server):
     with connect(server) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
-        first = sock.recv(65536)
-        assert http_status(first) == 200
+        assert http_status(read_response(sock)) == 200
         sock.sendall(b"GET /hea")  # the next request, never finished
         raw = read_until_closed(sock, timeout=TIMEOUT_HEADERS + 15)
     assert http_status(raw) == 408 and b"--timeout_headers" in raw

@@ -21,13 +21,18 @@ Options: ``latency`` (seconds before answering), ``reasoning`` (``reasoning_cont
 ``reasoning`` or ``none``; default ``reasoning_content`` for model names containing ``r1`` or
 ``reason``, else ``none``), ``n`` (``honour`` or ``ignore``: answer one choice whatever ``n`` is),
 ``retry_after`` (seconds sent with 429s, default 0.05), ``hang`` (seconds a timeout fault waits,
-default 3600), ``fault`` (a fault applied to every prompt).
+default 3600), ``fault`` (a fault applied to every prompt), ``chaos`` (a probability: each request hits
+one fault drawn at random from ``CHAOS_FAULTS``, seeded by ``chaos_seed``; ``cut``/``cutdrop``
+apply to streams, ``drop`` otherwise).
 
 Faults are ``KIND-COUNT``: KIND is ``429``, ``500``, ``503``, ``401`` (echoing the key back),
 ``timeout`` (no answer for ``hang`` seconds), ``drop`` (close the connection without an answer),
 ``malformed`` (200 with broken JSON),
 ``empty`` (content ``""``), ``null`` (content null), ``length`` (finish_reason length),
-``filter`` (finish_reason content_filter); COUNT is ``once``, ``twice``, ``always`` or a number:
+``filter`` (finish_reason content_filter), ``cut`` (a stream that stops half-way through the answer
+with no finish_reason and no ``[DONE]``, the HTTP body ended cleanly, as a proxy that drops its
+upstream does), ``cutdrop`` (the same, the connection closed mid-body); COUNT is ``once``, ``twice``,
+``always`` or a number:
 how many requests for the same prompt text the fault hits before the server answers normally.
 
 Answers: "What is A + B?" prompts get ``The answer is \\boxed{A+B}.``; others an echo. Tokens are
@@ -51,6 +56,7 @@ from urllib.parse import parse_qsl
 MARKER = re.compile(r"\[\[([^\]]+)\]\]")
 SUM = re.compile(r"What is (-?\d+) \+ (-?\d+)\?")
 COUNTS = {"once": 1, "twice": 2, "always": 10**9}
+CHAOS_FAULTS = ("429", "500", "503", "drop", "malformed", "cut", "cutdrop", "empty")
 REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
            500: "Internal Server Error", 503: "Service Unavailable"}
 
@@ -65,6 +71,7 @@ class Options:
     retry_after: float = 0.05
     hang: float = 3600.0
     faults: list[tuple[str, int]] = field(default_factory=list)
+    chaos: float = 0.0
 
     def apply(self, key: str, value: str) -> None:
         if key in ("latency", "slow"):
@@ -80,6 +87,8 @@ class Options:
         elif key == "fault":
             kind, _, count = value.partition("-")
             self.faults.append((kind, COUNTS.get(count or "always") or int(count)))
+        elif key == "chaos":
+            self.chaos = float(value)
         else:
             raise ValueError(f"unknown fake-server option {key!r}")
 
@@ -89,9 +98,14 @@ class FakeServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
                  reasoning: str | None = None, n: str = "honour", retry_after: float = 0.05,
-                 hang: float = 3600.0, fault: list[str] | None = None):
+                 hang: float = 3600.0, fault: list[str] | None = None, chaos: float = 0.0, chaos_seed: int = 0):
+        import random
+
         self.host, self.port = host, port
-        self.defaults = dict(latency=latency, reasoning=reasoning, n=n, retry_after=retry_after, hang=hang)
+        self.defaults = dict(latency=latency, reasoning=reasoning, n=n, retry_after=retry_after, hang=hang,
+                             chaos=chaos)
+        self.rng = random.Random(chaos_seed)
+        self.faults_hit: Counter = Counter()  # fault kind -> requests it hit
         self.default_faults = list(fault or [])
         self.hits: Counter = Counter()  # (fault kind, prompt text) -> requests it has hit
         self.requests = 0
@@ -219,11 +233,13 @@ class FakeServer:
 
     def stats(self) -> dict:
         return {"requests": self.requests, "chat_requests": self.chat_requests, "in_flight": self.in_flight,
+                "faults": dict(self.faults_hit),
                 "max_in_flight": self.max_in_flight, "models": dict(self.models),
                 "busy_s": (self.last_at - self.first_at) if self.first_at and self.last_at else 0.0}
 
     def reset(self) -> None:
         self.hits.clear()
+        self.faults_hit.clear()
         self.models.clear()
         self.requests = self.chat_requests = self.max_in_flight = 0
         self.first_at = self.last_at = None
@@ -244,13 +260,20 @@ class FakeServer:
             opts.reasoning = "reasoning_content" if ("r1" in name.lower() or "reason" in name.lower()) else "none"
         return opts
 
-    def _fault(self, opts: Options, prompt: str) -> str | None:
+    def _fault(self, opts: Options, prompt: str, stream: bool) -> str | None:
         """The fault this request hits, counting hits per (kind, prompt) so 'once' means once."""
         for kind, count in opts.faults:
             key = (kind, prompt)
             if self.hits[key] < count:
                 self.hits[key] += 1
+                self.faults_hit[kind] += 1
                 return kind
+        if opts.chaos and self.rng.random() < opts.chaos:
+            kind = self.rng.choice(CHAOS_FAULTS)
+            if kind in ("cut", "cutdrop") and not stream:
+                kind = "drop"
+            self.faults_hit[kind] += 1
+            return kind
         return None
 
     async def _chat(self, headers: dict, body: bytes, writer: asyncio.StreamWriter) -> bool:
@@ -267,7 +290,7 @@ class FakeServer:
             opts = self._options(model, prompt)
         except ValueError as e:
             return self._json(writer, 400, {"error": {"message": str(e), "type": "invalid_request"}})
-        fault = self._fault(opts, prompt)
+        fault = self._fault(opts, prompt, bool(req.get("stream")))
         if opts.latency:
             await asyncio.sleep(opts.latency)
         if fault in ("429", "500", "503"):
@@ -297,8 +320,8 @@ class FakeServer:
         base = {"id": f"chatcmpl-{self.chat_requests}", "created": int(time.time()), "model": model}
         if req.get("stream"):
             include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-            await self._stream(writer, base, choices, usage if include_usage else None)
-            return True
+            await self._stream(writer, base, choices, usage if include_usage else None, cut=fault)
+            return fault != "cutdrop"
         return self._json(writer, 200, {**base, "object": "chat.completion", "choices": choices, "usage": usage})
 
     @staticmethod
@@ -325,7 +348,8 @@ class FakeServer:
         tokens = len((content or "").split()) + len((reasoning or "").split())
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": None, "_tokens": tokens}
 
-    async def _stream(self, writer: asyncio.StreamWriter, base: dict, choices: list[dict], usage: dict | None) -> None:
+    async def _stream(self, writer: asyncio.StreamWriter, base: dict, choices: list[dict], usage: dict | None,
+                      cut: str | None = None) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
 
         def event(data: str) -> None:
@@ -343,7 +367,15 @@ class FakeServer:
             if field_name:
                 for piece in _pieces(msg[field_name]):
                     chunk(c["index"], {field_name: piece})
-            for piece in _pieces(msg["content"] or ""):
+            pieces = _pieces(msg["content"] or "")
+            if cut in ("cut", "cutdrop"):  # half the answer, then nothing: no finish_reason, no [DONE]
+                for piece in pieces[: max(1, len(pieces) // 2)]:
+                    chunk(c["index"], {"content": piece})
+                if cut == "cut":
+                    writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                return
+            for piece in pieces:
                 chunk(c["index"], {"content": piece})
             chunk(c["index"], {}, c["finish_reason"])
             await writer.drain()
@@ -372,9 +404,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--retry-after", type=float, default=0.05)
     parser.add_argument("--hang", type=float, default=3600.0)
     parser.add_argument("--fault", action="append", default=[], help="KIND-COUNT applied to every prompt")
+    parser.add_argument("--chaos", type=float, default=0.0, help="probability of a random fault per request")
+    parser.add_argument("--chaos-seed", type=int, default=0)
     args = parser.parse_args(argv)
     server = FakeServer(args.host, args.port, latency=args.latency, reasoning=args.reasoning, n=args.n,
-                        retry_after=args.retry_after, hang=args.hang, fault=args.fault)
+                        retry_after=args.retry_after, hang=args.hang, fault=args.fault, chaos=args.chaos,
+                        chaos_seed=args.chaos_seed)
 
     async def serve() -> None:
         url = await server.start()

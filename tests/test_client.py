@@ -203,13 +203,22 @@ def test_interrupt_cancels_requests_in_flight_after_the_grace_period(server):
     assert server.chat_requests == 2
 
 
-def test_describe_has_no_secret_and_no_userinfo(server):
+def test_describe_has_no_secret(server):
     from winnow.engines.openai import OpenAIEngine
 
-    eng = OpenAIEngine("m", base_url="http://user:pw@127.0.0.1:9/v1", api_key=SECRET)
+    eng = OpenAIEngine("m", base_url="http://127.0.0.1:9/v1", api_key=SECRET)
     text = json.dumps(eng.describe())
-    assert SECRET not in text and "pw" not in text and eng.describe()["api_key"] == "engine_kwargs"
+    assert SECRET not in text and eng.describe()["api_key"] == "engine_kwargs"
     asyncio.run(eng.aclose())
+
+
+def test_credentials_in_the_base_url_are_refused_without_echoing_them():
+    from winnow.engines.openai import OpenAIEngine
+    from winnow.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds credentials") as info:
+        OpenAIEngine("m", base_url="http://user:pw-secret@127.0.0.1:9/v1", api_key=SECRET)
+    assert "pw-secret" not in str(info.value)
 
 
 def test_no_key_and_no_base_url_is_a_clear_error(monkeypatch):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 
 import pytest
@@ -59,7 +61,7 @@ def test_python_api_validates_like_the_cli():
     (["--model", "m", "--dataset", "a", "--num_return_sequences", "x"], "invalid int value"),
     (["--model", "m", "--dataset", "a", "--resume", "maybe"], "expected true or false"),
     (["--model", "m", "--dataset", "a", "--engine_kwargs", "{bad"], "expected a JSON object"),
-    (["--model", "m", "--dataset", "a", "--sampler_engine", "tgi"], "sampler_engine 'tgi' is not one of"),
+    (["--model", "m", "--dataset", "a", "--sampler_engine", "tgi"], "--sampler_engine 'tgi': not one of"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(argv, needle):
     proc = run_winnow("sample", *argv)
@@ -80,3 +82,27 @@ def test_help_does_not_import_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out
     assert "--num_return_sequences" in out
+
+
+@pytest.mark.parametrize("values, needle", [
+    ({"temperature": -1}, "--temperature -1: must be at least 0"),
+    ({"top_p": 0}, "--top_p 0: must be greater than 0"),
+    ({"num_return_sequences": 4, "n_best_to_keep": 9}, "--n_best_to_keep 9: more than the 4 samples"),
+    ({"output_format": "jsonl"}, "--output_format 'jsonl': not one of swift"),
+    ({"prm_agg": "max"}, "--prm_agg 'max': not one of"),
+    ({"torch_dtype": "int8"}, "--torch_dtype 'int8': not one of"),
+    ({"sampler_type": "mcts_v0"}, "--sampler_type 'mcts_v0': not one of"),
+    ({"easy_query_threshold": 1.5}, "--easy_query_threshold 1.5: must be at most 1"),
+])
+def test_choices_and_ranges_hold_for_python_yaml_and_cli(tmp_path, values, needle):
+    from winnow.config import SampleConfig, make_config, parse_args
+
+    base = {"model": "m", "dataset": ["d.jsonl"]}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        SampleConfig(**base, **values)
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("".join(f"{k}: {json.dumps(v)}\n" for k, v in {**base, **values}.items()))
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        parse_args(SampleConfig, ["--config", str(yaml_file)], "winnow sample", "")
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        make_config(SampleConfig, {**base, **{k: str(v) for k, v in values.items()}})

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from winnow.errors import OutputExistsError
-from winnow.store import OutputStore
+from winnow.store import OutputStore, Totals
 
 
 def _store(tmp_path, **kw):
@@ -125,10 +125,88 @@ def test_transient_failures_are_retried_on_resume_bad_rows_are_not(tmp_path):
     s.close()
     again = _store(tmp_path, resume=True)
     assert [again.is_done(p) for p in range(4)] == [True, True, False, True]
-    assert [e["id"] for e in _lines(tmp_path / "o.failed.jsonl")] == ["b"]  # "c" is being tried again
+    # "c" is being tried again, and stays in the log until its row is written or logged again
+    assert [e["id"] for e in _lines(tmp_path / "o.failed.jsonl")] == ["b", "c"]
     again.write_failed(2, "c", "d.jsonl:3", "APITimeoutError after 5 retries", stage="generate", retry=True)
     again.close()
     assert [e["id"] for e in _lines(tmp_path / "o.failed.jsonl")] == ["b", "c"]  # logged once, not twice
+    third = _store(tmp_path, resume=True)
+    third.write_group(2, [{"id": "c"}], "c")
+    third.close()
+    assert [e["id"] for e in _lines(tmp_path / "o.failed.jsonl")] == ["b"]  # written now: out of the log
+    assert _store(tmp_path, resume=True).totals == Totals(groups=3, lines=3, filtered=0, failed=1, retry=0)
+
+
+def test_a_retry_survives_a_resumed_run_that_is_killed_before_redoing_it(tmp_path):
+    s = _store(tmp_path)
+    for pos in range(3):
+        s.write_failed(pos, f"r{pos}", f"d.jsonl:{pos + 1}", "HTTP 503", stage="generate", retry=True)
+    s.close()
+    killed = _store(tmp_path, resume=True)  # resumed, then killed (never closed) before any redo
+    killed.write_group(0, [{"id": "r0"}], "r0")
+    del killed
+    again = _store(tmp_path, resume=True)
+    assert [again.is_done(p) for p in range(3)] == [True, False, False]
+    assert sorted(e["id"] for e in _lines(tmp_path / "o.failed.jsonl")) == ["r1", "r2"]
+    assert again.totals.rows == 3 and again.totals.failed == 2 and again.totals.groups == 1
+
+
+def test_counts_add_up_after_any_sequence_of_kills(tmp_path):
+    """Random runs, each killed at a random write (before or after its index line), then resumed:
+    every settled row is in exactly one place (the output, the filtered count or the failed log), and
+    rows waiting for a retry are in the failed log."""
+    import random
+
+    rng = random.Random(7)
+    rows = 40
+
+    class Killed(Exception):
+        pass
+
+    for trial in range(30):
+        folder = tmp_path / f"t{trial}"
+        folder.mkdir()
+        fresh = True
+        for _run in range(6):
+            s = OutputStore(str(folder), "o.jsonl", fingerprint="fp", resume=not fresh, reorder_window=4)
+            fresh = False
+            budget = rng.randint(0, 12)
+            real_index = s._write_index
+
+            def index_or_die(entry, real_index=real_index):
+                nonlocal budget
+                budget -= 1
+                if budget < 0 and "p" in entry:
+                    raise Killed  # the data line is written, its index line is not
+                real_index(entry)
+
+            s._write_index = index_or_die
+            try:
+                for pos in range(rows):
+                    if not s.is_done(pos) and s.can_start(pos):
+                        kind = rng.choice("wwfxb")
+                        if kind in "wf":
+                            s.write_group(pos, [{"id": pos}] * (kind == "w"), str(pos))
+                        else:
+                            s.write_failed(pos, str(pos), "d", "why", stage="generate", retry=kind == "x")
+                s._write_index = real_index
+                s.close()
+            except Killed:
+                pass  # killed: nothing is closed
+        check = OutputStore(str(folder), "o.jsonl", fingerprint="fp", resume=True, reorder_window=4)
+        written = [r["id"] for r in _lines(folder / "o.jsonl")]
+        failed = [e["position"] for e in _lines(folder / "o.failed.jsonl")] \
+            if (folder / "o.failed.jsonl").exists() else []
+        assert len(written) == len(set(written)) and len(failed) == len(set(failed))
+        assert not set(written) & set(failed)
+        settled = [p for p in range(rows) if check.state.finished(p)]
+        t = check.totals
+        assert t.groups == len(written) and t.failed == len(failed) and t.rows == len(settled)
+        assert set(written) | set(failed) <= set(settled)
+        assert check.state.redo <= set(failed)
+        retrying = {e["position"] for e in _lines(folder / "o.failed.jsonl") if e.get("retry")} if failed else set()
+        assert retrying == check.state.redo and t.retry == len(retrying)
+        check.close()
 
 
 def test_count_done_matches_probing_every_position(tmp_path):

@@ -1,4 +1,4 @@
-"""The ``winnow`` command: ``sample``, ``serve`` (alias ``deploy``), ``list``.
+"""The ``winnow`` command: ``sample``, ``serve`` (alias ``deploy``), ``report``, ``list``.
 
 One handler turns winnow's errors into one line and an exit code; tracebacks only with --debug.
 Nothing heavy is imported here: ``winnow --help`` needs neither torch nor transformers.
@@ -12,12 +12,13 @@ import sys
 from typing import Any
 
 from winnow import __version__
-from winnow.config import SampleConfig, ServeConfig, build_parser, parse_args
+from winnow.config import ReportConfig, SampleConfig, ServeConfig, build_parser, parse_args
 from winnow.errors import WinnowError
 
 COMMANDS = {
     "sample": "Sample N completions per prompt, score them, keep the best, write JSONL.",
     "serve": "Serve a model or reward model over an OpenAI-compatible API (alias: deploy).",
+    "report": "Scaling table and plots (pass@k, majority@k, best-of-k, vs tokens) from raw outputs.",
     "list": "List components: winnow list rewards [--external_plugins F.py] | winnow list engines.",
 }
 
@@ -69,6 +70,10 @@ def cmd_sample(argv: list[str]) -> int:
     print(summary.line(), file=sys.stderr)
     if summary.status == "interrupted":
         return 130
+    if summary.rows_total and not summary.totals.get("lines"):
+        print(f"winnow sample: WARNING: the output has no lines: every row failed or was filtered; the reasons are "
+              f"in the summary above and in {summary.failed_file or 'the failed-rows log'}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -79,6 +84,14 @@ def cmd_serve(argv: list[str]) -> int:
     except ImportError as e:
         raise WinnowError(f"winnow serve is not available in this build ({e})") from None
     return run_server(config) or 0
+
+
+def cmd_report(argv: list[str]) -> int:
+    from winnow.report import report
+
+    config = _parse(ReportConfig, argv, "winnow report", ReportConfig.__doc__ or "")
+    report(config, out=print, log=lambda line: print(line, file=sys.stderr))
+    return 0
 
 
 def cmd_list(argv: list[str]) -> int:
@@ -102,7 +115,7 @@ def cmd_list(argv: list[str]) -> int:
     raise WinnowError(f"winnow list {what!r}: use 'winnow list rewards' or 'winnow list engines'")
 
 
-HANDLERS = {"sample": cmd_sample, "serve": cmd_serve, "deploy": cmd_serve, "list": cmd_list}
+HANDLERS = {"sample": cmd_sample, "serve": cmd_serve, "deploy": cmd_serve, "report": cmd_report, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     except WinnowError as e:
         if debug:
             raise
-        print(f"winnow {command}: error: {e}", file=sys.stderr)
+        from winnow.redact import Redactor
+
+        print(f"winnow {command}: error: {Redactor.for_values(rest).text(str(e))}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print(f"winnow {command}: stopped; what was written is kept (resume with --resume true)", file=sys.stderr)

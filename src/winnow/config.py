@@ -22,12 +22,36 @@ ENGINES = ("pt", "transformers", "vllm", "sglang", "lmdeploy", "client", "no")
 OUTPUT_FORMATS = ("swift", "sft", "dpo", "raw", "grpo")
 
 
-def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True):
-    """A config field with its help text (and choices) recorded once, for --help, YAML and docs."""
-    meta = {"help": help, "choices": choices, "cli": cli}
+def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True,
+        ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False):
+    """A config field with its help text, choices and range recorded once, for --help, YAML, docs and
+    the checks every entry point (CLI, YAML, Python) goes through."""
+    meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def check_fields(config) -> None:
+    """Every field's declared choices and range, checked; the error names the flag and what it takes."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        meta = f.metadata
+        for item in (value if isinstance(value, list) else [value]):
+            if item is None or isinstance(item, bool):
+                continue
+            flag = f"--{f.name} {item!r}" if isinstance(item, str) else \
+                f"--{f.name} {item:g}" if isinstance(item, float) else f"--{f.name} {item}"
+            if meta.get("choices") and item not in meta["choices"]:
+                raise ConfigError(f"{flag}: not one of {', '.join(map(str, meta['choices']))}")
+            if not isinstance(item, (int, float)):
+                continue
+            if meta.get("ge") is not None and item < meta["ge"]:
+                raise ConfigError(f"{flag}: must be at least {meta['ge']:g}")
+            if meta.get("gt") is not None and item <= meta["gt"]:
+                raise ConfigError(f"{flag}: must be greater than {meta['gt']:g}")
+            if meta.get("le") is not None and item > meta["le"]:
+                raise ConfigError(f"{flag}: must be at most {meta['le']:g}")
 
 
 @dataclass
@@ -45,33 +69,33 @@ class SampleConfig:
         "sample", "sample: N samples per prompt; distill: API distillation.", choices=("sample", "distill")
     )
     sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only).",
-                              choices=ENGINES)
+                              choices=(*ENGINES, *(a for a in ENGINE_ALIASES if a not in ENGINES)))
     engine_kwargs: dict = opt(None, "Extra engine options as JSON, e.g. '{\"max_batch_sequences\": 256}'.",
                               factory=dict)
     torch_dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16, float16.",
                            choices=("auto", "float32", "bfloat16", "float16"))
-    max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows.")
+    max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows.", ge=1)
     device: str = opt("auto", "Device for local engines: auto (CUDA if present, else CPU), cpu, cuda, cuda:1.")
 
     # --- data
     dataset: list[str] = opt(None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list)
     dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded) before sampling.")
-    seed: int = opt(42, "Random seed for data order and generation.")
+    seed: int = opt(42, "Random seed for data order and generation.", ge=0, le=2**63 - 1)
     data_range: list[int] = opt(None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list)
     strict: bool = opt(False, "Stop before generating anything if any row is bad (default: log and skip it).")
 
     # --- sampling
-    num_return_sequences: int = opt(64, "Samples per prompt.")
-    max_new_tokens: int = opt(2048, "Most tokens to generate per sample.")
-    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).")
-    top_p: float = opt(1.0, "Nucleus sampling probability.")
-    top_k: int | None = opt(None, "Top-k sampling (unset = off).")
-    repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).")
+    num_return_sequences: int = opt(64, "Samples per prompt.", ge=1)
+    max_new_tokens: int = opt(2048, "Most tokens to generate per sample.", ge=1)
+    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).", ge=0)
+    top_p: float = opt(1.0, "Nucleus sampling probability.", gt=0, le=1)
+    top_k: int | None = opt(None, "Top-k sampling (unset or 0 = off).", ge=0)
+    repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).", gt=0)
     stop_words: list[str] = opt(None, "Stop generation at any of these strings.", factory=list)
     num_sampling_batch_size: int | None = opt(
-        None, "Prompts per engine call (default: the engine's own budget)."
+        None, "Prompts per engine call (default: the engine's own budget).", ge=1
     )
-    num_sampling_batches: int | None = opt(None, "Stop after this many batches of prompts.")
+    num_sampling_batches: int | None = opt(None, "Stop after this many batches of prompts.", ge=1)
 
     # --- output
     output_dir: str = opt("sample_output", "Directory for the output and its manifest.")
@@ -91,15 +115,22 @@ class SampleConfig:
     reward_kwargs: dict = opt(None, "Options for rewards as JSON: {\"reward_name\": {...}} .", factory=dict)
     reward_model: list[str] = opt(None, "Classifier reward models (dirs or hub ids).", factory=list)
     external_plugins: list[str] = opt(None, "Python files defining orms/prms/reward functions.", factory=list)
-    n_best_to_keep: int = opt(5, "Samples kept per prompt.")
-    prm_threshold: float | None = opt(None, "Samples whose PRM score is at or below this are not kept.")
+    n_best_to_keep: int | None = opt(None, "Samples kept per prompt (default: 5, as swift, or N if fewer); at most "
+                                      "--num_return_sequences.", ge=1)
+    selection: str = opt("winnow", "winnow: swift's records with swift's bugs fixed (docs/rewards.md); swift: ms-swift "
+                                   "4.6's selection, line for line.", choices=("winnow", "swift"))
+    prm_threshold: float | None = opt(0.0, "With a PRM: samples whose PRM score is at or below this are not kept "
+                                           "(as swift; none: no threshold).")
     prm_agg: str = opt("min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"))
-    easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.")
-    hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.")
-    num_rejected: int = opt(1, "Rejected responses paired with each kept sample.")
-    min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.")
+    easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.", ge=0, le=1)
+    hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.", ge=0, le=1)
+    num_rejected: int = opt(1, "Rejected responses paired with each kept sample.", ge=1)
+    min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.", ge=0)
     include_reference: bool = opt(False, "Let the dataset's reference answer be a candidate.")
-    keep_unpaired: bool = opt(False, "Keep samples that have no rejected partner (without rejected_response).")
+    keep_unpaired: bool = opt(True, "Write kept samples that have no rejected partner (no sample scores below them) "
+                                    "without rejected_response; false drops them (counted).")
+    keep_truncated: bool = opt(True, "Keep answers cut at the token limit (their finish_reason says length; the "
+                                     "summary counts them); false fails them.")
     cache_files: list[str] = opt(None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list)
 
     # --- API client
@@ -110,22 +141,24 @@ class SampleConfig:
         "the default for sample), none (dropped).",
         choices=("auto", "think_answer", "separate", "none"),
     )
-    max_concurrency: int = opt(64, "API requests in flight.")
-    rpm: int | None = opt(None, "Most API requests per minute.")
-    tpm: int | None = opt(None, "Most API tokens per minute.")
-    request_timeout: float = opt(600.0, "Seconds before one API request times out.")
-    max_retries: int = opt(5, "Retries of one API request (429, 5xx, timeouts, connection errors).")
-    price_per_mtok_in: float | None = opt(None, "Price per million prompt tokens, for the cost report.")
-    price_per_mtok_out: float | None = opt(None, "Price per million completion tokens, for the cost report.")
+    max_concurrency: int = opt(64, "API requests in flight.", ge=1)
+    rpm: int | None = opt(None, "Most API requests per minute.", ge=1)
+    tpm: int | None = opt(None, "Most API tokens per minute.", ge=1)
+    request_timeout: float = opt(600.0, "Seconds before one API request times out.", gt=0)
+    max_retries: int = opt(5, "Retries of one API request (429, 5xx, timeouts, connection errors).", ge=0)
+    price_per_mtok_in: float | None = opt(None, "Price per million prompt tokens, for the cost report.", ge=0)
+    price_per_mtok_out: float | None = opt(None, "Price per million completion tokens, for the cost report.", ge=0)
 
     # --- misc
     progress: bool = opt(True, "Show a progress bar.")
     debug: bool = opt(False, "Show tracebacks on errors.")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         self.sampler_engine = ENGINE_ALIASES.get(self.sampler_engine, self.sampler_engine)
-        if self.sampler_engine not in {ENGINE_ALIASES.get(e, e) for e in ENGINES}:
-            raise ConfigError(f"--sampler_engine {self.sampler_engine!r} is not one of {', '.join(ENGINES)}")
+        if self.n_best_to_keep is not None and self.n_best_to_keep > self.num_return_sequences:
+            raise ConfigError(f"--n_best_to_keep {self.n_best_to_keep}: more than the {self.num_return_sequences} "
+                              "samples per prompt (--num_return_sequences); keep at most that many")
         if self.output_file is not None:
             if "/" in self.output_file or "\\" in self.output_file:
                 raise ConfigError(f"--output_file takes a file name without a directory, got {self.output_file!r}; "
@@ -134,15 +167,10 @@ class SampleConfig:
                 raise ConfigError(f"--output_file must end with .jsonl, got {self.output_file!r}")
         if self.data_range and (len(self.data_range) != 2 or not 0 <= self.data_range[0] < self.data_range[1]):
             raise ConfigError(f"--data_range takes 'i n' with 0 <= i < n, got {self.data_range}")
-        if self.num_return_sequences < 1:
-            raise ConfigError("--num_return_sequences must be at least 1")
         if self.sampler_engine != "no" and not self.model:
             raise ConfigError("--model is required (a local directory, a hub id, or a served model name)")
         if not self.dataset:
             raise ConfigError("--dataset is required, e.g. --dataset data.jsonl#100")
-        if self.reasoning_format not in ("auto", "think_answer", "separate", "none", None):
-            raise ConfigError("--reasoning_format must be think_answer, separate or none, "
-                              f"got {self.reasoning_format!r}")
         if self.reasoning_format in (None, "auto"):
             self.reasoning_format = "think_answer" if self.sampler_type == "distill" else "separate"
 
@@ -159,42 +187,82 @@ class ServeConfig:
     model: str | None = opt(None, "Model to serve: a local directory or a hub id (a policy or a reward model).")
     engine: str = opt("transformers", "Engine for a policy model.", choices=("pt", "transformers", "vllm", "sglang"))
     host: str = opt("127.0.0.1", "Address to bind (loopback unless told otherwise).")
-    port: int = opt(8000, "Port to bind (0 picks a free one).")
+    port: int = opt(8000, "Port to bind (0 picks a free one).", ge=0, le=65535)
     api_key: str | None = opt(None, "Require this bearer key on every request.")
     served_model_name: str | None = opt(None, "Model name clients use (default: the directory name).")
     torch_dtype: str = opt("auto", "Model dtype.", choices=("auto", "float32", "bfloat16", "float16"))
     device: str = opt("auto", "Device: auto, cpu, cuda.")
     engine_kwargs: dict = opt(None, "Extra engine options as JSON.", factory=dict)
-    max_batch_size: int = opt(64, "Most requests batched into one engine call.")
-    max_wait_ms: float = opt(10.0, "Longest wait to fill a batch, in milliseconds.")
-    max_queue: int = opt(256, "Queued requests before the server answers 503.")
+    max_batch_size: int = opt(64, "Most requests batched into one engine call.", ge=1)
+    max_wait_ms: float = opt(10.0, "Longest wait to fill a batch, in milliseconds.", ge=0)
+    max_queue: int = opt(256, "Queued requests before the server answers 503.", ge=1)
     dynamic_batching: bool = opt(True, "Batch concurrent requests into one engine call.")
     template: str | None = opt(None, "Chat template (Jinja string or file).")
-    max_new_tokens: int | None = opt(None, "max_tokens of requests that set none; unset: the rest of the context.")
-    seed: int = opt(42, "Seed of the server's random stream; a request's own seed gets an engine call of its own.")
+    max_new_tokens: int | None = opt(None, "max_tokens of requests that set none; unset: the rest of the context.",
+                                      ge=1)
+    seed: int = opt(42, "Seed of the server's random stream; a request's own seed gets an engine call of its own.",
+                     ge=0, le=2**63 - 1)
     # --- limits against hostile or broken clients (docs/serve.md, "Limits")
     max_request_bytes: int = opt(32 * 1024 * 1024, "Largest request body in bytes; a larger one is answered 413 "
-                                                   "before it is read.")
-    max_messages: int = opt(2048, "Most messages in one conversation, and content parts in one message.")
+                                                   "before it is read.", ge=1)
+    max_messages: int = opt(2048, "Most messages in one conversation, and content parts in one message.", ge=1)
     max_prompts: int = opt(256, "Most prompts in one /v1/completions request and conversations in one "
-                                "/v1/rewards request.")
-    max_stop: int = opt(16, "Most stop strings in one request.")
-    max_stop_chars: int = opt(256, "Longest stop string, in characters.")
+                                "/v1/rewards request.", ge=1)
+    max_stop: int = opt(16, "Most stop strings in one request.", ge=1)
+    max_stop_chars: int = opt(256, "Longest stop string, in characters.", ge=1)
     max_connections: int = opt(1024, "Most open client connections; beyond it the oldest connection that has not "
-                                     "sent a whole request head is closed, or the new one refused with 503.")
-    timeout_headers: float = opt(10.0, "Seconds a connection has to send a whole request head (408 after).")
-    timeout_body: float = opt(60.0, "Seconds a request has to send its whole body once its head is in (408 after).")
-    timeout_keep_alive: float = opt(5.0, "Seconds an idle keep-alive connection stays open.")
+                                     "sent a whole request head is closed, or the new one refused with 503.", ge=1)
+    timeout_headers: float = opt(10.0, "Seconds a connection has to send a whole request head (408 after).", gt=0)
+    timeout_body: float = opt(60.0, "Seconds a request has to send its whole body once its head is in (408 after).",
+                              gt=0)
+    timeout_keep_alive: float = opt(5.0, "Seconds an idle keep-alive connection stays open.", gt=0)
     debug: bool = opt(False, "Show tracebacks on errors.")
 
     def __post_init__(self) -> None:
+        check_fields(self)
         if not self.model:
             raise ConfigError("--model is required")
         self.engine = ENGINE_ALIASES.get(self.engine, self.engine)
-        for name in ("max_request_bytes", "max_messages", "max_prompts", "max_stop", "max_stop_chars",
-                     "max_connections", "timeout_headers", "timeout_body", "timeout_keep_alive"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class ReportConfig:
+    """Options of ``winnow report``: the test-time scaling table and plots from outputs."""
+
+    outputs: list[str] = opt(
+        None, "Outputs to report on: raw JSONL (or Parquet) from `winnow sample --output_format raw`, any strategy, "
+        "or a Qwen2.5-Math evaluation JSONL. Several: one strategy or run each.", factory=list, positional=True)
+    output_dir: str | None = opt(None, "Where report.png, report.html and report.json go; unset: beside the first "
+                                       "output.")
+    label: list[str] = opt(None, "A label per output; unset: model, sampler and N from its manifest, else the "
+                                 "file name.", factory=list)
+    orm: str | None = opt(None, "Score key of the correctness verdict, value > 0 passes; unset: the manifest's "
+                                "ORM.")
+    rewards: list[str] = opt(None, "Score keys to rank (best-of-k) and weight votes by; unset: every PRM, RM and "
+                                   "function reward of the manifest, or every non-ORM score.", factory=list)
+    verdict: str = opt("orm", "Correctness from the ORM score (orm), or from winnow's math verifier against each "
+                              "record's reference, run now (math).", choices=("orm", "math"))
+    answer_match: str = opt("math", "How votes group final answers: math (math-verify equivalence) or exact (the "
+                                    "same answer text).", choices=("math", "exact"))
+    ties: str = opt("first", "A tied vote or tied best score goes to the sample seen first (first), or counts as "
+                             "the mean of the tied ones (average).", choices=("first", "average"))
+    max_k: int | None = opt(None, "Largest k in the table; unset: the most samples a problem has.", ge=1)
+    draws: int = opt(200, "Majority votes: every k-subset of a problem's samples when there are at most this many, "
+                           "else this many seeded random ones.", ge=1)
+    bootstrap: int = opt(1000, "Bootstrap resamples of the problems for the 95% intervals (0: no intervals).", ge=0)
+    seed: int = opt(0, "Seed of the subset draws and the bootstrap.")
+    input_format: str = opt("auto", "Input format: raw, qwen_eval (Qwen2.5-Math eval JSONL) or auto (by the "
+                                    "first line).", choices=("auto", "raw", "qwen_eval"))
+    plots: bool = opt(True, "Write report.png and report.html (needs matplotlib: pip install 'winnow[report]').")
+    debug: bool = opt(False, "Show tracebacks on errors.")
+
+    def __post_init__(self) -> None:
+        if not self.outputs:
+            raise ConfigError("give at least one output: winnow report OUTPUT.jsonl [MORE.jsonl ...]")
+        check_fields(self)
+        if self.label and len(self.label) != len(self.outputs):
+            raise ConfigError(f"--label takes one label per output: {len(self.outputs)} outputs, "
+                              f"{len(self.label)} labels")
 
 
 # ----------------------------------------------------------------------------- CLI / YAML derivation
@@ -273,6 +341,9 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         if not f.metadata.get("cli", True):
             continue
         kind, extra = _converter(hints[f.name])
+        if f.metadata.get("positional"):
+            parser.add_argument(f.name, type=kind, help=f.metadata.get("help", "").replace("%", "%%"), **extra)
+            continue
         names = [f"--{f.name}"]
         if "_" in f.name:
             names.append(f"--{f.name.replace('_', '-')}")
@@ -280,7 +351,8 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         help_text = f.metadata.get("help", "")
         if f.metadata.get("choices"):
             help_text += f" Choices: {', '.join(f.metadata['choices'])}."
-        parser.add_argument(*names, dest=f.name, type=kind, help=f"{help_text} (default: {default})", **extra)
+        help_text = f"{help_text} (default: {default})".replace("%", "%%")  # argparse formats help with %
+        parser.add_argument(*names, dest=f.name, type=kind, help=help_text, **extra)
     return parser
 
 
@@ -358,12 +430,7 @@ def parse_args(cls, argv: list[str], prog: str, description: str, parser: argpar
 
 
 def to_dict(config) -> dict[str, Any]:
-    """A config as a JSON-able dict, secrets removed (for manifests)."""
-    out = dataclasses.asdict(config)
-    for key in ("api_key",):
-        if out.get(key):
-            out[key] = "***"
-    ek = out.get("engine_kwargs")
-    if isinstance(ek, dict):
-        out["engine_kwargs"] = {k: ("***" if "key" in k.lower() or "token" in k.lower() else v) for k, v in ek.items()}
-    return out
+    """A config as a JSON-able dict, secrets masked (for manifests)."""
+    from winnow.redact import Redactor
+
+    return Redactor.for_values(config).value(dataclasses.asdict(config))

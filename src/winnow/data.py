@@ -114,17 +114,26 @@ def _id_bytes(raw_line: bytes) -> bytes:
 
 
 class TableSource:
-    """Rows that come as a table: JSON arrays, CSV, Parquet and hub datasets (random access)."""
+    """Rows that come as a table: JSON arrays, CSV, Parquet and hub datasets (random access).
 
-    def __init__(self, name: str, rows: Any, line_offset: int = 1, label: str = "row"):
+    ``broken`` maps row numbers that could not be read (a ragged CSV line) to the reason; reading
+    one raises ``ValueError``, so it becomes a bad row of its own and the rest of the file goes on.
+    """
+
+    def __init__(self, name: str, rows: Any, line_offset: int = 1, label: str = "row",
+                 lines: list[int] | None = None, broken: dict[int, str] | None = None):
         self.name = name
         self.rows = rows  # list of dicts, or a datasets.Dataset (memory-mapped)
         self.line_offset = line_offset
         self.label = label
+        self.lines = lines
+        self.broken = broken or {}
         self.keys = array("Q")
         for i in range(len(rows)):
             row = rows[i]
-            if isinstance(row, dict) and isinstance(row.get("id"), (str, int)):
+            if i in self.broken:
+                data = f"broken:{i}:{self.broken[i]}".encode()
+            elif isinstance(row, dict) and isinstance(row.get("id"), (str, int)):
                 data = ("id:" + str(row["id"])).encode()
             else:
                 data = json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode()
@@ -134,12 +143,68 @@ class TableSource:
         return len(self.rows)
 
     def where(self, i: int) -> str:
+        if self.lines is not None:
+            return f"{self.name}:{self.lines[i]}"
         if self.label == "line":
             return f"{self.name}:{i + self.line_offset}"
         return f"{self.name} row {i}"
 
     def row(self, i: int) -> Any:
+        if i in self.broken:
+            raise ValueError(self.broken[i])
         return self.rows[i]
+
+
+class BrokenSource:
+    """A file of a dataset folder that cannot be read at all: one bad row naming the file and why,
+    so that the other files of the folder are still sampled."""
+
+    def __init__(self, name: str, reason: str):
+        self.name = name
+        self.reason = reason
+        self.keys = array("Q", [_key64(f"broken:{name}".encode())])
+
+    def __len__(self) -> int:
+        return 1
+
+    def where(self, i: int) -> str:
+        return self.name
+
+    def row(self, i: int) -> Any:
+        raise ValueError(self.reason)
+
+
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
+    return DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert the file "
+                     f"to UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}")
+
+
+def _read_csv(path: Path) -> TableSource:
+    """A CSV file with a header line; a line with more or fewer fields than the header is a bad row."""
+    rows: list[dict] = []
+    lines: list[int] = []
+    broken: dict[int, str] = {}
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            header = next(reader, None)
+            if not header:
+                raise DataError(f"{path}: empty CSV file; the first line must name the columns")
+            for record in reader:
+                if not any(field.strip() for field in record):
+                    continue  # a blank line
+                lines.append(reader.line_num)
+                if len(record) != len(header):
+                    broken[len(rows)] = (f"this line has {len(record)} fields and the header {len(header)}; "
+                                         "quote fields that hold commas or line breaks")
+                    rows.append({})
+                else:
+                    rows.append(dict(zip(header, record, strict=True)))
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    except csv.Error as e:
+        raise DataError(f"{path}: not a readable CSV file ({e}); check its quoting") from None
+    return TableSource(str(path), rows, lines=lines, broken=broken)
 
 
 def _open_file(path: Path):
@@ -149,6 +214,8 @@ def _open_file(path: Path):
     if suffix == ".json":
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise _not_utf8(path, e) from None
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json dataset must be one JSON array "
                             "of rows (use .jsonl for one row per line)") from None
@@ -161,16 +228,29 @@ def _open_file(path: Path):
             raise DataError(f"{path}: expected a JSON array of rows")
         return TableSource(str(path), data)
     if suffix == ".csv":
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        return TableSource(str(path), rows, line_offset=2, label="line")  # line 1 is the header
+        return _read_csv(path)
     if suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
             raise DataError(f"{path}: reading Parquet needs pyarrow: pip install pyarrow") from None
-        return TableSource(str(path), pq.read_table(path).to_pylist())
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # pyarrow raises its own error types for damaged files
+            raise DataError(f"{path}: not a readable Parquet file ({type(e).__name__}: {e})") from None
+        return TableSource(str(path), table.to_pylist())
     raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(FILE_SUFFIXES)}")
+
+
+def _open_folder_file(path: Path):
+    """One file of a dataset folder: a file that cannot be read fails as one bad row, not the run."""
+    try:
+        return _open_file(path)
+    except DataError as e:
+        return BrokenSource(str(path), f"{e}; the other files of the folder are used")
+    except OSError as e:
+        return BrokenSource(str(path), f"cannot read the file ({e.strerror or e}); the other files of the folder "
+                                       "are used")
 
 
 def _open_hub(spec: DatasetSpec):
@@ -197,12 +277,15 @@ def open_sources(spec: DatasetSpec) -> list:
         if bundled is not None:
             path = Path(bundled)
     if path.is_file():
-        return [_open_file(path)]
+        try:
+            return [_open_file(path)]
+        except OSError as e:
+            raise DataError(f"--dataset {spec.text}: cannot read {path} ({e.strerror or e})") from None
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
         if not files:
             raise DataError(f"--dataset {spec.text}: the folder has no {'/'.join(FILE_SUFFIXES)} files")
-        return [_open_file(p) for p in files]
+        return [_open_folder_file(p) for p in files]
     looks_local = spec.path.startswith((".", "/", "~")) or Path(spec.path).suffix.lower() in FILE_SUFFIXES
     if looks_local:
         raise DataError(f"--dataset {spec.text}: no such file or folder")
@@ -334,14 +417,46 @@ def row_to_conversation(row: dict, fmt: str) -> list[Message]:
     raise RowError(f"unknown format {fmt!r}")
 
 
-def row_to_prompt(row: Any, fmt: str, *, id: str, source: str, position: int, system: str | None) -> Prompt:
-    """A dataset row as a :class:`Prompt`; raises :class:`RowError` with the reason if it cannot be one."""
+# the columns ms-swift keeps when it preprocesses a row (besides messages); its row id hashes them
+SWIFT_COLUMNS = ("images", "videos", "audios", "tools", "objects", "label", "channel", "margin", "chat_template_kwargs")
+
+
+def swift_row_id(conversation: list[Message], dataset: str, row: dict | None = None) -> str:
+    """ms-swift's id of a row: the md5 of its preprocessed form (the whole conversation, system and
+    answer included, the ``--dataset`` name as typed, and swift's standard columns the row has)."""
+    processed: dict[str, Any] = {"messages": [{"role": m["role"], "content": m["content"]} for m in conversation]}
+    for key in SWIFT_COLUMNS:
+        if row is not None and key in row:
+            processed[key] = row[key]
+    processed["dataset"] = dataset
+    return hashlib.md5(json.dumps(processed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def with_system(conversation: list[Message], system: str | None) -> list[Message]:
+    """``--system`` as swift applies it: it replaces the conversation's system message, or comes first."""
+    if not system:
+        return conversation
+    if conversation and conversation[0]["role"] == "system":
+        return [{"role": "system", "content": system}, *conversation[1:]]
+    return [{"role": "system", "content": system}, *conversation]
+
+
+def row_to_prompt(row: Any, fmt: str, *, id: str | None, source: str, position: int, system: str | None,
+                  dataset: str = "", id_suffix: str = "") -> Prompt:
+    """A dataset row as a :class:`Prompt`; raises :class:`RowError` with the reason if it cannot be one.
+
+    Its id is ``id`` when given, else the row's own ``id`` field, else swift's id of the row
+    (:func:`swift_row_id`), followed by ``id_suffix`` (which tells repeated rows apart)."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
     missing = [k for k in FORMAT_KEYS[fmt][:1] if k not in row and not (fmt == "math" and "question" in row)]
     if missing:
         raise RowError(f"missing field {missing[0]!r} (this file's rows are {fmt} format)")
-    conversation = row_to_conversation(row, fmt)
+    conversation = with_system(row_to_conversation(row, fmt), system)
+    swift_id = swift_row_id(conversation, dataset, row)
+    if id is None:
+        own = row.get("id")
+        id = (str(own) if isinstance(own, (str, int)) and not isinstance(own, bool) else swift_id) + id_suffix
     response = None
     if conversation and conversation[-1]["role"] == "assistant":
         response = conversation[-1]["content"]
@@ -350,13 +465,11 @@ def row_to_prompt(row: Any, fmt: str, *, id: str, source: str, position: int, sy
         raise RowError("the conversation must end with a user turn (the prompt) before the answer")
     if not any(m["role"] == "user" and m["content"].strip() for m in conversation):
         raise RowError("empty prompt: no user turn has any text")
-    if system and conversation[0]["role"] != "system":
-        conversation = [{"role": "system", "content": system}, *conversation]
     consumed = set(FORMAT_KEYS[fmt])
     columns = {k: v for k, v in row.items() if k not in consumed and k != "id"}
     reference = next((str(row[k]) for k in REFERENCE_COLUMNS if row.get(k) not in (None, "")), response)
     return Prompt(id=id, messages=conversation, response=response, reference=reference, columns=columns,
-                  source=source, position=position)
+                  source=source, position=position, dataset=dataset, swift_id=swift_id)
 
 
 # ----------------------------------------------------------------------------- order and shards
@@ -401,8 +514,9 @@ class RowPlan:
     """
 
     def __init__(self, sources: list, formats: list[str | None], dups: list[dict[int, int]],
-                 system: str | None):
+                 system: str | None, names: list[str] | None = None):
         self.sources = sources
+        self.names = names or [""] * len(sources)  # each source's --dataset name, as typed
         self.formats = formats
         self.dups = dups
         self.system = system
@@ -413,20 +527,24 @@ class RowPlan:
     def __len__(self) -> int:
         return len(self.idx)
 
-    def row_id(self, position: int) -> str:
-        """The stable id of the row at ``position``: a hash of the row (or of its own ``id`` field)."""
+    def id_suffix(self, position: int) -> str:
+        """What tells a repeated row apart: ``-k`` for the k-th repeat of a line in its file, ``-rK``
+        for the K-th copy that ``#N`` above the dataset size made."""
         s, i, copy = self.src[position], self.idx[position], self.copy[position]
-        out = f"{self.sources[s].keys[i]:016x}"
-        if i in self.dups[s]:
-            out += f"-{self.dups[s][i]}"
+        out = f"-{self.dups[s][i]}" if i in self.dups[s] else ""
         return out if copy == 0 else f"{out}-r{copy}"
+
+    def row_id(self, position: int) -> str:
+        """An id for a row that cannot be read (a hash of its bytes): a readable row's id is made when it
+        is read (:func:`row_to_prompt`)."""
+        s, i = self.src[position], self.idx[position]
+        return f"{self.sources[s].keys[i]:016x}" + self.id_suffix(position)
 
     def read(self, position: int) -> Prompt | BadRow:
         """The prompt at ``position`` of the run's order, or why that row cannot be used."""
         s, i = self.src[position], self.idx[position]
         source = self.sources[s]
         where = source.where(i)
-        row_id = self.row_id(position)
         try:
             row = source.row(i)
             fmt = self.formats[s] or detect_format(row)
@@ -434,9 +552,10 @@ class RowPlan:
                 keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
                 raise RowError(f"unknown row format (fields: {keys}); expected messages, conversations, "
                                "instruction/input/output, query/response, prompt/completion or problem/solution")
-            return row_to_prompt(row, fmt, id=row_id, source=where, position=position, system=self.system)
+            return row_to_prompt(row, fmt, id=None, source=where, position=position, system=self.system,
+                                 dataset=self.names[s], id_suffix=self.id_suffix(position))
         except (RowError, ValueError) as e:
-            return BadRow(source=where, reason=str(e), id=row_id, position=position)
+            return BadRow(source=where, reason=str(e), id=self.row_id(position), position=position)
 
     def iter_from(self, skip: set[int] | None = None, start: int = 0) -> Iterator[Prompt | BadRow]:
         """Prompts in order from ``start``, leaving out positions in ``skip``."""
@@ -480,7 +599,8 @@ def build_plan(
         sources.append((spec, opened))
     flat_sources = [s for _, opened in sources for s in opened]
     plan = RowPlan(flat_sources, [_first_format(s) for s in flat_sources],
-                   [_occurrences(s.keys) for s in flat_sources], system)
+                   [_occurrences(s.keys) for s in flat_sources], system,
+                   [spec.path for spec, opened in sources for _ in opened])
     base = 0
     for spec, opened in sources:
         # (source number, row index) for every row of this spec, in file order

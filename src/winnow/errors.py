@@ -27,6 +27,10 @@ class OutputExistsError(WinnowError):
     exit_code = 2
 
 
+class StoreError(WinnowError):
+    """The output (or a file beside it) cannot be written: a full disk, a file size limit, a lost mount."""
+
+
 class EngineError(WinnowError):
     """An engine cannot be built or has failed as a whole."""
 

@@ -15,14 +15,14 @@ import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 from winnow import data, rewards
 from winnow.config import SampleConfig, make_config, to_dict
 from winnow.engines import Engine, check_aligned, get_engine
-from winnow.errors import DataError
-from winnow.schema import FINISH_ERROR, BadRow, Group, Prompt, SamplingParams
+from winnow.errors import DataError, WinnowError
+from winnow.redact import Redactor
+from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, SamplingParams
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore, check_writable
 
@@ -33,6 +33,7 @@ FINGERPRINT_FIELDS = ("dataset", "seed", "dataset_shuffle", "data_range", "num_s
                       "output_format", "orm_model", "prm_model", "reward_funcs", "reward_model", "reward_weights",
                       "reward_kwargs", "prm_agg", "n_best_to_keep", "prm_threshold", "easy_query_threshold",
                       "hard_query_threshold", "num_rejected", "min_margin", "include_reference", "keep_unpaired",
+                      "selection", "keep_truncated",
                       "reasoning_format", "cache_files")
 
 
@@ -41,6 +42,7 @@ class RunSummary:
     """What a run did: counts, tokens, time and where the output is."""
 
     output_file: str = ""
+    failed_file: str = ""
     rows_total: int = 0
     rows_skipped_resumed: int = 0
     groups_written: int = 0
@@ -57,6 +59,12 @@ class RunSummary:
     filtered_reasons: dict[str, int] = field(default_factory=dict)
     cache_short_rows: int = 0  # --cache_files rows with fewer than N samples (scored as they are, engine 'no')
     cache_short_samples: int = 0
+    error: str | None = None  # why a failed run stopped (secrets removed)
+    samples_truncated: int = 0  # samples cut at the token limit (kept unless --keep_truncated false)
+    # what selection did beyond the records, by kind (lines without rejected_response, duplicates...)
+    selection_notes: dict[str, int] = field(default_factory=dict)
+    # every run of this output together (a resumed run adds to what the earlier ones did)
+    totals: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_s(self) -> float:
@@ -80,9 +88,20 @@ class RunSummary:
         parts.append(f"{self.rows_failed} rows failed")
         if self.samples_failed:
             parts.append(f"{self.samples_failed} samples failed")
+        if self.samples_truncated:
+            parts.append(f"{self.samples_truncated} samples cut at the token limit")
+        parts += [f"{count} {note}" for note, count in sorted(self.selection_notes.items())]
         if self.cost_usd is not None:
             parts.append(f"cost ${self.cost_usd:.4f}")
-        return "winnow sample " + ", ".join(parts) + f" -> {self.output_file}"
+        line = "winnow sample " + ", ".join(parts) + f" -> {self.output_file}"
+        t = self.totals
+        if self.rows_skipped_resumed and t:
+            line += (f"\n  all runs of this output: {t['rows']} rows settled of {self.rows_total}: "
+                     f"{t['groups']} written ({t['lines']} lines), {t['filtered']} filtered, {t['failed']} failed"
+                     + (f" ({t['retry']} to try again with --resume true)" if t["retry"] else ""))
+        elif t.get("retry"):
+            line += f"\n  {t['retry']} failed rows may succeed on another try: rerun with --resume true"
+        return line
 
 
 def fingerprint(config: SampleConfig) -> str:
@@ -186,6 +205,8 @@ class Run:
         self.stopping = False
         self.error: BaseException | None = None
         self.started = time.monotonic()
+        self.redactor = Redactor.for_values(config, sys.argv)
+        self.redact = self.redactor.text
 
     async def execute(self) -> RunSummary:
         config = self.config
@@ -210,16 +231,21 @@ class Run:
                             reorder_window=max(4096, 4 * per_call * in_flight))
         self.store, self.engine, self.scorer = store, engine, scorer
         self.summary.output_file = str(store.path)
+        self.summary.failed_file = str(store.failed_path)
         self.summary.rows_total = len(plan)
         self.params = sampling_params(config)
         self.select_opts = SelectOptions(
             output_format=config.output_format, reasoning_format=config.reasoning_format or "separate",
-            n_best_to_keep=config.n_best_to_keep, scored=scorer is not None,
+            n_best_to_keep=min(5, config.num_return_sequences) if config.n_best_to_keep is None
+            else config.n_best_to_keep, scored=scorer is not None,
             orm_key=getattr(scorer, "orm_key", None), prm_key=getattr(scorer, "prm_key", None),
             prm_threshold=config.prm_threshold, easy_query_threshold=config.easy_query_threshold,
             hard_query_threshold=config.hard_query_threshold, num_rejected=config.num_rejected,
             min_margin=config.min_margin, include_reference=config.include_reference,
-            keep_unpaired=config.keep_unpaired)
+            keep_unpaired=config.keep_unpaired, mode=config.selection,
+            num_return_sequences=config.num_return_sequences)
+        # swift's selection scores the dataset's answer beside the samples
+        self.add_reference = config.include_reference or (config.selection == "swift" and scorer is not None)
         from winnow.cache import SampleCache
 
         self.cache = SampleCache(config.cache_files) if config.cache_files else None
@@ -253,19 +279,55 @@ class Run:
                 await self._submit(batch, slots, advanced, tasks)
             if tasks:
                 await asyncio.gather(*tasks)
+            if self.error is not None:
+                raise self.error
+        except BaseException as e:
+            if self.error is None:
+                self.error = e
+            for task in tasks:
+                task.cancel()
+            raise
         finally:
             progress.close()
-            self.summary.wall_s = time.monotonic() - self.started
-            interrupted = self.stopping
-            self.summary.status = "interrupted" if interrupted else "finished"
-            store.close()
-            if engine is not None and engine is not self.given_engine:
-                await engine.aclose()
-            if scorer is not None:
-                await scorer.aclose()
-            self.summary.cost_usd = self._cost()
-            self._write_manifest(self.summary.status)
+            await self._finish(store, engine, scorer)
         return self.summary
+
+    async def _finish(self, store: OutputStore, engine: Engine | None, scorer) -> None:
+        """Close everything the run opened and record how it ended; a failure while closing (a full
+        disk, say) does not hide the error that ended the run."""
+        s = self.summary
+        s.wall_s = time.monotonic() - self.started
+        fatal = self.error if isinstance(self.error, Exception) and not isinstance(self.error, asyncio.CancelledError) \
+            else None
+        s.status = "interrupted" if self.stopping or (self.error is not None and fatal is None) else \
+            "failed" if fatal is not None else "finished"
+        if fatal is not None:
+            s.error = self.redact(f"{type(fatal).__name__}: {fatal}" if not isinstance(fatal, WinnowError)
+                                  else str(fatal))
+        try:
+            store.close()
+        except (OSError, WinnowError) as e:
+            if fatal is None:
+                s.status, s.error = "failed", self.redact(str(e))
+                self.error = e
+        s.totals = {**asdict(store.totals), "rows": store.totals.rows}
+        if s.status == "failed" and not store.resumed and store.totals.rows == 0:
+            store.discard()  # an empty output must not look like a finished one: the manifest says why
+        for closer in (engine.aclose if engine is not None and engine is not self.given_engine else None,
+                       scorer.aclose if scorer is not None else None):
+            if closer is not None:
+                try:
+                    await closer()
+                except Exception as e:  # the run's outcome is decided; a close failure is only reported
+                    print(f"winnow: warning: closing failed: {type(e).__name__}: {e}", file=sys.stderr)
+        s.cost_usd = self._cost()
+        try:
+            self._write_manifest(s.status)
+        except (OSError, WinnowError) as e:
+            print(f"winnow: warning: {e}", file=sys.stderr)
+        if fatal is not None and not isinstance(self.error, WinnowError):
+            raise WinnowError(f"the run failed: {s.error}; what was written is kept "
+                              f"(resume with --resume true)") from fatal
 
     def _limit(self) -> int | None:
         c = self.config
@@ -290,7 +352,8 @@ class Run:
     async def _process(self, batch: list[Prompt], slots: asyncio.Semaphore, advanced: asyncio.Event) -> None:
         try:
             groups = await self._generate(batch)
-            if self.config.include_reference:
+            self._check_truncated(groups)
+            if self.add_reference:
                 groups = [with_reference(g) for g in groups]
             if self.scorer is not None:
                 await self.scorer.score(groups)
@@ -330,9 +393,22 @@ class Run:
                 g.completions.extend(extra)
         return groups
 
+    def _check_truncated(self, groups: list[Group]) -> None:
+        """Count the samples cut at the token limit; with --keep_truncated false they fail (with the reason)."""
+        for group in groups:
+            for c in group.completions:
+                if c.finish_reason == FINISH_LENGTH and c.error is None:
+                    self.summary.samples_truncated += 1
+                    if not self.config.keep_truncated:
+                        c.error = (f"truncated: the answer reached the token limit (--max_new_tokens "
+                                   f"{self.config.max_new_tokens}); --keep_truncated true keeps such answers")
+
     def _write(self, group: Group) -> None:
         s = self.summary
-        records, reason = select(group, self.select_opts)
+        selection = select(group, self.select_opts)
+        records, reason = selection.records, selection.reason
+        for note, count in selection.notes.items():
+            s.selection_notes[note] = s.selection_notes.get(note, 0) + count
         failed = len(group.completions) - len(group.ok)
         tokens = sum(c.completion_tokens for c in group.completions)
         s.samples += len(group.ok)
@@ -350,8 +426,8 @@ class Run:
             # this run (an undone row would hold the resume window); a resumed run tries errors again,
             # not answers cut for length or by a content filter
             transient = any(c.finish_reason == FINISH_ERROR for c in group.completions)
-            self.store.write_failed(group.prompt.position, group.prompt.id, group.prompt.source, reason or "",
-                                    stage="generate", retry=transient)
+            self.store.write_failed(group.prompt.position, group.prompt.id, group.prompt.source,
+                                    self.redact(reason or ""), stage="generate", retry=transient)
             s.rows_failed += 1
         else:
             self.store.write_group(group.prompt.position, [], group.prompt.id)
@@ -377,8 +453,8 @@ class Run:
         loop = asyncio.get_running_loop()
 
         def stop(signame: str) -> None:
-            if self.stopping:  # a second Ctrl-C: stop now; what is written stays resumable
-                raise KeyboardInterrupt
+            if self.stopping:
+                self._stop_now(signame)
             self.stopping = True
             interrupt = getattr(self.engine, "interrupt", None)
             if interrupt is not None:  # the client engine: no new requests, in-flight ones get a deadline
@@ -392,19 +468,43 @@ class Run:
             except (NotImplementedError, RuntimeError, ValueError):
                 pass  # not the main thread, or no signals on this platform
 
+    def _stop_now(self, signame: str) -> None:
+        """A second Ctrl-C: record what is written and end the process now, without waiting for a
+        local engine's batch in flight (it cannot be cut short mid-call). Every group written is
+        complete and indexed (writes happen between event-loop callbacks, and this is one), so the
+        output resumes as after any kill; worker processes (math verifiers, engine workers) go too."""
+        import multiprocessing
+        import os
+
+        try:
+            self.store.close()
+            self.summary.status = "interrupted"
+            self.summary.wall_s = time.monotonic() - self.started
+            self.summary.totals = {**asdict(self.store.totals), "rows": self.store.totals.rows}
+            self._write_manifest("interrupted")
+            print(f"\nwinnow: {signame} again: stopped now; resume with --resume true\n{self.summary.line()}",
+                  file=sys.stderr, flush=True)
+        finally:
+            for child in multiprocessing.active_children():
+                child.kill()
+            os._exit(130)
+
     def _write_manifest(self, status: str) -> None:
         from winnow.engines.hf import versions
 
         s = self.summary
         self.store.write_manifest({
             "status": status,
-            "command": sys.argv if sys.argv and "winnow" in Path(sys.argv[0]).name else None,
+            "command": self.redactor.argv(sys.argv) if sys.argv and "winnow" in sys.argv[0] else None,
             "config": to_dict(self.config),
             "seed": self.config.seed,
             "versions": versions(),
-            "engine": self.engine.describe() if self.engine is not None else {"name": "no"},
-            "rewards": self.scorer.describe() if self.scorer is not None else [],
-            "counts": {k: v for k, v in asdict(s).items() if k not in ("output_file", "wall_s", "status")},
+            "engine": self.redactor.value(self.engine.describe()) if self.engine is not None else {"name": "no"},
+            "rewards": self.redactor.value(self.scorer.describe()) if self.scorer is not None else [],
+            **({"error": s.error} if s.error else {}),
+            "counts": {k: v for k, v in asdict(s).items()
+                       if k not in ("output_file", "failed_file", "wall_s", "status", "error", "totals")},
+            "totals": s.totals or {**asdict(self.store.totals), "rows": self.store.totals.rows},
             "wall_s": round(time.monotonic() - self.started, 3),
             "tokens_per_s": round(s.tokens_per_s, 2),
             **({"engine_stats": self.engine.stats()} if hasattr(self.engine, "stats") else {}),

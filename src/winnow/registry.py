@@ -68,6 +68,7 @@ def _load_builtins() -> None:
     if not _builtins_loaded:
         _builtins_loaded = True
         import winnow.rewards.builtin  # noqa: F401 - registers by decorator
+        import winnow.rewards.code  # noqa: F401
 
 
 def load_plugin(path: str) -> list[str]:

@@ -34,6 +34,8 @@ class Prompt:
     columns: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:line" of the row, for error messages
     position: int = 0  # position in this run's row order; the resume index is keyed on it
+    dataset: str = ""  # the --dataset name the row came from, as typed (swift's records carry it)
+    swift_id: str = ""  # ms-swift's id of the row (the md5 of its preprocessed form), for its cache files
 
 
 @dataclass

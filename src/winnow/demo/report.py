@@ -11,6 +11,8 @@ with the ``math`` ORM (math-verify on ``\\boxed{}``), the ``demo-prm`` process r
 - majority@N: the most frequent boxed answer of each problem (self-consistency);
 - PRM-best@N / RM-best@N: the sample the reward model scores highest;
 - pass@N (oracle): whether any sample is right.
+
+The figures come from ``winnow.report``'s estimators (``winnow report`` draws the whole curve).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from winnow import report
 from winnow.demo import arith
 
 PRM, RM, ORM = "demo-prm", "demo-rm", "math"
@@ -46,52 +49,30 @@ def correct(completion: dict, reference: str | None) -> bool:
     return reference is not None and answer is not None and str(answer) == str(reference).strip()
 
 
-def _best(completions: list[dict], key: str) -> dict | None:
-    """The completion ``key`` scores highest (the first of equals); None if it scored none."""
-    scored = [(c["scores"][key]["value"], -i, c) for i, c in enumerate(completions)
-              if (c.get("scores") or {}).get(key, {}).get("value") is not None]
-    return max(scored, key=lambda t: (t[0], t[1]))[2] if scored else None
-
-
-def _majority(completions: list[dict]) -> dict | None:
-    """A completion carrying the most frequent boxed answer (ties: the answer seen first)."""
-    answers = [(arith.boxed_answer(c.get("text", "")), c) for c in completions]
-    counts = Counter(a for a, _ in answers if a is not None)
-    if not counts:
+def problem(record: dict) -> report.Problem | None:
+    """A raw record as the report's estimators see it: the demo verdict, boxed answers, PRM and RM scores."""
+    comps = [c for c in record["completions"] if c.get("finish_reason") != "error"]
+    if not comps:
         return None
-    top = max(counts.values())
-    return next(c for a, c in answers if a is not None and counts[a] == top)
-
-
-def _weighted_vote(completions: list[dict], key: str) -> dict | None:
-    """A completion carrying the boxed answer whose samples' ``key`` scores sum highest."""
-    totals: dict[int, float] = {}
-    first: dict[int, dict] = {}
-    for c in completions:
-        answer = arith.boxed_answer(c.get("text", ""))
-        value = (c.get("scores") or {}).get(key, {}).get("value")
-        if answer is not None and value is not None:
-            totals[answer] = totals.get(answer, 0.0) + float(value)
-            first.setdefault(answer, c)
-    return first[max(totals, key=totals.__getitem__)] if totals else None
+    ref = record.get("reference")
+    samples = [report.Sample(correct(c, ref), arith.boxed_answer(c.get("text", "")),
+                             {k: report.score_values(c).get(k) for k in (PRM, RM)}) for c in comps]
+    return report.Problem(str(record.get("id")), samples)
 
 
 def metrics(records: list[dict]) -> dict[str, float]:
-    """pass@1, majority@N, PRM-best@N, RM-best@N and pass@N of raw records."""
+    """pass@1, majority@N, PRM-best@N, PRM-weighted vote@N, RM-best@N and pass@N of raw records (winnow.report's
+    estimators at k = 1 and k = N; ties go to the sample seen first)."""
     totals = Counter()
-    for r in records:
-        comps = [c for c in r["completions"] if c.get("finish_reason") != "error"]
-        if not comps:
-            continue
-        ref = r.get("reference")
-        right = [correct(c, ref) for c in comps]
-        totals["problems"] += 1
-        totals["pass@1"] += sum(right) / len(right)
-        totals["pass@n"] += any(right)
-        for name, pick in (("majority@n", _majority(comps)), ("prm-best@n", _best(comps, PRM)),
-                           ("prm-vote@n", _weighted_vote(comps, PRM)), ("rm-best@n", _best(comps, RM))):
-            totals[name] += pick is not None and correct(pick, ref)
-    n = max(1, totals.pop("problems"))
+    problems = [p for p in map(problem, records) if p is not None]
+    for p in problems:
+        n = len(p.samples)
+        at_n = report.problem_scores(p, n, rewards=(PRM, RM), vote_rewards=(PRM,), ties="first")
+        totals["pass@1"] += report.pass_at_k(n, sum(s.correct for s in p.samples), 1)
+        for name, key in (("majority@n", "majority"), ("prm-best@n", f"best:{PRM}"), ("prm-vote@n", f"vote:{PRM}"),
+                          ("rm-best@n", f"best:{RM}"), ("pass@n", "pass")):
+            totals[name] += at_n[key]
+    n = max(1, len(problems))
     names = ("pass@1", "majority@n", "prm-best@n", "prm-vote@n", "rm-best@n", "pass@n")
     return {"problems": n, **{k: totals[k] / n for k in names}}
 

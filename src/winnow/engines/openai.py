@@ -247,6 +247,10 @@ class OpenAIEngine:
             raise ConfigError(f"engine_kwargs n_mode must be auto, native or parallel, got {n_mode!r}")
         self.model = model
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+        if self.base_url and "@" in urlsplit(self.base_url).netloc:
+            raise ConfigError(f"the base URL {_strip_userinfo(self.base_url)} holds credentials (user:key@host), "
+                              "which OpenAI-compatible APIs do not read: every request would fail; put the key in "
+                              "OPENAI_API_KEY or --engine_kwargs '{\"api_key\": ...}' and drop it from the URL")
         key = api_key or os.environ.get("OPENAI_API_KEY")
         self._key_source = "engine_kwargs" if api_key else "OPENAI_API_KEY" if key else "none"
         if not key:
@@ -556,6 +560,12 @@ class OpenAIEngine:
                    for i, p in sorted(parts.items())]
         if not choices:
             raise json.JSONDecodeError("the stream ended without any choice", "", 0)
+        unfinished = [c["index"] for c in choices if not c["finish_reason"]]
+        if unfinished:
+            # a stream's last chunk carries the finish reason; without it the answer is a fragment
+            # (a dropped connection or upstream), never a finished sample
+            raise _Retry(f"cut stream: the stream ended before choice {unfinished[0]} finished "
+                         "(no finish_reason); the connection or the server's upstream dropped")
         return choices, usage
 
     def _completions(self, choices: list[dict], usage: dict, params: SamplingParams,

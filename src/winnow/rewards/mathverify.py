@@ -144,6 +144,58 @@ def verify_answer(completion: str, reference: str | None, timeout: float | None 
         return None, f"error: {type(e).__name__}"
 
 
+def _parse_answer(text: str, timeout: float | None) -> list:
+    """math-verify's parse of one answer text; [] when nothing parses, it times out or the parser fails."""
+    mv = _math_verify()
+    try:
+        return call_with_timeout(lambda: mv.parse(text, parsing_timeout=None), timeout) or []
+    except VerifyTimeout:
+        return []
+    except Exception:  # a parser bug on odd input: no answer, not a crashed report
+        return []
+
+
+def _equivalent(gold: list, pred: list, timeout: float | None) -> bool:
+    mv = _math_verify()
+    try:
+        return bool(call_with_timeout(lambda: mv.verify(gold, pred, timeout_seconds=None), timeout))
+    except VerifyTimeout:
+        return False
+    except Exception:
+        return False
+
+
+def answer_classes(answers: list[str | None], timeout: float | None = 5.0) -> list[int | None]:
+    """The equivalence class of each answer text (numbered in order of appearance; None: nothing parses).
+
+    Each distinct text is parsed once and grouped by its parsed value's canonical form (``0.5``, ``1/2`` and
+    ``\\frac{1}{2}`` are one form); math-verify then compares only one representative per distinct form, so N
+    answers with D distinct values cost at most D² verifications, not N².
+    """
+    parsed: dict[str, tuple[str, list] | None] = {}
+    for text in answers:
+        if text is not None and text not in parsed:
+            value = _parse_answer(text, timeout)
+            parsed[text] = (str(value[0]), value) if value else None
+    form_class: dict[str, int] = {}
+    representatives: list[list] = []
+    out: list[int | None] = []
+    for text in answers:
+        entry = parsed.get(text) if text is not None else None
+        if entry is None:
+            out.append(None)
+            continue
+        form, value = entry
+        if form not in form_class:
+            match = next((i for i, rep in enumerate(representatives) if _equivalent(rep, value, timeout)), None)
+            if match is None:
+                match = len(representatives)
+                representatives.append(value)
+            form_class[form] = match
+        out.append(form_class[form])
+    return out
+
+
 def verify_batch(pairs: list[tuple[str, str | None]], timeout: float | None) -> list[tuple[float | None, str]]:
     """Verify many (completion, reference) pairs (the unit of work sent to a worker process)."""
     return [verify_answer(c, r, timeout) for c, r in pairs]
@@ -170,12 +222,10 @@ class MathVerifier:
     def _get_pool(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                import multiprocessing as mp
+                from winnow.procs import worker_context
 
-                # forkserver: workers never inherit the parent's torch threads or CUDA state
-                method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=mp.get_context(method), initializer=_warm)
+                    self.workers, mp_context=worker_context(), initializer=_warm)
             return self._pool
 
     def _restart(self) -> None:

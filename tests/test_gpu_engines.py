@@ -95,7 +95,7 @@ def test_prompt_encoder_renders_the_chat_template_and_fails_long_prompts(tiny_mo
     assert work[0].ids == encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert work[0].max_new_tokens == 80 - len(work[0].ids)  # clamped to --max_length
     assert results[0] == [] and [c.finish_reason for c in results[1]] == ["error", "error"]
-    assert "--max_length is 80" in results[1][0].error and results[1][0].prompt_tokens >= 80
+    assert "the limit is 80" in results[1][0].error and results[1][0].prompt_tokens >= 80
 
 
 def test_prompt_encoder_fails_a_prompt_its_template_cannot_render(tiny_model):

@@ -23,10 +23,17 @@ OUTPUT_FORMATS = ("swift", "sft", "dpo", "raw", "grpo")
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True,
-        ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False):
+        ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False,
+        swift: str | None = None):
     """A config field with its help text, choices and range recorded once, for --help, YAML, docs and
-    the checks every entry point (CLI, YAML, Python) goes through."""
-    meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional}
+    the checks every entry point (CLI, YAML, Python) goes through.
+
+    ``swift`` marks a field that exists for ms-swift compatibility only: ``"noop"`` (a training or
+    preprocessing setting with no effect on sampling: accepted, and a run that sets it says so in
+    one warning line) or ``"unsupported"`` (it would change the samples and winnow does not do it:
+    any value but the default is an error naming it)."""
+    meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional,
+            "swift": swift}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -61,10 +68,44 @@ class SampleConfig:
     # --- model and engine
     model: str | None = opt(None, "Model: a local directory, a hub id, or (client engine) a served model name.")
     model_type: str | None = opt(None, "Accepted for swift compatibility; the model's own config decides.")
+    model_revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
+    use_hf: bool = opt(False, "Hub ids are read from the Hugging Face hub (true) or ModelScope (false, swift's "
+                              "default; USE_HF=1 also selects Hugging Face).")
+    hub_token: str | None = opt(None, "Token for private hub models and datasets.")
+    adapters: list[str] = opt(None, "LoRA adapters (dirs or hub ids) applied to --model (transformers: merged at load; "
+                                    "vllm: LoRA requests).", factory=list)
+    load_args: bool = opt(True, "When --model or an adapter is a swift training output with args.json, take the "
+                                "base model, template and system from it (unless given).")
     template: str | None = opt(
-        None, "Chat template: a Jinja string or a file holding one. Default: the tokenizer's template."
+        None, "Chat template: a swift template name (qwen, chatml, llama3, deepseek, ...), a Jinja string, or a file "
+              "holding one. Default: the tokenizer's template."
     )
-    system: str | None = opt(None, "System prompt added to conversations that have none.")
+    system: str | None = opt(None, "System prompt (text, or a file holding it): replaces the dataset's system message "
+                                   "or comes first, as in swift.")
+    enable_thinking: bool | None = opt(None, "Passed to the chat template as enable_thinking (Qwen3 and friends), and "
+                                             "to APIs as chat_template_kwargs.")
+    chat_template_kwargs: dict = opt(None, "More variables for the chat template as JSON, e.g. '{\"enable_thinking\": "
+                                           "false}'.", factory=dict)
+    response_prefix: str | None = opt(None, "Text the answer starts with (the model continues it; it is part of the "
+                                            "written answer). Local engines only.")
+    use_chat_template: bool | None = opt(None, "false: prompts are the conversation's text without a chat template.")
+    attn_impl: str | None = opt(None, "Attention implementation of the transformers engine (sdpa, eager, "
+                                      "flash_attention_2, ...).")
+    device_map: str | None = opt(None, "transformers device_map (auto, balanced, a JSON map) for models over several "
+                                       "GPUs.")
+    max_memory: dict = opt(None, "transformers max_memory per device as JSON, with --device_map.", factory=dict)
+    max_model_len: int | None = opt(None, "Context length of the engine (vLLM's max_model_len); also the default "
+                                          "--max_length.", ge=1)
+    quant_method: str | None = opt(None, "Quantize --model at load (transformers): bnb or hqq.",
+                                   choices=("bnb", "hqq", "eetq", "quanto", "fp8"))
+    quant_bits: str | None = opt(None, "Bits of --quant_method (bnb: 4 or 8).", choices=("1", "2", "3", "4", "8",
+                                                                                          "float8"))
+    bnb_4bit_compute_dtype: str | None = opt(None, "bitsandbytes 4-bit compute dtype.",
+                                             choices=("float16", "bfloat16", "float32"))
+    bnb_4bit_quant_type: str = opt("nf4", "bitsandbytes 4-bit quant type.", choices=("fp4", "nf4"))
+    bnb_4bit_use_double_quant: bool = opt(True, "bitsandbytes double quantization.")
+    bnb_4bit_quant_storage: str | None = opt(None, "bitsandbytes 4-bit storage dtype.")
+    hqq_axis: int | None = opt(None, "HQQ quantization axis.")
     sampler_type: Literal["sample", "distill"] = opt(
         "sample", "sample: N samples per prompt; distill: API distillation.", choices=("sample", "distill")
     )
@@ -74,23 +115,39 @@ class SampleConfig:
                               factory=dict)
     torch_dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16, float16.",
                            choices=("auto", "float32", "bfloat16", "float16"))
-    max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows.", ge=1)
+    max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows. Default: "
+                                       "the model's context length.", ge=1)
+    truncation_strategy: str | None = opt(None, "A prompt over --max_length: delete (the row fails, the default) or "
+                                                "left (its oldest tokens are cut).", choices=("delete", "left"))
     device: str = opt("auto", "Device for local engines: auto (CUDA if present, else CPU), cpu, cuda, cuda:1.")
 
     # --- data
     dataset: list[str] = opt(None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list)
-    dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded) before sampling.")
-    seed: int = opt(42, "Random seed for data order and generation.", ge=0, le=2**63 - 1)
+    dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded by --data_seed) before sampling.")
+    seed: int = opt(42, "Random seed of generation.", ge=0, le=2**63 - 1)
+    data_seed: int = opt(42, "Random seed of the data order and of #N sampling.", ge=0, le=2**63 - 1)
     data_range: list[int] = opt(None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list)
     strict: bool = opt(False, "Stop before generating anything if any row is bad (default: log and skip it).")
+    columns: dict = opt(None, "Rename dataset columns first, as JSON: '{\"instruction\": \"query\"}'.", factory=dict)
+    split_dataset_ratio: float = opt(0.0, "Hold out this share of the rows (seeded) and sample the rest. (swift 4.6's "
+                                          "sampler ignores it.)", ge=0, le=1)
+    remove_unused_columns: bool | None = opt(None, "true: write only the standard fields, as swift does; default: "
+                                                   "a row's other columns travel into every output line.")
+    streaming: bool = opt(False, "Accepted: winnow always reads datasets lazily.")
 
     # --- sampling
     num_return_sequences: int = opt(64, "Samples per prompt.", ge=1)
-    max_new_tokens: int = opt(2048, "Most tokens to generate per sample.", ge=1)
-    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).", ge=0)
-    top_p: float = opt(1.0, "Nucleus sampling probability.", gt=0, le=1)
-    top_k: int | None = opt(None, "Top-k sampling (unset or 0 = off).", ge=0)
-    repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).", gt=0)
+    max_new_tokens: int | None = opt(None, "Most tokens to generate per sample; unset: the rest of the model's context "
+                                           "(the client engine sends no limit).", ge=1)
+    temperature: float | None = opt(None, "Sampling temperature (0 = greedy); unset: the model's "
+                                          "generation_config.json, else 1.0.", ge=0)
+    top_p: float | None = opt(None, "Nucleus sampling probability; unset: the model's generation_config.json, "
+                                    "else 1.0.", gt=0, le=1)
+    top_k: int | None = opt(None, "Top-k sampling (0 = off); unset: the model's generation_config.json, else off.",
+                            ge=0)
+    repetition_penalty: float | None = opt(None, "Repetition penalty (1.0 = off); unset: the model's "
+                                                 "generation_config.json, else off.", gt=0)
+    num_beams: int = opt(1, "Beam search (transformers engine): the N best of this many beams, no sampling.", ge=1)
     stop_words: list[str] = opt(None, "Stop generation at any of these strings.", factory=list)
     num_sampling_batch_size: int | None = opt(
         None, "Prompts per engine call (default: the engine's own budget).", ge=1
@@ -149,12 +206,82 @@ class SampleConfig:
     price_per_mtok_in: float | None = opt(None, "Price per million prompt tokens, for the cost report.", ge=0)
     price_per_mtok_out: float | None = opt(None, "Price per million completion tokens, for the cost report.", ge=0)
 
+    # --- swift compatibility: settings of swift's SamplingArguments that do not apply to sampling
+    custom_register_path: list[str] = opt(None, "swift registration files (custom models, templates, datasets): "
+                                                "loaded like --external_plugins.", factory=list)
+    logprobs: bool = opt(False, "Not supported yet: per-token log-probabilities.", swift="unsupported")
+    top_logprobs: int | None = opt(None, "Not supported yet.", swift="unsupported")
+    structured_outputs_regex: str | None = opt(None, "Not supported yet: regex-constrained decoding.",
+                                               swift="unsupported")
+    interleave_prob: list[float] = opt(None, "Not supported: datasets are concatenated.", factory=list,
+                                       swift="unsupported")
+    stopping_strategy: str = opt("first_exhausted", "Only with --interleave_prob.", swift="noop")
+    use_ray: bool = opt(False, "swift's Ray switch.", swift="unsupported")
+    ray_exp_name: str | None = opt(None, "swift's Ray experiment name.", swift="noop")
+    device_groups: str | None = opt(None, "swift's Ray device groups.", swift="unsupported")
+    task_type: str | None = opt(None, "swift model task type (sampling is causal_lm).", swift="noop")
+    experts_impl: str | None = opt(None, "swift MoE setting.", swift="noop")
+    new_special_tokens: list[str] = opt(None, "swift training setting.", factory=list, swift="noop")
+    num_labels: int | None = opt(None, "swift training setting.", swift="noop")
+    problem_type: str | None = opt(None, "swift training setting.", swift="noop")
+    rope_scaling: str | None = opt(None, "swift model setting.", swift="noop")
+    local_repo_path: str | None = opt(None, "swift model setting.", swift="noop")
+    init_strategy: str | None = opt(None, "swift training setting.", swift="noop")
+    max_pixels: int | None = opt(None, "swift multimodal setting (winnow samples text).", swift="noop")
+    agent_template: str | None = opt(None, "swift agent template.", swift="noop")
+    norm_bbox: str | None = opt(None, "swift grounding setting.", swift="noop")
+    padding_side: str = opt("right", "swift training setting (sampling always pads left).", swift="noop")
+    padding_free: bool = opt(False, "swift training setting.", swift="noop")
+    loss_scale: str = opt("default", "swift training setting.", swift="noop")
+    sequence_parallel_size: int = opt(1, "swift training setting.", swift="noop")
+    is_binary_loss_scale: bool | None = opt(None, "swift training setting.", swift="noop")
+    template_backend: str = opt("swift", "swift template backend (winnow renders HF chat templates).", swift="noop")
+    preserve_thinking: bool | None = opt(None, "swift training setting.", swift="noop")
+    add_non_thinking_prefix: bool = opt(True, "swift training setting.", swift="noop")
+    disable_ignore_empty_think: bool = opt(False, "swift training setting.", swift="noop")
+    val_dataset: list[str] = opt(None, "swift training setting (sampling has no validation set).", factory=list,
+                                 swift="noop")
+    cached_dataset: list[str] = opt(None, "swift preprocessing cache.", factory=list, swift="noop")
+    cached_val_dataset: list[str] = opt(None, "swift preprocessing cache.", factory=list, swift="noop")
+    dataset_num_proc: int = opt(1, "swift preprocessing workers (winnow reads lazily).", swift="noop")
+    load_from_cache_file: bool = opt(False, "swift preprocessing cache.", swift="noop")
+    val_dataset_shuffle: bool = opt(False, "swift training setting.", swift="noop")
+    shuffle_buffer_size: int = opt(1000, "swift streaming setting.", swift="noop")
+    download_mode: str = opt("reuse_dataset_if_exists", "swift download setting.", swift="noop")
+    disable_auto_column_mapping: bool = opt(False, "swift preprocessing setting.", swift="noop")
+    model_name: list[str] = opt(None, "swift self-cognition setting.", factory=list, swift="noop")
+    model_author: list[str] = opt(None, "swift self-cognition setting.", factory=list, swift="noop")
+    custom_dataset_info: list[str] = opt(None, "swift dataset registry files.", factory=list, swift="noop")
+    decision_drop_instructions: float = opt(0.0, "swift decision-task setting.", swift="noop")
+    decision_subsample_options: int = opt(0, "swift decision-task setting.", swift="noop")
+    decision_state_as_text: float = opt(0.0, "swift decision-task setting.", swift="noop")
+    decision_shuffle_fields: bool = opt(False, "swift decision-task setting.", swift="noop")
+    tuner_backend: str = opt("peft", "swift training setting.", swift="noop")
+    tuner_type: str = opt("lora", "swift training setting.", swift="noop")
+    use_swift_lora: bool = opt(False, "swift training setting.", swift="noop")
+    model_kwargs: dict = opt(None, "swift model-specific settings.", factory=dict, swift="noop")
+    enable_npu_model_patch: bool = opt(True, "swift NPU setting.", swift="noop")
+    load_data_args: bool = opt(False, "swift training setting.", swift="noop")
+    packing: bool = opt(False, "swift training setting.", swift="noop")
+    packing_length: int | None = opt(None, "swift training setting.", swift="noop")
+    packing_num_proc: int = opt(1, "swift training setting.", swift="noop")
+    packing_strategy: str = opt("binpack", "swift training setting.", swift="noop")
+    lazy_tokenize: bool | None = opt(None, "swift training setting.", swift="noop")
+    ddp_timeout: int = opt(18000000, "swift distributed setting.", swift="noop")
+    ddp_backend: str | None = opt(None, "swift distributed setting.", swift="noop")
+    ignore_args_error: bool = opt(False, "swift setting.", swift="noop")
+
     # --- misc
     progress: bool = opt(True, "Show a progress bar.")
     debug: bool = opt(False, "Show tracebacks on errors.")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("swift") == "unsupported" and getattr(self, f.name) not in (None, False, [], {}):
+                hint = " (winnow's own Ray path is --ray true)" if f.name in ("use_ray", "device_groups") else ""
+                raise ConfigError(f"--{f.name}: accepted for swift compatibility but not supported by winnow sample "
+                                  f"yet{hint}; drop it")
         self.sampler_engine = ENGINE_ALIASES.get(self.sampler_engine, self.sampler_engine)
         if self.n_best_to_keep is not None and self.n_best_to_keep > self.num_return_sequences:
             raise ConfigError(f"--n_best_to_keep {self.n_best_to_keep}: more than the {self.num_return_sequences} "
@@ -178,6 +305,16 @@ class SampleConfig:
     def engine(self) -> str:
         """The canonical engine name (``pt`` is ``transformers``)."""
         return self.sampler_engine
+
+    def without_effect(self) -> list[str]:
+        """The swift-only options this run sets that have no effect on sampling (a run names them once)."""
+        out = []
+        for f in dataclasses.fields(self):
+            if f.metadata.get("swift") == "noop":
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if getattr(self, f.name) != default:
+                    out.append(f"--{f.name}")
+        return out
 
 
 @dataclass

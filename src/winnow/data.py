@@ -514,8 +514,11 @@ class RowPlan:
     """
 
     def __init__(self, sources: list, formats: list[str | None], dups: list[dict[int, int]],
-                 system: str | None, names: list[str] | None = None):
+                 system: str | None, names: list[str] | None = None, columns: dict[str, str] | None = None,
+                 keep_columns: bool = True):
         self.sources = sources
+        self.columns = dict(columns or {})  # --columns: renames applied to every row first
+        self.keep_columns = keep_columns
         self.names = names or [""] * len(sources)  # each source's --dataset name, as typed
         self.formats = formats
         self.dups = dups
@@ -546,14 +549,17 @@ class RowPlan:
         source = self.sources[s]
         where = source.where(i)
         try:
-            row = source.row(i)
+            row = rename_columns(source.row(i), self.columns)
             fmt = self.formats[s] or detect_format(row)
             if fmt is None:
                 keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
                 raise RowError(f"unknown row format (fields: {keys}); expected messages, conversations, "
                                "instruction/input/output, query/response, prompt/completion or problem/solution")
-            return row_to_prompt(row, fmt, id=None, source=where, position=position, system=self.system,
-                                 dataset=self.names[s], id_suffix=self.id_suffix(position))
+            prompt = row_to_prompt(row, fmt, id=None, source=where, position=position, system=self.system,
+                                   dataset=self.names[s], id_suffix=self.id_suffix(position))
+            if not self.keep_columns:
+                prompt.columns = {}
+            return prompt
         except (RowError, ValueError) as e:
             return BadRow(source=where, reason=str(e), id=self.row_id(position), position=position)
 
@@ -568,10 +574,17 @@ class RowPlan:
         self.src, self.idx, self.copy = self.src[lo:hi], self.idx[lo:hi], self.copy[lo:hi]
 
 
-def _first_format(source) -> str | None:
+def rename_columns(row: Any, columns: dict[str, str]) -> Any:
+    """A row with ``--columns`` renames applied (its other fields unchanged)."""
+    if not columns or not isinstance(row, dict):
+        return row
+    return {columns.get(k, k): v for k, v in row.items()}
+
+
+def _first_format(source, columns: dict[str, str] | None = None) -> str | None:
     for i in range(min(len(source), 50)):
         try:
-            fmt = detect_format(source.row(i))
+            fmt = detect_format(rename_columns(source.row(i), columns or {}))
         except ValueError:
             continue
         if fmt:
@@ -587,8 +600,14 @@ def build_plan(
     data_range: list[int] | None = None,
     limit: int | None = None,
     system: str | None = None,
+    columns: dict[str, str] | None = None,
+    holdout: float = 0.0,
+    keep_columns: bool = True,
 ) -> RowPlan:
-    """Open every dataset and decide the run's row order; no row is parsed yet."""
+    """Open every dataset and decide the run's row order; no row is parsed yet.
+
+    ``holdout`` (swift's ``split_dataset_ratio``) leaves that share of the rows out: the last rows of
+    the (shuffled) order, before ``data_range`` shards what remains."""
     rng = random.Random(seed)
     sources: list = []
     for text in datasets:
@@ -598,9 +617,11 @@ def build_plan(
             raise DataError(f"--dataset {text}: no rows")
         sources.append((spec, opened))
     flat_sources = [s for _, opened in sources for s in opened]
-    plan = RowPlan(flat_sources, [_first_format(s) for s in flat_sources],
+    if isinstance(system, str) and "\n" not in system and Path(system).expanduser().is_file():
+        system = Path(system).expanduser().read_text(encoding="utf-8")  # --system FILE, as swift reads it
+    plan = RowPlan(flat_sources, [_first_format(s, columns) for s in flat_sources],
                    [_occurrences(s.keys) for s in flat_sources], system,
-                   [spec.path for spec, opened in sources for _ in opened])
+                   [spec.path for spec, opened in sources for _ in opened], columns, keep_columns)
     base = 0
     for spec, opened in sources:
         # (source number, row index) for every row of this spec, in file order
@@ -627,6 +648,8 @@ def build_plan(
         plan.src = array("H", (plan.src[j] for j in order))
         plan.idx = array("Q", (plan.idx[j] for j in order))
         plan.copy = array("H", (plan.copy[j] for j in order))
+    if holdout:
+        plan._keep(0, len(plan) - round(len(plan) * holdout))
     if data_range:
         plan._keep(*shard_bounds(len(plan), data_range[0], data_range[1]))
     if limit is not None:

@@ -17,10 +17,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from winnow import data, rewards
+from winnow import data, registry, rewards
 from winnow.config import SampleConfig, make_config, to_dict
 from winnow.engines import Engine, check_aligned, get_engine
-from winnow.errors import DataError, WinnowError
+from winnow.errors import ConfigError, DataError, WinnowError
 from winnow.redact import Redactor
 from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, SamplingParams
 from winnow.select import SelectOptions, select, with_reference
@@ -110,17 +110,34 @@ def fingerprint(config: SampleConfig) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sampling_params(config: SampleConfig) -> SamplingParams:
+def sampling_params(config: SampleConfig, defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """The run's sampling settings: the options given, else the model's generation_config.json
+    (``defaults``), else unset (engines apply their own defaults; the client engine sends nothing)."""
+    defaults = defaults or {}
+
+    def pick(name: str) -> Any:
+        value = getattr(config, name)
+        return value if value is not None else defaults.get(name)
+
     return SamplingParams(
         n=config.num_return_sequences,
         max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        repetition_penalty=config.repetition_penalty,
+        temperature=pick("temperature"),
+        top_p=pick("top_p"),
+        top_k=pick("top_k"),
+        repetition_penalty=pick("repetition_penalty"),
         stop=list(config.stop_words),
         seed=config.seed,
+        num_beams=config.num_beams,
     )
+
+
+def template_kwargs(config: SampleConfig) -> dict[str, Any]:
+    """The chat template's variables: --chat_template_kwargs, and --enable_thinking."""
+    out = dict(config.chat_template_kwargs)
+    if config.enable_thinking is not None:
+        out["enable_thinking"] = config.enable_thinking
+    return out
 
 
 def build_engine(config: SampleConfig) -> Engine | None:
@@ -128,16 +145,54 @@ def build_engine(config: SampleConfig) -> Engine | None:
     if config.engine == "no":
         return None
     kwargs: dict[str, Any] = dict(config.engine_kwargs)
+    if config.num_beams > 1 and config.engine != "transformers":
+        raise ConfigError(f"--num_beams {config.num_beams}: beam search is done by the transformers engine only")
     if config.engine == "client":
+        if config.response_prefix:
+            raise ConfigError("--response_prefix needs a local engine: an API cannot be made to continue a partial "
+                              "answer in general")
         kwargs.update(stream=config.stream, max_concurrency=config.max_concurrency, rpm=config.rpm,
-                      tpm=config.tpm, request_timeout=config.request_timeout, max_retries=config.max_retries)
-    else:
-        kwargs.setdefault("torch_dtype", config.torch_dtype)
-        kwargs.setdefault("device", config.device)
-        kwargs.setdefault("max_length", config.max_length)
-        kwargs.setdefault("template", config.template)
-        kwargs.setdefault("seed", config.seed)
+                      tpm=config.tpm, request_timeout=config.request_timeout, max_retries=config.max_retries,
+                      keep_truncated=True)  # truncation is the run's call (--keep_truncated), made for every engine
+        variables = template_kwargs(config)
+        if variables:  # vLLM and SGLang read chat_template_kwargs from the request body
+            kwargs["extra_body"] = {**kwargs.get("extra_body", {}), "chat_template_kwargs": variables}
+        return get_engine(config.engine, config.model, **kwargs)
+    kwargs.setdefault("torch_dtype", config.torch_dtype)
+    kwargs.setdefault("device", config.device)
+    kwargs.setdefault("max_length", config.max_length or config.max_model_len)
+    kwargs.setdefault("template", config.template)
+    kwargs.setdefault("seed", config.seed)
+    # options a backend may not know are passed only when set
+    optional = {
+        "template_kwargs": template_kwargs(config), "use_chat_template": config.use_chat_template,
+        "truncation_strategy": config.truncation_strategy, "response_prefix": config.response_prefix,
+        "adapters": list(config.adapters), "attn_implementation": config.attn_impl,
+        "device_map": _json_or_text(config.device_map), "max_memory": dict(config.max_memory),
+        "revision": config.model_revision, "quantization": _quantization(config),
+        "max_model_len": config.max_model_len if config.engine == "vllm" else None,
+    }
+    for key, value in optional.items():
+        if value not in (None, {}, []):
+            kwargs.setdefault(key, value)
     return get_engine(config.engine, config.model, **kwargs)
+
+
+def _json_or_text(value: str | None) -> Any:
+    if value and value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--device_map {value!r}: not valid JSON") from None
+    return value
+
+
+def _quantization(config: SampleConfig) -> dict[str, Any] | None:
+    if not config.quant_method:
+        return None
+    return {"method": config.quant_method, "bits": config.quant_bits, "hqq_axis": config.hqq_axis,
+            **{k: getattr(config, k) for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_type",
+                                                "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage")}}
 
 
 class Progress:
@@ -210,9 +265,16 @@ class Run:
 
     async def execute(self) -> RunSummary:
         config = self.config
+        ignored = config.without_effect()
+        if ignored:
+            print(f"winnow sample: note: {', '.join(ignored)}: accepted for swift compatibility, without effect on "
+                  "sampling", file=sys.stderr)
+        for path in config.custom_register_path:  # swift registration files run like plugin files
+            registry.load_plugin(path)
         plan = data.build_plan(
-            config.dataset, seed=config.seed, shuffle=config.dataset_shuffle, data_range=config.data_range,
-            limit=self._limit(), system=config.system,
+            config.dataset, seed=config.data_seed, shuffle=config.dataset_shuffle, data_range=config.data_range,
+            limit=self._limit(), system=config.system, columns=config.columns,
+            holdout=config.split_dataset_ratio, keep_columns=not config.remove_unused_columns,
         )
         if config.strict:
             validate_rows(plan)
@@ -233,7 +295,8 @@ class Run:
         self.summary.output_file = str(store.path)
         self.summary.failed_file = str(store.failed_path)
         self.summary.rows_total = len(plan)
-        self.params = sampling_params(config)
+        defaults = engine.generation_defaults() if hasattr(engine, "generation_defaults") else {}
+        self.params = sampling_params(config, defaults)
         self.select_opts = SelectOptions(
             output_format=config.output_format, reasoning_format=config.reasoning_format or "separate",
             n_best_to_keep=min(5, config.num_return_sequences) if config.n_best_to_keep is None
@@ -353,6 +416,11 @@ class Run:
         try:
             groups = await self._generate(batch)
             self._check_truncated(groups)
+            if self.config.response_prefix and self.engine is not None:  # the answer the model continued
+                for group in groups:
+                    for c in group.completions:
+                        if not c.failed:
+                            c.text = self.config.response_prefix + c.text
             if self.add_reference:
                 groups = [with_reference(g) for g in groups]
             if self.scorer is not None:
@@ -498,6 +566,7 @@ class Run:
             "command": self.redactor.argv(sys.argv) if sys.argv and "winnow" in sys.argv[0] else None,
             "config": to_dict(self.config),
             "seed": self.config.seed,
+            "sampling": asdict(self.params) if hasattr(self, "params") else None,
             "versions": versions(),
             "engine": self.redactor.value(self.engine.describe()) if self.engine is not None else {"name": "no"},
             "rewards": self.redactor.value(self.scorer.describe()) if self.scorer is not None else [],

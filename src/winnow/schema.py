@@ -120,17 +120,23 @@ class Group:
 
 @dataclass
 class SamplingParams:
-    """Sampling settings one engine call uses; the same for every prompt of the call."""
+    """Sampling settings one engine call uses; the same for every prompt of the call.
+
+    ``None`` means "not set": local engines use the rest of the context for ``max_new_tokens`` and
+    their defaults (1.0, 1.0, off, 1.0, off) for the others; the client engine does not send them, so
+    the server's defaults apply. A run fills them from the model's generation_config.json first.
+    """
 
     n: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int | None = 64
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
     top_k: int | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    min_p: float | None = None  # drop tokens below min_p x the top token's probability (None: off)
+    min_p: float | None = None
+    num_beams: int = 1
 
 
 @dataclass

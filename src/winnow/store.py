@@ -50,8 +50,12 @@ def dumps(record: dict[str, Any]) -> str:
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a half-written copy must not be left behind
+        raise
 
 
 @dataclass

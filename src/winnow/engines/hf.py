@@ -79,29 +79,103 @@ def load_tokenizer(model_path: str, *, padding_side: str = "left", trust_remote_
 
 
 def load_template(template: str | None) -> str | None:
-    """A chat template given as a file path or as the Jinja text itself."""
-    if not template:
-        return None
-    path = Path(template).expanduser()
-    if "{" not in template and path.is_file():
-        return path.read_text(encoding="utf-8")
-    if "{" not in template:
-        # swift template names (qwen, llama3, ...): the tokenizer's own template is used instead
-        return None
-    return template
+    """``--template``: a swift template name, a file holding a Jinja chat template, or the Jinja text."""
+    from winnow import templates
+
+    return templates.resolve(template)
 
 
-def render_chat(tokenizer, messages: list[dict], template: str | None = None,
-                add_generation_prompt: bool = True, **template_kwargs: Any) -> str:
-    """The prompt text for ``messages`` under the tokenizer's (or the given) chat template;
-    ``template_kwargs`` become template variables (e.g. ``enable_thinking=False``)."""
+def render_chat(tokenizer, messages: list[dict], template: str | None = None, add_generation_prompt: bool = True,
+                template_kwargs: dict | None = None, response_prefix: str | None = None) -> str:
+    """The prompt text for ``messages`` under the tokenizer's (or the given) chat template; ``template_kwargs``
+    are the template's variables (``enable_thinking``...), ``response_prefix`` the text the answer starts with."""
     chat_template = template or getattr(tokenizer, "chat_template", None)
     if not chat_template:
-        raise EngineError("the tokenizer has no chat template; pass one with --template FILE_OR_JINJA")
-    return tokenizer.apply_chat_template(
+        raise EngineError("the tokenizer has no chat template; pass one with --template NAME_FILE_OR_JINJA")
+    text = tokenizer.apply_chat_template(
         messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
-        **template_kwargs,
-    )
+        **(template_kwargs or {}))
+    return text + (response_prefix or "")
+
+
+def plain_prompt(messages: list[dict], response_prefix: str | None = None) -> str:
+    """``--use_chat_template false``: the conversation's text, turns separated by blank lines."""
+    return "\n\n".join(str(m.get("content") or "") for m in messages) + (response_prefix or "")
+
+
+def read_json(path: Path) -> dict:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx",
+                "max_seq_len", "model_max_length")
+
+
+def context_length(model_path: str, tokenizer: Any = None) -> int | None:
+    """The model's context length in tokens, from its config (or its tokenizer's model_max_length); None
+    when neither says."""
+    config = read_json(Path(model_path) / "config.json")
+    sources = [config, config.get("text_config") or {}]
+    for source in sources:
+        for key in CONTEXT_KEYS:
+            value = source.get(key)
+            if isinstance(value, int) and 0 < value < 10**8:
+                return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and 0 < limit < 10**8 else None
+
+
+GENERATION_KEYS = ("temperature", "top_p", "top_k", "repetition_penalty")
+
+
+def generation_defaults(model_path: str) -> dict[str, Any]:
+    """The sampling settings the model's ``generation_config.json`` gives (the ones a run takes when the
+    user sets none, as transformers and vLLM do)."""
+    config = read_json(Path(model_path) / "generation_config.json")
+    return {k: config[k] for k in GENERATION_KEYS if isinstance(config.get(k), (int, float))
+            and not isinstance(config.get(k), bool)}
+
+
+def quantization_config(options: dict[str, Any], device: str) -> Any:
+    """A transformers quantization config from swift's flags (``method`` bnb or hqq, ``bits``, bnb_4bit_*)."""
+    transformers = require("transformers", "hf", "quantized models")
+    method, bits = options.get("method"), str(options.get("bits") or "")
+    if method == "bnb":
+        require("bitsandbytes", "quant", "--quant_method bnb")
+        if bits not in ("4", "8"):
+            raise ConfigError(f"--quant_method bnb takes --quant_bits 4 or 8, got {bits or 'none'}")
+        if bits == "8":
+            return transformers.BitsAndBytesConfig(load_in_8bit=True)
+        compute = options.get("bnb_4bit_compute_dtype")
+        return transformers.BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=options.get("bnb_4bit_quant_type") or "nf4",
+            bnb_4bit_use_double_quant=bool(options.get("bnb_4bit_use_double_quant", True)),
+            bnb_4bit_compute_dtype=resolve_dtype(compute, device) if compute else None,
+            bnb_4bit_quant_storage=options.get("bnb_4bit_quant_storage"))
+    if method == "hqq":
+        require("hqq", "quant", "--quant_method hqq")
+        if not bits:
+            raise ConfigError("--quant_method hqq needs --quant_bits")
+        return transformers.HqqConfig(nbits=int(bits), axis=options.get("hqq_axis") or 0)
+    raise ConfigError(f"--quant_method {method}: winnow quantizes at load with bnb or hqq only; for {method}, load a "
+                      "model quantized already")
+
+
+def apply_adapters(model: Any, adapters: list[str]) -> Any:
+    """``model`` with each LoRA adapter merged in, in order (the merged model samples at full speed)."""
+    peft = require("peft", "hf", "--adapters")
+    for path in adapters:
+        try:
+            model = peft.PeftModel.from_pretrained(model, path).merge_and_unload()
+        except (OSError, ValueError) as e:
+            raise EngineError(f"--adapters {path}: cannot apply it to the model: {e}") from None
+    return model
 
 
 def model_kwargs(dtype: Any, trust_remote_code: bool = False, **extra: Any) -> dict[str, Any]:
@@ -146,15 +220,15 @@ class TokenChars:
         return self.ascii if text.isascii() else self.other
 
 
-def certainly_too_long(text: str, limit_tokens: int, token_chars: TokenChars | None) -> bool:
+def certainly_too_long(text: str, limit_tokens: int | None, token_chars: TokenChars | None) -> bool:
     """Whether ``text`` surely encodes to more than ``limit_tokens`` tokens, judged from its length alone.
 
     Sound, not exact: no token stands for more than ``token_chars.of(text)`` characters, so a longer
-    text than ``limit_tokens`` times that needs more tokens than the limit. ``None`` (a tokenizer that
-    can fold any amount of text into one token) never answers yes. Costs nothing: ``len`` and
-    ``isascii`` of a Python string take constant time.
+    text than ``limit_tokens`` times that needs more tokens than the limit. A ``None`` limit (none
+    known) or ``token_chars`` (a tokenizer that can fold any amount of text into one token) never
+    answers yes. Costs nothing: ``len`` and ``isascii`` of a Python string take constant time.
     """
-    return token_chars is not None and len(text) > limit_tokens * token_chars.of(text)
+    return limit_tokens is not None and token_chars is not None and len(text) > limit_tokens * token_chars.of(text)
 
 
 def longest_token_chars(tokenizer) -> TokenChars | None:

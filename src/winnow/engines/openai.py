@@ -228,7 +228,7 @@ class OpenAIEngine:
         tpm: int | None = None,
         request_timeout: float = 600.0,
         max_retries: int = 5,
-        keep_truncated: bool = False,
+        keep_truncated: bool = True,
         retry_base_s: float = 1.0,
         retry_max_s: float = 60.0,
         shutdown_grace_s: float = 5.0,
@@ -397,9 +397,12 @@ class OpenAIEngine:
         return out + [c for cs in more for c in cs]
 
     def _body(self, prompt: Prompt, params: SamplingParams, n: int) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": prompt.messages,
-                                "temperature": params.temperature, "top_p": params.top_p,
-                                self.max_tokens_param: params.max_new_tokens}
+        # what the run leaves unset is not sent: the server's defaults (often the model's own) apply
+        body: dict[str, Any] = {"model": self.model, "messages": prompt.messages}
+        for key, value in (("temperature", params.temperature), ("top_p", params.top_p),
+                           (self.max_tokens_param, params.max_new_tokens), ("seed", None)):
+            if value is not None:
+                body[key] = value
         if n > 1:
             body["n"] = n
         if params.stop:
@@ -407,7 +410,7 @@ class OpenAIEngine:
         # not OpenAI parameters: sent only when asked for (vLLM and SGLang accept them)
         if params.top_k is not None:
             body["top_k"] = params.top_k
-        if params.repetition_penalty != 1.0:
+        if params.repetition_penalty not in (None, 1.0):
             body["repetition_penalty"] = params.repetition_penalty
         if params.min_p:
             body["min_p"] = params.min_p

@@ -482,7 +482,7 @@ class PolicyServing(_Served):
         from winnow.engines import hf
 
         try:
-            text = hf.render_chat(self.tokenizer, messages, self.template, **template_kwargs)
+            text = hf.render_chat(self.tokenizer, messages, self.template, template_kwargs=template_kwargs)
         except Exception as e:
             raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
         return self._encode(text, budget, "messages", add_special_tokens=False)

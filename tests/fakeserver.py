@@ -21,7 +21,8 @@ Options: ``latency`` (seconds before answering), ``reasoning`` (``reasoning_cont
 ``reasoning`` or ``none``; default ``reasoning_content`` for model names containing ``r1`` or
 ``reason``, else ``none``), ``n`` (``honour`` or ``ignore``: answer one choice whatever ``n`` is),
 ``retry_after`` (seconds sent with 429s, default 0.05), ``hang`` (seconds a timeout fault waits,
-default 3600), ``fault`` (a fault applied to every prompt), ``chaos`` (a probability: each request hits
+default 3600), ``words`` (every answer padded to this many words), ``fault`` (a fault applied to every
+prompt), ``chaos`` (a probability: each request hits
 one fault drawn at random from ``CHAOS_FAULTS``, seeded by ``chaos_seed``; ``cut``/``cutdrop``
 apply to streams, ``drop`` otherwise).
 
@@ -72,6 +73,7 @@ class Options:
     hang: float = 3600.0
     faults: list[tuple[str, int]] = field(default_factory=list)
     chaos: float = 0.0
+    words: int = 0  # pad every answer to this many words (a long answer)
 
     def apply(self, key: str, value: str) -> None:
         if key in ("latency", "slow"):
@@ -89,6 +91,8 @@ class Options:
             self.faults.append((kind, COUNTS.get(count or "always") or int(count)))
         elif key == "chaos":
             self.chaos = float(value)
+        elif key == "words":
+            self.words = int(value)
         else:
             raise ValueError(f"unknown fake-server option {key!r}")
 
@@ -331,6 +335,8 @@ class FakeServer:
                                else f"Answer {index}: {MARKER.sub('', prompt).strip()[:200]}")
         reasoning = f"Let me think step by step about: {prompt[:60]}" if opts.reasoning != "none" else None
         finish = "stop"
+        if opts.words:
+            content += " " + " ".join(f"step{i}" for i in range(max(0, opts.words - len(content.split()))))
         words = content.split()
         if max_tokens is not None and len(words) > int(max_tokens):
             content, finish = " ".join(words[: int(max_tokens)]), "length"

@@ -55,6 +55,8 @@ def sampling_main(args: SampleConfig | list[str] | None = None):
 
 
 def _parse(cls, argv: list[str], prog: str, description: str):
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        argv = ["--config", argv[0], *argv[1:]]  # swift's `swift sample config.yaml`
     parser = _one_line(build_parser(cls, prog, description))
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
@@ -71,8 +73,9 @@ def cmd_sample(argv: list[str]) -> int:
     if summary.status == "interrupted":
         return 130
     if summary.rows_total and not summary.totals.get("lines"):
+        where = f" and in {summary.failed_file}" if summary.totals.get("failed") else ""
         print(f"winnow sample: WARNING: the output has no lines: every row failed or was filtered; the reasons are "
-              f"in the summary above and in {summary.failed_file or 'the failed-rows log'}", file=sys.stderr)
+              f"in the summary above{where}", file=sys.stderr)
         return 1
     return 0
 

@@ -40,7 +40,13 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, fa
 
 
 def check_fields(config) -> None:
-    """Every field's declared choices and range, checked; the error names the flag and what it takes."""
+    """Every field's declared choices and range, checked; the error names the flag and what it takes.
+    A list option given one string from Python (``dataset="d.jsonl"``, as swift takes it) becomes a list."""
+    hints = _field_types(type(config))
+    for f in dataclasses.fields(config):
+        if isinstance(getattr(config, f.name), (str, tuple)) and typing.get_origin(_unwrap(hints[f.name])[0]) is list:
+            value = getattr(config, f.name)
+            setattr(config, f.name, [value] if isinstance(value, str) else list(value))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         meta = f.metadata
@@ -218,7 +224,7 @@ class SampleConfig:
     stopping_strategy: str = opt("first_exhausted", "Only with --interleave_prob.", swift="noop")
     use_ray: bool = opt(False, "swift's Ray switch.", swift="unsupported")
     ray_exp_name: str | None = opt(None, "swift's Ray experiment name.", swift="noop")
-    device_groups: str | None = opt(None, "swift's Ray device groups.", swift="unsupported")
+    device_groups: Any = opt(None, "swift's Ray device groups (winnow places Ray replicas itself).", swift="noop")
     task_type: str | None = opt(None, "swift model task type (sampling is causal_lm).", swift="noop")
     experts_impl: str | None = opt(None, "swift MoE setting.", swift="noop")
     new_special_tokens: list[str] = opt(None, "swift training setting.", factory=list, swift="noop")
@@ -279,7 +285,7 @@ class SampleConfig:
         check_fields(self)
         for f in dataclasses.fields(self):
             if f.metadata.get("swift") == "unsupported" and getattr(self, f.name) not in (None, False, [], {}):
-                hint = " (winnow's own Ray path is --ray true)" if f.name in ("use_ray", "device_groups") else ""
+                hint = " (winnow's own Ray path is --ray true)" if f.name == "use_ray" else ""
                 raise ConfigError(f"--{f.name}: accepted for swift compatibility but not supported by winnow sample "
                                   f"yet{hint}; drop it")
         self.sampler_engine = ENGINE_ALIASES.get(self.sampler_engine, self.sampler_engine)
@@ -294,7 +300,7 @@ class SampleConfig:
                 raise ConfigError(f"--output_file must end with .jsonl, got {self.output_file!r}")
         if self.data_range and (len(self.data_range) != 2 or not 0 <= self.data_range[0] < self.data_range[1]):
             raise ConfigError(f"--data_range takes 'i n' with 0 <= i < n, got {self.data_range}")
-        if self.sampler_engine != "no" and not self.model:
+        if self.sampler_engine != "no" and not self.model and not self.adapters:
             raise ConfigError("--model is required (a local directory, a hub id, or a served model name)")
         if not self.dataset:
             raise ConfigError("--dataset is required, e.g. --dataset data.jsonl#100")
@@ -305,6 +311,39 @@ class SampleConfig:
     def engine(self) -> str:
         """The canonical engine name (``pt`` is ``transformers``)."""
         return self.sampler_engine
+
+    def apply_saved_args(self) -> list[str]:
+        """``--load_args``: when --model or an adapter is a swift training output, take the base model, template,
+        system and length settings its ``args.json`` recorded, for the options this run does not set.
+        Returns what it took, for the run to say."""
+        import json as json_module
+
+        if not self.load_args:
+            return []
+        taken: list[str] = []
+        for folder in [*self.adapters, *([self.model] if self.model else [])]:
+            saved_file = Path(folder).expanduser() / "args.json"
+            if not saved_file.is_file():
+                continue
+            try:
+                saved = json_module.loads(saved_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise ConfigError(f"{saved_file}: not valid JSON; fix it or pass --load_args false") from None
+            if self.adapters and folder in self.adapters and saved.get("model") and \
+                    (self.model is None or self.model in self.adapters):
+                self.model = str(saved["model"])
+                taken.append(f"model={self.model}")
+            from winnow.templates import TEMPLATES
+
+            for key in ("model_type", "model_revision", "system", "max_length", "template"):
+                value = saved.get(key)
+                if value is None or getattr(self, key) is not None or \
+                        (key == "template" and value not in TEMPLATES):
+                    continue
+                setattr(self, key, value)
+                taken.append(f"{key}={value}")
+            break
+        return taken
 
     def without_effect(self) -> list[str]:
         """The swift-only options this run sets that have no effect on sampling (a run names them once)."""
@@ -470,7 +509,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         description=description,
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
+        allow_abbrev=True,  # unambiguous abbreviations, as swift's argument parser allows
     )
     parser.add_argument("--config", help="YAML file of options; flags given here override it.")
     hints = _field_types(cls)
@@ -494,18 +533,25 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    """Options from a YAML file, keys normalised to snake_case."""
+    """Options from a YAML (or JSON) file, keys normalised to snake_case. As in swift, an ``ENV`` mapping
+    sets environment variables that are not set already."""
+    import os
+
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: not valid YAML or JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value")
+    env = data.pop("ENV", None)
+    if isinstance(env, dict):
+        for key, value in env.items():
+            os.environ.setdefault(str(key), str(value))
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
@@ -513,6 +559,12 @@ def make_config(cls, values: dict[str, Any], source: str = "options"):
     """Build ``cls`` from a dict, naming any unknown key and any value of the wrong type."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
+    if unknown and str(values.get("ignore_args_error")).lower() in ("true", "1"):
+        import sys
+
+        print(f"winnow: warning: ignored unknown options (--ignore_args_error): {', '.join(unknown)}", file=sys.stderr)
+        values = {k: v for k, v in values.items() if k in known}
+        unknown = []
     if unknown:
         import difflib
 
@@ -549,6 +601,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError("a boolean")
             return inner(value)
+        if inner is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `quant_bits: 4` as a number
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
         raise ConfigError(f"{source}: bad value for {key}: {value!r} ({e})") from None
     return value

@@ -269,6 +269,10 @@ class Run:
         if ignored:
             print(f"winnow sample: note: {', '.join(ignored)}: accepted for swift compatibility, without effect on "
                   "sampling", file=sys.stderr)
+        taken = config.apply_saved_args()
+        if taken:
+            print(f"winnow sample: note: from the checkpoint's args.json (--load_args): {', '.join(taken)}",
+                  file=sys.stderr)
         for path in config.custom_register_path:  # swift registration files run like plugin files
             registry.load_plugin(path)
         plan = data.build_plan(
@@ -311,7 +315,10 @@ class Run:
         self.add_reference = config.include_reference or (config.selection == "swift" and scorer is not None)
         from winnow.cache import SampleCache
 
-        self.cache = SampleCache(config.cache_files) if config.cache_files else None
+        self.cache = SampleCache(config.cache_files, missing_ok=engine is not None) if config.cache_files else None
+        if self.cache is not None and self.cache.missing:
+            print(f"winnow sample: note: {', '.join(self.cache.missing)} does not exist yet: its rows are sampled",
+                  file=sys.stderr)
         self._write_manifest("running")
         self._install_signals()
         done_before = store.state.count_done(len(plan)) if store.resumed else 0

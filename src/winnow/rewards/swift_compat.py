@@ -41,8 +41,9 @@ def install() -> bool:
     """Install the stand-ins unless the real swift is importable; True when they are in place."""
     if "swift" in sys.modules:
         return getattr(sys.modules["swift"], "__winnow_shim__", False)
-    if importlib.util.find_spec("swift") is not None:
-        return False
+    spec = importlib.util.find_spec("swift")
+    if spec is not None and spec.origin not in (None, "namespace"):
+        return False  # the real ms-swift (a folder called swift/ in the working directory is not it)
     for name in SHIM_MODULES:
         module = types.ModuleType(name)
         module.__winnow_shim__ = True

@@ -383,6 +383,20 @@ class ServeConfig:
                                       ge=1)
     seed: int = opt(42, "Seed of the server's random stream; a request's own seed gets an engine call of its own.",
                      ge=0, le=2**63 - 1)
+    # --- limits against hostile or broken clients (docs/serve.md, "Limits")
+    max_request_bytes: int = opt(32 * 1024 * 1024, "Largest request body in bytes; a larger one is answered 413 "
+                                                   "before it is read.", ge=1)
+    max_messages: int = opt(2048, "Most messages in one conversation, and content parts in one message.", ge=1)
+    max_prompts: int = opt(256, "Most prompts in one /v1/completions request and conversations in one "
+                                "/v1/rewards request.", ge=1)
+    max_stop: int = opt(16, "Most stop strings in one request.", ge=1)
+    max_stop_chars: int = opt(256, "Longest stop string, in characters.", ge=1)
+    max_connections: int = opt(1024, "Most open client connections; beyond it the oldest connection that has not "
+                                     "sent a whole request head is closed, or the new one refused with 503.", ge=1)
+    timeout_headers: float = opt(10.0, "Seconds a connection has to send a whole request head (408 after).", gt=0)
+    timeout_body: float = opt(60.0, "Seconds a request has to send its whole body once its head is in (408 after).",
+                              gt=0)
+    timeout_keep_alive: float = opt(5.0, "Seconds an idle keep-alive connection stays open.", gt=0)
     debug: bool = opt(False, "Show tracebacks on errors.")
 
     def __post_init__(self) -> None:

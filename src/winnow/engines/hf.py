@@ -6,6 +6,7 @@ imported only inside these functions.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -143,22 +144,6 @@ def generation_defaults(model_path: str) -> dict[str, Any]:
             and not isinstance(config.get(k), bool)}
 
 
-def longest_token_chars(tokenizer: Any) -> int:
-    """The longest token of the vocabulary, in characters: a text of ``c`` characters is at least
-    ``c / longest`` tokens, which proves a prompt too long without tokenizing it."""
-    try:
-        vocab = tokenizer.get_vocab()
-    except Exception:  # a tokenizer without a vocabulary listing: no bound
-        return 1 << 30
-    longest = max((len(t) for t in vocab), default=1)
-    return max(1, longest)
-
-
-def certainly_too_long(text: str, limit_tokens: int | None, longest: int) -> bool:
-    """Whether ``text`` has more than ``limit_tokens`` tokens for sure, without tokenizing it."""
-    return limit_tokens is not None and len(text) > limit_tokens * longest
-
-
 def quantization_config(options: dict[str, Any], device: str) -> Any:
     """A transformers quantization config from swift's flags (``method`` bnb or hqq, ``bits``, bnb_4bit_*)."""
     transformers = require("transformers", "hf", "quantized models")
@@ -216,3 +201,105 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return out
+
+
+# ----------------------------------------------------------------------------- length before tokenizing
+
+# pre-tokenizers that keep every character (the others drop whitespace or delimiters)
+_KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "UnicodeScripts", "Split", "Punctuation"}
+
+
+@dataclass(frozen=True)
+class TokenChars:
+    """The most characters of input text one token of a tokenizer can stand for: in ASCII text, and in
+    any text (a normalizer such as NFC may first fold several characters of other text into one)."""
+
+    ascii: int
+    other: int
+
+    def of(self, text: str) -> int:
+        """The bound that holds for ``text``."""
+        return self.ascii if text.isascii() else self.other
+
+
+def certainly_too_long(text: str, limit_tokens: int | None, token_chars: TokenChars | None) -> bool:
+    """Whether ``text`` surely encodes to more than ``limit_tokens`` tokens, judged from its length alone.
+
+    Sound, not exact: no token stands for more than ``token_chars.of(text)`` characters, so a longer
+    text than ``limit_tokens`` times that needs more tokens than the limit. A ``None`` limit (none
+    known) or ``token_chars`` (a tokenizer that can fold any amount of text into one token) never
+    answers yes. Costs nothing: ``len`` and ``isascii`` of a Python string take constant time.
+    """
+    return limit_tokens is not None and token_chars is not None and len(text) > limit_tokens * token_chars.of(text)
+
+
+def longest_token_chars(tokenizer) -> TokenChars | None:
+    """How many characters of input one token of ``tokenizer`` can stand for (compute it once, at
+    load), or None when that has no bound: a slow tokenizer, a normalizer or pre-tokenizer that
+    drops characters, unknown tokens fused over any length, added tokens that swallow whitespace."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    shrink = _shrink(json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None)
+    if shrink is None or not _keeps_characters(
+            json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else None):
+        return None
+    model = backend.model
+    kind = type(model).__name__
+    byte_fallback = bool(getattr(model, "byte_fallback", False))
+    if kind == "BPE":
+        if getattr(model, "unk_token", None) and getattr(model, "fuse_unk", False) and not byte_fallback:
+            return None
+    elif not (kind == "Unigram" and byte_fallback):  # WordPiece, WordLevel: a long word is one [UNK]
+        return None
+    if any(t.lstrip or t.rstrip for t in getattr(tokenizer, "added_tokens_decoder", {}).values()):
+        return None
+    # byte-level tokens spell one byte per character, sentencepiece ones one character each (a byte
+    # fallback token like <0x0A> is longer than what it stands for): either way an upper bound
+    longest = max(len(token) for token in tokenizer.get_vocab())
+    return TokenChars(ascii=longest * shrink[0], other=longest * shrink[1])
+
+
+def _shrink(normalizer: dict | None) -> tuple[int, int, bool] | None:
+    """How many input characters a normalizer may fold into one, for ASCII input and for any input,
+    and whether ASCII input stays ASCII; None when it can drop characters. NFC and NFKC compose at
+    most 4 code points into one (the longest canonical decomposition) and leave ASCII alone."""
+    if normalizer is None:
+        return 1, 1, True
+    kind = normalizer.get("type")
+    if kind == "Sequence":
+        ascii_factor, factor, ascii_kept = 1, 1, True
+        for part in normalizer.get("normalizers", []):
+            step = _shrink(part)
+            if step is None:
+                return None
+            ascii_factor *= step[0] if ascii_kept else step[1]
+            factor *= step[1]
+            ascii_kept = ascii_kept and step[2]
+        return ascii_factor, factor, ascii_kept
+    if kind in ("NFC", "NFKC"):
+        return 1, 4, True
+    if kind in ("NFD", "NFKD", "Lowercase"):
+        return 1, 1, True
+    if kind == "Prepend":
+        return 1, 1, str(normalizer.get("prepend", "")).isascii()
+    if kind == "ByteLevel":
+        return 1, 1, False
+    if kind == "Replace":
+        pattern, content = normalizer.get("pattern", {}), str(normalizer.get("content", ""))
+        if "String" not in pattern or not content:
+            return None
+        factor = max(1, -(-len(pattern["String"]) // len(content)))
+        return factor, factor, content.isascii()
+    return None  # Strip, StripAccents, BertNormalizer, Precompiled, Nmt, ...: they drop characters
+
+
+def _keeps_characters(pre_tokenizer: dict | None) -> bool:
+    if pre_tokenizer is None:
+        return True
+    kind = pre_tokenizer.get("type")
+    if kind == "Sequence":
+        return all(_keeps_characters(p) for p in pre_tokenizer.get("pretokenizers", []))
+    return kind in _KEEPING_PRE_TOKENIZERS and pre_tokenizer.get("behavior") != "Removed"

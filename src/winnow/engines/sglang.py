@@ -32,6 +32,8 @@ def sampling_params(params: SamplingParams, max_new_tokens: int) -> dict[str, An
         "top_k": params.top_k if params.top_k and params.top_k > 0 else -1,  # -1: whole vocabulary
         "repetition_penalty": params.repetition_penalty,
     }
+    if params.min_p and not _local.is_greedy(params):
+        out["min_p"] = params.min_p
     if params.stop:
         out["stop"] = list(params.stop)
     return out

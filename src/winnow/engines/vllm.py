@@ -33,6 +33,8 @@ def sampling_kwargs(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
         kwargs["top_p"] = params.top_p
         # 0 and -1 both mean "off" in current vLLM; -1 is also what versions before 0.8 accept
         kwargs["top_k"] = params.top_k if params.top_k and params.top_k > 0 else -1
+        if params.min_p:
+            kwargs["min_p"] = params.min_p
     if params.stop:
         kwargs["stop"] = list(params.stop)
     return kwargs

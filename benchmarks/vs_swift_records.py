@@ -85,7 +85,7 @@ def make_inputs(work: Path, prompts: int = 20, samples: int = 5, seed: int = 0) 
 
     rng = random.Random(seed)
     rows, cache = [], []
-    for i in range(prompts):
+    for _ in range(prompts):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
         conversation = [{"role": "user", "content": f"What is {a} + {b}?"},
                         {"role": "assistant", "content": f"{a} + {b} = {a + b}\n\\boxed{{{a + b}}}"}]
@@ -125,8 +125,8 @@ def main() -> None:
     ap.add_argument("--swift", default=str(DEFAULT_SWIFT))
     args = ap.parse_args()
     if not Path(args.swift).exists():
-        raise SystemExit(f"{args.swift} not found: install the peer with bash ../shared/peers/ms-swift/run_peer_bench.sh "
-                         "(or point --swift at a `swift` command)")
+        raise SystemExit(f"{args.swift} not found: install the peer with bash "
+                         "../shared/peers/ms-swift/run_peer_bench.sh (or point --swift at a `swift` command)")
     work = Path(tempfile.mkdtemp(prefix="vs-swift-records-"))
     data, stage1 = make_inputs(work)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

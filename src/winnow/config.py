@@ -165,6 +165,8 @@ class SampleConfig:
     output_file: str | None = opt(None, "Output file name (no directory, .jsonl). Default: a timestamp.")
     override_exist_file: bool = opt(False, "Overwrite an existing output file.")
     resume: bool = opt(False, "Continue an interrupted run: skip groups already written.")
+    output_parquet: bool = opt(False, "Also write the output as Parquet (<name>.parquet, one schema for every run: "
+                                      "scores as a list of {name, value, steps}) when the run finishes.")
     output_format: str = opt("swift", "Record format: swift (messages, id, rejected_response), sft (messages), "
                                       "prompt_completion (TRL's prompt/completion SFT form), dpo (TRL's prompt/"
                                       "chosen/rejected), raw (every sample with its scores), grpo (prompts a GRPO "

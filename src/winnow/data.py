@@ -33,16 +33,17 @@ REFERENCE_COLUMNS = ("answer", "solution", "ground_truth", "reference", "gt", "t
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One ``--dataset`` value: where the rows are, an optional subset, an optional row count."""
+    """One ``--dataset`` value: where the rows are, an optional subset and split, an optional row count."""
 
     path: str
     subset: str | None = None
     n: int | None = None
     text: str = ""
+    split: str | None = None  # a hub dataset's split (default: train)
 
 
 def parse_dataset_spec(text: str) -> DatasetSpec:
-    """Parse ``path_or_id[:subset][#N]``; a local path is never split on ':'."""
+    """Parse ``path_or_id[:subset][@split][#N]``; a local path is never split on ':' or '@'."""
     body, n = text, None
     if "#" in text:
         body, _, count = text.rpartition("#")
@@ -52,10 +53,12 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
             raise DataError(f"--dataset {text!r}: the part after '#' must be a row count, got {count!r}") from None
         if n < 0:
             raise DataError(f"--dataset {text!r}: the row count must not be negative")
-    subset = None
+    subset = split = None
+    if not os.path.exists(body) and "@" in body:
+        body, _, split = body.rpartition("@")
     if not os.path.exists(body) and ":" in body:
         body, _, subset = body.partition(":")
-    return DatasetSpec(path=body, subset=subset or None, n=n, text=text)
+    return DatasetSpec(path=body, subset=subset or None, n=n, text=text, split=split or None)
 
 
 # ----------------------------------------------------------------------------- sources (random access)
@@ -260,7 +263,7 @@ def _open_hub(spec: DatasetSpec):
         raise DataError(f"--dataset {spec.text}: not a local file or folder, and loading hub datasets needs "
                         "the datasets library: pip install 'winnow[hf]'") from None
     try:
-        ds = datasets.load_dataset(spec.path, spec.subset, split="train")
+        ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train")
     except Exception as e:  # the library raises many kinds; all mean "cannot load"
         raise DataError(f"--dataset {spec.text}: no local file or folder by that name, and loading it as a hub "
                         f"dataset failed: {type(e).__name__}: {e}") from None

@@ -63,6 +63,8 @@ class RunSummary:
     samples_truncated: int = 0  # samples cut at the token limit (kept unless --keep_truncated false)
     # what selection did beyond the records, by kind (lines without rejected_response, duplicates...)
     selection_notes: dict[str, int] = field(default_factory=dict)
+    # with an ORM: pass@1, pass@N, majority@N, best-of-N by each reward (this run's groups)
+    quality: dict[str, float] = field(default_factory=dict)
     # every run of this output together (a resumed run adds to what the earlier ones did)
     totals: dict[str, int] = field(default_factory=dict)
 
@@ -91,6 +93,9 @@ class RunSummary:
         if self.samples_truncated:
             parts.append(f"{self.samples_truncated} samples cut at the token limit")
         parts += [f"{count} {note}" for note, count in sorted(self.selection_notes.items())]
+        if self.quality:
+            parts.append("quality: " + ", ".join(f"{k} {v:.1%}" for k, v in self.quality.items()
+                                                 if k != "prompts judged"))
         if self.cost_usd is not None:
             parts.append(f"cost ${self.cost_usd:.4f}")
         line = "winnow sample " + ", ".join(parts) + f" -> {self.output_file}"
@@ -311,6 +316,11 @@ class Run:
             min_margin=config.min_margin, include_reference=config.include_reference,
             keep_unpaired=config.keep_unpaired, mode=config.selection,
             num_return_sequences=config.num_return_sequences)
+        self.quality = None
+        if scorer is not None and scorer.orm_key is not None:
+            from winnow.report import RunQuality
+
+            self.quality = RunQuality(scorer.orm_key, [slot.key for slot in scorer.slots])
         # swift's selection scores the dataset's answer beside the samples
         self.add_reference = config.include_reference or (config.selection == "swift" and scorer is not None)
         from winnow.cache import SampleCache
@@ -381,6 +391,14 @@ class Run:
                 s.status, s.error = "failed", self.redact(str(e))
                 self.error = e
         s.totals = {**asdict(store.totals), "rows": store.totals.rows}
+        if s.status == "finished" and self.config.output_parquet:
+            from winnow.store import write_parquet
+
+            try:
+                write_parquet(store.path, store.path.with_suffix(".parquet"))
+            except (OSError, ValueError, WinnowError) as e:
+                s.status, s.error = "failed", self.redact(f"cannot write the Parquet copy: {e}")
+                self.error = WinnowError(s.error)
         if s.status == "failed" and not store.resumed and store.totals.rows == 0:
             store.discard()  # an empty output must not look like a finished one: the manifest says why
         for closer in (engine.aclose if engine is not None and engine is not self.given_engine else None,
@@ -480,6 +498,9 @@ class Run:
 
     def _write(self, group: Group) -> None:
         s = self.summary
+        if self.quality is not None:
+            self.quality.add(group)
+            s.quality = self.quality.summary()
         selection = select(group, self.select_opts)
         records, reason = selection.records, selection.reason
         for note, count in selection.notes.items():

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import read_jsonl, run_winnow, write_jsonl
 from fakeserver import FakeServer
 
@@ -143,7 +144,8 @@ def test_tool_calling_conversations_round_trip(tmp_path):
                                                    "a": {"type": "number"}, "b": {"type": "number"}}}}}]
     history = [{"role": "user", "content": "What is 1 + 2? [[toolcall]]"},
                {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": "call_a", "type": "function", "function": {"name": "add", "arguments": "{\"a\": 1, \"b\": 2}"}}]},
+                   {"id": "call_a", "type": "function",
+                    "function": {"name": "add", "arguments": "{\"a\": 1, \"b\": 2}"}}]},
                {"role": "tool", "tool_call_id": "call_a", "name": "add", "content": "3"},
                {"role": "user", "content": "Now add 2 to it. [[toolcall]]"}]
     data = write_jsonl(tmp_path / "tools.jsonl", [{"messages": history, "tools": tools, "topic": "math"}])
@@ -156,7 +158,7 @@ def test_tool_calling_conversations_round_trip(tmp_path):
             assert server.last_body["tools"] == tools and server.last_body["messages"] == history
             records = read_jsonl(tmp_path / f"out-{stream}.jsonl")
             assert len(records) == 2
-            for k, record in enumerate(records):
+            for record in records:
                 assert record["messages"][:4] == history  # every field of every earlier turn, unchanged
                 assert record["tools"] == tools and record["topic"] == "math"
                 answer = record["messages"][4]

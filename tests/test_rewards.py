@@ -183,5 +183,6 @@ def test_list_rewards_cli():
     proc = run_winnow("list", "rewards")
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    for name in ("math", "accuracy", "format", "react_format", "cosine", "repetition", "soft_overlong", "judge"):
+    for name in ("math", "format", "react_format", "cosine", "repetition", "soft_overlong", "judge", "code"):
         assert name in names
+    assert "(aliases: accuracy)" in proc.stdout

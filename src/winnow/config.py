@@ -16,24 +16,22 @@ from pathlib import Path
 from typing import Any, Literal
 
 from winnow.errors import ConfigError
-
-ENGINE_ALIASES = {"pt": "transformers", "hf": "transformers", "openai": "client"}
-ENGINES = ("pt", "transformers", "vllm", "sglang", "lmdeploy", "client", "no")
-OUTPUT_FORMATS = ("swift", "sft", "prompt_completion", "dpo", "raw", "grpo")
+from winnow.registry import REGISTRY
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True,
         ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False,
-        swift: str | None = None):
+        swift: str | None = None, registry: str | None = None, extra_choices: tuple = ()):
     """A config field with its help text, choices and range recorded once, for --help, YAML, docs and
     the checks every entry point (CLI, YAML, Python) goes through.
 
     ``swift`` marks a field that exists for ms-swift compatibility only: ``"noop"`` (a training or
     preprocessing setting with no effect on sampling: accepted, and a run that sets it says so in
     one warning line) or ``"unsupported"`` (it would change the samples and winnow does not do it:
-    any value but the default is an error naming it)."""
+    any value but the default is an error naming it). ``registry`` names the registry kind whose names
+    (plus ``extra_choices``) are the choices: plugins add to them."""
     meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional,
-            "swift": swift}
+            "swift": swift, "registry": registry, "extra_choices": extra_choices}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,8 +53,13 @@ def check_fields(config) -> None:
                 continue
             flag = f"--{f.name} {item!r}" if isinstance(item, str) else \
                 f"--{f.name} {item:g}" if isinstance(item, float) else f"--{f.name} {item}"
-            if meta.get("choices") and item not in meta["choices"]:
-                raise ConfigError(f"{flag}: not one of {', '.join(map(str, meta['choices']))}")
+            choices = meta.get("choices")
+            if meta.get("registry"):
+                choices = (*REGISTRY.names(meta["registry"]), *meta.get("extra_choices", ()))
+                if item not in choices and getattr(config, "external_plugins", None):
+                    continue  # a plugin file may register it; checked when the run resolves the name
+            if choices and item not in choices:
+                raise ConfigError(f"{flag}: not one of {', '.join(map(str, choices))}")
             if not isinstance(item, (int, float)):
                 continue
             if meta.get("ge") is not None and item < meta["ge"]:
@@ -112,11 +115,11 @@ class SampleConfig:
     bnb_4bit_use_double_quant: bool = opt(True, "bitsandbytes double quantization.")
     bnb_4bit_quant_storage: str | None = opt(None, "bitsandbytes 4-bit storage dtype.")
     hqq_axis: int | None = opt(None, "HQQ quantization axis.")
-    sampler_type: Literal["sample", "distill"] = opt(
-        "sample", "sample: N samples per prompt; distill: API distillation.", choices=("sample", "distill")
-    )
-    sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only).",
-                              choices=(*ENGINES, *(a for a in ENGINE_ALIASES if a not in ENGINES)))
+    sampler_type: str = opt("sample", "Strategy: sample (N samples per prompt), distill (API distillation, "
+                                      "reasoning kept), or a search strategy; `winnow list strategies`.",
+                            registry="strategy")
+    sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only); "
+                                    "`winnow list engines`.", registry="engine", extra_choices=("no",))
     engine_kwargs: dict = opt(None, "Extra engine options as JSON, e.g. '{\"max_batch_sequences\": 256}'.",
                               factory=dict)
     torch_dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16, float16.",
@@ -170,7 +173,7 @@ class SampleConfig:
     output_format: str = opt("swift", "Record format: swift (messages, id, rejected_response), sft (messages), "
                                       "prompt_completion (TRL's prompt/completion SFT form), dpo (TRL's prompt/"
                                       "chosen/rejected), raw (every sample with its scores), grpo (prompts a GRPO "
-                                      "trainer loads, with the group's statistics).", choices=OUTPUT_FORMATS)
+                                      "trainer loads, with the group's statistics).", registry="format")
 
     # --- rewards and selection
     orm_model: str | None = opt(
@@ -295,7 +298,7 @@ class SampleConfig:
                 hint = " (winnow's own Ray path is --ray true)" if f.name == "use_ray" else ""
                 raise ConfigError(f"--{f.name}: accepted for swift compatibility but not supported by winnow sample "
                                   f"yet{hint}; drop it")
-        self.sampler_engine = ENGINE_ALIASES.get(self.sampler_engine, self.sampler_engine)
+        self.sampler_engine = REGISTRY.canonical("engine", self.sampler_engine)
         if self.n_best_to_keep is not None and self.n_best_to_keep > self.num_return_sequences:
             raise ConfigError(f"--n_best_to_keep {self.n_best_to_keep}: more than the {self.num_return_sequences} "
                               "samples per prompt (--num_return_sequences); keep at most that many")
@@ -405,7 +408,7 @@ class ServeConfig:
         check_fields(self)
         if not self.model:
             raise ConfigError("--model is required")
-        self.engine = ENGINE_ALIASES.get(self.engine, self.engine)
+        self.engine = REGISTRY.canonical("engine", self.engine)
 
 
 @dataclass

@@ -274,11 +274,11 @@ def open_sources(spec: DatasetSpec) -> list:
     """The row sources one spec names: a file, every data file of a folder, or a hub dataset."""
     path = Path(spec.path).expanduser()
     if not path.exists():
-        from winnow import demo
+        from winnow.registry import REGISTRY
 
-        bundled = demo.resolve_dataset(spec.path)
-        if bundled is not None:
-            path = Path(bundled)
+        named = REGISTRY.get("dataset", spec.path)  # a registered name (the demo world's, say)
+        if named is not None:
+            path = Path(named.obj())
     if path.is_file():
         try:
             return [_open_file(path)]

@@ -19,10 +19,19 @@ from typing import Any
 
 from winnow import data, registry, rewards
 from winnow.config import SampleConfig, make_config, to_dict
-from winnow.engines import Engine, check_aligned, get_engine
+from winnow.engines import (
+    Engine,
+    HasGenerationDefaults,
+    Interruptible,
+    ReportsProgress,
+    ReportsStats,
+    check_aligned,
+    get_engine,
+)
 from winnow.errors import ConfigError, DataError, WinnowError
 from winnow.redact import Redactor
 from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, SamplingParams
+from winnow.search import SearchContext
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore, check_writable
 
@@ -304,8 +313,10 @@ class Run:
         self.summary.output_file = str(store.path)
         self.summary.failed_file = str(store.failed_path)
         self.summary.rows_total = len(plan)
-        defaults = engine.generation_defaults() if hasattr(engine, "generation_defaults") else {}
+        defaults = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
         self.params = sampling_params(config, defaults)
+        self.strategy = registry.REGISTRY.resolve("strategy", config.sampler_type)()
+        self.search = SearchContext(engine, self.params, scorer) if engine is not None else None
         self.select_opts = SelectOptions(
             output_format=config.output_format, reasoning_format=config.reasoning_format or "separate",
             n_best_to_keep=min(5, config.num_return_sequences) if config.n_best_to_keep is None
@@ -333,7 +344,8 @@ class Run:
         self._install_signals()
         done_before = store.state.count_done(len(plan)) if store.resumed else 0
         self.summary.rows_skipped_resumed = done_before
-        progress = Progress(len(plan), done_before, config.progress, getattr(engine, "progress_fields", None))
+        progress = Progress(len(plan), done_before, config.progress,
+                            engine.progress_fields if isinstance(engine, ReportsProgress) else None)
         self.progress = progress
         slots = asyncio.Semaphore(in_flight)
         advanced = asyncio.Event()
@@ -459,10 +471,8 @@ class Run:
     async def _generate(self, batch: list[Prompt]) -> list[Group]:
         if self.cache is not None:
             return await self._from_cache(batch)
-        assert self.engine is not None
-        out = await self.engine.generate(batch, self.params)
-        check_aligned(self.engine, batch, self.params.n, out)
-        return [Group(p, cs) for p, cs in zip(batch, out, strict=True)]
+        assert self.search is not None
+        return await self.strategy.run(batch, self.search)
 
     async def _from_cache(self, batch: list[Prompt]) -> list[Group]:
         """Groups from the stage-1 cache; short ones completed by the engine if there is one."""
@@ -552,9 +562,8 @@ class Run:
             if self.stopping:
                 self._stop_now(signame)
             self.stopping = True
-            interrupt = getattr(self.engine, "interrupt", None)
-            if interrupt is not None:  # the client engine: no new requests, in-flight ones get a deadline
-                interrupt()
+            if isinstance(self.engine, Interruptible):  # the client engine: no new requests, a deadline for the rest
+                self.engine.interrupt()
             print(f"\nwinnow: {signame}: finishing the calls in flight, then stopping "
                   "(again to stop at once; resume with --resume true)", file=sys.stderr)
 
@@ -604,7 +613,9 @@ class Run:
             "totals": s.totals or {**asdict(self.store.totals), "rows": self.store.totals.rows},
             "wall_s": round(time.monotonic() - self.started, 3),
             "tokens_per_s": round(s.tokens_per_s, 2),
-            **({"engine_stats": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
+            **({"engine_stats": self.engine.stats()} if isinstance(self.engine, ReportsStats) else {}),
+            **({"strategy": self.strategy.describe(), "compute": dict(self.search.counters)}
+               if getattr(self, "search", None) is not None else {}),
         })
 
 

@@ -129,6 +129,7 @@ class Choice:
 
     kept: list[tuple[Candidate, list[Candidate]]]
     reason: str | None = None
+    notes: Counter = field(default_factory=Counter)
 
 
 def _candidates(group: Group, opts: SelectOptions) -> list[Candidate]:
@@ -369,48 +370,99 @@ def prompt_completion_records(group: Group, kept: list[Completion], opts: Select
 
 
 def select(group: Group, opts: SelectOptions) -> Selection:
-    """The records a group yields, why it yields none, and what selection did along the way."""
+    """The records a group yields in its output format, why it yields none, and what selection did."""
+    from winnow.registry import REGISTRY
+
     ok = [c for c in group.ok if c.finish_reason != FINISH_REFERENCE]
     if not ok:
         if not group.completions:
             return Selection([], "no samples: the row is not in the cache files")
         errors = {c.error for c in group.completions if c.error}
         return Selection([], "every sample failed: " + "; ".join(sorted(errors))[:500])
-    if opts.output_format in ("raw", "grpo"):
-        reason = difficulty_filter(group, opts) if opts.scored else None
-        if reason:
-            return Selection([], reason)
-        return Selection([raw_record(group, opts) if opts.output_format == "raw" else grpo_record(group, opts)])
-    if not opts.scored:
-        if opts.output_format == "dpo":
-            return Selection([], "no pair: the dpo format needs rewards (--orm_model/--prm_model/--reward_funcs)")
-        if opts.output_format == "prompt_completion":
-            return Selection(prompt_completion_records(group, ok, opts))
-        return Selection(swift_records_unscored(group, ok, opts))  # stage 1: every sample, for a later pass
-    if opts.mode == "swift" and opts.output_format == "swift":
-        return swift_records(group, opts)
+    return REGISTRY.resolve("format", opts.output_format)(group, opts)
+
+
+def _chosen(group: Group, opts: SelectOptions) -> tuple[Choice | None, Selection | None]:
+    """The kept samples and their pairs, or the Selection that says why there are none."""
     reason = difficulty_filter(group, opts)
     if reason:
-        return Selection([], reason)
+        return None, Selection([], reason)
     notes: Counter = Counter()
     choice = choose(group, opts, notes)
     if choice.reason:
-        return Selection([], choice.reason, notes)
-    if opts.output_format == "sft":
-        return Selection([{**_extra(group, c.completion, opts), "messages": conversation(group, c.completion, opts),
-                           "id": group.prompt.id} for c, _ in choice.kept], None, notes)
-    if opts.output_format == "prompt_completion":
-        return Selection(prompt_completion_records(group, [c.completion for c, _ in choice.kept], opts), None, notes)
-    unpaired = _unpaired(choice)
-    if opts.output_format == "dpo":
-        records = dpo_records(group, choice, opts)
-        if unpaired:
-            notes["kept samples with no rejected partner (not in dpo)"] += unpaired
-    else:
-        records = swift_pair_records(group, choice, opts)
-        if unpaired:
-            notes["lines without rejected_response (no sample below the chosen)" if opts.keep_unpaired
-                  else "kept samples dropped: no rejected partner (--keep_unpaired false)"] += unpaired
+        return None, Selection([], choice.reason, notes)
+    choice.notes = notes
+    return choice, None
+
+
+def _ok(group: Group) -> list[Completion]:
+    return [c for c in group.ok if c.finish_reason != FINISH_REFERENCE]
+
+
+def raw_format(group: Group, opts: SelectOptions) -> Selection:
+    """One line per prompt: every sample with its finish reason, tokens and scores."""
+    reason = difficulty_filter(group, opts) if opts.scored else None
+    return Selection([], reason) if reason else Selection([raw_record(group, opts)])
+
+
+def grpo_format(group: Group, opts: SelectOptions) -> Selection:
+    """One prompt a GRPO trainer loads, with the group's statistics (prompts too easy or hard are dropped)."""
+    reason = difficulty_filter(group, opts) if opts.scored else None
+    return Selection([], reason) if reason else Selection([grpo_record(group, opts)])
+
+
+def swift_format(group: Group, opts: SelectOptions) -> Selection:
+    """swift sample's record: every sample unscored (stage 1), else the kept samples with rejected_response."""
+    if not opts.scored:
+        return Selection(swift_records_unscored(group, _ok(group), opts))
+    if opts.mode == "swift":
+        return swift_records(group, opts)
+    choice, refused = _chosen(group, opts)
+    if choice is None:
+        return refused
+    notes, unpaired = choice.notes, _unpaired(choice)
+    records = swift_pair_records(group, choice, opts)
+    if unpaired:
+        notes["lines without rejected_response (no sample below the chosen)" if opts.keep_unpaired
+              else "kept samples dropped: no rejected partner (--keep_unpaired false)"] += unpaired
     if not records:
         return Selection([], "no pair: no sample scores strictly below a kept one", notes)
     return Selection(records, None, notes)
+
+
+def sft_format(group: Group, opts: SelectOptions) -> Selection:
+    """The kept samples (every sample when unscored) as whole conversations."""
+    if not opts.scored:
+        return Selection(swift_records_unscored(group, _ok(group), opts))
+    choice, refused = _chosen(group, opts)
+    if choice is None:
+        return refused
+    return Selection([{**_extra(group, c.completion, opts), "messages": conversation(group, c.completion, opts),
+                       "id": group.prompt.id} for c, _ in choice.kept], None, choice.notes)
+
+
+def prompt_completion_format(group: Group, opts: SelectOptions) -> Selection:
+    """The kept samples (every sample when unscored) in TRL's prompt/completion form."""
+    if not opts.scored:
+        return Selection(prompt_completion_records(group, _ok(group), opts))
+    choice, refused = _chosen(group, opts)
+    if choice is None:
+        return refused
+    return Selection(prompt_completion_records(group, [c.completion for c, _ in choice.kept], opts), None,
+                     choice.notes)
+
+
+def dpo_format(group: Group, opts: SelectOptions) -> Selection:
+    """TRL's preference pairs: each kept sample with each of its rejected partners."""
+    if not opts.scored:
+        return Selection([], "no pair: the dpo format needs rewards (--orm_model/--prm_model/--reward_funcs)")
+    choice, refused = _chosen(group, opts)
+    if choice is None:
+        return refused
+    unpaired = _unpaired(choice)
+    if unpaired:
+        choice.notes["kept samples with no rejected partner (not in dpo)"] += unpaired
+    records = dpo_records(group, choice, opts)
+    if not records:
+        return Selection([], "no pair: no sample scores strictly below a kept one", choice.notes)
+    return Selection(records, None, choice.notes)

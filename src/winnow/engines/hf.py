@@ -17,15 +17,16 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 
 def resolve_model_path(model: str) -> str:
-    """A local directory as is; a bundled demo model by name; otherwise a hub id for transformers."""
+    """A local directory as is; a registered model name (the demo world's, say) as its folder; otherwise a
+    hub id for transformers."""
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
-    from winnow import demo
+    from winnow.registry import REGISTRY
 
-    bundled = demo.resolve_model(model)
-    if bundled is not None:
-        return bundled
+    named = REGISTRY.get("model", model)
+    if named is not None:
+        return str(named.obj())
     if model.startswith((".", "/", "~")):
         raise ConfigError(f"--model {model}: no such directory")
     return model  # a hub id: transformers resolves it (from its cache when offline)

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from winnow.errors import ConfigError
-from winnow.registry import reward
 from winnow.rewards.base import Sample
 from winnow.rewards.sandbox import Limits, RunResult, Sandbox, default_python
 from winnow.schema import Score
@@ -173,7 +172,6 @@ def _verdict(result: RunResult, run: TestRun, passed: int) -> str:
     return f"failed: {last}" if last else "failed: the tests did not run to the end"
 
 
-@reward("code")
 class CodeReward:
     """Runs the completion's code against the row's tests (HumanEval, MBPP, stdin/stdout) in a sandbox."""
 

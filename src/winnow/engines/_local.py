@@ -33,6 +33,18 @@ _FINISH = {
 }
 
 
+PROMPT_OPTIONS = ("template_kwargs", "use_chat_template", "truncation_strategy", "response_prefix")
+
+
+def prompt_options(engine_kwargs: dict[str, Any], context_key: str) -> dict[str, Any]:
+    """Take the prompt-making options out of a backend's kwargs (the rest goes to the backend), and the
+    backend's own context length (``context_key``) as the prompt limit when --max_length is not set."""
+    out = {k: engine_kwargs.pop(k) for k in PROMPT_OPTIONS if k in engine_kwargs}
+    if engine_kwargs.get(context_key):
+        out["backend_context"] = int(engine_kwargs[context_key])
+    return out
+
+
 def map_finish(raw: Any) -> str:
     """A backend's finish reason as winnow's ``stop``/``length``/``error``."""
     return _FINISH.get(str(raw).lower(), FINISH_ERROR) if raw is not None else FINISH_ERROR
@@ -59,6 +71,17 @@ def make_completion(text: str | None, raw_finish: Any, prompt_tokens: int, compl
     text, hit = cut_at_stop(text or "", stop)
     return Completion(text=text, finish_reason=FINISH_STOP if hit else finish, prompt_tokens=prompt_tokens,
                       completion_tokens=completion_tokens)
+
+
+def with_local_defaults(params: SamplingParams) -> SamplingParams:
+    """``params`` with what the run left unset (and the model's generation config did not give) filled with
+    the backends' usual defaults: temperature 1, top_p 1, no repetition penalty."""
+    import dataclasses
+
+    return dataclasses.replace(params, temperature=1.0 if params.temperature is None else params.temperature,
+                               top_p=1.0 if params.top_p is None else params.top_p,
+                               repetition_penalty=1.0 if params.repetition_penalty is None
+                               else params.repetition_penalty)
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -133,12 +156,13 @@ class LocalEngine:
     def __init__(self, model: str, *, torch_dtype: str | None, template: str | None, max_length: int | None,
                  trust_remote_code: bool, max_prompts_per_call: int, calls_in_flight: int = 2, workers: int = 1,
                  template_kwargs: dict | None = None, use_chat_template: bool | None = None,
-                 truncation_strategy: str | None = None, response_prefix: str | None = None):
+                 truncation_strategy: str | None = None, response_prefix: str | None = None,
+                 backend_context: int | None = None):
         if torch_dtype not in _DTYPES:
             raise ConfigError(f"--torch_dtype {torch_dtype!r}: use one of auto, float32, bfloat16, float16")
         self.dtype = _DTYPES[torch_dtype]
         self.model_path = hf.resolve_model_path(model)
-        self.encoder = PromptEncoder(self.model_path, template=template, max_length=max_length,
+        self.encoder = PromptEncoder(self.model_path, template=template, max_length=max_length or backend_context,
                                      trust_remote_code=trust_remote_code, template_kwargs=template_kwargs,
                                      use_chat_template=use_chat_template, truncation_strategy=truncation_strategy,
                                      response_prefix=response_prefix)
@@ -165,7 +189,7 @@ class LocalEngine:
 
     def generate_blocking(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         """The synchronous body of :meth:`generate`."""
-        return generate_blocking(self.encoder, prompts, params, self.call)
+        return generate_blocking(self.encoder, prompts, with_local_defaults(params), self.call)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True)

@@ -161,7 +161,8 @@ class VLLMEngine(_local.LocalEngine):
         self._vllm = vllm
         # LLM.generate blocks and is not re-entrant: one worker thread owns it
         super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
-                         trust_remote_code=trust_remote_code, max_prompts_per_call=max_prompts_per_call)
+                         trust_remote_code=trust_remote_code, max_prompts_per_call=max_prompts_per_call,
+                         **_local.prompt_options(engine_kwargs, "max_model_len"))
         on_cpu = current_platform.is_cpu()
         kv_bytes = engine_kwargs.pop("kv_cache_memory_bytes", None)  # vLLM's own name for kv_cache_space_gb
         if kv_cache_space_gb is not None:

@@ -39,6 +39,9 @@ class Prompt:
     # a chat row (TRL passes its prompts and completions as message lists) or a plain-text prompt/completion row
     conversational: bool = True
     tools: list[dict[str, Any]] | None = None  # the functions the model may call (OpenAI's tools shape)
+    # the answer so far, which the engine continues (search strategies ask for a next step this way);
+    # the completions an engine returns hold only the continuation
+    prefix: str | None = None
 
 
 @dataclass
@@ -67,6 +70,11 @@ class Completion:
     token_ids: list[int] | None = None
     # the functions the answer calls, in OpenAI's shape ({"id", "type": "function", "function": {...}})
     tool_calls: list[dict[str, Any]] | None = None
+    # a multi-turn trajectory: every message after the prompt (assistant turns, tool results, observations);
+    # the last assistant turn is also ``text``
+    turns: list[Message] | None = None
+    # how a search strategy reached this answer (its steps and their scores), written in raw output
+    trace: dict[str, Any] | None = None
 
     @property
     def failed(self) -> bool:
@@ -85,6 +93,10 @@ class Completion:
             out["reasoning"] = self.reasoning
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
+        if self.turns is not None:
+            out["turns"] = self.turns
+        if self.trace is not None:
+            out["trace"] = self.trace
         if self.error is not None:
             out["error"] = self.error
         if self.scores:
@@ -111,6 +123,8 @@ class Completion:
             reasoning=d.get("reasoning"),
             error=d.get("error"),
             tool_calls=d.get("tool_calls"),
+            turns=d.get("turns"),
+            trace=d.get("trace"),
             scores=scores,
             reward=d.get("reward"),
         )

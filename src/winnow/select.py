@@ -90,7 +90,9 @@ def assistant_message(c: Completion, opts: SelectOptions) -> dict[str, Any]:
 
 
 def conversation(group: Group, c: Completion, opts: SelectOptions) -> list[dict[str, Any]]:
-    """The prompt's conversation with ``c`` as the last assistant turn."""
+    """The prompt's conversation with ``c`` as the last assistant turn (every turn of a trajectory)."""
+    if c.turns:
+        return [*group.prompt.messages, *c.turns[:-1], assistant_message(c, opts)]
     return [*group.prompt.messages, assistant_message(c, opts)]
 
 

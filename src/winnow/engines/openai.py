@@ -399,6 +399,11 @@ class OpenAIEngine:
     def _body(self, prompt: Prompt, params: SamplingParams, n: int) -> dict[str, Any]:
         # what the run leaves unset is not sent: the server's defaults (often the model's own) apply
         body: dict[str, Any] = {"model": self.model, "messages": prompt.messages}
+        if prompt.prefix:
+            # continue a partial answer: vLLM's and SGLang's extension (an OpenAI API cannot do this)
+            body["messages"] = [*prompt.messages, {"role": "assistant", "content": prompt.prefix}]
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
         if prompt.tools:
             body["tools"] = prompt.tools
         for key, value in (("temperature", params.temperature), ("top_p", params.top_p),

@@ -70,10 +70,11 @@ class PromptEncoder:
 
     def render(self, prompt: Prompt) -> str:
         """The prompt text under the chat template."""
+        start = (self.response_prefix or "") + (prompt.prefix or "")  # the answer so far, continued
         if not self.use_chat_template:
-            return hf.plain_prompt(prompt.messages, self.response_prefix)
+            return hf.plain_prompt(prompt.messages, start)
         return hf.render_chat(self.tokenizer, prompt.messages, self.template, template_kwargs=self.template_kwargs,
-                              response_prefix=self.response_prefix, tools=prompt.tools)
+                              response_prefix=start, tools=prompt.tools)
 
     def budget(self, prompt_tokens: int, params: SamplingParams) -> int:
         """The answer's token budget: ``max_new_tokens`` within the context, or the rest of the context."""

@@ -208,7 +208,7 @@ def test_swift_mode_reproduces_swifts_algorithm():
     scores are min-max normalised, score = prm + 10 * orm, the single lowest is every line's rejected."""
     g = with_reference(swift_group(("a", 1, 0.5), ("b", 0, 0.9), ("c", 1, 0.7), ("d", 0, 0.1)))
     g.completions[-1].scores = {"math": Score(1), "prm": Score(0.9)}
-    out = select_group(g, opts(mode="swift", num_return_sequences=4))
+    out = select_group(g, opts(selection="swift", num_return_sequences=4))
     # orm normalised: a,c,ref -> ~1, b,d -> 0; prm: (x - 0.1) / 0.8: a .5, b 1, c .75, d 0, ref 1
     # order: ref (11.0), c (10.75), a (10.5), b (1.0), d (0.0): top 2 = ref, c; rejected = d
     assert [r["messages"][-1]["content"] for r in out.records] == ["ref answer", "c"]
@@ -222,7 +222,7 @@ def test_swift_mode_reproduces_swifts_algorithm():
 def test_swift_mode_keeps_its_ties_and_correct_rejected_responses():
     g = with_reference(swift_group(("a", 1, 0.5), ("a", 1, 0.5)))
     g.completions[-1].scores = {"math": Score(1), "prm": Score(0.5)}
-    out = select_group(g, opts(mode="swift", num_return_sequences=2, n_best_to_keep=2))
+    out = select_group(g, opts(selection="swift", num_return_sequences=2, n_best_to_keep=2))
     # all equal: argsort keeps index order, reversed: [2, 1, 0]; negative = 0 ("a"), kept 2 (ref) and 1 ("a")
     assert [(r["messages"][-1]["content"], r["rejected_response"]) for r in out.records] == [
         ("ref answer", "a"), ("a", "a")]
@@ -232,4 +232,4 @@ def test_swift_mode_easy_formula():
     g = with_reference(swift_group(("a", 1, 0.5), ("b", 0, 0.5), ("c", 1, 0.4)))
     g.completions[-1].scores = {"math": Score(1), "prm": Score(0.5)}
     # count(orm > 0) = 3 (a, c, the answer) - 1 = 2 >= int(3 * 0.5) = 1: easy, although 2/3 passes is not > 0.7
-    assert select(g, opts(mode="swift", num_return_sequences=3, easy_query_threshold=0.7))[1].startswith("easy")
+    assert select(g, opts(selection="swift", num_return_sequences=3, easy_query_threshold=0.7))[1].startswith("easy")

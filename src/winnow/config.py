@@ -15,13 +15,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from winnow.engines.hf import TORCH_DTYPES
 from winnow.errors import ConfigError
 from winnow.registry import REGISTRY
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True,
         ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False,
-        swift: str | None = None, registry: str | None = None, extra_choices: tuple = ()):
+        swift: str | None = None, registry: str | None = None, extra_choices: tuple = (), fingerprint: bool = False):
     """A config field with its help text, choices and range recorded once, for --help, YAML, docs and
     the checks every entry point (CLI, YAML, Python) goes through.
 
@@ -29,12 +30,18 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, fa
     preprocessing setting with no effect on sampling: accepted, and a run that sets it says so in
     one warning line) or ``"unsupported"`` (it would change the samples and winnow does not do it:
     any value but the default is an error naming it). ``registry`` names the registry kind whose names
-    (plus ``extra_choices``) are the choices: plugins add to them."""
+    (plus ``extra_choices``) are the choices: plugins add to them. ``fingerprint`` marks an option that decides
+    which rows a position holds or what is written for it: a resumed run must share it."""
     meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional,
-            "swift": swift, "registry": registry, "extra_choices": extra_choices}
+            "swift": swift, "registry": registry, "extra_choices": extra_choices, "fingerprint": fingerprint}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def fingerprint_fields(cls) -> list[str]:
+    """The options a resumed run must share with the run it continues (declared with ``fingerprint=True``)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("fingerprint")]
 
 
 def check_fields(config) -> None:
@@ -75,14 +82,15 @@ class SampleConfig:
     """Options of ``winnow sample`` (the same names as ``swift sample``)."""
 
     # --- model and engine
-    model: str | None = opt(None, "Model: a local directory, a hub id, or (client engine) a served model name.")
+    model: str | None = opt(None, "Model: a local directory, a hub id, or (client engine) a served model name.",
+                            fingerprint=True)
     model_type: str | None = opt(None, "Accepted for swift compatibility; the model's own config decides.")
     model_revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
     use_hf: bool = opt(False, "Hub ids are read from the Hugging Face hub (true) or ModelScope (false, swift's "
                               "default; USE_HF=1 also selects Hugging Face).")
     hub_token: str | None = opt(None, "Token for private hub models and datasets.")
     adapters: list[str] = opt(None, "LoRA adapters (dirs or hub ids) applied to --model (transformers: merged at load; "
-                                    "vllm: LoRA requests).", factory=list)
+                                    "vllm: LoRA requests).", factory=list, fingerprint=True)
     load_args: bool = opt(True, "When --model or an adapter is a swift training output with args.json, take the "
                                 "base model, template and system from it (unless given).")
     template: str | None = opt(
@@ -90,13 +98,13 @@ class SampleConfig:
               "holding one. Default: the tokenizer's template."
     )
     system: str | None = opt(None, "System prompt (text, or a file holding it): replaces the dataset's system message "
-                                   "or comes first, as in swift.")
+                                   "or comes first, as in swift.", fingerprint=True)
     enable_thinking: bool | None = opt(None, "Passed to the chat template as enable_thinking (Qwen3 and friends), and "
                                              "to APIs as chat_template_kwargs.")
     chat_template_kwargs: dict = opt(None, "More variables for the chat template as JSON, e.g. '{\"enable_thinking\": "
                                            "false}'.", factory=dict)
     response_prefix: str | None = opt(None, "Text the answer starts with (the model continues it; it is part of the "
-                                            "written answer). Local engines only.")
+                                            "written answer). Local engines only.", fingerprint=True)
     use_chat_template: bool | None = opt(None, "false: prompts are the conversation's text without a chat template.")
     attn_impl: str | None = opt(None, "Attention implementation of the transformers engine (sdpa, eager, "
                                       "flash_attention_2, ...).")
@@ -117,13 +125,13 @@ class SampleConfig:
     hqq_axis: int | None = opt(None, "HQQ quantization axis.")
     sampler_type: str = opt("sample", "Strategy: sample (N samples per prompt), distill (API distillation, "
                                       "reasoning kept), or a search strategy; `winnow list strategies`.",
-                            registry="strategy")
+                            registry="strategy", fingerprint=True)
     sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only); "
                                     "`winnow list engines`.", registry="engine", extra_choices=("no",))
     engine_kwargs: dict = opt(None, "Extra engine options as JSON, e.g. '{\"max_batch_sequences\": 256}'.",
                               factory=dict)
     torch_dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16, float16.",
-                           choices=("auto", "float32", "bfloat16", "float16"))
+                           choices=TORCH_DTYPES)
     max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows. Default: "
                                        "the model's context length.", ge=1)
     truncation_strategy: str | None = opt(None, "A prompt over --max_length: delete (the row fails, the default) or "
@@ -131,21 +139,25 @@ class SampleConfig:
     device: str = opt("auto", "Device for local engines: auto (CUDA if present, else CPU), cpu, cuda, cuda:1.")
 
     # --- data
-    dataset: list[str] = opt(None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list)
-    dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded by --data_seed) before sampling.")
-    seed: int = opt(42, "Random seed of generation.", ge=0, le=2**63 - 1)
-    data_seed: int = opt(42, "Random seed of the data order and of #N sampling.", ge=0, le=2**63 - 1)
-    data_range: list[int] = opt(None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list)
+    dataset: list[str] = opt(None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list,
+                             fingerprint=True)
+    dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded by --data_seed) before sampling.", fingerprint=True)
+    seed: int = opt(42, "Random seed of generation.", ge=0, le=2**63 - 1, fingerprint=True)
+    data_seed: int = opt(42, "Random seed of the data order and of #N sampling.", ge=0, le=2**63 - 1, fingerprint=True)
+    data_range: list[int] = opt(None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list,
+                                fingerprint=True)
     strict: bool = opt(False, "Stop before generating anything if any row is bad (default: log and skip it).")
-    columns: dict = opt(None, "Rename dataset columns first, as JSON: '{\"instruction\": \"query\"}'.", factory=dict)
+    columns: dict = opt(None, "Rename dataset columns first, as JSON: '{\"instruction\": \"query\"}'.", factory=dict,
+                        fingerprint=True)
     split_dataset_ratio: float = opt(0.0, "Hold out this share of the rows (seeded) and sample the rest. (swift 4.6's "
-                                          "sampler ignores it.)", ge=0, le=1)
+                                          "sampler ignores it.)", ge=0, le=1, fingerprint=True)
     remove_unused_columns: bool | None = opt(None, "true: write only the standard fields, as swift does; default: "
-                                                   "a row's other columns travel into every output line.")
+                                                   "a row's other columns travel into every output line.",
+                                                   fingerprint=True)
     streaming: bool = opt(False, "Accepted: winnow always reads datasets lazily.")
 
     # --- sampling
-    num_return_sequences: int = opt(64, "Samples per prompt.", ge=1)
+    num_return_sequences: int = opt(64, "Samples per prompt.", ge=1, fingerprint=True)
     max_new_tokens: int | None = opt(None, "Most tokens to generate per sample; unset: the rest of the model's context "
                                            "(the client engine sends no limit).", ge=1)
     temperature: float | None = opt(None, "Sampling temperature (0 = greedy); unset: the model's "
@@ -159,9 +171,9 @@ class SampleConfig:
     num_beams: int = opt(1, "Beam search (transformers engine): the N best of this many beams, no sampling.", ge=1)
     stop_words: list[str] = opt(None, "Stop generation at any of these strings.", factory=list)
     num_sampling_batch_size: int | None = opt(
-        None, "Prompts per engine call (default: the engine's own budget).", ge=1
+        None, "Prompts per engine call (default: the engine's own budget).", ge=1, fingerprint=True
     )
-    num_sampling_batches: int | None = opt(None, "Stop after this many batches of prompts.", ge=1)
+    num_sampling_batches: int | None = opt(None, "Stop after this many batches of prompts.", ge=1, fingerprint=True)
 
     # --- output
     output_dir: str = opt("sample_output", "Directory for the output and its manifest.")
@@ -173,36 +185,44 @@ class SampleConfig:
     output_format: str = opt("swift", "Record format: swift (messages, id, rejected_response), sft (messages), "
                                       "prompt_completion (TRL's prompt/completion SFT form), dpo (TRL's prompt/"
                                       "chosen/rejected), raw (every sample with its scores), grpo (prompts a GRPO "
-                                      "trainer loads, with the group's statistics).", registry="format")
+                                      "trainer loads, with the group's statistics).", registry="format",
+                                      fingerprint=True)
 
     # --- rewards and selection
     orm_model: str | None = opt(
-        None, "Outcome reward: a built-in name (math, accuracy, ...), a plugin name or a model."
+        None, "Outcome reward: a built-in name (math, accuracy, ...), a plugin name or a model.", fingerprint=True
     )
-    prm_model: str | None = opt(None, "Process reward: a model dir/hub id, or a plugin name.")
-    reward_funcs: list[str] = opt(None, "More rewards by name, combined with --reward_weights.", factory=list)
+    prm_model: str | None = opt(None, "Process reward: a model dir/hub id, or a plugin name.", fingerprint=True)
+    reward_funcs: list[str] = opt(None, "More rewards by name, combined with --reward_weights.", factory=list,
+                                  fingerprint=True)
     reward_weights: list[float] = opt(None, "Weights of the rewards, in order [orm, prm, reward_funcs...].",
-                                      factory=list)
-    reward_kwargs: dict = opt(None, "Options for rewards as JSON: {\"reward_name\": {...}} .", factory=dict)
-    reward_model: list[str] = opt(None, "Classifier reward models (dirs or hub ids).", factory=list)
-    external_plugins: list[str] = opt(None, "Python files defining orms/prms/reward functions.", factory=list)
+                                      factory=list, fingerprint=True)
+    reward_kwargs: dict = opt(None, "Options for rewards as JSON: {\"reward_name\": {...}} .", factory=dict,
+                              fingerprint=True)
+    reward_model: list[str] = opt(None, "Classifier reward models (dirs or hub ids).", factory=list, fingerprint=True)
+    external_plugins: list[str] = opt(None, "Python files defining orms/prms/reward functions.", factory=list,
+                                      fingerprint=True)
     n_best_to_keep: int | None = opt(None, "Samples kept per prompt (default: 5, as swift, or N if fewer); at most "
-                                      "--num_return_sequences.", ge=1)
+                                      "--num_return_sequences.", ge=1, fingerprint=True)
     selection: str = opt("winnow", "winnow: swift's records with swift's bugs fixed (docs/rewards.md); swift: ms-swift "
-                                   "4.6's selection, line for line.", choices=("winnow", "swift"))
+                                   "4.6's selection, line for line.", choices=("winnow", "swift"), fingerprint=True)
     prm_threshold: float | None = opt(0.0, "With a PRM: samples whose PRM score is at or below this are not kept "
-                                           "(as swift; none: no threshold).")
-    prm_agg: str = opt("min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"))
-    easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.", ge=0, le=1)
-    hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.", ge=0, le=1)
-    num_rejected: int = opt(1, "Rejected responses paired with each kept sample.", ge=1)
-    min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.", ge=0)
-    include_reference: bool = opt(False, "Let the dataset's reference answer be a candidate.")
+                                           "(as swift; none: no threshold).", fingerprint=True)
+    prm_agg: str = opt("min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"),
+                       fingerprint=True)
+    easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.", ge=0, le=1,
+                                             fingerprint=True)
+    hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.", ge=0, le=1,
+                                             fingerprint=True)
+    num_rejected: int = opt(1, "Rejected responses paired with each kept sample.", ge=1, fingerprint=True)
+    min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.", ge=0, fingerprint=True)
+    include_reference: bool = opt(False, "Let the dataset's reference answer be a candidate.", fingerprint=True)
     keep_unpaired: bool = opt(True, "Write kept samples that have no rejected partner (no sample scores below them) "
-                                    "without rejected_response; false drops them (counted).")
+                                    "without rejected_response; false drops them (counted).", fingerprint=True)
     keep_truncated: bool = opt(True, "Keep answers cut at the token limit (their finish_reason says length; the "
-                                     "summary counts them); false fails them.")
-    cache_files: list[str] = opt(None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list)
+                                     "summary counts them); false fails them.", fingerprint=True)
+    cache_files: list[str] = opt(None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list,
+                                 fingerprint=True)
 
     # --- API client
     stream: bool = opt(False, "Stream API responses.")
@@ -212,7 +232,7 @@ class SampleConfig:
         "chat templates read; the default for sample), think_answer (<think>...</think><answer>...</answer>, the "
         "default for distill, as swift), think (<think>...</think> then the answer), separate (a 'reasoning' "
         "column), none (dropped).",
-        choices=("auto", "message", "think_answer", "think", "separate", "none"),
+        choices=("auto", "message", "think_answer", "think", "separate", "none"), fingerprint=True,
     )
     max_concurrency: int = opt(64, "API requests in flight.", ge=1)
     rpm: int | None = opt(None, "Most API requests per minute.", ge=1)
@@ -376,7 +396,7 @@ class ServeConfig:
     port: int = opt(8000, "Port to bind (0 picks a free one).", ge=0, le=65535)
     api_key: str | None = opt(None, "Require this bearer key on every request.")
     served_model_name: str | None = opt(None, "Model name clients use (default: the directory name).")
-    torch_dtype: str = opt("auto", "Model dtype.", choices=("auto", "float32", "bfloat16", "float16"))
+    torch_dtype: str = opt("auto", "Model dtype.", choices=TORCH_DTYPES)
     device: str = opt("auto", "Device: auto, cpu, cuda.")
     engine_kwargs: dict = opt(None, "Extra engine options as JSON.", factory=dict)
     max_batch_size: int = opt(64, "Most requests batched into one engine call.", ge=1)

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from winnow import data, registry, rewards
-from winnow.config import SampleConfig, make_config, to_dict
+from winnow.config import SampleConfig, fingerprint_fields, make_config, to_dict
 from winnow.engines import (
     Engine,
     HasGenerationDefaults,
@@ -34,16 +34,6 @@ from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, Sa
 from winnow.search import SearchContext
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore, check_writable
-
-# options that decide which rows a position holds and what is written for it; a resumed run must
-# match them
-FINGERPRINT_FIELDS = ("dataset", "seed", "dataset_shuffle", "data_range", "num_sampling_batches",
-                      "num_sampling_batch_size", "system", "model", "sampler_type", "num_return_sequences",
-                      "output_format", "orm_model", "prm_model", "reward_funcs", "reward_model", "reward_weights",
-                      "reward_kwargs", "prm_agg", "n_best_to_keep", "prm_threshold", "easy_query_threshold",
-                      "hard_query_threshold", "num_rejected", "min_margin", "include_reference", "keep_unpaired",
-                      "selection", "keep_truncated",
-                      "reasoning_format", "cache_files")
 
 
 @dataclass
@@ -120,7 +110,7 @@ class RunSummary:
 
 def fingerprint(config: SampleConfig) -> str:
     """A short hash of the options that a resumed run must share with the one it continues."""
-    values = {k: getattr(config, k) for k in FINGERPRINT_FIELDS}
+    values = {k: getattr(config, k) for k in fingerprint_fields(type(config))}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -317,16 +307,7 @@ class Run:
         self.params = sampling_params(config, defaults)
         self.strategy = registry.REGISTRY.resolve("strategy", config.sampler_type)()
         self.search = SearchContext(engine, self.params, scorer) if engine is not None else None
-        self.select_opts = SelectOptions(
-            output_format=config.output_format, reasoning_format=config.reasoning_format or "separate",
-            n_best_to_keep=min(5, config.num_return_sequences) if config.n_best_to_keep is None
-            else config.n_best_to_keep, scored=scorer is not None,
-            orm_key=getattr(scorer, "orm_key", None), prm_key=getattr(scorer, "prm_key", None),
-            prm_threshold=config.prm_threshold, easy_query_threshold=config.easy_query_threshold,
-            hard_query_threshold=config.hard_query_threshold, num_rejected=config.num_rejected,
-            min_margin=config.min_margin, include_reference=config.include_reference,
-            keep_unpaired=config.keep_unpaired, mode=config.selection,
-            num_return_sequences=config.num_return_sequences)
+        self.select_opts = SelectOptions.from_config(config, scorer)
         self.quality = None
         if scorer is not None and scorer.orm_key is not None:
             from winnow.report import RunQuality

@@ -46,8 +46,19 @@ class SelectOptions:
     min_margin: float = 0.0
     include_reference: bool = False
     keep_unpaired: bool = True
-    mode: str = "winnow"  # or "swift": ms-swift 4.6's selection, line for line
+    selection: str = "winnow"  # or "swift": ms-swift 4.6's selection, line for line
     num_return_sequences: int = 1  # N, for swift's easy-query formula
+
+    @classmethod
+    def from_config(cls, config: Any, scorer: Any = None) -> SelectOptions:
+        """A run's selection settings: the options of the same names, and what the scorer knows."""
+        import dataclasses
+
+        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+        n = config.num_return_sequences
+        return cls(**{**shared, "n_best_to_keep": min(5, n) if config.n_best_to_keep is None else config.n_best_to_keep,
+                      "scored": scorer is not None, "orm_key": getattr(scorer, "orm_key", None),
+                      "prm_key": getattr(scorer, "prm_key", None)})
 
 
 @dataclass
@@ -288,7 +299,7 @@ def _swift_normalize(arr):
 def swift_records_unscored(group: Group, kept: list[Completion], opts: SelectOptions) -> list[dict[str, Any]]:
     """swift sample's record: the full conversation and the row id (one line per sample); in swift mode,
     swift's exact line (the preprocessed row and its md5 id, other columns dropped)."""
-    if opts.mode == "swift":
+    if opts.selection == "swift":
         return [{"messages": conversation(group, c, opts), "dataset": group.prompt.dataset,
                  "id": group.prompt.swift_id} for c in kept]
     return [{**_extra(group, c, opts), "messages": conversation(group, c, opts), "id": group.prompt.id}
@@ -417,7 +428,7 @@ def swift_format(group: Group, opts: SelectOptions) -> Selection:
     """swift sample's record: every sample unscored (stage 1), else the kept samples with rejected_response."""
     if not opts.scored:
         return Selection(swift_records_unscored(group, _ok(group), opts))
-    if opts.mode == "swift":
+    if opts.selection == "swift":
         return swift_records(group, opts)
     choice, refused = _chosen(group, opts)
     if choice is None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from winnow.errors import ConfigError, EngineError, require
 
+TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --torch_dtype's choices; DTYPES also reads aliases
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
 

@@ -35,13 +35,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import time
 from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from winnow.errors import ConfigError, EngineError, require
+from winnow.retry import backoff, is_retryable, retry_after
 from winnow.schema import (
     FINISH_CONTENT_FILTER,
     FINISH_ERROR,
@@ -52,9 +52,7 @@ from winnow.schema import (
     SamplingParams,
 )
 
-RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
 FATAL_STATUS = {401: "rejected the API key", 403: "refused access", 404: "does not know this model or route"}
-MAX_RETRY_AFTER_S = 600.0
 INTERRUPTED = "interrupted: the run was stopped before this request finished"
 
 
@@ -120,27 +118,6 @@ def _strip_userinfo(url: str | None) -> str | None:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), if given."""
-    if headers is None:
-        return None
-    try:
-        ms = headers.get("retry-after-ms")
-        if ms is not None:
-            return max(0.0, float(ms) / 1000.0)
-        value = headers.get("retry-after")
-        if value is None:
-            return None
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            from email.utils import parsedate_to_datetime
-
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _split(total: int, weights: list[int]) -> list[int]:
@@ -457,13 +434,9 @@ class OpenAIEngine:
                     return self._errors(n, f"{e} (gave up after {attempt + 1} attempts)", spent)
                 attempt += 1
                 self.counts["retries"] += 1
+                delay = backoff(attempt, self.retry_base_s, self.retry_max_s, e.wait)
                 if e.wait is not None:
-                    wait = min(e.wait, MAX_RETRY_AFTER_S)
-                    self.limiter.pause(wait)  # the server is saying it to every request
-                    delay = wait + random.uniform(0, min(1.0, 0.1 * wait))
-                else:
-                    cap = min(self.retry_max_s, self.retry_base_s * 2 ** (attempt - 1))
-                    delay = random.uniform(cap / 2, cap)
+                    self.limiter.pause(delay)  # the server is saying it to every request
                 if not await self._sleep(delay):
                     return self._errors(n, INTERRUPTED, spent)
             except EngineError:
@@ -510,8 +483,8 @@ class OpenAIEngine:
             if status in FATAL_STATUS:
                 where = _strip_userinfo(self.base_url) or "the OpenAI API"
                 raise EngineError(f"{where} {FATAL_STATUS[status]} (model {self.model!r}): {message}") from None
-            if status in RETRY_STATUS or status >= 500:
-                raise _Retry(message, _retry_after(e.response.headers)) from None
+            if is_retryable(status):
+                raise _Retry(message, retry_after(e.response.headers)) from None
             self.counts[f"failed:HTTP {status}"] += 1
             return self._errors(n, message, spent)
         except (openai.APITimeoutError, asyncio.TimeoutError):

@@ -19,8 +19,6 @@ from winnow.rewards.base import ModelReward, Reward, Sample, adapt
 from winnow.rewards.remote import RemoteReward, is_remote
 from winnow.schema import Group
 
-MODEL_OPTION_KEYS = ("orm", "prm", "reward_model")
-
 
 @dataclass
 class RewardSlot:

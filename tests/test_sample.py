@@ -209,3 +209,30 @@ def test_sigint_stops_cleanly_and_resumes(tmp_path, tiny_model):
     run_winnow("sample", *common, "--resume", "true", check=True)
     records = read_jsonl(tmp_path / "i.jsonl")
     assert len(records) == 120 and set(collections.Counter(r["id"] for r in records).values()) == {2}
+
+
+def test_samples_share_their_prompts_prefill_and_come_out_the_same(tiny_model):
+    """The N samples of a prompt decode from one prefill (the model sees each prompt once, not N times), and
+    with the same seed they are the samples a plain per-sample prefill gives."""
+    import torch
+
+    from winnow.engines import generate_sync
+    from winnow.engines.transformers import TransformersEngine
+    from winnow.schema import Prompt, SamplingParams
+
+    prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": f"Count to {i} and say why."}])
+               for i in range(3)]
+    texts, first_batches = {}, {}
+    for shared in (True, False):
+        engine = TransformersEngine(str(tiny_model), shared_prefill=shared)
+        seen: list[tuple[int, int]] = []
+        hook = engine.model.register_forward_hook(
+            lambda module, args, kwargs, out: seen.append(tuple(kwargs["input_ids"].shape))
+            if kwargs.get("input_ids") is not None else None, with_kwargs=True)
+        torch.manual_seed(7)
+        out = generate_sync(engine, prompts, SamplingParams(n=4, max_new_tokens=12, temperature=1.0))
+        hook.remove()
+        texts[shared] = [[c.text for c in cs] for cs in out]
+        first_batches[shared] = seen[0][0]
+    assert first_batches == {True: 3, False: 12}  # one prefill per prompt, against one per sample
+    assert texts[True] == texts[False]

@@ -126,14 +126,15 @@ def run_isolated(items: list[T], call: Callable[[list[T]], list[R]],
 
 
 def generate_blocking(encoder: PromptEncoder, prompts: list[Prompt], params: SamplingParams,
-                      call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]]
-                      ) -> list[list[Completion]]:
+                      call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]],
+                      token_ids: bool = False) -> list[list[Completion]]:
     """Encode, run ``call`` on what encoded (isolating failures), and return n completions per prompt.
 
     ``call`` gets a batch of encoded prompts and returns, for each, the completions it produced
     (``samples_per_request(params)`` of them, or all ``n``); :func:`fill` makes them exactly ``n``.
+    With ``token_ids``, the prompts are token id lists already (no chat template).
     """
-    work, results = encoder.encode(prompts, params)
+    work, results = encoder.encode_ids(prompts, params) if token_ids else encoder.encode(prompts, params)
 
     def failed(item: Encoded, e: Exception) -> list[Completion]:
         return errors(params.n, f"{type(e).__name__}: {e}", prompt_tokens=len(item.ids))
@@ -145,9 +146,10 @@ def generate_blocking(encoder: PromptEncoder, prompts: list[Prompt], params: Sam
 
 
 class LocalEngine:
-    """What the vLLM, SGLang and LMDeploy engines share: prompt encoding, the blocking backend call on
-    worker threads, and the protocol methods. Each engine builds its backend after ``__init__`` and
-    defines ``call`` (one batch of encoded prompts -> their completions) and ``close``."""
+    """What every local engine (transformers, vLLM, SGLang, LMDeploy) shares: prompt encoding, the blocking
+    backend call on a worker thread, greedy copies, failures as values, and the protocol methods. Each
+    engine builds its backend after ``__init__`` and defines ``call`` (one batch of encoded prompts -> their
+    completions) and ``close``."""
 
     name = "local"
     call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]]
@@ -190,6 +192,11 @@ class LocalEngine:
     def generate_blocking(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         """The synchronous body of :meth:`generate`."""
         return generate_blocking(self.encoder, prompts, with_local_defaults(params), self.call)
+
+    def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        """Like :meth:`generate_blocking` for prompts already tokenized (no chat template applied): the
+        server's raw completions and its dynamic batches."""
+        return generate_blocking(self.encoder, prompts, with_local_defaults(params), self.call, token_ids=True)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True)

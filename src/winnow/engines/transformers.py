@@ -1,37 +1,43 @@
-"""The transformers engine (alias ``pt``): ``model.generate`` with native multi-sample, batched.
+"""The transformers engine (alias ``pt``): ``model.generate``, batched, as one more local engine.
 
-Prompts are sorted by length and packed into calls up to a sequence and a token budget, each call
-using ``num_return_sequences`` for the N samples of every prompt. A call that fails (out of
-memory, say) is split in half and retried; a single prompt that still fails gets error
-completions, and the rest of the batch goes on.
+What every local engine does (rendering and encoding prompts within the context, failing a prompt as a
+value, copying a greedy answer, the worker thread, describe/close) comes from :mod:`winnow.engines._local`;
+this module only runs the model. Prompts are sorted by length and packed into calls up to a sequence and a
+token budget. The N samples of a prompt share its prefill: the prompt is run through the model once and
+its KV cache repeated N times for decoding (``shared_prefill``), instead of ``num_return_sequences``
+prefilling every copy. A call that fails (out of memory, say) is split in half and retried; a single
+prompt that still fails gets error completions, and the rest of the batch goes on.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import sys
 from dataclasses import dataclass
 from typing import Any
 
-from winnow.engines import hf
-from winnow.engines.prompts import Encoded, PromptEncoder, errors
-from winnow.errors import require
-from winnow.schema import FINISH_LENGTH, FINISH_STOP, Completion, Prompt, SamplingParams
+from winnow.engines import _local, hf
+from winnow.engines.prompts import Encoded, errors
+from winnow.errors import EngineError, require
+from winnow.schema import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams
 
+# an answer without --max_new_tokens may run to the end of the context; packing plans for at most this
+# much of it (a call that still runs out of memory is halved and retried)
 PACKING_ANSWER_TOKENS = 4096
 
 
 @dataclass
 class _Work:
-    """One prompt's share of a call: ``k`` samples of prompt number ``slot``, within its token budget."""
+    """One prompt's share of a call: ``k`` samples of the encoded prompt ``item``."""
 
-    slot: int
-    ids: list[int]
+    item: Encoded
     k: int
-    budget: int
+
+    @property
+    def ids(self) -> list[int]:
+        return self.item.ids
 
 
-class TransformersEngine:
+class TransformersEngine(_local.LocalEngine):
     """Local HuggingFace causal LM, sampled with ``generate``."""
 
     name = "transformers"
@@ -43,13 +49,10 @@ class TransformersEngine:
         torch_dtype: str | None = "auto",
         device: str = "auto",
         template: str | None = None,
-        template_kwargs: dict | None = None,
-        use_chat_template: bool | None = None,
-        response_prefix: str | None = None,
         max_length: int | None = None,
-        truncation_strategy: str | None = None,
         max_batch_sequences: int = 256,
         max_batch_tokens: int = 262144,
+        shared_prefill: bool = True,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
         device_map: Any = None,
@@ -58,19 +61,19 @@ class TransformersEngine:
         adapters: list[str] | None = None,
         revision: str | None = None,
         seed: int | None = None,
-        **unused: Any,
+        **options: Any,
     ):
         torch = require("torch", "hf", "the transformers engine")
         transformers = require("transformers", "hf", "the transformers engine")
         self.torch = torch
-        self.model_path = hf.resolve_model_path(model)
+        prompt_options = {k: options.pop(k) for k in _local.PROMPT_OPTIONS if k in options}
+        super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
+                         trust_remote_code=trust_remote_code, max_prompts_per_call=int(max_batch_sequences),
+                         **prompt_options)
         self.device = hf.resolve_device(device)
         self.max_batch_sequences = int(max_batch_sequences)
         self.max_batch_tokens = int(max_batch_tokens)
-        self.encoder = PromptEncoder(self.model_path, template=template, template_kwargs=template_kwargs,
-                                     use_chat_template=use_chat_template, max_length=max_length,
-                                     truncation_strategy=truncation_strategy, trust_remote_code=trust_remote_code,
-                                     response_prefix=response_prefix)
+        self.shared_prefill = bool(shared_prefill)
         self.tokenizer = self.encoder.tokenizer
         self.template = self.encoder.template
         extra: dict[str, Any] = {}
@@ -90,8 +93,6 @@ class TransformersEngine:
                 self.model_path, **hf.model_kwargs(dtype, trust_remote_code, **extra)
             )
         except OSError as e:
-            from winnow.errors import EngineError
-
             raise EngineError(f"cannot load model {model}: {e}") from None
         self.adapters = [hf.resolve_model_path(a) for a in adapters or []]
         if self.adapters:
@@ -102,69 +103,58 @@ class TransformersEngine:
         if seed is not None:
             torch.manual_seed(seed)
         self.eos_ids = self._eos_ids()
-        self._args = {"model": model, "torch_dtype": torch_dtype, "device": self.device,
-                      "max_batch_sequences": self.max_batch_sequences, "max_batch_tokens": self.max_batch_tokens,
-                      **self.encoder.describe(), **({"template": template} if template else {}),
-                      **({"adapters": list(adapters or [])} if adapters else {}),
-                      **({"attn_implementation": attn_implementation} if attn_implementation else {}),
-                      **({"device_map": device_map} if device_map else {}),
-                      **({"quantization": quantization} if quantization else {})}
-        self.unused_kwargs = sorted(unused)
-        # torch releases the GIL in its kernels; one thread owns the model so calls never interleave
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="winnow-generate")
+        self._args.update({"torch_dtype": torch_dtype, "device": self.device,
+                           "max_batch_sequences": self.max_batch_sequences, "max_batch_tokens": self.max_batch_tokens,
+                           "shared_prefill": self.shared_prefill,
+                           **({"adapters": list(adapters or [])} if adapters else {}),
+                           **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+                           **({"device_map": device_map} if device_map else {}),
+                           **({"quantization": quantization} if quantization else {})})
+        self.unused_kwargs = sorted(options)
+        self._shared_prefill_failed = False
+        # generate's argument for a ready KV cache: `cache` from transformers 5.2x, `past_key_values` before
+        from transformers.generation import utils as generation_utils
+
+        self._cache_kwarg = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) \
+            else "past_key_values"
 
     @property
     def max_length(self) -> int | None:
         """The limit on prompt + answer (``--max_length``, else the model's context)."""
         return self.encoder.max_length
 
-    def generation_defaults(self) -> dict[str, Any]:
-        """The sampling settings of the model's generation_config.json."""
-        return hf.generation_defaults(self.model_path)
-
-    # ------------------------------------------------------------------ protocol
-
     def batch_plan(self, n: int) -> tuple[int, int]:
         return max(1, self.max_batch_sequences // max(1, n)), 2
 
-    def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **self._args}
+    def close(self) -> None:
+        pass  # the model goes with the engine
 
-    async def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self.generate_blocking, prompts, params)
+    # ------------------------------------------------------------------ one call of the local engine contract
 
-    async def aclose(self) -> None:
-        self._executor.shutdown(wait=True)
-
-    # ------------------------------------------------------------------ work
-
-    def render(self, prompt: Prompt) -> str:
-        return self.encoder.render(prompt)
-
-    def generate_blocking(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        """The synchronous body of :meth:`generate`."""
-        return self._run_encoded(*self.encoder.encode(prompts, params), params)
-
-    def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        """Like :meth:`generate_blocking` for prompts already tokenized (no chat template applied);
-        the server's ``/v1/completions`` and its dynamic batches use it."""
-        return self._run_encoded(*self.encoder.encode_ids(prompts, params), params)
-
-    def _run_encoded(self, encoded: list[Encoded], results: list[list[Completion]],
-                     params: SamplingParams) -> list[list[Completion]]:
+    def call(self, items: list[Encoded], params: SamplingParams) -> list[list[Completion]]:
+        """The completions of each encoded prompt (one for greedy decoding: copied by the caller); never
+        raises: packed batches that fail are halved, a prompt that still fails gets error completions."""
+        results: dict[int, list[Completion]] = {item.slot: [] for item in items}
+        copies = 1 if _local.is_greedy(params) and params.num_beams <= 1 else params.n
         work: list[_Work] = []
-        for item in encoded:
-            per_call = max(1, min(params.n, self.max_batch_sequences))
-            left = params.n
+        for item in items:
+            left = copies
             while left > 0:  # more samples than one call holds: split them
-                k = min(per_call, left)
-                work.append(_Work(item.slot, item.ids, k, item.max_new_tokens))
+                k = min(max(1, self.max_batch_sequences), left)
+                work.append(_Work(item, k))
                 left -= k
         work.sort(key=lambda w: len(w.ids), reverse=True)  # similar lengths together: less padding
+
+        def failed(w: _Work, e: Exception) -> list[Completion]:
+            if self.device.startswith("cuda"):
+                self.torch.cuda.empty_cache()
+            return errors(w.k, f"{type(e).__name__}: {e}", prompt_tokens=len(w.ids))
+
         for batch in self._pack(work, params):
-            self._run(batch, params, results)
-        return results
+            outputs = _local.run_isolated(batch, lambda b: self._generate(b, params), failed)
+            for w, completions in zip(batch, outputs, strict=True):
+                results[w.item.slot].extend(completions)
+        return [results[item.slot] for item in items]
 
     def _pack(self, work: list[_Work], params: SamplingParams) -> list[list[_Work]]:
         batches: list[list[_Work]] = []
@@ -172,10 +162,9 @@ class TransformersEngine:
         seqs = 0
         for w in work:
             longest = max([len(x.ids) for x in current] + [len(w.ids)])
-            # an answer without --max_new_tokens may run to the end of the context; packing plans for at most
-            # PACKING_ANSWER_TOKENS of it (a call that still runs out of memory is halved and retried)
-            answer = min(max([x.budget for x in current] + [w.budget]), PACKING_ANSWER_TOKENS) \
-                if params.max_new_tokens is None else max([x.budget for x in current] + [w.budget])
+            answer = max([x.item.max_new_tokens for x in current] + [w.item.max_new_tokens])
+            if params.max_new_tokens is None:
+                answer = min(answer, PACKING_ANSWER_TOKENS)
             over_seqs = seqs + w.k > self.max_batch_sequences
             over_tokens = (seqs + w.k) * (longest + answer) > self.max_batch_tokens
             if current and (over_seqs or over_tokens or w.k != current[0].k):
@@ -187,24 +176,7 @@ class TransformersEngine:
             batches.append(current)
         return batches
 
-    def _run(self, batch: list[_Work], params: SamplingParams, results: list[list[Completion]]) -> None:
-        try:
-            outputs = self._call(batch, params)
-        except Exception as e:
-            if len(batch) > 1:  # out of memory and the like: halve and retry
-                if self.device.startswith("cuda"):
-                    self.torch.cuda.empty_cache()
-                mid = len(batch) // 2
-                self._run(batch[:mid], params, results)
-                self._run(batch[mid:], params, results)
-                return
-            w = batch[0]
-            results[w.slot].extend(errors(w.k, f"{type(e).__name__}: {e}", prompt_tokens=len(w.ids)))
-            return
-        for w, completions in zip(batch, outputs, strict=True):
-            results[w.slot].extend(completions)
-
-    def _call(self, batch: list[_Work], params: SamplingParams) -> list[list[Completion]]:
+    def _generate(self, batch: list[_Work], params: SamplingParams) -> list[list[Completion]]:
         torch = self.torch
         k = batch[0].k
         pad = self.tokenizer.pad_token_id
@@ -214,47 +186,64 @@ class TransformersEngine:
         for row, w in enumerate(batch):  # left padding
             input_ids[row, width - len(w.ids):] = torch.tensor(w.ids, dtype=torch.long)
             attention[row, width - len(w.ids):] = 1
-        max_new = max(w.budget for w in batch)
+        max_new = max(w.item.max_new_tokens for w in batch)
         if self.max_length is not None:
             max_new = max(1, min(max_new, self.max_length - width))
-        temperature = 1.0 if params.temperature is None else params.temperature
         beams = max(1, params.num_beams)
-        sample = temperature > 0 and beams == 1
+        sample = not _local.is_greedy(params) and beams == 1
         gen: dict[str, Any] = {
             "max_new_tokens": max_new,
             "do_sample": sample,
-            # greedy decoding gives k identical answers: compute one and copy it; beam search gives the k best
-            "num_return_sequences": k if sample or beams > 1 else 1,
             "pad_token_id": pad,
             "eos_token_id": self.eos_ids,
             "repetition_penalty": params.repetition_penalty or 1.0,
         }
-        if beams > 1:
-            gen.update(num_beams=max(beams, k), temperature=None, top_p=None, top_k=None)
+        if beams > 1:  # beam search: the k best of max(beams, k) beams
+            gen.update(num_beams=max(beams, k), num_return_sequences=k, temperature=None, top_p=None, top_k=None)
         elif sample:
-            gen.update(temperature=temperature, top_p=params.top_p or 1.0, top_k=params.top_k or 0)
+            gen.update(temperature=params.temperature, top_p=params.top_p or 1.0, top_k=params.top_k or 0)
             if params.min_p:
                 gen["min_p"] = params.min_p
         else:
             gen.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             gen.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         with torch.inference_mode():
-            out = self.model.generate(
-                input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **gen
-            )
+            if sample and k > 1:
+                out = self._sample_shared(input_ids, attention, k, gen)
+            else:
+                out = self.model.generate(input_ids=input_ids, attention_mask=attention,
+                                          **({} if beams > 1 else {"num_return_sequences": 1}), **gen)
         new = out[:, width:].tolist()
-        if not sample and beams == 1 and k > 1:
-            new = [row for row in new for _ in range(k)]
         eos = set(self.eos_ids)
         outputs: list[list[Completion]] = []
         for row, w in enumerate(batch):
-            completions = []
-            for j in range(k):
-                tokens = new[row * k + j]
-                completions.append(self._completion(tokens, eos, pad, len(w.ids), max_new, params.stop))
-            outputs.append(completions)
+            outputs.append([self._completion(new[row * k + j], eos, pad, len(w.ids), max_new, params.stop)
+                            for j in range(k)])
         return outputs
+
+    def _sample_shared(self, input_ids: Any, attention: Any, k: int, gen: dict[str, Any]) -> Any:
+        """k samples of every row, the rows' prompts prefilled once and their KV cache repeated k times;
+        ``generate`` then starts from the prompts' last token (the same tokens and positions as a plain run)."""
+        expanded_ids = input_ids.repeat_interleave(k, dim=0)
+        expanded_mask = attention.repeat_interleave(k, dim=0)
+        if self.shared_prefill and not self._shared_prefill_failed and input_ids.shape[1] > 1:
+            try:
+                positions = (attention.cumsum(-1) - 1).clamp(min=0)
+                prefill = self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
+                                     position_ids=positions[:, :-1], use_cache=True)
+                cache = prefill.past_key_values
+                cache.batch_repeat_interleave(k)
+                return self.model.generate(input_ids=expanded_ids, attention_mask=expanded_mask,
+                                           **{self._cache_kwarg: cache}, num_return_sequences=1, **gen)
+            except (AttributeError, NotImplementedError, TypeError, ValueError) as e:
+                # a model whose cache cannot be shared this way: every prompt prefilled per sample, as before
+                self._shared_prefill_failed = True
+                print(f"winnow: note: shared prefill is not available for this model ({type(e).__name__}: {e}); "
+                      "each sample prefills its prompt", file=sys.stderr)
+        return self.model.generate(input_ids=expanded_ids, attention_mask=expanded_mask, num_return_sequences=1,
+                                   **gen)
 
     def _completion(self, tokens: list[int], eos: set[int], pad: int, prompt_tokens: int, max_new: int,
                     stop: list[str]) -> Completion:
@@ -268,16 +257,14 @@ class TransformersEngine:
         while body and body[-1] == pad and pad not in eos:  # a row that finished before the others
             body.pop()
         text = self.tokenizer.decode(body, skip_special_tokens=True)
-        if stop:
-            hits = [(text.find(s), s) for s in stop if s and s in text]
-            if hits:
-                at, _ = min(hits)
-                text, finish = text[:at], FINISH_STOP
+        text, hit = _local.cut_at_stop(text, stop)
+        if hit:
+            finish = FINISH_STOP
         if finish == FINISH_LENGTH and len(body) < max_new:
             finish = FINISH_STOP
         n_tokens = cut + (1 if finish == FINISH_STOP and cut < len(tokens) else 0)
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
-                          completion_tokens=n_tokens)
+                          completion_tokens=n_tokens, token_ids=body)
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []
@@ -288,6 +275,3 @@ class TransformersEngine:
             elif isinstance(value, (list, tuple)):
                 ids.extend(int(v) for v in value)
         return sorted(set(ids))
-
-
-

@@ -227,7 +227,7 @@ def test_samples_share_their_prompts_prefill_and_come_out_the_same(tiny_model):
         engine = TransformersEngine(str(tiny_model), shared_prefill=shared)
         seen: list[tuple[int, int]] = []
         hook = engine.model.register_forward_hook(
-            lambda module, args, kwargs, out: seen.append(tuple(kwargs["input_ids"].shape))
+            lambda module, args, kwargs, out, seen=seen: seen.append(tuple(kwargs["input_ids"].shape))
             if kwargs.get("input_ids") is not None else None, with_kwargs=True)
         torch.manual_seed(7)
         out = generate_sync(engine, prompts, SamplingParams(n=4, max_new_tokens=12, temperature=1.0))

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,3 +121,59 @@ def tiny_token_prm(tmp_path_factory, tiny_tokenizer_dir):
 
     return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-token", tiny_tokenizer_dir,
                           style="token_classification", seed=6)
+
+
+# --- `winnow serve` subprocesses (shared by the server tests)
+
+READY = re.compile(r"ready at (http://\S+)/v1 ")
+
+
+class Server:
+    """A ``winnow serve`` subprocess whose output goes to a file (a pipe left unread could block it)."""
+
+    def __init__(self, log: Path, *args: str, command: str = "serve", startup_timeout: float = 120.0,
+                 python: str = sys.executable, env: dict | None = None):
+        self.log = log
+        self.args = args
+        env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen([python, "-m", "winnow", command, *args, "--port", "0"],
+                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.url = self._wait_ready(startup_timeout)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def _wait_ready(self, timeout: float) -> str:
+        """The URL from the ready line, once ``/health`` answers (polled; no fixed sleeps)."""
+        deadline = time.monotonic() + timeout
+        url = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"winnow serve exited {self.proc.returncode}:\n{self.output()[-3000:]}")
+            if url is None:
+                match = READY.search(self.output())
+                url = match.group(1) if match else None
+            if url is not None:
+                try:
+                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                        return url
+                except httpx.HTTPError:
+                    pass
+            time.sleep(0.05)
+        self.proc.kill()
+        raise AssertionError(f"winnow serve not ready after {timeout}s:\n{self.output()[-3000:]}")
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/health", timeout=5).json()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(f"winnow serve ignored signal {sig}:\n{self.output()[-3000:]}") from None
+        return self.proc.returncode

@@ -7,8 +7,7 @@ import signal
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
-from test_serve import Server
+from conftest import Server, read_jsonl, run_winnow, write_jsonl
 
 KEY = "sk-client-serve-test"
 

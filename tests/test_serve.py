@@ -8,72 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from conftest import Server
+
 KEY = "sk-winnow-test"
-READY = re.compile(r"ready at (http://\S+)/v1 ")
-
-
-class Server:
-    """A ``winnow serve`` subprocess whose output goes to a file (a pipe left unread could block it)."""
-
-    def __init__(self, log: Path, *args: str, command: str = "serve", startup_timeout: float = 120.0):
-        self.log = log
-        self.args = args
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "winnow", command, *args, "--port", "0"],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env)
-        self.url = self._wait_ready(startup_timeout)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def _wait_ready(self, timeout: float) -> str:
-        """The URL from the ready line, once ``/health`` answers (polled; no fixed sleeps)."""
-        deadline = time.monotonic() + timeout
-        url = None
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"winnow serve exited {self.proc.returncode}:\n{self.output()[-3000:]}")
-            if url is None:
-                match = READY.search(self.output())
-                url = match.group(1) if match else None
-            if url is not None:
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        return url
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.05)
-        self.proc.kill()
-        raise AssertionError(f"winnow serve not ready after {timeout}s:\n{self.output()[-3000:]}")
-
-    def health(self) -> dict:
-        return httpx.get(f"{self.url}/health", timeout=5).json()
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"winnow serve ignored signal {sig}:\n{self.output()[-3000:]}") from None
-        return self.proc.returncode
-
-
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
     srv = Server(tmp_path_factory.mktemp("serve") / "policy.log", "--model", str(tiny_model),
@@ -358,3 +303,21 @@ def test_batcher_overload_and_failure_are_errors():
     assert served and served == sorted(served) and refused  # a queue of one cannot hold four at once
     assert all(isinstance(e, ServingError) and e.status == 503 and e.headers["Retry-After"] for e in refused)
     assert isinstance(failed, ServingError) and failed.status == 500 and "engine down" in failed.message
+
+
+def test_a_streamed_answer_arrives_as_it_is_generated(server):
+    """Chunks leave the server while the model is still generating: many content chunks, the first long
+    before the last, and together the greedy answer a plain request gets."""
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY)
+    messages = [{"role": "user", "content": "Tell me a long story."}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=300, temperature=0)
+    arrivals, pieces = [], []
+    started = time.perf_counter()
+    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=300, temperature=0,
+                                                stream=True):
+        if chunk.choices and chunk.choices[0].delta.content:
+            arrivals.append(time.perf_counter() - started)
+            pieces.append(chunk.choices[0].delta.content)
+    assert "".join(pieces) == plain.choices[0].message.content
+    assert len(pieces) >= 5, pieces
+    assert arrivals[0] < arrivals[-1] / 2  # the first piece came well before the answer was done

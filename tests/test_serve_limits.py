@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from test_serve import Server
+from conftest import Server
 
 MAX_BYTES = 200_000
 TIMEOUT_HEADERS = 1.5

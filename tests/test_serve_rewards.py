@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from test_serve import Server
+from conftest import Server
 
 QUESTION = {"role": "user", "content": "What is 2 + 3?"}
 CONVERSATIONS = [

@@ -391,7 +391,8 @@ class ServeConfig:
     """Options of ``winnow serve`` (alias ``winnow deploy``)."""
 
     model: str | None = opt(None, "Model to serve: a local directory or a hub id (a policy or a reward model).")
-    engine: str = opt("transformers", "Engine for a policy model.", choices=("pt", "transformers", "vllm", "sglang"))
+    engine: str = opt("transformers", "Engine for a policy model (a local one: transformers, vllm, sglang, lmdeploy).",
+                      registry="engine")
     host: str = opt("127.0.0.1", "Address to bind (loopback unless told otherwise).")
     port: int = opt(8000, "Port to bind (0 picks a free one).", ge=0, le=65535)
     api_key: str | None = opt(None, "Require this bearer key on every request.")

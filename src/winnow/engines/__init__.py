@@ -8,6 +8,7 @@ heavy libraries only when built.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 from winnow.schema import Completion, Prompt, SamplingParams
@@ -73,6 +74,22 @@ class AcceptsTokenIds(Protocol):
 
     def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         ...
+
+
+@runtime_checkable
+class Reseedable(Protocol):
+    """Can make its next call reproducible from a seed (a server request's ``seed``)."""
+
+    def reseed(self, seed: int) -> None: ...
+
+
+@runtime_checkable
+class StreamsTokens(Protocol):
+    """Streams one answer as it is generated: ``on_text`` gets each new piece of text (stop strings held
+    back until they are ruled out); returns the finished completion."""
+
+    def stream_ids_blocking(self, prompt: list[int], params: SamplingParams,
+                            on_text: Callable[[str], None]) -> Completion: ...
 
 
 def get_engine(name: str, model: str, **kwargs: Any) -> Engine:

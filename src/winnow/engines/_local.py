@@ -174,6 +174,16 @@ class LocalEngine:
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
                                                                thread_name_prefix=f"winnow-{self.name}")
 
+    @property
+    def context_length(self) -> int | None:
+        """The limit on prompt + answer the engine works within (--max_length, else the model's context)."""
+        return self.encoder.max_length
+
+    @property
+    def template(self) -> str | None:
+        """The chat template prompts are rendered with (None: the tokenizer's own)."""
+        return self.encoder.template
+
     def batch_plan(self, n: int) -> tuple[int, int]:
         # the backends schedule inside a call: give them large batches, keep the next one queued
         return max(1, self.max_prompts_per_call // max(1, n)), self.calls_in_flight

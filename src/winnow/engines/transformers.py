@@ -75,7 +75,6 @@ class TransformersEngine(_local.LocalEngine):
         self.max_batch_tokens = int(max_batch_tokens)
         self.shared_prefill = bool(shared_prefill)
         self.tokenizer = self.encoder.tokenizer
-        self.template = self.encoder.template
         extra: dict[str, Any] = {}
         if attn_implementation:
             extra["attn_implementation"] = attn_implementation
@@ -129,6 +128,57 @@ class TransformersEngine(_local.LocalEngine):
     def close(self) -> None:
         pass  # the model goes with the engine
 
+    def reseed(self, seed: int) -> None:
+        """The next call draws from torch's generator seeded with ``seed``."""
+        self.torch.manual_seed(seed)
+
+    def stream_ids_blocking(self, prompt: list[int], params: SamplingParams, on_text) -> Completion:
+        """One answer to a tokenized prompt, its text handed to ``on_text`` piece by piece as it is generated."""
+        from transformers.generation.streamers import BaseStreamer
+
+        tokenizer, stop = self.tokenizer, list(params.stop)
+        hold = max((len(s) for s in stop if s), default=1) - 1  # a stop string may still be forming
+        eos = set(self.eos_ids)
+
+        class Pieces(BaseStreamer):
+            def __init__(self) -> None:
+                self.ids: list[int] = []
+                self.sent = 0
+                self.prompt_seen = False
+                self.stopped = False
+
+            def put(self, value: Any) -> None:
+                if not self.prompt_seen:  # generate hands over the prompt first
+                    self.prompt_seen = True
+                    return
+                self.ids += [t for t in value.reshape(-1).tolist() if t not in eos]
+                self.flush(final=False)
+
+            def flush(self, final: bool) -> None:
+                if self.stopped:
+                    return
+                text = tokenizer.decode(self.ids, skip_special_tokens=True)
+                cut, hit = _local.cut_at_stop(text, stop)
+                end = len(cut) if hit or final else max(self.sent, len(cut) - hold)
+                if hit:
+                    self.stopped = True
+                if text.endswith("\ufffd") and not final:  # half of a multi-byte character
+                    end = min(end, len(text) - 1)
+                if end > self.sent:
+                    on_text(cut[self.sent:end])
+                    self.sent = end
+
+            def end(self) -> None:
+                self.flush(final=True)
+
+        item = self.encoder.encode_ids([prompt], params)[0]
+        if not item:
+            raise EngineError(f"the prompt of {len(prompt)} tokens does not fit the context ({self.max_length})")
+        streamer = Pieces()
+        params = _local.with_local_defaults(params)
+        [[completion]] = self._generate([_Work(item[0], 1)], params, streamer=streamer)
+        return completion
+
     # ------------------------------------------------------------------ one call of the local engine contract
 
     def call(self, items: list[Encoded], params: SamplingParams) -> list[list[Completion]]:
@@ -176,7 +226,7 @@ class TransformersEngine(_local.LocalEngine):
             batches.append(current)
         return batches
 
-    def _generate(self, batch: list[_Work], params: SamplingParams) -> list[list[Completion]]:
+    def _generate(self, batch: list[_Work], params: SamplingParams, streamer: Any = None) -> list[list[Completion]]:
         torch = self.torch
         k = batch[0].k
         pad = self.tokenizer.pad_token_id
@@ -208,6 +258,8 @@ class TransformersEngine(_local.LocalEngine):
             gen.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             gen.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if streamer is not None:
+            gen["streamer"] = streamer
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
         with torch.inference_mode():
             if sample and k > 1:

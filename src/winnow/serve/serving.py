@@ -334,13 +334,15 @@ class _Key:
     stop: tuple[str, ...]
     repetition_penalty: float
     seed: int | None
-    solo: object = None  # a seeded request gets a call of its own (see docs/serve.md, "seed")
+    solo: object = None  # a seeded or streamed request gets a call of its own (see docs/serve.md, "seed")
+    streaming: bool = False  # one answer streamed token by token as it is generated
 
 
 @dataclass
 class _GenItem:
     ids: list[int]
     n: int
+    on_text: Any = None  # streaming: called (from the model thread) with each new piece of text
 
 
 # ----------------------------------------------------------------------------- served models
@@ -379,20 +381,22 @@ class PolicyServing(_Served):
 
     def __init__(self, engine: Any, *, name: str, default_max_tokens: int | None = None,
                  limits: Limits | None = None, **batching: Any):
-        from winnow.engines import hf
+        from winnow.engines import AcceptsTokenIds, Reseedable, StreamsTokens, hf
 
-        if not hasattr(engine, "generate_ids_blocking"):
+        if not isinstance(engine, AcceptsTokenIds):
             from winnow.errors import ConfigError
 
-            raise ConfigError(f"engine {engine.name!r} cannot be served yet; use --engine transformers")
+            raise ConfigError(f"engine {engine.name!r} cannot be served: it does not run tokenized prompts "
+                              "(serve a local engine: transformers, vllm, sglang, lmdeploy)")
         self.engine = engine
+        self.reseedable = isinstance(engine, Reseedable)
+        self.streams = isinstance(engine, StreamsTokens)
         self.name = name
         # the server's own tokenizer: the engine's is busy on the model thread, and a fast tokenizer
         # must not be used from two threads at once
         self.tokenizer = hf.load_tokenizer(engine.model_path)
-        self.template = engine.template
-        lengths = [getattr(engine.model.config, "max_position_embeddings", None), engine.max_length]
-        self.context_length: int | None = min((x for x in lengths if x), default=None)
+        self.template = getattr(engine, "template", None)
+        self.context_length: int | None = getattr(engine, "context_length", None)
         self.vocab_size = len(self.tokenizer)
         self.token_chars = hf.longest_token_chars(self.tokenizer)
         self.default_max_tokens = default_max_tokens
@@ -414,8 +418,11 @@ class PolicyServing(_Served):
         params = SamplingParams(n=1, max_new_tokens=key.max_new_tokens, temperature=key.temperature,
                                 top_p=key.top_p, top_k=key.top_k, min_p=key.min_p,
                                 repetition_penalty=key.repetition_penalty, stop=list(key.stop), seed=key.seed)
-        if key.seed is not None:
-            self.engine.torch.manual_seed(key.seed)
+        if key.seed is not None and self.reseedable:
+            self.engine.reseed(key.seed)
+        if key.streaming:
+            (item,) = items
+            return [[self.engine.stream_ids_blocking(item.ids, params, item.on_text)]]
         if key.temperature == 0:  # greedy: the n answers of a request are one answer, computed once
             answers = [c[0] for c in self.engine.generate_ids_blocking([item.ids for item in items], params)]
             return [[dataclasses.replace(a) for _ in range(item.n)] for a, item in zip(answers, items, strict=True)]
@@ -450,7 +457,7 @@ class PolicyServing(_Served):
             return None
         return self.context_length - (self._max_tokens(req) or 1)
 
-    def _key(self, req: p._SamplingFields, prompt_tokens: int, param: str) -> _Key:
+    def _key(self, req: p._SamplingFields, prompt_tokens: int, param: str, streamable: bool = False) -> _Key:
         max_tokens = self._max_tokens(req)
         if self.context_length is not None:
             room = self.context_length - prompt_tokens
@@ -462,10 +469,13 @@ class PolicyServing(_Served):
         if temperature < GREEDY_BELOW:
             temperature = 0.0
         top_k = req.top_k if req.top_k and req.top_k > 0 else None
+        if req.seed is not None and not self.reseedable:
+            raise bad_request(f"seed is not supported by the {self.engine.name} engine this server runs", "seed")
+        streaming = streamable and bool(req.stream) and req.n == 1 and self.streams
         return _Key(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k,
                     min_p=req.min_p or None, max_new_tokens=int(max_tokens or 16), stop=tuple(_stop(req.stop)),
                     repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
-                    solo=object() if req.seed is not None else None)
+                    solo=object() if req.seed is not None or streaming else None, streaming=streaming)
 
     def _encode(self, text: str, budget: int | None, param: str, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``; a text surely longer than ``budget`` tokens is refused untokenized."""
@@ -519,7 +529,9 @@ class PolicyServing(_Served):
         template_kwargs = _template_kwargs(req.chat_template_kwargs)
         ids = await self._tokenize(self._encode_chat, _messages(req.messages), template_kwargs,
                                    self._prompt_budget(req))
-        key = self._key(req, len(ids), "messages")
+        key = self._key(req, len(ids), "messages", streamable=True)
+        if key.streaming:
+            return self._stream_chat(key, ids, bool(req.stream_options and req.stream_options.include_usage))
         completions = await self._generate(key, ids, req.n)
         usage = _usage(len(ids), completions)
         response = p.ChatCompletionResponse(
@@ -529,6 +541,44 @@ class PolicyServing(_Served):
         if req.stream:
             return chat_stream(response, bool(req.stream_options and req.stream_options.include_usage))
         return response
+
+    async def _stream_chat(self, key: _Key, ids: list[int], include_usage: bool) -> AsyncIterator[str]:
+        """A chat answer streamed as it is generated: each piece of text is a chunk the moment the model
+        thread produces it; an error after the first chunk ends the stream without a finish reason."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str] = asyncio.Queue()
+        item = _GenItem(ids, 1, on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
+        done = asyncio.ensure_future(self.batcher.submit(key, item))
+        base = {"id": p.new_id("chatcmpl"), "object": "chat.completion.chunk", "created": p.now(),
+                "model": self.name, "system_fingerprint": None, **({"usage": None} if include_usage else {})}
+
+        def chunk(delta: dict, finish: str | None = None) -> str:
+            return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            while not done.done() or not pieces.empty():
+                getter = asyncio.ensure_future(pieces.get())
+                await asyncio.wait({getter, done}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield chunk({"content": getter.result()})
+                else:
+                    getter.cancel()
+            try:
+                [completion] = done.result()
+            except ServingError as e:
+                yield _sse(e.body())
+                return
+            if completion.finish_reason == FINISH_ERROR:
+                yield _sse(ServingError(500, f"generation failed: {completion.error}", type="server_error").body())
+                return
+            yield chunk({}, completion.finish_reason)
+            if include_usage:
+                yield _sse({**base, "choices": [], "usage": _usage(len(ids), [completion]).model_dump()})
+            yield SSE_DONE
+        finally:
+            if not done.done():  # the client went away: the answer still finishes on the model thread
+                done.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     async def completions(self, req: p.CompletionRequest) -> p.CompletionResponse | AsyncIterator[str]:
         """A text completion of raw prompts (no chat template), or its server-sent events."""

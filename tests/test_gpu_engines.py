@@ -746,6 +746,7 @@ def test_vllm_cli_end_to_end(tmp_path, math_jsonl, request):
 def test_winnow_serve_runs_vllm_through_the_engine_contract(tmp_path):
     """`winnow serve --engine vllm` (vLLM's CPU build here), driven by the openai SDK."""
     import openai
+
     from conftest import Server
 
     python = engine_python("vllm")

@@ -6,6 +6,11 @@ baseline. Prints errors, requests/s and p50/p99 latency per mode and the speed-u
 
     python benchmarks/serve_load.py                      # demo-tiny, 200 requests, 16 tokens
     python benchmarks/serve_load.py --model DIR --requests 200 --max_tokens 32
+    python benchmarks/serve_load.py --model demo-policy --engine vllm --python .venv-vllm/bin/python \
+        --engine_kwargs '{"kv_cache_space_gb": 1}'
+
+It also streams one 256-token answer and prints the time to its first token against the whole answer
+(goal: under 10%; engines that do not stream token by token send the answer when it is done).
 """
 
 from __future__ import annotations
@@ -54,11 +59,13 @@ class Result:
 class ServerProcess:
     """``winnow serve`` on a free loopback port; ready when its ready line is out and /health answers."""
 
-    def __init__(self, model: str, *extra: str, timeout: float = 300):
+    def __init__(self, model: str, *extra: str, timeout: float = 300, python: str = sys.executable):
         self.log = Path(tempfile.mkstemp(prefix="winnow-serve-", suffix=".log")[1])
+        src = str(Path(__file__).resolve().parents[1] / "src")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "winnow", "serve", "--model", model, "--port", "0",
-                                          *extra], stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([python, "-m", "winnow", "serve", "--model", model, "--port", "0",
+                                          *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         self.url = None
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -119,10 +126,35 @@ async def _load(url: str, model: str, n: int, max_tokens: int, concurrent: bool)
     return len(errors), seconds, [o for o in outcomes if not isinstance(o, BaseException)]
 
 
+def engine_args(args) -> list[str]:
+    return ["--engine", args.engine, *(["--engine_kwargs", args.engine_kwargs] if args.engine_kwargs else [])]
+
+
+def time_to_first_token(args, max_tokens: int = 256) -> tuple[float, float, int]:
+    """(seconds to the first content chunk, seconds to the end, chunks) of one streamed greedy answer."""
+    server = ServerProcess(args.model, *engine_args(args), python=args.python)
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="EMPTY", max_retries=0, timeout=600)
+        model = server.health()["model"]
+        messages = [{"role": "user", "content": "Tell me a long story about numbers."}]
+        client.chat.completions.create(model=model, messages=messages, max_tokens=8)  # warm-up
+        start = time.perf_counter()
+        first, chunks = None, 0
+        for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
+                                                    temperature=0, stream=True):
+            if chunk.choices and chunk.choices[0].delta.content:
+                chunks += 1
+                first = first if first is not None else time.perf_counter() - start
+        return first or 0.0, time.perf_counter() - start, chunks
+    finally:
+        server.stop()
+
+
 def run_mode(args, name: str, batching: bool, n: int, concurrent: bool) -> Result:
     server = ServerProcess(args.model, "--dynamic_batching", str(batching).lower(), "--max_batch_size",
                            str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms), "--max_queue",
-                           str(max(args.requests, args.baseline_requests) * 2))
+                           str(max(args.requests, args.baseline_requests) * 2), *engine_args(args),
+                           python=args.python)
     try:
         model = server.health()["model"]
         calls_before = server.health()["engine_calls"]
@@ -141,6 +173,9 @@ def main() -> int:
     parser.add_argument("--max_tokens", type=int, default=16)
     parser.add_argument("--max_batch_size", type=int, default=64)
     parser.add_argument("--max_wait_ms", type=float, default=10.0)
+    parser.add_argument("--engine", default="transformers")
+    parser.add_argument("--engine_kwargs", default=None, help="JSON, passed to winnow serve")
+    parser.add_argument("--python", default=sys.executable, help="the Python that runs the server (a vLLM venv)")
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -151,6 +186,9 @@ def main() -> int:
     one = run_mode(args, "one request at a time", True, args.baseline_requests, False)
     print(one.line(), flush=True)
     print(f"batching on / off: {on.rps / off.rps:.2f}x req/s;  on / one-at-a-time: {on.rps / one.rps:.2f}x req/s")
+    first, total, chunks = time_to_first_token(args)
+    print(f"streamed 256-token answer: first token after {first:.3f}s of {total:.3f}s ({first / total:.1%}; "
+          f"{chunks} chunks)")
     ok = on.errors == 0 and off.errors == 0 and one.errors == 0
     print("0 errors: " + ("yes" if ok else "NO"))
     return 0 if ok else 1

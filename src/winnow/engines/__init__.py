@@ -8,6 +8,7 @@ heavy libraries only when built.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from winnow.schema import Completion, Prompt, SamplingParams
@@ -43,6 +44,16 @@ class Engine(Protocol):
 
     async def aclose(self) -> None:
         """Release the backend."""
+        ...
+
+
+@runtime_checkable
+class KeepsState(Protocol):
+    """An engine with durable state of its own, kept beside the run's output (the batch engine's log of
+    the batches it submitted, which a resumed run re-attaches to)."""
+
+    def keep_state(self, output_path: Path, resume: bool) -> None:
+        """Keep the state beside ``output_path``; unless ``resume``, start it afresh."""
         ...
 
 

@@ -94,7 +94,22 @@ def _from_pydantic(file: Path, attr: str) -> dict[str, Any]:
     model = getattr(module, attr, None)
     if model is None or not hasattr(model, "model_json_schema"):
         raise ConfigError(f"{where}: {file.name} has no pydantic model named {attr!r}")
-    return _normalise(model.model_json_schema(), where, default_name=attr)
+    return _normalise(_strict(model.model_json_schema()), where, default_name=attr)
+
+
+def _strict(schema: Any) -> Any:
+    """A pydantic model's schema in OpenAI's strict form, as the openai SDK's ``parse`` sends it: every
+    object closed (``additionalProperties: false``) with all its properties required. (An open object
+    also lets a model under constrained decoding invent keys until the token limit.)"""
+    if isinstance(schema, list):
+        return [_strict(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if out.get("type") == "object" and isinstance(out.get("properties"), dict):
+        out.setdefault("additionalProperties", False)
+        out["required"] = list(out["properties"])
+    return out
 
 
 def schema_of(response_format: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -239,6 +239,11 @@ class TransformersEngine:
             gen.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
             gen.update(stop_strings=list(params.stop), tokenizer=self.tokenizer)
+        if params.response_format:  # structured output: constrained decoding (winnow.engines.constrained)
+            from winnow.engines.constrained import logits_processor
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            gen["logits_processor"] = [logits_processor(self.tokenizer, vocab, self.eos_ids, params.response_format)]
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **gen

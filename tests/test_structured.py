@@ -189,3 +189,17 @@ def test_serve_decodes_response_format_for_the_openai_sdk(served, tmp_path):
         client.chat.completions.create(model="tiny", messages=messages,
                                        response_format={"type": "json_schema", "json_schema": {"name": "x"}})
     assert info.value.body["param"] == "response_format"
+
+
+def test_vllm_gets_the_schema_through_its_own_guided_decoding():
+    """vLLM is not installed here: the mapping onto its two API generations, checked with stand-ins."""
+    from types import SimpleNamespace
+
+    from winnow.engines.vllm import structured_kwargs
+
+    rf = load_response_format(SCHEMA)
+    new = SimpleNamespace(StructuredOutputsParams=lambda json: ("structured", json))
+    old = SimpleNamespace(GuidedDecodingParams=lambda json: ("guided", json))
+    assert structured_kwargs(new, rf) == {"structured_outputs": ("structured", SCHEMA)}
+    assert structured_kwargs(old, {"type": "json_object"}) == {"guided_decoding": ("guided", {"type": "object"})}
+    assert structured_kwargs(old, None) == {}

@@ -57,8 +57,7 @@ def logits_processor(tokenizer: Any, vocab_size: int, eos_ids: list[int], respon
 
 @functools.cache
 def _processor_class() -> type:
-    import llguidance.torch
-    import torch
+    import torch  # llguidance.torch is not imported: it sets up torch.compile, a second spent for nothing here
     from transformers import LogitsProcessor
 
     bits = torch.arange(32, dtype=torch.int32)
@@ -91,7 +90,8 @@ def _processor_class() -> type:
                     # a finished row (transformers pads it from now on), or one the grammar lost: only EOS
                     self.mask[row] = self.eos_only
                 else:
-                    llguidance.torch.fill_next_token_bitmask(matcher, self.mask, row)
+                    words = self.mask[row]
+                    matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * words.element_size())
             allowed = ((self.mask.unsqueeze(-1) >> bits) & 1).reshape(rows, -1)[:, : scores.shape[-1]].bool()
             if allowed.shape[-1] < scores.shape[-1]:  # logits wider than the vocabulary (padding): never allowed
                 allowed = torch.nn.functional.pad(allowed, (0, scores.shape[-1] - allowed.shape[-1]))

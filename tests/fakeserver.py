@@ -25,7 +25,8 @@ request was in a created batch and how often it was answered (billed), so tests 
 nothing was sent or paid for twice. ``kill_at[stage] = pid`` SIGKILLs a client at a stage of the
 protocol, just before the server answers it: ``upload`` (file stored), ``create`` (batch created),
 ``poll`` (a status request while in progress), ``done`` (a status request that would report the
-end), ``download`` (an output file requested); ``stage#N`` kills at its Nth time.
+end), ``download`` (an output file requested); ``stage#N`` kills at its Nth time. ``lose_creates = k``
+answers the next k batch creations with a 502 after making the batch.
 
 Behaviour is deterministic and chosen per request, from three places (later ones add to earlier):
 
@@ -149,6 +150,7 @@ class FakeServer:
         self.batch_answered: Counter = Counter()  # custom_id -> times it was answered (billed)
         self.kill_at: dict[str, int] = {}  # stage (or stage#N) -> pid of a client to SIGKILL there (once)
         self.stage_hits: Counter = Counter()
+        self.lose_creates = 0  # batch creations answered 502 after the batch was made
         self._ids = 0
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
@@ -493,7 +495,11 @@ class FakeServer:
                     return True
                 return self._json(writer, 200, f["object"])
             if parts == ["batches"] and method == "POST":
-                return self._json(writer, 200, self._create_batch(json.loads(body)))
+                batch = self._create_batch(json.loads(body))
+                if self.lose_creates > 0:  # made, but the answer is lost: a client that retries blindly makes two
+                    self.lose_creates -= 1
+                    return self._json(writer, 502, {"error": {"message": "upstream timed out", "type": "server_error"}})
+                return self._json(writer, 200, batch)
             if parts == ["batches"] and method == "GET":
                 return self._json(writer, 200, self._list_batches(query))
             batch = self.batches.get(parts[1]) if len(parts) >= 2 else None

@@ -128,6 +128,15 @@ def read_jsonl_from_direct_run(tmp_path: Path, server: FakeServer, data: Path) -
     return read_jsonl(folder / "sample_output" / "o.jsonl")
 
 
+def test_a_create_whose_answer_is_lost_is_found_again_not_made_twice(tmp_path, server):
+    server.lose_creates = 2
+    data = write_jsonl(tmp_path / "math.jsonl", math_rows(4))
+    run_winnow(*distill_args(server, data), *BATCH, cwd=tmp_path, timeout=120, check=True)
+    assert len(read_jsonl(tmp_path / "sample_output" / "o.jsonl")) == 4
+    assert len(server.batches) == 1 and server.lose_creates == 1  # the first retry found the batch by its key
+    assert_each_sent_and_paid_once(server)
+
+
 def test_expired_batch_answers_what_it_did_and_resume_resubmits_the_rest(tmp_path, server):
     data = write_jsonl(tmp_path / "math.jsonl", math_rows(6, lambda i: "[[expire-once]] " if i == 3 else ""))
     args = [*distill_args(server, data), *BATCH]

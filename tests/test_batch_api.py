@@ -113,8 +113,8 @@ def test_kill_9_at_every_stage_then_resume_never_submits_or_pays_twice(tmp_path,
     got = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     assert by_question(got) == want and len(got) == 9  # each row once
     assert_each_sent_and_paid_once(server)
-    if stage == "upload":  # the file reached the provider, the batch never did: one more upload, no more batches
-        assert len([f for f in server.files.values() if f["purpose"] == "batch"]) == len(server.batches) + 1
+    if stage == "upload":  # files reached the provider, their batches never did: uploaded again, no extra batch
+        assert len([f for f in server.files.values() if f["purpose"] == "batch"]) > len(server.batches) == 3
     if stage == "create":  # created, its id never recorded: found again by its winnow_key, not made twice
         assert len(server.batches) == 3
         assert any(json.loads(line).get("e") == "created" for line in state.read_text().splitlines()[-4:])

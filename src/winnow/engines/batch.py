@@ -203,8 +203,11 @@ class BatchEngine:
         await self.client.aclose()
 
     async def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        await self._load()
         requests, out = self._requests(prompts, params)
+        try:
+            await self._load()
+        except Interrupted:
+            return [self.client._errors(params.n, INTERRUPTED, [0, 0]) for _ in prompts]
         needed: dict[str, _Submission] = {}
         fresh: list[_Request] = []
         for r in requests:
@@ -236,7 +239,8 @@ class BatchEngine:
                     raise got
                 completions = self.client._errors(r.count, INTERRUPTED, [0, 0])
             else:
-                completions = self._answer(sub, got.get(r.custom_id) if got else None, params, r.count)
+                # popped: an answer is handed out once, and its memory goes with it
+                completions = self._answer(sub, got.pop(r.custom_id, None) if got else None, params, r.count)
                 self.requests_done += 1
             out[r.slot][r.first:r.first + r.count] = completions
         return [list(cs) for cs in out]

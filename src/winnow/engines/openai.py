@@ -494,6 +494,8 @@ class OpenAIEngine:
             self.counts["api_calls"] += 1
             try:
                 return await make()
+            except (Interrupted, EngineError):  # from a call of its own inside ``make``
+                raise
             except Exception as e:
                 status = getattr(e, "status_code", None)
                 if missing_ok and status == 404:

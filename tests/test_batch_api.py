@@ -104,8 +104,10 @@ def test_kill_9_at_every_stage_then_resume_never_submits_or_pays_twice(tmp_path,
     proc = subprocess.Popen([sys.executable, "-m", "winnow", *args], cwd=tmp_path, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, "OPENAI_API_KEY": SECRET})
     server.kill_at[stage] = proc.pid
+    server.hold_batches = stage == "poll"  # in progress until the kill, however slow the machine
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    server.hold_batches = False
     state = tmp_path / "sample_output" / ".o.batches.jsonl"
     assert state.exists()
     again = run_winnow(*args, "--resume", "true", cwd=tmp_path, env={"OPENAI_API_KEY": SECRET}, timeout=120,

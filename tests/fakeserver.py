@@ -9,7 +9,24 @@ or in-process from a test: ``with FakeServer(latency=0.01).running() as server: 
 
 Routes: ``GET /health``, ``GET /v1/models``, ``GET /stats`` (request counts, most requests in
 flight), ``POST /reset`` (clears counts and fault state), ``POST /v1/chat/completions``
-(non-streaming and SSE streaming).
+(non-streaming and SSE streaming), and OpenAI's Batch API: ``POST /v1/files`` (multipart upload),
+``GET /v1/files/{id}`` and ``/v1/files/{id}/content``, ``POST /v1/batches``, ``GET /v1/batches``
+(newest first, ``limit``/``after`` pagination), ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``.
+
+Batches move through validating -> in_progress -> finalizing -> completed, one status every
+``batch_step`` seconds (``hold_batches`` keeps them in progress until set back to False); their
+requests are answered like chat requests, markers included, at finalizing. Output and error files
+have OpenAI's line shape (``{"id", "custom_id", "response": {"status_code", "request_id", "body"},
+"error"}``): a request hitting a 4xx/5xx fault goes to the error file. Whole-batch faults are prompt
+markers too: ``[[batchfail-once]]`` fails the batch at validation (``errors.data``), ``[[expire-once]]``
+expires it (requests before the marked one answered, the rest in the error file as
+``batch_expired``). ``batch_submitted`` and ``batch_answered`` count, per ``custom_id``, how often a
+request was in a created batch and how often it was answered (billed), so tests can tell that
+nothing was sent or paid for twice. ``kill_at[stage] = pid`` SIGKILLs a client at a stage of the
+protocol, just before the server answers it: ``upload`` (file stored), ``create`` (batch created),
+``poll`` (a status request while in progress), ``done`` (a status request that would report the
+end), ``download`` (an output file requested); ``stage#N`` kills at its Nth time. ``lose_creates = k``
+answers the next k batch creations with a 502 after making the batch.
 
 Behaviour is deterministic and chosen per request, from three places (later ones add to earlier):
 
@@ -47,7 +64,9 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -103,7 +122,8 @@ class FakeServer:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
                  reasoning: str | None = None, n: str = "honour", retry_after: float = 0.05,
-                 hang: float = 3600.0, fault: list[str] | None = None, chaos: float = 0.0, chaos_seed: int = 0):
+                 hang: float = 3600.0, fault: list[str] | None = None, chaos: float = 0.0, chaos_seed: int = 0,
+                 batch_step: float = 0.05):
         import random
 
         self.host, self.port = host, port
@@ -121,6 +141,17 @@ class FakeServer:
         self.last_body: dict | None = None  # the last chat request's body, for tests to inspect
         self.first_at: float | None = None  # monotonic time the first chat request arrived
         self.last_at: float | None = None  # ... and the last chat answer was written
+        # the Batch API's state
+        self.batch_step = batch_step
+        self.hold_batches = False
+        self.files: dict[str, dict] = {}
+        self.batches: dict[str, dict] = {}
+        self.batch_submitted: Counter = Counter()  # custom_id -> times it was in a created batch
+        self.batch_answered: Counter = Counter()  # custom_id -> times it was answered (billed)
+        self.kill_at: dict[str, int] = {}  # stage (or stage#N) -> pid of a client to SIGKILL there (once)
+        self.stage_hits: Counter = Counter()
+        self.lose_creates = 0  # batch creations answered 502 after the batch was made
+        self._ids = 0
         self._server: asyncio.base_events.Server | None = None
         self._handlers: set[asyncio.Task] = set()
         self._thread: threading.Thread | None = None
@@ -189,10 +220,14 @@ class FakeServer:
                     if line:
                         k, _, v = line.partition(":")
                         headers[k.strip().lower()] = v.strip()
-                length = int(headers.get("content-length") or 0)
-                body = await reader.readexactly(length) if length else b""
+                if headers.get("transfer-encoding", "").lower() == "chunked":
+                    body = await _read_chunked(reader)
+                else:
+                    length = int(headers.get("content-length") or 0)
+                    body = await reader.readexactly(length) if length else b""
                 self.requests += 1
-                keep = await self._route(method, path.split("?")[0], headers, body, writer)
+                route, _, query = path.partition("?")
+                keep = await self._route(method, route, headers, body, writer, dict(parse_qsl(query)))
                 if not keep or headers.get("connection", "").lower() == "close":
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -214,7 +249,8 @@ class FakeServer:
         self._send(writer, status, json.dumps(data).encode(), headers)
         return True
 
-    async def _route(self, method: str, path: str, headers: dict, body: bytes, writer: asyncio.StreamWriter) -> bool:
+    async def _route(self, method: str, path: str, headers: dict, body: bytes, writer: asyncio.StreamWriter,
+                     query: dict | None = None) -> bool:
         if method == "GET" and path == "/health":
             return self._json(writer, 200, {"status": "ok"})
         if method == "GET" and path == "/v1/models":
@@ -235,15 +271,21 @@ class FakeServer:
             finally:
                 self.in_flight -= 1
                 self.last_at = time.monotonic()
+        if path.startswith("/v1/files") or path.startswith("/v1/batches"):
+            return self._batch_api(method, path, query, headers, body, writer)
         return self._json(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
 
     def stats(self) -> dict:
         return {"requests": self.requests, "chat_requests": self.chat_requests, "in_flight": self.in_flight,
+                "batches": len(self.batches), "batch_submitted": sum(self.batch_submitted.values()),
+                "batch_answered": sum(self.batch_answered.values()),
                 "faults": dict(self.faults_hit),
                 "max_in_flight": self.max_in_flight, "models": dict(self.models),
                 "busy_s": (self.last_at - self.first_at) if self.first_at and self.last_at else 0.0}
 
     def reset(self) -> None:
+        self.batch_submitted.clear()
+        self.batch_answered.clear()
         self.hits.clear()
         self.faults_hit.clear()
         self.models.clear()
@@ -315,27 +357,42 @@ class FakeServer:
         if fault == "malformed":
             self._send(writer, 200, b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess')
             return True
+        answer = self._completion(req, prompt, opts, fault)
+        if req.get("stream"):
+            include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+            base = {k: answer[k] for k in ("id", "created", "model")}
+            await self._stream(writer, base, answer["choices"], answer["usage"] if include_usage else None, cut=fault)
+            return fault != "cutdrop"
+        return self._json(writer, 200, answer)
+
+    def _completion(self, req: dict, prompt: str, opts: Options, fault: str | None) -> dict:
+        """The chat completion object answering ``req`` (the answer's faults applied)."""
         n = int(req.get("n") or 1)
         if opts.n == "ignore":
             n = 1
         max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")
-        choices = [self._choice(i, prompt, opts, fault, max_tokens, req.get("tools")) for i in range(n)]
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        choices = [self._choice(i, prompt, opts, fault, max_tokens, req.get("tools"), req.get("response_format"))
+                   for i in range(n)]
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in req["messages"])
         completion_tokens = sum(c.pop("_tokens") for c in choices)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
-        base = {"id": f"chatcmpl-{self.chat_requests}", "created": int(time.time()), "model": model}
-        if req.get("stream"):
-            include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-            await self._stream(writer, base, choices, usage if include_usage else None, cut=fault)
-            return fault != "cutdrop"
-        return self._json(writer, 200, {**base, "object": "chat.completion", "choices": choices, "usage": usage})
+        self._ids += 1
+        return {"id": f"chatcmpl-{self._ids}", "created": int(time.time()), "model": str(req.get("model", "")),
+                "object": "chat.completion", "choices": choices, "usage": usage}
 
     @staticmethod
-    def _choice(index: int, prompt: str, opts: Options, fault: str | None, max_tokens, tools=None) -> dict:
+    def _choice(index: int, prompt: str, opts: Options, fault: str | None, max_tokens, tools=None,
+                response_format=None) -> dict:
         m = SUM.search(prompt)
         content: str | None = (f"The answer is \\boxed{{{int(m.group(1)) + int(m.group(2))}}}." if m
                                else f"Answer {index}: {MARKER.sub('', prompt).strip()[:200]}")
+        if response_format and response_format.get("type") in ("json_schema", "json_object"):
+            # a JSON answer: {"answer": A+B} for sums, else {"answer": <echo>}; [[badjson]] breaks it
+            content = json.dumps({"answer": int(m.group(1)) + int(m.group(2)) if m
+                                  else MARKER.sub("", prompt).strip()[:200]})
+            if fault == "badjson":  # cut short: not valid JSON
+                content = content[:-1]
         reasoning = f"Let me think step by step about: {prompt[:60]}" if opts.reasoning != "none" else None
         finish = "stop"
         if opts.words:
@@ -407,6 +464,242 @@ class FakeServer:
         await writer.drain()
 
 
+    # ------------------------------------------------------------------ batch API
+
+    def _new_id(self, prefix: str) -> str:
+        self._ids += 1
+        return f"{prefix}-{self._ids:06d}"
+
+    def _kill(self, stage: str) -> None:
+        """SIGKILL the client registered for ``stage`` (or ``stage#N``: its Nth time), once, before the
+        server answers it."""
+        self.stage_hits[stage] += 1
+        pid = self.kill_at.pop(stage, None) or self.kill_at.pop(f"{stage}#{self.stage_hits[stage]}", None)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+
+    def _batch_api(self, method: str, path: str, query: dict, headers: dict, body: bytes, writer) -> bool:
+        parts = path.strip("/").split("/")[1:]  # after "v1"
+        try:
+            if parts == ["files"] and method == "POST":
+                return self._json(writer, 200, self._upload(headers, body))
+            if parts[0] == "files" and len(parts) >= 2 and method == "GET":
+                f = self.files.get(parts[1])
+                if f is None:
+                    return self._json(writer, 404, {"error": {"message": f"No such File object: {parts[1]}",
+                                                              "type": "invalid_request_error"}})
+                if parts[2:] == ["content"]:
+                    if f["purpose"] == "batch_output":
+                        self._kill("download")
+                    self._send(writer, 200, f["bytes"], content_type="application/octet-stream")
+                    return True
+                return self._json(writer, 200, f["object"])
+            if parts == ["batches"] and method == "POST":
+                batch = self._create_batch(json.loads(body))
+                if self.lose_creates > 0:  # made, but the answer is lost: a client that retries blindly makes two
+                    self.lose_creates -= 1
+                    return self._json(writer, 502, {"error": {"message": "upstream timed out", "type": "server_error"}})
+                return self._json(writer, 200, batch)
+            if parts == ["batches"] and method == "GET":
+                return self._json(writer, 200, self._list_batches(query))
+            batch = self.batches.get(parts[1]) if len(parts) >= 2 else None
+            if batch is None:
+                return self._json(writer, 404, {"error": {"message": f"No batch found with id '{parts[-1]}'",
+                                                          "type": "invalid_request_error"}})
+            if parts[2:] == ["cancel"] and method == "POST":
+                self._advance(batch)
+                if batch["status"] in ("validating", "in_progress"):
+                    batch["status"], batch["cancelling_at"] = "cancelling", int(time.time())
+                    batch["_cancel_at"] = time.monotonic()
+                return self._json(writer, 200, self._public(batch))
+            if method == "GET":
+                self._advance(batch)
+                if batch["status"] == "in_progress":
+                    self._kill("poll")
+                elif batch["status"] in ("completed", "failed", "expired", "cancelled"):
+                    self._kill("done")
+                return self._json(writer, 200, self._public(batch))
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+            return self._json(writer, 400, {"error": {"message": f"bad request: {e}", "type": "invalid_request_error"}})
+        return self._json(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
+
+    def _upload(self, headers: dict, body: bytes) -> dict:
+        """A multipart/form-data upload (fields ``purpose`` and ``file``), as the openai SDK sends it."""
+        boundary = re.search(r"boundary=\"?([^\";]+)", headers.get("content-type", ""))
+        if boundary is None:
+            raise ValueError("expected multipart/form-data")
+        fields: dict[str, tuple[str | None, bytes]] = {}
+        for part in body.split(b"--" + boundary.group(1).encode())[1:]:
+            if part.startswith(b"--"):
+                break
+            head, _, content = part.partition(b"\r\n\r\n")
+            disposition = head.decode("utf-8", "replace")
+            name = re.search(r'name="([^"]*)"', disposition)
+            filename = re.search(r'filename="([^"]*)"', disposition)
+            if name:
+                fields[name.group(1)] = (filename.group(1) if filename else None, content.removesuffix(b"\r\n"))
+        if "file" not in fields or "purpose" not in fields:
+            raise ValueError("an upload needs the fields file and purpose")
+        filename, data = fields["file"]
+        f = self._store_file(data, fields["purpose"][1].decode(), filename or "upload.jsonl")
+        self._kill("upload")
+        return f
+
+    def _store_file(self, data: bytes, purpose: str, filename: str) -> dict:
+        fid = self._new_id("file")
+        obj = {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": filename,
+               "purpose": purpose, "status": "processed", "expires_at": None, "status_details": None}
+        self.files[fid] = {"bytes": data, "purpose": purpose, "object": obj}
+        return obj
+
+    def _create_batch(self, req: dict) -> dict:
+        f = self.files.get(req["input_file_id"])
+        if f is None:
+            raise ValueError(f"no file {req['input_file_id']}")
+        now = int(time.time())
+        bid = self._new_id("batch")
+        batch = {"id": bid, "object": "batch", "endpoint": req["endpoint"], "errors": None,
+                 "input_file_id": req["input_file_id"], "completion_window": req["completion_window"],
+                 "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now,
+                 "in_progress_at": None, "expires_at": now + 86400, "finalizing_at": None, "completed_at": None,
+                 "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
+                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.get("metadata"),
+                 "_t0": time.monotonic(), "_lines": [], "_fault": None}
+        for number, raw in enumerate(f["bytes"].decode("utf-8").splitlines(), start=1):
+            if not raw.strip():
+                continue
+            line = json.loads(raw)
+            if line.get("url") != req["endpoint"] or line.get("method") != "POST":
+                batch["_fault"] = ("failed", {"code": "invalid_url", "line": number, "param": "url",
+                                              "message": f"the line's url must be {req['endpoint']}"})
+            batch["_lines"].append(line)
+        ids = [line["custom_id"] for line in batch["_lines"]]
+        if len(set(ids)) != len(ids):
+            batch["_fault"] = ("failed", {"code": "duplicate_custom_id", "line": None, "param": "custom_id",
+                                          "message": "custom_id values must be unique within a batch"})
+        for line in batch["_lines"]:
+            prompt = _last_user(line["body"].get("messages") or [])
+            for marker, status in (("batchfail", "failed"), ("expire", "expired")):
+                if batch["_fault"] is None and self._marked(marker, prompt):
+                    batch["_fault"] = (status, line["custom_id"])
+        batch["request_counts"]["total"] = len(ids)
+        self.batch_submitted.update(ids)
+        self.batches[bid] = batch
+        self._kill("create")
+        return self._public(batch)
+
+    def _marked(self, marker: str, prompt: str) -> bool:
+        """Whether ``prompt`` carries ``[[marker-COUNT]]`` and its count is not spent (counting this use)."""
+        for found in MARKER.findall(prompt):
+            kind, _, count = found.partition("-")
+            if kind == marker and self.hits[(marker, prompt)] < (COUNTS.get(count or "always") or int(count)):
+                self.hits[(marker, prompt)] += 1
+                return True
+        return False
+
+    def _list_batches(self, query: dict) -> dict:
+        for b in self.batches.values():
+            self._advance(b)
+        newest = sorted(self.batches.values(), key=lambda b: b["id"], reverse=True)
+        if query.get("after"):
+            newest = [b for b in newest if b["id"] < query["after"]]
+        limit = int(query.get("limit") or 20)
+        page = newest[:limit]
+        return {"object": "list", "data": [self._public(b) for b in page], "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None, "has_more": len(newest) > limit}
+
+    @staticmethod
+    def _public(batch: dict) -> dict:
+        return {k: v for k, v in batch.items() if not k.startswith("_")}
+
+    def _advance(self, batch: dict) -> None:
+        """Move a batch on to the status its age gives it; answer its requests on reaching the end."""
+        if batch["status"] in ("completed", "failed", "expired", "cancelled"):
+            return
+        now = int(time.time())
+        if batch["status"] == "cancelling":
+            if time.monotonic() - batch["_cancel_at"] >= self.batch_step:
+                self._finish(batch, "cancelled", now, answered=0)
+            return
+        steps = int((time.monotonic() - batch["_t0"]) / self.batch_step) if self.batch_step > 0 else 3
+        fault = batch["_fault"]
+        if steps >= 1 and fault is not None and fault[0] == "failed":
+            detail = fault[1] if isinstance(fault[1], dict) else {
+                "code": "token_limit_exceeded", "line": None, "param": None,
+                "message": "Enqueued token limit reached for this model. Try again later."}
+            batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [detail]})
+            return
+        if steps >= 1 and batch["in_progress_at"] is None:
+            batch.update(status="in_progress", in_progress_at=now)
+        if self.hold_batches:
+            return
+        if steps >= 2 and batch["finalizing_at"] is None:
+            batch.update(status="finalizing", finalizing_at=now)
+        if steps >= 3:
+            if fault is not None and fault[0] == "expired":
+                ids = [line["custom_id"] for line in batch["_lines"]]
+                self._finish(batch, "expired", now, answered=ids.index(fault[1]))
+            else:
+                self._finish(batch, "completed", now, answered=len(batch["_lines"]))
+
+    def _finish(self, batch: dict, status: str, now: int, answered: int) -> None:
+        """Answer the first ``answered`` requests; the rest did not run (expired or cancelled)."""
+        out, errors = [], []
+        for k, line in enumerate(batch["_lines"]):
+            rid = self._new_id("batch_req")
+            if k >= answered:
+                code = "batch_expired" if status == "expired" else "batch_cancelled"
+                errors.append({"id": rid, "custom_id": line["custom_id"], "response": None, "error": {
+                    "code": code, "message": "This request could not be executed before the completion window "
+                                             "expired." if status == "expired" else "The batch was cancelled."}})
+                continue
+            code, body = self._batch_answer(line["body"])
+            entry = {"id": rid, "custom_id": line["custom_id"],
+                     "response": {"status_code": code, "request_id": self._new_id("req"), "body": body},
+                     "error": None}
+            (out if code == 200 else errors).append(entry)
+            if code == 200:
+                self.batch_answered[line["custom_id"]] += 1
+        batch["request_counts"].update(completed=len(out), failed=len(errors))
+        for entries, key, name in ((out, "output_file_id", "output"), (errors, "error_file_id", "error")):
+            if entries:
+                data = "".join(json.dumps(e) + "\n" for e in entries).encode()
+                batch[key] = self._store_file(data, "batch_output", f"{batch['id']}_{name}.jsonl")["id"]
+        batch.update(status=status, **{f"{status}_at": now})
+        if status in ("expired", "cancelled") or batch["finalizing_at"] is None:
+            batch["finalizing_at"] = batch["finalizing_at"] or now
+
+    def _batch_answer(self, req: dict) -> tuple[int, dict]:
+        """(status code, body) of one batch request: a chat completion, or an error for 4xx/5xx faults."""
+        prompt = _last_user(req.get("messages") or [])
+        try:
+            opts = self._options(str(req.get("model", "")), prompt)
+        except ValueError as e:
+            return 400, {"error": {"message": str(e), "type": "invalid_request_error"}}
+        fault = self._fault(opts, prompt, False)
+        if fault in ("429", "500", "503", "401", "timeout", "drop", "malformed"):
+            status = int(fault) if fault.isdigit() else 500
+            return status, {"error": {"message": f"injected {fault}", "type": "fault", "code": None}}
+        return 200, self._completion(req, prompt, opts, fault)
+
+
+def _last_user(messages: list[dict]) -> str:
+    users = [m for m in messages if m.get("role") == "user"]
+    return str(users[-1].get("content", "")) if users else ""
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """A chunked HTTP/1.1 body."""
+    out = bytearray()
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return bytes(out)
+        out += await reader.readexactly(size)
+        await reader.readexactly(2)
+
+
 def _pieces(text: str, parts: int = 3) -> list[str]:
     """``text`` cut into a few stream deltas that join back to it."""
     if not text:
@@ -427,10 +720,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fault", action="append", default=[], help="KIND-COUNT applied to every prompt")
     parser.add_argument("--chaos", type=float, default=0.0, help="probability of a random fault per request")
     parser.add_argument("--chaos-seed", type=int, default=0)
+    parser.add_argument("--batch-step", type=float, default=0.05, help="seconds per batch status")
     args = parser.parse_args(argv)
     server = FakeServer(args.host, args.port, latency=args.latency, reasoning=args.reasoning, n=args.n,
                         retry_after=args.retry_after, hang=args.hang, fault=args.fault, chaos=args.chaos,
-                        chaos_seed=args.chaos_seed)
+                        chaos_seed=args.chaos_seed, batch_step=args.batch_step)
 
     async def serve() -> None:
         url = await server.start()

@@ -242,6 +242,21 @@ class SampleConfig:
     price_per_mtok_in: float | None = opt(None, "Price per million prompt tokens, for the cost report.", ge=0)
     price_per_mtok_out: float | None = opt(None, "Price per million completion tokens, for the cost report.", ge=0)
 
+    # --- provider batch API and structured output (docs/client.md)
+    batch_api: bool = opt(False, "Client engine: send the requests through the provider's Batch API (/v1/files, "
+                                 "/v1/batches): half the price, far higher limits, answers within hours; resumable.")
+    batch_max_requests: int = opt(50000, "Most requests in one provider batch.", ge=1)
+    batch_max_bytes: int = opt(200 * 1024 * 1024, "Largest batch input file in bytes.", ge=1)
+    batch_poll_s: float = opt(30.0, "Seconds between the first status polls of a batch (then backing off to 10 "
+                                    "minutes).", gt=0)
+    batch_completion_window: str = opt("24h", "The batch's completion_window (OpenAI takes 24h; some providers "
+                                              "longer).")
+    batch_discount: float = opt(0.5, "With --batch_api: the share taken off --price_per_mtok_in/out for the cost "
+                                     "report (0.5: half price).", ge=0, le=1)
+    response_format: str | None = opt(None, "Structured output: a JSON schema (file or inline JSON), OpenAI's "
+                                            "response_format object, or a pydantic model (file.py:Model). Sent to "
+                                            "APIs, constrained decoding on local engines; every answer is checked.")
+
     # --- swift compatibility: settings of swift's SamplingArguments that do not apply to sampling
     custom_register_path: list[str] = opt(None, "swift registration files (custom models, templates, datasets): "
                                                 "loaded like --external_plugins.", factory=list)

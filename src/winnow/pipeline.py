@@ -17,12 +17,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from winnow import data, registry, rewards
+from winnow import data, registry, rewards, structured
 from winnow.config import SampleConfig, fingerprint_fields, make_config, to_dict
 from winnow.engines import (
     Engine,
     HasGenerationDefaults,
     Interruptible,
+    KeepsState,
     ReportsProgress,
     ReportsStats,
     check_aligned,
@@ -34,6 +35,7 @@ from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, Sa
 from winnow.search import SearchContext
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore, check_writable
+from winnow.structured import load_response_format
 
 
 @dataclass
@@ -55,6 +57,7 @@ class RunSummary:
     wall_s: float = 0.0
     status: str = "running"
     cost_usd: float | None = None
+    batch_discount: float | None = None  # with --batch_api: the share of the prices taken off in cost_usd
     filtered_reasons: dict[str, int] = field(default_factory=dict)
     cache_short_rows: int = 0  # --cache_files rows with fewer than N samples (scored as they are, engine 'no')
     cache_short_samples: int = 0
@@ -96,7 +99,8 @@ class RunSummary:
             parts.append("quality: " + ", ".join(f"{k} {v:.1%}" for k, v in self.quality.items()
                                                  if k != "prompts judged"))
         if self.cost_usd is not None:
-            parts.append(f"cost ${self.cost_usd:.4f}")
+            parts.append(f"cost ${self.cost_usd:.4f}" + (f" at batch prices ({self.batch_discount:.0%} off)"
+                                                         if self.batch_discount is not None else ""))
         line = "winnow sample " + ", ".join(parts) + f" -> {self.output_file}"
         t = self.totals
         if self.rows_skipped_resumed and t:
@@ -111,6 +115,8 @@ class RunSummary:
 def fingerprint(config: SampleConfig) -> str:
     """A short hash of the options that a resumed run must share with the one it continues."""
     values = {k: getattr(config, k) for k in fingerprint_fields(type(config))}
+    if config.response_format:  # only when set: outputs written before it existed keep their fingerprint
+        values["response_format"] = config.response_format
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -133,6 +139,7 @@ def sampling_params(config: SampleConfig, defaults: dict[str, Any] | None = None
         stop=list(config.stop_words),
         seed=config.seed,
         num_beams=config.num_beams,
+        response_format=load_response_format(config.response_format) if config.response_format else None,
     )
 
 
@@ -161,7 +168,14 @@ def build_engine(config: SampleConfig) -> Engine | None:
         variables = template_kwargs(config)
         if variables:  # vLLM and SGLang read chat_template_kwargs from the request body
             kwargs["extra_body"] = {**kwargs.get("extra_body", {}), "chat_template_kwargs": variables}
+        if config.batch_api:
+            from winnow.engines.batch import BatchEngine
+
+            return BatchEngine(config.model, max_requests=config.batch_max_requests, max_bytes=config.batch_max_bytes,
+                               poll_s=config.batch_poll_s, completion_window=config.batch_completion_window, **kwargs)
         return get_engine(config.engine, config.model, **kwargs)
+    if config.batch_api:
+        raise ConfigError(f"--batch_api is a provider API: it needs --sampler_engine client, not {config.engine}")
     kwargs.setdefault("torch_dtype", config.torch_dtype)
     kwargs.setdefault("device", config.device)
     kwargs.setdefault("max_length", config.max_length or config.max_model_len)
@@ -300,6 +314,8 @@ class Run:
                             resume=config.resume, override=config.override_exist_file,
                             reorder_window=max(4096, 4 * per_call * in_flight))
         self.store, self.engine, self.scorer = store, engine, scorer
+        if isinstance(engine, KeepsState):  # the batch engine's log of submitted batches, beside the output
+            engine.keep_state(store.path, resume=config.resume)
         self.summary.output_file = str(store.path)
         self.summary.failed_file = str(store.failed_path)
         self.summary.rows_total = len(plan)
@@ -308,6 +324,8 @@ class Run:
         self.strategy = registry.REGISTRY.resolve("strategy", config.sampler_type)()
         self.search = SearchContext(engine, self.params, scorer) if engine is not None else None
         self.select_opts = SelectOptions.from_config(config, scorer)
+        schema = structured.schema_of(self.params.response_format)
+        self.schema_check = structured.SchemaCheck(schema) if schema is not None else None
         self.quality = None
         if scorer is not None and scorer.orm_key is not None:
             from winnow.report import RunQuality
@@ -402,6 +420,7 @@ class Run:
                 except Exception as e:  # the run's outcome is decided; a close failure is only reported
                     print(f"winnow: warning: closing failed: {type(e).__name__}: {e}", file=sys.stderr)
         s.cost_usd = self._cost()
+        s.batch_discount = self.config.batch_discount if self.config.batch_api else None
         try:
             self._write_manifest(s.status)
         except (OSError, WinnowError) as e:
@@ -434,6 +453,8 @@ class Run:
         try:
             groups = await self._generate(batch)
             self._check_truncated(groups)
+            if self.schema_check is not None:  # --response_format: an answer off the schema is a failed sample
+                structured.check(groups, self.schema_check)
             if self.config.response_prefix and self.engine is not None:  # the answer the model continued
                 for group in groups:
                     for c in group.completions:
@@ -528,8 +549,9 @@ class Run:
         c, s = self.config, self.summary
         if c.price_per_mtok_in is None and c.price_per_mtok_out is None:
             return None
+        share = 1.0 - c.batch_discount if c.batch_api else 1.0  # batch prices: --batch_discount off
         return round((s.prompt_tokens * (c.price_per_mtok_in or 0.0)
-                      + s.completion_tokens * (c.price_per_mtok_out or 0.0)) / 1e6, 6)
+                      + s.completion_tokens * (c.price_per_mtok_out or 0.0)) * share / 1e6, 6)
 
     def _check_task(self, task: asyncio.Task) -> None:
         """A batch that died of a bug stops the run (at the next submit), it does not vanish."""

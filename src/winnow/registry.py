@@ -204,7 +204,8 @@ def _builtins(registry: Registry) -> Registry:
             ("repetition", "winnow.rewards.builtin:repetition_reward", ()),
             ("soft_overlong", "winnow.rewards.builtin:soft_overlong_reward", ()),
             ("judge", "winnow.rewards.builtin:JudgeReward", ()),
-            ("code", "winnow.rewards.code:CodeReward", ())):
+            ("code", "winnow.rewards.code:CodeReward", ()),
+            ("json_schema", "winnow.rewards.builtin:JsonSchemaReward", ())):
         add("reward", name, target, aliases=aliases)
     for style, doc in (
             ("classifier", "A sequence-classification reward model with one label: its logit is the score."),

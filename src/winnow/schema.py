@@ -162,6 +162,8 @@ class SamplingParams:
     seed: int | None = None
     min_p: float | None = None
     num_beams: int = 1
+    # structured output in OpenAI's shape ({"type": "json_schema", "json_schema": {...}}); see winnow.structured
+    response_format: dict[str, Any] | None = None
 
 
 @dataclass

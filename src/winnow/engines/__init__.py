@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from winnow.schema import Completion, Prompt, SamplingParams
@@ -90,6 +91,16 @@ class StreamsTokens(Protocol):
 
     def stream_ids_blocking(self, prompt: list[int], params: SamplingParams,
                             on_text: Callable[[str], None]) -> Completion: ...
+
+
+@runtime_checkable
+class KeepsState(Protocol):
+    """An engine with durable state of its own, kept beside the run's output (the batch engine's log of
+    the batches it submitted, which a resumed run re-attaches to)."""
+
+    def keep_state(self, output_path: Path, resume: bool) -> None:
+        """Keep the state beside ``output_path``; unless ``resume``, start it afresh."""
+        ...
 
 
 def get_engine(name: str, model: str, **kwargs: Any) -> Engine:

@@ -37,6 +37,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -66,6 +67,10 @@ class _Retry(Exception):
 
 class _Interrupted(Exception):
     """The run is stopping: this request was not sent, or was cancelled at the shutdown deadline."""
+
+
+class Interrupted(_Interrupted):
+    """The run is stopping: an API call (:meth:`OpenAIEngine.api_call`) was not made."""
 
 
 class RateLimiter:
@@ -391,6 +396,8 @@ class OpenAIEngine:
             body["n"] = n
         if params.stop:
             body["stop"] = params.stop
+        if params.response_format:
+            body["response_format"] = params.response_format
         # not OpenAI parameters: sent only when asked for (vLLM and SGLang accept them)
         if params.top_k is not None:
             body["top_k"] = params.top_k
@@ -433,17 +440,57 @@ class OpenAIEngine:
                 if attempt >= self.max_retries:
                     return self._errors(n, f"{e} (gave up after {attempt + 1} attempts)", spent)
                 attempt += 1
-                self.counts["retries"] += 1
-                delay = backoff(attempt, self.retry_base_s, self.retry_max_s, e.wait)
-                if e.wait is not None:
-                    self.limiter.pause(delay)  # the server is saying it to every request
-                if not await self._sleep(delay):
+                if not await self._sleep(self._backoff(e, attempt)):
                     return self._errors(n, INTERRUPTED, spent)
             except EngineError:
                 raise
             except Exception as e:  # a bug or a surprise: this row's failure, not the run's
                 self.counts["failed:unexpected"] += 1
                 return self._errors(n, self._scrub(f"unexpected {type(e).__name__}: {e}"), spent)
+
+    def _backoff(self, e: _Retry, attempt: int) -> float:
+        """Seconds to wait before retry number ``attempt``: the server's Retry-After (which pauses every
+        request), else exponential backoff with jitter."""
+        self.counts["retries"] += 1
+        delay = backoff(attempt, self.retry_base_s, self.retry_max_s, e.wait)
+        if e.wait is not None:
+            self.limiter.pause(delay)  # the server is saying it to every request
+        return delay
+
+    async def api_call(self, make: Callable[[], Awaitable[Any]], what: str, *, missing_ok: bool = False) -> Any:
+        """One call of another API route (files, batches) through the same retry ladder as chat requests.
+
+        Returns its result; None for HTTP 404 when ``missing_ok``. Raises :class:`EngineError` for a
+        failure worth stopping the run (a bad key; an answer still failing after the retries), and
+        :class:`Interrupted` when the run stops first.
+        """
+        if self._stop is None:
+            self._stop = asyncio.Event()
+        attempt = 0
+        while True:
+            if self._stopping:
+                raise Interrupted(INTERRUPTED)
+            await self.limiter.acquire()
+            self.counts["api_calls"] += 1
+            try:
+                return await make()
+            except (Interrupted, EngineError):  # from a call of its own inside ``make``
+                raise
+            except Exception as e:
+                status = getattr(e, "status_code", None)
+                if missing_ok and status == 404:
+                    return None
+                try:
+                    problem: str | _Retry = self._classify(e)  # an EngineError goes straight up
+                except _Retry as retry:
+                    problem = retry
+                if not isinstance(problem, _Retry) or attempt >= self.max_retries:
+                    raise EngineError(f"{what} failed: {problem}" + (f" (gave up after {attempt + 1} attempts)"
+                                                                     if isinstance(problem, _Retry) else "")) from None
+                self.counts["failed:" + _kind(str(problem))] += 1
+                attempt += 1
+                if not await self._sleep(self._backoff(problem, attempt)):
+                    raise Interrupted(INTERRUPTED) from None
 
     async def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds`` unless the run stops first; False if it did."""
@@ -477,7 +524,19 @@ class OpenAIEngine:
             if self._aborted and call.cancelled() and not _being_cancelled():
                 raise _Interrupted from None
             raise
-        except openai.APIStatusError as e:
+        except (openai.APIError, asyncio.TimeoutError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            message = self._classify(e)  # raises _Retry or EngineError
+            self.counts[f"failed:{_kind(message)}"] += 1
+            return self._errors(n, message, spent)
+        finally:
+            self._inflight.discard(call)
+        return self._completions(choices, usage, params, spent)
+
+    def _classify(self, e: BaseException) -> str:
+        """A failed exchange as :class:`_Retry` (raised: worth another try), :class:`EngineError` (raised: the
+        run cannot go on) or the error text of a failure that is the request's own (returned)."""
+        openai = self._openai
+        if isinstance(e, openai.APIStatusError):
             status = e.status_code
             message = self._scrub(f"HTTP {status}: {_error_message(e)}")
             if status in FATAL_STATUS:
@@ -485,19 +544,16 @@ class OpenAIEngine:
                 raise EngineError(f"{where} {FATAL_STATUS[status]} (model {self.model!r}): {message}") from None
             if is_retryable(status):
                 raise _Retry(message, retry_after(e.response.headers)) from None
-            self.counts[f"failed:HTTP {status}"] += 1
-            return self._errors(n, message, spent)
-        except (openai.APITimeoutError, asyncio.TimeoutError):
+            return message
+        if isinstance(e, (openai.APITimeoutError, asyncio.TimeoutError)):
             raise _Retry(f"timeout: no answer within --request_timeout {self.request_timeout:g}s") from None
-        except openai.APIConnectionError as e:
+        if isinstance(e, openai.APIConnectionError):
             raise _Retry(self._scrub(f"connection error: {e} {e.__cause__ or ''}".strip())) from None
-        except (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError) as e:
+        if isinstance(e, (json.JSONDecodeError, UnicodeDecodeError, openai.APIResponseValidationError)):
             raise _Retry(f"malformed response: {e}") from None
-        except openai.APIError as e:  # an error event inside a stream
+        if isinstance(e, openai.APIError):  # an error event inside a stream
             raise _Retry(self._scrub(f"server error: {e}")) from None
-        finally:
-            self._inflight.discard(call)
-        return self._completions(choices, usage, params, spent)
+        return self._scrub(f"unexpected {type(e).__name__}: {e}")
 
     async def _call(self, body: dict) -> tuple[list[dict], dict]:
         """The HTTP exchange: (choices as {content, reasoning, finish_reason}, usage)."""
@@ -506,16 +562,7 @@ class OpenAIEngine:
                 data = await self._direct.post(body)
             else:
                 data = await self.client.post("/chat/completions", body=body, cast_to=object)
-            if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
-                raise json.JSONDecodeError("not a chat completion object", str(data)[:200], 0)
-            choices = []
-            for ch in data["choices"]:
-                msg = ch.get("message") or {}
-                choices.append({"index": ch.get("index", len(choices)), "content": msg.get("content"),
-                                "reasoning": msg.get("reasoning_content") or msg.get("reasoning"),
-                                "tool_calls": msg.get("tool_calls") or None,
-                                "finish_reason": ch.get("finish_reason")})
-            return choices, data.get("usage") or {}
+            return parse_chat(data)
         return await asyncio.wait_for(self._call_stream(body), self.request_timeout)
 
     async def _call_stream(self, body: dict) -> tuple[list[dict], dict]:
@@ -561,6 +608,21 @@ class OpenAIEngine:
                          "(no finish_reason); the connection or the server's upstream dropped")
         return choices, usage
 
+    def answer(self, data: Any, params: SamplingParams, n: int) -> list[Completion]:
+        """Exactly ``n`` completions from a chat completion object that came some other way (a batch's
+        output file); an unusable one (malformed, every choice empty, too few choices) as error values."""
+        spent = [0, 0]
+        try:
+            out = self._completions(*parse_chat(data), params, spent)
+        except json.JSONDecodeError as e:
+            return self._errors(n, f"malformed response: {e}", spent)
+        except _Retry as e:
+            return self._errors(n, str(e), spent)
+        if len(out) < n:
+            missing = self._errors(n - len(out), f"the answer holds {len(out)} of the {n} choices asked for", [0, 0])
+            out += missing
+        return out[:n]
+
     def _completions(self, choices: list[dict], usage: dict, params: SamplingParams,
                      spent: list[int]) -> list[Completion]:
         """Completions from parsed choices; an answer with no usable choice is retried."""
@@ -595,6 +657,21 @@ class OpenAIEngine:
             if c.error:
                 self.counts["failed:" + _kind(c.error)] += 1
         return out
+
+
+def parse_chat(data: Any) -> tuple[list[dict], dict]:
+    """(choices as {index, content, reasoning, tool_calls, finish_reason}, usage) of a chat completion object;
+    JSONDecodeError if it is not one."""
+    if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
+        raise json.JSONDecodeError("not a chat completion object", str(data)[:200], 0)
+    choices = []
+    for ch in data["choices"]:
+        msg = ch.get("message") or {}
+        choices.append({"index": ch.get("index", len(choices)), "content": msg.get("content"),
+                        "reasoning": msg.get("reasoning_content") or msg.get("reasoning"),
+                        "tool_calls": msg.get("tool_calls") or None,
+                        "finish_reason": ch.get("finish_reason")})
+    return choices, data.get("usage") or {}
 
 
 def _kind(error: str) -> str:

@@ -261,6 +261,11 @@ class TransformersEngine(_local.LocalEngine):
         if streamer is not None:
             gen["streamer"] = streamer
         input_ids, attention = input_ids.to(self.device), attention.to(self.device)
+        if params.response_format:  # structured output: constrained decoding (winnow.engines.constrained)
+            from winnow.engines.constrained import logits_processor
+
+            vocab = self.model.get_output_embeddings().weight.shape[0]
+            gen["logits_processor"] = [logits_processor(self.tokenizer, vocab, self.eos_ids, params.response_format)]
         with torch.inference_mode():
             if sample and k > 1:
                 out = self._sample_shared(input_ids, attention, k, gen)

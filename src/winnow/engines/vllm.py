@@ -51,6 +51,23 @@ def sampling_kwargs(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
     return kwargs
 
 
+def structured_kwargs(sampling_module: Any, response_format: dict[str, Any] | None) -> dict[str, Any]:
+    """``vllm.SamplingParams`` keyword arguments for structured output through vLLM's own guided decoding:
+    ``structured_outputs`` (vLLM 0.10.2 and later) or ``guided_decoding`` (earlier), from the module
+    ``vllm.sampling_params``. Not exercised by winnow's tests (no vLLM on their machines)."""
+    from winnow.structured import schema_of
+
+    schema = schema_of(response_format)
+    if schema is None:
+        return {}
+    if hasattr(sampling_module, "StructuredOutputsParams"):
+        return {"structured_outputs": sampling_module.StructuredOutputsParams(json=schema)}
+    if hasattr(sampling_module, "GuidedDecodingParams"):
+        return {"guided_decoding": sampling_module.GuidedDecodingParams(json=schema)}
+    raise EngineError("this vLLM has no guided decoding (StructuredOutputsParams or GuidedDecodingParams); "
+                      "upgrade vLLM or drop --response_format")
+
+
 def completions_from_output(output: Any, stop: list[str]) -> list[Completion]:
     """Completions from one vLLM ``RequestOutput`` (read by attribute: ``prompt_token_ids``,
     ``outputs[i].text``, ``.token_ids``, ``.finish_reason``)."""
@@ -200,10 +217,12 @@ class VLLMEngine(_local.LocalEngine):
         """One ``LLM.generate`` over the batch, prompts given as token ids."""
         vllm = self._vllm
         budgets = {item.max_new_tokens for item in batch}
+        structured = structured_kwargs(vllm.sampling_params, params.response_format) if params.response_format else {}
         if len(budgets) == 1:  # one SamplingParams for the whole call unless --max_length clamps some
-            sampling: Any = vllm.SamplingParams(**sampling_kwargs(params, budgets.pop()))
+            sampling: Any = vllm.SamplingParams(**sampling_kwargs(params, budgets.pop()), **structured)
         else:
-            sampling = [vllm.SamplingParams(**sampling_kwargs(params, item.max_new_tokens)) for item in batch]
+            sampling = [vllm.SamplingParams(**sampling_kwargs(params, item.max_new_tokens), **structured)
+                        for item in batch]
         inputs = [{"prompt_token_ids": item.ids} for item in batch]
         outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
         return [completions_from_output(out, params.stop) for out in outputs]

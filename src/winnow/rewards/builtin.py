@@ -192,3 +192,29 @@ class JudgeReward:
 
     async def aclose(self) -> None:
         await self.engine.aclose()
+
+
+class JsonSchemaReward:
+    """1 when the completion is JSON matching the schema (``schema``: a file, inline JSON or file.py:Model;
+    default: the run's --response_format), else 0."""
+
+    def __init__(self, schema: str | dict | None = None):
+        from winnow.errors import ConfigError
+        from winnow.structured import SchemaCheck, load_response_format, schema_of
+
+        if schema is None:
+            raise ConfigError("reward json_schema needs a schema: set --response_format, or "
+                              "--reward_kwargs '{\"json_schema\": {\"schema\": \"schema.json\"}}'")
+        self.name = "json_schema"
+        self.spec = schema
+        self.check = SchemaCheck(schema_of(load_response_format(schema)) or {})
+
+    def describe(self) -> dict[str, Any]:
+        return {"args": {"schema": self.spec}}
+
+    async def score(self, samples: list[Sample]) -> list[Score]:
+        out = []
+        for s in samples:
+            error = self.check.error(s.text)
+            out.append(Score(value=0.0 if error else 1.0, info={"error": error} if error else None))
+        return out

@@ -104,6 +104,8 @@ def _named_reward(spec: str, role: str, config) -> Reward | None:
     own = kwargs.get(spec, kwargs.get(entry.name, {}))
     if not isinstance(own, dict):
         own = {}
+    if entry.name == "json_schema" and getattr(config, "response_format", None):
+        own = {"schema": config.response_format, **own}  # the run's own schema unless told otherwise
     flat = {k: v for k, v in kwargs.items() if not isinstance(v, dict)}
     obj = registry.build(entry, own, flat)
     return adapt(entry.name, obj, agg=config.prm_agg, args=own or None, swift_registered=entry.role in ("orm", "prm"))

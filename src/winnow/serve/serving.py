@@ -302,6 +302,24 @@ def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     return dict(kwargs or {})
 
 
+def _response_format(value: dict[str, Any] | None) -> str | None:
+    """A request's ``response_format`` as canonical JSON for constrained decoding (None: free text);
+    400 naming the field when it is not one this server decodes."""
+    if not value or value.get("type") == "text":
+        return None
+    from winnow.errors import ConfigError
+    from winnow.structured import load_response_format
+
+    if value.get("type") not in ("json_object", "json_schema"):
+        raise bad_request(f"response_format.type {value.get('type')!r} is not supported; use text, json_object or "
+                          "json_schema", "response_format.type")
+    try:
+        normalised = load_response_format(value)
+    except ConfigError as e:
+        raise bad_request(str(e).replace("--response_format", "response_format"), "response_format") from None
+    return json.dumps(normalised, sort_keys=True)
+
+
 def _stop(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
@@ -336,6 +354,7 @@ class _Key:
     seed: int | None
     solo: object = None  # a seeded or streamed request gets a call of its own (see docs/serve.md, "seed")
     streaming: bool = False  # one answer streamed token by token as it is generated
+    response_format: str | None = None  # structured output, as canonical JSON (one grammar per call)
 
 
 @dataclass
@@ -417,7 +436,8 @@ class PolicyServing(_Served):
         """One ``generate`` call for requests sharing ``key``: every request's n samples are rows."""
         params = SamplingParams(n=1, max_new_tokens=key.max_new_tokens, temperature=key.temperature,
                                 top_p=key.top_p, top_k=key.top_k, min_p=key.min_p,
-                                repetition_penalty=key.repetition_penalty, stop=list(key.stop), seed=key.seed)
+                                repetition_penalty=key.repetition_penalty, stop=list(key.stop), seed=key.seed,
+                                response_format=json.loads(key.response_format) if key.response_format else None)
         if key.seed is not None and self.reseedable:
             self.engine.reseed(key.seed)
         if key.streaming:
@@ -524,12 +544,13 @@ class PolicyServing(_Served):
             "top_logprobs": bool(req.top_logprobs),
             "tools": bool(req.tools),
             "tool_choice": req.tool_choice not in (None, "none", "auto"),
-            "response_format": bool(req.response_format) and req.response_format.get("type") != "text",
         })
+        response_format = _response_format(req.response_format)
         template_kwargs = _template_kwargs(req.chat_template_kwargs)
         ids = await self._tokenize(self._encode_chat, _messages(req.messages), template_kwargs,
                                    self._prompt_budget(req))
-        key = self._key(req, len(ids), "messages", streamable=True)
+        key = dataclasses.replace(self._key(req, len(ids), "messages", streamable=True),
+                                  response_format=response_format)
         if key.streaming:
             return self._stream_chat(key, ids, bool(req.stream_options and req.stream_options.include_usage))
         completions = await self._generate(key, ids, req.n)

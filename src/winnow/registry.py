@@ -245,7 +245,7 @@ def _builtins(registry: Registry) -> Registry:
         doc="Each trajectory plays a gym environment (--gym_env): reset, then step after every turn.")
     add("tool", "python", "winnow.multiturn.tools:PythonTool",
         doc="Runs the model's Python program in winnow's sandbox and returns what it prints.")
-    add("tool", "calculator", "winnow.multiturn.tools:calculator", doc="Evaluates an arithmetic expression.")
+    add("tool", "calculator", "winnow.multiturn.tools:calculator_tool", doc="Evaluates an arithmetic expression.")
     add("environment", "math_retry", "winnow.multiturn.env:MathRetryEnv",
         doc="Checks the final answer against the row's reference; a wrong one gets feedback and another try.")
     return registry

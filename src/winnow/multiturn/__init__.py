@@ -18,7 +18,6 @@ This module holds the contract only and imports nothing heavy.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
@@ -76,8 +75,8 @@ class Trajectory:
         messages, prefix = self.messages, None
         if messages and messages[-1].get("role") == "assistant":
             messages, prefix = messages[:-1], messages[-1].get("content") or ""
-        return dataclasses.replace(self.prompt, messages=copy.deepcopy(messages), prefix=prefix or None,
-                                   tools=self.tools)
+        # a plain copy of the list: the trajectory waits for the reply, so nothing changes the messages meanwhile
+        return dataclasses.replace(self.prompt, messages=list(messages), prefix=prefix or None, tools=self.tools)
 
 
 @dataclass

@@ -15,7 +15,6 @@ import asyncio
 import copy
 import dataclasses
 import inspect
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -88,7 +87,7 @@ class TurnBatcher:
 
     async def generate(self, prompt: Prompt) -> Completion:
         """The model's reply to one trajectory's request."""
-        key = json.dumps([prompt.messages, prompt.prefix, prompt.tools], sort_keys=True, default=str)
+        key = repr((prompt.messages, prompt.prefix, prompt.tools))  # equal requests are equal here
         waiting = _Waiting(prompt, key, asyncio.get_running_loop().create_future())
         if not self.waiting:
             self._oldest = time.monotonic()
@@ -104,26 +103,24 @@ class TurnBatcher:
 
     def _dispatch(self) -> None:
         self._scheduled = False
-        self.waiting = [w for w in self.waiting if not w.reply.done()]  # their trajectories were cancelled
-        while self.waiting and self.calls < self.max_calls:
-            units = self._units(self.waiting)
-            per_call = self.engine.batch_plan(1)[0]
-            ready = (len(units) >= per_call or self.live <= len(self.waiting) + self.in_engine
-                     or time.monotonic() - self._oldest >= self.wait_s)
-            if not ready:
-                if self._timer is None:
-                    delay = max(0.0, self.wait_s - (time.monotonic() - self._oldest))
-                    self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
-                return
-            take = units[:max(1, per_call)]
-            taken = {id(w) for unit in take for w in unit}
-            self.waiting = [w for w in self.waiting if id(w) not in taken]
-            self._oldest = time.monotonic()
+        units = self._units([w for w in self.waiting if not w.reply.done()])  # (a cancelled trajectory's is)
+        per_call = max(1, self.engine.batch_plan(1)[0])
+        ready = (len(units) >= per_call or self.live <= sum(map(len, units)) + self.in_engine
+                 or time.monotonic() - self._oldest >= self.wait_s)
+        if units and not ready:
+            if self._timer is None:
+                delay = max(0.0, self.wait_s - (time.monotonic() - self._oldest))
+                self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+            return
+        while units and self.calls < self.max_calls:
+            take, units = units[:per_call], units[per_call:]
             by_n: dict[int, list[list[_Waiting]]] = {}
             for unit in take:
                 by_n.setdefault(len(unit), []).append(unit)
             for n, group in by_n.items():
                 self._launch(n, group)
+        self.waiting = [w for unit in units for w in unit]
+        self._oldest = time.monotonic()
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -191,7 +188,7 @@ def append_reply(trajectory: Trajectory, reply: Completion) -> None:
         return
     message: Message = {"role": "assistant", "content": reply.text if reply.text or not reply.tool_calls else None}
     if reply.tool_calls:
-        message["tool_calls"] = copy.deepcopy(reply.tool_calls)
+        message["tool_calls"] = [dict(call) for call in reply.tool_calls]
     if reply.reasoning:
         message["reasoning_content"] = reply.reasoning
     messages.append(message)
@@ -321,7 +318,7 @@ class MultiTurn:
             self._batcher = TurnBatcher(ctx.engine, params, ctx.count, self.batch_wait_s)
         batcher = self._batcher
         n = ctx.params.n
-        trajectories = [[Trajectory(p, i, copy.deepcopy(p.messages), copy.deepcopy(p.tools), self.max_turns)
+        trajectories = [[Trajectory(p, i, copy.deepcopy(p.messages), list(p.tools) if p.tools else None, self.max_turns)
                          for i in range(n)] for p in prompts]
         flat = [t for ts in trajectories for t in ts]
         batcher.join(len(flat))
@@ -343,7 +340,7 @@ class MultiTurn:
         try:
             if isinstance(self.scheduler, StartsTrajectories):
                 await self._call("start", self.scheduler.start, t)
-            initial[id(t)] = copy.deepcopy(t.messages)
+            initial[id(t)] = [dict(m) for m in t.messages]
             while True:
                 reply = await batcher.generate(t.request())
                 t.turn += 1
@@ -364,7 +361,7 @@ class MultiTurn:
                 if t.last_turn:
                     t.stop_reason = STOP_MAX_TURNS
                     break
-                t.messages.extend(copy.deepcopy(result.messages))
+                t.messages.extend(result.messages)
             batcher.leave()
             left = True
         finally:

@@ -167,6 +167,15 @@ def calculator(expression: str) -> str:
     return str(result)
 
 
+async def calculator_tool(expression: str) -> str:
+    """Evaluate an arithmetic expression: numbers, + - * / // % ** and parentheses.
+
+    Args:
+        expression: the expression, e.g. (17 + 25) * 2
+    """
+    return calculator(expression)  # microseconds: on the event loop, not a thread
+
+
 class PythonTool:
     """Run a Python program and return what it prints (a fresh interpreter each call, in winnow's sandbox).
 

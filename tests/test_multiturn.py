@@ -339,6 +339,57 @@ def test_a_swift_environment_plugin_plays_through_the_gym_scheduler(server, tmp_
     assert c["trace"]["rollout_infos"]["reset_info"] == {"answer": "1"}
 
 
+SWIFT_PYTHON = Path.home() / ".cache/winnow-peers/ms-swift/venv/bin/python"
+WITH_REAL_SWIFT = r"""
+import asyncio, json, sys
+from winnow import registry
+from winnow.multiturn.driver import MultiTurn, build_scheduler
+from winnow.schema import Completion, Prompt, SamplingParams
+
+names = registry.load_plugin(sys.argv[1])
+target = registry.REGISTRY.get("scheduler", "adder_tools").obj
+
+class Scripted:  # calls add(2, 3), then answers with the tool's result
+    name = "scripted"
+    def batch_plan(self, n):
+        return 64, 1
+    async def generate(self, prompts, params):
+        def reply(p, i):
+            tool = [m for m in p.messages if m["role"] == "tool"]
+            if tool:
+                return Completion(text="The answer is \\boxed{%s}." % tool[-1]["content"])
+            return Completion(text="", finish_reason="tool_calls", tool_calls=[{"id": f"c{i}", "type": "function",
+                              "function": {"name": "add", "arguments": json.dumps({"a": 2, "b": 3})}}])
+        return [[reply(p, i) for i in range(params.n)] for p in prompts]
+
+class Ctx:
+    def __init__(self):
+        self.engine, self.params, self.counters = Scripted(), SamplingParams(n=2), {}
+    def count(self, name, value=1):
+        self.counters[name] = self.counters.get(name, 0) + value
+
+strategy = MultiTurn(build_scheduler("adder_tools", target, {}, {"max_turns": 4}), scheduler_name="adder_tools",
+                     max_turns=4)
+groups = asyncio.run(strategy.run([Prompt(id="p", messages=[{"role": "user", "content": "What is 2 + 3?"}])], Ctx()))
+print(json.dumps({"names": names, "bases": [f"{c.__module__}.{c.__name__}" for c in target.__mro__[1:3]],
+                  "turns": groups[0].completions[1].turns, "trace": groups[0].completions[1].trace}))
+"""
+
+
+@pytest.mark.skipif(not SWIFT_PYTHON.exists(), reason="ms-swift is not installed beside (bash "
+                    "../shared/peers/ms-swift/run_peer_bench.sh installs it)")
+def test_with_the_real_ms_swift_installed_its_own_classes_are_driven():
+    proc = subprocess.run([str(SWIFT_PYTHON), "-c", WITH_REAL_SWIFT, str(SWIFT_PLUGIN)], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["names"] == ["adder_tools", "tips", "run_owner", "guess"]  # read from swift's own tables
+    assert out["bases"] == ["swift.rollout.multi_turn.MultiTurnScheduler", "swift.rollout.multi_turn.RolloutScheduler"]
+    assert roles(out["turns"]) == ["assistant", "tool", "assistant"] and out["turns"][1]["content"] == "5"
+    assert out["turns"][1]["tool_call_id"] == "c1" and out["turns"][2]["content"] == "The answer is \\boxed{5}."
+    assert out["trace"]["rollout_infos"] == {"tool_results": ["5"], "num_tool_turns": 1}
+
+
 def test_bad_multi_turn_options_are_one_line(tmp_path, server):
     dataset = sums(tmp_path / "d.jsonl", 1)
     with pytest.raises(ConfigError, match="add --multi_turn_scheduler tools"):

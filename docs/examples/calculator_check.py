@@ -35,6 +35,8 @@ class CalculatorCheck:
                 a, op, b, claimed = step.groups()
                 right = calculator(f"{a} {op} {b}")
                 if right != str(int(claimed)):
+                    if trajectory.last_turn:  # no turn left to continue: the answer stays as the model wrote it
+                        return TurnResult(info={"wrong": f"{a} {op} {b} = {claimed}"})
                     answer["content"] = text[:at] + f"{a} {op} {b} = {right}\n"  # the model continues after it
                     trajectory.state["checked"] = len(answer["content"])
                     return TurnResult(info={"corrected": f"{a} {op} {b} = {claimed} -> {right}"})

@@ -163,7 +163,10 @@ class Registry:
         stat = file.stat()
         seen = self._files.get(str(file.resolve()))
         if seen is not None and seen[0] == (stat.st_mtime_ns, stat.st_size):
-            return list(seen[1])  # run already (its rewards and its schedulers both ask for it)
+            for entry in seen[1]:  # run already (its rewards and its schedulers both ask for it): its names again
+                self.add(entry.kind, entry.name, entry.target, doc=entry.doc, aliases=entry.aliases,
+                         source=entry.source, role=entry.role)
+            return [self.get(e.kind, e.name) for e in seen[1]]
         module_name = f"winnow_plugin_{abs(hash(str(file.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, file)
         if spec is None or spec.loader is None:

@@ -261,6 +261,21 @@ def test_scripted_tool_calls_through_the_client_engine_in_every_format(server, t
     assert json.loads(table[0]["completions"][0]["trace"])["num_turns"] == 2
 
 
+def test_stage_two_scores_trajectories_from_a_raw_stage_one(server, tmp_path):
+    server.defaults.update(agent=1, agent_vary=1)
+    dataset = sums(tmp_path / "d.jsonl", 2)
+    client_run(server, tmp_path, dataset, num_return_sequences=2, multi_turn_scheduler="tools", tools=["calculator"],
+               output_format="raw")
+    stage1 = tmp_path / "stage1.jsonl"
+    (tmp_path / "out" / "o.jsonl").rename(stage1)
+    summary = sample(sampler_engine="no", cache_files=[str(stage1)], dataset=[str(dataset)], num_return_sequences=2,
+                     orm_model="math", output_dir=str(tmp_path / "two"), output_file="s.jsonl", progress=False)
+    assert summary.status == "finished" and summary.groups_written == 2
+    for record in read_jsonl(tmp_path / "two" / "s.jsonl"):
+        assert roles(record["messages"]) == ["user", "assistant", "tool", "assistant"]
+        assert roles(record["rejected_messages"]) == ["user", "assistant", "tool", "assistant"]
+
+
 def test_the_python_tool_runs_the_models_program_streamed_calls_too(server, tmp_path):
     server.defaults.update(agent=1)
     records, manifest, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 2), num_return_sequences=2,

@@ -475,6 +475,28 @@ def test_the_demo_policy_plays_the_retry_environment(tmp_path):
             assert c["turns"][1]["content"].startswith("That is not right. Try again: Compute ")
 
 
+def test_the_demo_policy_served_plays_the_environment_through_the_client_engine(tmp_path):
+    """The same environment with the demo policy behind `winnow serve`: every turn a chat request."""
+    from test_serve import Server
+
+    srv = Server(tmp_path / "serve.log", "--model", "demo-policy", "--served_model_name", "demo", "--max_wait_ms", "20")
+    try:
+        out = tmp_path / "out"
+        proc = run_winnow("sample", "--sampler_engine", "client", "--model", "demo", "--dataset", "demo-arith#4",
+                          "--num_return_sequences", "3", "--multi_turn_scheduler", "gym", "--gym_env", "math_retry",
+                          "--max_turns", "2", "--orm_model", "math", "--output_format", "raw", "--output_dir", str(out),
+                          "--output_file", "o.jsonl", "--progress", "false",
+                          "--engine_kwargs", json.dumps({"base_url": f"{srv.url}/v1"}), timeout=300)
+    finally:
+        assert srv.stop(signal.SIGINT) == 0, srv.output()[-2000:]
+    assert proc.returncode == 0, proc.stderr
+    completions = [c for r in read_jsonl(out / "o.jsonl") for c in r["completions"]]
+    assert len(completions) == 12
+    for c in completions:
+        right = bool(c["trace"]["turn_infos"][0]["info"].get("correct"))
+        assert roles(c["turns"]) == (["assistant"] if right else ["assistant", "user", "assistant"])
+
+
 # ----------------------------------------------------------------------------- kill -9 and resume
 
 def test_a_multi_turn_run_killed_mid_run_resumes_at_the_prompt_level(tmp_path):

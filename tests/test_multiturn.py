@@ -289,6 +289,20 @@ def test_the_python_tool_runs_the_models_program_streamed_calls_too(server, tmp_
     assert manifest["strategy"]["multi_turn"]["sandbox"]["timeout_s"] > 0
 
 
+def test_a_tool_the_row_offers_runs_the_function_a_plugin_registered(server, tmp_path):
+    server.defaults.update(agent=1)
+    plugin = tmp_path / "tools.py"
+    plugin.write_text("from winnow.registry import tool\n\n@tool\ndef add(a: int, b: int) -> int:\n"
+                      "    \"\"\"a + b\"\"\"\n    return a + b\n")
+    records, manifest, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 2, tools=[ADD_TOOL]),
+                                      num_return_sequences=1, external_plugins=[str(plugin)],
+                                      multi_turn_scheduler="tools", output_format="sft")
+    messages = row(records, 1)["messages"]
+    assert roles(messages) == ["user", "assistant", "tool", "assistant"]
+    assert messages[2]["content"] == "3" and messages[3]["content"] == "The answer is \\boxed{3}."
+    assert server.last_body["tools"] == [ADD_TOOL]  # the row's own definition, offered as it is
+
+
 def test_many_trajectories_are_in_flight_at_once(server, tmp_path):
     server.defaults.update(agent=2, latency=0.2)
     records, manifest, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 8), num_return_sequences=2,

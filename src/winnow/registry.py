@@ -173,9 +173,10 @@ class Registry:
             raise ConfigError(f"--external_plugins {path}: not a Python file")
         module = importlib.util.module_from_spec(spec)
         before = set(self.entries)
+        from winnow.multiturn import swift as multiturn_swift
         from winnow.rewards import swift_compat
 
-        with swift_compat.shims() as swift_tables:
+        with swift_compat.shims(multiturn_swift.shim_names) as swift_tables:
             try:
                 sys.modules[module_name] = module
                 spec.loader.exec_module(module)
@@ -260,7 +261,10 @@ REGISTRY = _builtins(Registry())
 # ----------------------------------------------------------------------------- decorators for plugin files
 
 def _decorator(kind: str) -> Callable[..., Callable[[Any], Any]]:
-    def decorator(name: str | None = None, *, aliases: tuple[str, ...] = (), **meta: Any):
+    def decorator(name: Any = None, *, aliases: tuple[str, ...] = (), **meta: Any):
+        if callable(name):  # used bare: @tool
+            return decorator()(name)
+
         def register(target: Any) -> Any:
             key = name or getattr(target, "__name__", None)
             if not key:
@@ -270,7 +274,8 @@ def _decorator(kind: str) -> Callable[..., Callable[[Any], Any]]:
 
         return register
 
-    decorator.__doc__ = f"Register a {KINDS[kind]} component under ``name`` (default: its own name)."
+    decorator.__doc__ = (f"Register a {KINDS[kind]} component under ``name`` (default: its own name; "
+                         "``@decorator`` bare works too).")
     return decorator
 
 

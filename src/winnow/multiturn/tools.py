@@ -255,23 +255,26 @@ class ToolScheduler:
                 last["content"], last["tool_calls"] = text or None, calls
         if calls:
             if trajectory.last_turn:  # nothing would read the results
-                return TurnResult(info={"tool_calls": [_name(c) for c in calls], "not_run": "last turn"})
-            results = await asyncio.gather(*(self.call(c) for c in calls))
-            messages: list[Message] = [{"role": "tool", "tool_call_id": c.get("id") or f"call_{trajectory.turn}_{k}",
-                                        "name": _name(c), "content": r} for k, (c, r) in enumerate(zip(
-                                            calls, results, strict=True))]
+                return TurnResult(info={"not_run": [_name(c) for c in calls]})
+            offered = {(t.get("function") or {}).get("name") for t in trajectory.tools or []}
+            results = await asyncio.gather(*(self.call(c, offered) for c in calls))
+            messages: list[Message] = []
+            for k, (call, result) in enumerate(zip(calls, results, strict=True)):
+                messages.append({"role": "tool", "tool_call_id": call.get("id") or f"call_{trajectory.turn}_{k}",
+                                 "name": _name(call), "content": result})
             return TurnResult(messages=messages, info={"tool_calls": [_name(c) for c in calls]})
         code = trailing_code(last.get("content") or "") if self.code_blocks else None
         if code is None:
             return TurnResult(done=True)
         if trajectory.last_turn:
-            return TurnResult(info={"tool_calls": ["python"], "not_run": "last turn"})
+            return TurnResult(info={"not_run": ["python"]})
         output = await self._run("python", {"code": code})
         last["content"] = last["content"].rstrip() + f"\n{CODE_OUTPUT_STOP}\n{output}\n```\n"  # the model continues
         return TurnResult(info={"tool_calls": ["python"], "code_block": True})
 
-    async def call(self, call: dict[str, Any]) -> str:
-        """One tool call's result as text; whatever goes wrong is the result ("error: ..."), for the model to read."""
+    async def call(self, call: dict[str, Any], offered: set[str] | None = None) -> str:
+        """One tool call's result as text; whatever goes wrong is the result ("error: ..."), for the model to read.
+        A tool the row offers (``offered``) runs when a function of that name is registered, even without --tools."""
         name = _name(call)
         raw = (call.get("function") or {}).get("arguments") or "{}"
         try:
@@ -280,6 +283,8 @@ class ToolScheduler:
             return f"error: the arguments of {name} are not valid JSON ({e.msg})"
         if not isinstance(arguments, dict):
             return f"error: the arguments of {name} must be a JSON object"
+        if name not in self.tools and name in (offered or ()):
+            self._add_registered(name)
         return await self._run(name, arguments)
 
     async def _run(self, name: str, arguments: dict[str, Any]) -> str:
@@ -296,6 +301,13 @@ class ToolScheduler:
         except Exception as e:
             return f"error: {type(e).__name__}: {e}"
         return _text(result, self.max_result_chars)
+
+    def _add_registered(self, name: str) -> None:
+        """The registered tool of a name a row offers (once), if there is one."""
+        from winnow import registry
+
+        if registry.REGISTRY.get("tool", name) is not None:
+            self.tools[name] = build_tool(name, {"timeout_s": min(self.timeout_s, 60.0)})
 
     async def aclose(self) -> None:
         for fn in self.tools.values():

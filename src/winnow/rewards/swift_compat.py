@@ -15,6 +15,7 @@ import contextlib
 import importlib.util
 import sys
 import types
+from collections.abc import Callable
 from typing import Any
 
 from winnow.rewards.base import InferRequest
@@ -43,12 +44,12 @@ class PRM:
 
 
 @contextlib.contextmanager
-def shims():
+def shims(more_names: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None):
     """While a plugin file runs: stand-ins for swift's modules (unless the real ms-swift is installed),
     and afterwards, what the file added to swift's ``orms``/``prms``/``multi_turns``/``envs`` tables, by role
-    (``orm``, ``prm``, ``scheduler``, ``environment``). The stand-ins leave ``sys.modules`` when the file has run."""
-    from winnow.multiturn import swift as multiturn
-
+    (``orm``, ``prm``, ``scheduler``, ``environment``). ``more_names(multi_turns, envs)`` gives the other names
+    the stand-ins export (the multi-turn ones: :func:`winnow.multiturn.swift.shim_names`). The stand-ins leave
+    ``sys.modules`` when the file has run."""
     tables: dict[str, dict[str, Any]] = {"orm": {}, "prm": {}, "scheduler": {}, "environment": {}}
     spec = importlib.util.find_spec("swift") if "swift" not in sys.modules else None
     real = "swift" in sys.modules or (spec is not None and spec.origin not in (None, "namespace"))
@@ -67,12 +68,13 @@ def shims():
     prms: dict[str, Any] = {}
     multi_turns: dict[str, Any] = {}
     envs: dict[str, Any] = {}
+    names = {**(more_names(multi_turns, envs) if more_names else {}), "ORM": ORM, "PRM": PRM, "orms": orms,
+             "prms": prms, "InferRequest": InferRequest}
     saved = {name: sys.modules.get(name) for name in SHIM_MODULES}
     for name in SHIM_MODULES:
         module = types.ModuleType(name)
         module.__winnow_shim__ = True
-        module.__dict__.update(ORM=ORM, PRM=PRM, orms=orms, prms=prms, **multiturn.shim_names(multi_turns, envs),
-                               InferRequest=InferRequest)
+        module.__dict__.update(names)
         sys.modules[name] = module
     for name in SHIM_MODULES:  # each submodule an attribute of its parent, as after a real import
         parent, _, child = name.rpartition(".")

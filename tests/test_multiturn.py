@@ -341,6 +341,19 @@ def test_a_swift_scheduler_plugin_runs_unchanged(server, tmp_path):
     assert manifest["strategy"]["multi_turn"]["swift_class"].endswith("AdderToolScheduler")
 
 
+def test_a_swift_3_plugin_runs_unchanged(server, tmp_path):
+    records, _, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 1), num_return_sequences=1,
+                               external_plugins=[str(Path(__file__).parent / "plugins" / "swift3_multi_turn.py")],
+                               multi_turn_scheduler="one_more", output_format="raw")
+    c = records[0]["completions"][0]
+    assert roles(c["turns"]) == ["assistant", "user", "assistant"]
+    assert c["turns"][1]["content"] == "One more time: What is 0 + 1?"
+    assert c["trace"]["rollout_infos"] == {"asked_again": True}
+    from winnow.registry import REGISTRY
+
+    assert REGISTRY.get("environment", "quiet").source == "swift3_multi_turn.py"
+
+
 def test_swift_hooks_and_continued_answers(server, tmp_path):
     """on_trajectory_start edits the messages, on_turn_end decides, step writes a tip into the answer."""
     server.defaults.update(wrong_turns=1)

@@ -39,7 +39,12 @@ Options: ``latency`` (seconds before answering), ``reasoning`` (``reasoning_cont
 ``reason``, else ``none``), ``n`` (``honour`` or ``ignore``: answer one choice whatever ``n`` is),
 ``retry_after`` (seconds sent with 429s, default 0.05), ``hang`` (seconds a timeout fault waits,
 default 3600), ``words`` (every answer padded to this many words), ``fault`` (a fault applied to every
-prompt), ``chaos`` (a probability: each request hits
+prompt), ``agent`` (multi-turn scripting: with tools in the request, call the first tool this many times,
+one call per turn, then answer with the last tool result: ``The answer is \\boxed{RESULT}.``; the call's
+arguments are ``{"expression": "A + B"}``, ``{"code": "print(A + B)"}`` or ``{"a": A, "b": B}`` as the tool's
+parameters ask; with ``agent_vary`` the i-th choice of a request passes ``B + i``, so only the first is right),
+``wrong_turns`` (answers are off by one while the conversation has fewer assistant
+turns than this: a first attempt fails, a retry succeeds), ``chaos`` (a probability: each request hits
 one fault drawn at random from ``CHAOS_FAULTS``, seeded by ``chaos_seed``; ``cut``/``cutdrop``
 apply to streams, ``drop`` otherwise).
 
@@ -94,6 +99,9 @@ class Options:
     faults: list[tuple[str, int]] = field(default_factory=list)
     chaos: float = 0.0
     words: int = 0  # pad every answer to this many words (a long answer)
+    agent: int = 0  # tool calls before the answer (multi-turn scripting)
+    agent_vary: int = 0  # the i-th choice of an agent request calls with B + i (samples that differ)
+    wrong_turns: int = 0  # answers off by one while the conversation has fewer assistant turns than this
 
     def apply(self, key: str, value: str) -> None:
         if key in ("latency", "slow"):
@@ -113,6 +121,12 @@ class Options:
             self.chaos = float(value)
         elif key == "words":
             self.words = int(value)
+        elif key == "agent":
+            self.agent = int(value)
+        elif key == "agent_vary":
+            self.agent_vary = int(value)
+        elif key == "wrong_turns":
+            self.wrong_turns = int(value)
         else:
             raise ValueError(f"unknown fake-server option {key!r}")
 
@@ -123,12 +137,12 @@ class FakeServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
                  reasoning: str | None = None, n: str = "honour", retry_after: float = 0.05,
                  hang: float = 3600.0, fault: list[str] | None = None, chaos: float = 0.0, chaos_seed: int = 0,
-                 batch_step: float = 0.05):
+                 batch_step: float = 0.05, agent: int = 0, wrong_turns: int = 0):
         import random
 
         self.host, self.port = host, port
         self.defaults = dict(latency=latency, reasoning=reasoning, n=n, retry_after=retry_after, hang=hang,
-                             chaos=chaos)
+                             chaos=chaos, agent=agent, wrong_turns=wrong_turns)
         self.rng = random.Random(chaos_seed)
         self.faults_hit: Counter = Counter()  # fault kind -> requests it hit
         self.default_faults = list(fault or [])
@@ -371,9 +385,10 @@ class FakeServer:
         if opts.n == "ignore":
             n = 1
         max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")
-        choices = [self._choice(i, prompt, opts, fault, max_tokens, req.get("tools"), req.get("response_format"))
-                   for i in range(n)]
-        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in req["messages"])
+        messages = req.get("messages") or []
+        choices = [self._choice(i, prompt, opts, fault, max_tokens, req.get("tools"), req.get("response_format"),
+                                messages) for i in range(n)]
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         completion_tokens = sum(c.pop("_tokens") for c in choices)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                  "total_tokens": prompt_tokens + completion_tokens}
@@ -383,9 +398,13 @@ class FakeServer:
 
     @staticmethod
     def _choice(index: int, prompt: str, opts: Options, fault: str | None, max_tokens, tools=None,
-                response_format=None) -> dict:
+                response_format=None, messages: list | None = None) -> dict:
         m = SUM.search(prompt)
-        content: str | None = (f"The answer is \\boxed{{{int(m.group(1)) + int(m.group(2))}}}." if m
+        messages = messages or []
+        total = int(m.group(1)) + int(m.group(2)) if m else 0
+        if opts.wrong_turns and sum(1 for x in messages if x.get("role") == "assistant") < opts.wrong_turns:
+            total += 1
+        content: str | None = (f"The answer is \\boxed{{{total}}}." if m
                                else f"Answer {index}: {MARKER.sub('', prompt).strip()[:200]}")
         if response_format and response_format.get("type") in ("json_schema", "json_object"):
             # a JSON answer: {"answer": A+B} for sums, else {"answer": <echo>}; [[badjson]] breaks it
@@ -393,6 +412,12 @@ class FakeServer:
                                   else MARKER.sub("", prompt).strip()[:200]})
             if fault == "badjson":  # cut short: not valid JSON
                 content = content[:-1]
+        elif opts.agent and tools:  # the scripted agent: call the first tool, then answer with what it said
+            users = [i for i, x in enumerate(messages) if x.get("role") == "user"]
+            results = [x for x in messages[(users[-1] if users else 0):] if x.get("role") == "tool"]
+            if len(results) < opts.agent:
+                return FakeServer._call(index, tools[0], m, len(results), index if opts.agent_vary else 0)
+            content = f"The answer is \\boxed{{{str(results[-1].get('content', '')).strip()}}}."
         reasoning = f"Let me think step by step about: {prompt[:60]}" if opts.reasoning != "none" else None
         finish = "stop"
         if opts.words:
@@ -419,6 +444,20 @@ class FakeServer:
             message[opts.reasoning] = reasoning
         tokens = len((content or "").split()) + len((reasoning or "").split())
         return {"index": index, "message": message, "finish_reason": finish, "logprobs": None, "_tokens": tokens}
+
+    @staticmethod
+    def _call(index: int, tool: dict, m: re.Match | None, k: int, slip: int = 0) -> dict:
+        """A scripted call of ``tool`` on the request's sum (its parameters decide the arguments' shape)."""
+        a, b = (int(m.group(1)), int(m.group(2)) + slip) if m else (1, 1)
+        function = tool.get("function") or {}
+        params = (function.get("parameters") or {}).get("properties") or {}
+        arguments = ({"expression": f"{a} + {b}"} if "expression" in params else
+                     {"code": f"print({a} + {b})"} if "code" in params else {"a": a, "b": b})
+        message = {"role": "assistant", "content": None, "tool_calls": [
+            {"id": f"call_{k}_{index}", "type": "function",
+             "function": {"name": function.get("name", ""), "arguments": json.dumps(arguments)}}]}
+        return {"index": index, "message": message, "finish_reason": "tool_calls", "logprobs": None,
+                "_tokens": len(json.dumps(arguments).split())}
 
     async def _stream(self, writer: asyncio.StreamWriter, base: dict, choices: list[dict], usage: dict | None,
                       cut: str | None = None) -> None:
@@ -721,10 +760,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chaos", type=float, default=0.0, help="probability of a random fault per request")
     parser.add_argument("--chaos-seed", type=int, default=0)
     parser.add_argument("--batch-step", type=float, default=0.05, help="seconds per batch status")
+    parser.add_argument("--agent", type=int, default=0, help="tool calls before the answer (multi-turn scripting)")
+    parser.add_argument("--wrong-turns", type=int, default=0, help="wrong answers before a right one")
     args = parser.parse_args(argv)
     server = FakeServer(args.host, args.port, latency=args.latency, reasoning=args.reasoning, n=args.n,
                         retry_after=args.retry_after, hang=args.hang, fault=args.fault, chaos=args.chaos,
-                        chaos_seed=args.chaos_seed, batch_step=args.batch_step)
+                        chaos_seed=args.chaos_seed, batch_step=args.batch_step, agent=args.agent,
+                        wrong_turns=args.wrong_turns)
 
     async def serve() -> None:
         url = await server.start()

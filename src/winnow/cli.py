@@ -98,7 +98,8 @@ def cmd_report(argv: list[str]) -> int:
 
 
 LIST_KINDS = {"engines": "engine", "rewards": "reward", "rm_styles": "rm_style", "formats": "format",
-              "strategies": "strategy", "schedulers": "scheduler", "models": "model", "datasets": "dataset"}
+              "strategies": "strategy", "schedulers": "scheduler", "tools": "tool", "environments": "environment",
+              "models": "model", "datasets": "dataset"}
 
 
 def cmd_list(argv: list[str]) -> int:

@@ -256,6 +256,19 @@ class SampleConfig:
     response_format: str | None = opt(None, "Structured output: a JSON schema (file or inline JSON), OpenAI's "
                                             "response_format object, or a pydantic model (file.py:Model). Sent to "
                                             "APIs, constrained decoding on local engines; every answer is checked.")
+    # --- multi-turn
+    multi_turn_scheduler: str | None = opt(
+        None, "Sample trajectories, not single answers: between turns this scheduler runs tools, steps an environment "
+              "or decides the trajectory is finished (tools, gym, or a plugin's, ms-swift's MultiTurnScheduler "
+              "subclasses included); `winnow list schedulers`.", registry="scheduler")
+    max_turns: int = opt(10, "Most model turns per trajectory (with --multi_turn_scheduler).", ge=1)
+    tools: list[str] = opt(None, "Tools the model may call (the tools scheduler): python (sandboxed), calculator, or "
+                                 "a plugin's; `winnow list tools`. The row's own tools are offered too.", factory=list,
+                           registry="tool")
+    gym_env: str | None = opt(None, "Environment of the gym scheduler (math_retry, or a plugin's); a row's env_config "
+                                    "may name its own. `winnow list environments`.", registry="environment")
+    multi_turn_kwargs: dict = opt(None, "Options of the scheduler as JSON, e.g. '{\"timeout_s\": 5}' for tools, "
+                                        "'{\"env_config\": {...}}' for gym (docs/multiturn.md).", factory=dict)
 
     # --- swift compatibility: settings of swift's SamplingArguments that do not apply to sampling
     custom_register_path: list[str] = opt(None, "swift registration files (custom models, templates, datasets): "

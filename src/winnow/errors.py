@@ -39,6 +39,10 @@ class RewardError(WinnowError):
     """A reward cannot be built, or returned something that breaks its contract."""
 
 
+class SchedulerError(WinnowError):
+    """A multi-turn scheduler (or its tool or environment) raised, or broke its contract."""
+
+
 class MissingDependency(WinnowError):
     """An optional library is not installed; the message names the extra to install."""
 

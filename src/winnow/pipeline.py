@@ -30,6 +30,7 @@ from winnow.engines import (
     get_engine,
 )
 from winnow.errors import ConfigError, DataError, WinnowError
+from winnow.multiturn import Closeable
 from winnow.redact import Redactor
 from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, SamplingParams
 from winnow.search import SearchContext
@@ -112,11 +113,17 @@ class RunSummary:
         return line
 
 
+# the same, for multi-turn runs only (so that outputs made before these options existed still resume)
+MULTI_TURN_FINGERPRINT_FIELDS = ("multi_turn_scheduler", "max_turns", "tools", "gym_env", "multi_turn_kwargs")
+
+
 def fingerprint(config: SampleConfig) -> str:
     """A short hash of the options that a resumed run must share with the one it continues."""
     values = {k: getattr(config, k) for k in fingerprint_fields(type(config))}
     if config.response_format:  # only when set: outputs written before it existed keep their fingerprint
         values["response_format"] = config.response_format
+    if config.multi_turn_scheduler or config.tools or config.gym_env:  # only when set, likewise
+        values.update({k: getattr(config, k) for k in MULTI_TURN_FINGERPRINT_FIELDS})
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -306,6 +313,11 @@ class Run:
         if engine is None and not config.cache_files:
             raise DataError("--sampler_engine no needs --cache_files: the stage-1 outputs to score")
         scorer = rewards.build_scorer(config)
+        multi_turn = None
+        if config.multi_turn_scheduler or config.tools or config.gym_env:  # every sample a trajectory
+            from winnow.multiturn.driver import MultiTurn
+
+            multi_turn = MultiTurn.from_config(config, engine)
         per_call, in_flight = (config.num_sampling_batch_size or 1, 1) if engine is None else \
             engine.batch_plan(config.num_return_sequences)
         if config.num_sampling_batch_size:
@@ -322,6 +334,8 @@ class Run:
         defaults = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
         self.params = sampling_params(config, defaults)
         self.strategy = registry.REGISTRY.resolve("strategy", config.sampler_type)()
+        if multi_turn is not None:
+            self.strategy = multi_turn.around(self.strategy)
         self.search = SearchContext(engine, self.params, scorer) if engine is not None else None
         self.select_opts = SelectOptions.from_config(config, scorer)
         schema = structured.schema_of(self.params.response_format)
@@ -412,8 +426,10 @@ class Run:
                 self.error = WinnowError(s.error)
         if s.status == "failed" and not store.resumed and store.totals.rows == 0:
             store.discard()  # an empty output must not look like a finished one: the manifest says why
+        strategy = getattr(self, "strategy", None)
         for closer in (engine.aclose if engine is not None and engine is not self.given_engine else None,
-                       scorer.aclose if scorer is not None else None):
+                       scorer.aclose if scorer is not None else None,
+                       strategy.aclose if isinstance(strategy, Closeable) else None):
             if closer is not None:
                 try:
                     await closer()

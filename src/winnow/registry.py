@@ -2,17 +2,20 @@
 
 Kinds: ``engine``, ``reward`` (built-in rewards, ORMs and PRMs by name), ``rm_style`` (how a reward
 model's outputs are read), ``format`` (output record formats), ``strategy`` (how a prompt becomes a
-group: best-of-N sampling, search), ``scheduler`` (multi-turn), ``model`` and ``dataset`` (names such
-as the demo world's, resolved to local paths).
+group: best-of-N sampling, search), ``scheduler`` (multi-turn), ``tool`` (functions a multi-turn model
+may call), ``environment`` (gym environments of multi-turn runs), ``model`` and ``dataset`` (names such as
+the demo world's, resolved to local paths).
 
 Entries come from three places: the built-in table below (data only: importing this module imports
 nothing else of winnow), installed packages' entry points (group ``winnow.<kind>``, e.g.
 ``[project.entry-points."winnow.reward"] my_orm = "pkg.mod:MyORM"``; a ``winnow.register`` entry point
 names a function called with the registry, for packages that register many names, as the demo world
 does), and plugin files (``--external_plugins my_rewards.py``): ms-swift's ``orms = {...}`` /
-``prms = {...}`` tables, ``rewards = {...}`` / ``reward_funcs = {...}``, the decorators of this module,
-and bare reward functions found by name (TRL's convention). Each entry records where it came from;
-the components a run builds record the arguments they were built with (in the manifest).
+``prms = {...}`` tables (and its ``multi_turns`` / ``envs`` tables of schedulers and environments),
+``rewards = {...}`` / ``reward_funcs = {...}``, the decorators of this module, and bare reward functions
+found by name (TRL's convention). A file is run once per process (again only when it changed). Each
+entry records where it came from; the components a run builds record the arguments they were built with
+(in the manifest).
 """
 
 from __future__ import annotations
@@ -35,10 +38,15 @@ KINDS = {
     "format": "output record formats (--output_format)",
     "strategy": "sampling and search strategies (--sampler_type)",
     "scheduler": "multi-turn schedulers (--multi_turn_scheduler)",
+    "tool": "functions a multi-turn model may call (--tools)",
+    "environment": "gym environments of multi-turn runs (--gym_env)",
     "model": "model names resolved to local folders",
     "dataset": "dataset names resolved to local files",
 }
 PLUGIN_DICTS = {"orms": "orm", "prms": "prm", "rewards": "reward", "reward_funcs": "reward"}
+# swift's tables a plugin file fills while it runs (winnow.rewards.swift_compat): role -> (kind, role)
+SWIFT_TABLES = {"orm": ("reward", "orm"), "prm": ("reward", "prm"), "scheduler": ("scheduler", "reward"),
+                "environment": ("environment", "reward")}
 ENTRY_POINT_PREFIX = "winnow."
 
 
@@ -82,6 +90,7 @@ class Registry:
     entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
     aliases: dict[tuple[str, str], str] = field(default_factory=dict)
     _entry_points_loaded: bool = False
+    _files: dict[str, tuple[tuple[int, int], list[Entry]]] = field(default_factory=dict)
 
     def add(self, kind: str, name: str, target: Any, *, doc: str | None = None, aliases: Iterable[str] = (),
             source: str = "builtin", role: str = "reward") -> Entry:
@@ -151,15 +160,23 @@ class Registry:
         file = Path(path).expanduser()
         if not file.is_file():
             raise ConfigError(f"--external_plugins {path}: no such file")
+        stat = file.stat()
+        seen = self._files.get(str(file.resolve()))
+        if seen is not None and seen[0] == (stat.st_mtime_ns, stat.st_size):
+            for entry in seen[1]:  # run already (its rewards and its schedulers both ask for it): its names again
+                self.add(entry.kind, entry.name, entry.target, doc=entry.doc, aliases=entry.aliases,
+                         source=entry.source, role=entry.role)
+            return [self.get(e.kind, e.name) for e in seen[1]]
         module_name = f"winnow_plugin_{abs(hash(str(file.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, file)
         if spec is None or spec.loader is None:
             raise ConfigError(f"--external_plugins {path}: not a Python file")
         module = importlib.util.module_from_spec(spec)
         before = set(self.entries)
+        from winnow.multiturn import swift as multiturn_swift
         from winnow.rewards import swift_compat
 
-        with swift_compat.shims() as swift_tables:
+        with swift_compat.shims(multiturn_swift.shim_names) as swift_tables:
             try:
                 sys.modules[module_name] = module
                 spec.loader.exec_module(module)
@@ -169,8 +186,9 @@ class Registry:
         added = [self.entries[key] for key in set(self.entries) - before]
         for entry in added:  # registered by this module's decorators while it ran
             entry.source = file.name
-        for role, table in swift_tables.items():  # `orms['name'] = Cls`, as swift plugins register
-            added += [self.add("reward", str(k), v, source=file.name, role=role) for k, v in table.items()]
+        for table_name, table in swift_tables.items():  # `orms['name'] = Cls`, as swift plugins register
+            kind, role = SWIFT_TABLES[table_name]
+            added += [self.add(kind, str(k), v, source=file.name, role=role) for k, v in table.items()]
         for attr, role in PLUGIN_DICTS.items():
             table = getattr(module, attr, None)
             if table is None:
@@ -184,6 +202,7 @@ class Registry:
                     and ("reward", attr) not in self.entries
                     and {"completions", "prompts"} & set(inspect.signature(value).parameters)):
                 added.append(self.add("reward", attr, value, source=file.name))
+        self._files[str(file.resolve())] = ((stat.st_mtime_ns, stat.st_size), list(added))
         return added
 
 
@@ -205,7 +224,8 @@ def _builtins(registry: Registry) -> Registry:
             ("soft_overlong", "winnow.rewards.builtin:soft_overlong_reward", ()),
             ("judge", "winnow.rewards.builtin:JudgeReward", ()),
             ("code", "winnow.rewards.code:CodeReward", ()),
-            ("json_schema", "winnow.rewards.builtin:JsonSchemaReward", ())):
+            ("json_schema", "winnow.rewards.builtin:JsonSchemaReward", ()),
+            ("env_reward", "winnow.multiturn.env:env_reward", ())):
         add("reward", name, target, aliases=aliases)
     for style, doc in (
             ("classifier", "A sequence-classification reward model with one label: its logit is the score."),
@@ -224,6 +244,15 @@ def _builtins(registry: Registry) -> Registry:
     add("strategy", "sample", "winnow.search:BestOfN", doc="N independent samples per prompt (best-of-N).")
     add("strategy", "distill", "winnow.search:BestOfN",
         doc="N independent samples from an API model, its reasoning kept (swift's distill).")
+    add("scheduler", "tools", "winnow.multiturn.tools:ToolScheduler", aliases=("tool_call",),
+        doc="Runs the model's tool calls (API tool_calls, <tool_call> blocks, trailing Python blocks) on --tools.")
+    add("scheduler", "gym", "winnow.multiturn.env:EnvironmentScheduler", aliases=("gym_scheduler",),
+        doc="Each trajectory plays a gym environment (--gym_env): reset, then step after every turn.")
+    add("tool", "python", "winnow.multiturn.tools:PythonTool",
+        doc="Runs the model's Python program in winnow's sandbox and returns what it prints.")
+    add("tool", "calculator", "winnow.multiturn.tools:calculator_tool", doc="Evaluates an arithmetic expression.")
+    add("environment", "math_retry", "winnow.multiturn.env:MathRetryEnv",
+        doc="Checks the final answer against the row's reference; a wrong one gets feedback and another try.")
     return registry
 
 
@@ -233,7 +262,10 @@ REGISTRY = _builtins(Registry())
 # ----------------------------------------------------------------------------- decorators for plugin files
 
 def _decorator(kind: str) -> Callable[..., Callable[[Any], Any]]:
-    def decorator(name: str | None = None, *, aliases: tuple[str, ...] = (), **meta: Any):
+    def decorator(name: Any = None, *, aliases: tuple[str, ...] = (), **meta: Any):
+        if callable(name):  # used bare: @tool
+            return decorator()(name)
+
         def register(target: Any) -> Any:
             key = name or getattr(target, "__name__", None)
             if not key:
@@ -243,7 +275,8 @@ def _decorator(kind: str) -> Callable[..., Callable[[Any], Any]]:
 
         return register
 
-    decorator.__doc__ = f"Register a {KINDS[kind]} component under ``name`` (default: its own name)."
+    decorator.__doc__ = (f"Register a {KINDS[kind]} component under ``name`` (default: its own name; "
+                         "``@decorator`` bare works too).")
     return decorator
 
 
@@ -252,6 +285,8 @@ engine = _decorator("engine")
 output_format = _decorator("format")
 strategy = _decorator("strategy")
 scheduler = _decorator("scheduler")
+tool = _decorator("tool")
+environment = _decorator("environment")
 
 
 # ----------------------------------------------------------------------------- rewards
@@ -317,7 +352,7 @@ def build(entry: Entry, options: dict[str, Any], flat: dict[str, Any] | None = N
         except TypeError as e:
             raise ConfigError(f"reward {entry.name}: {e}") from None
     runtime = {"completions", "infer_requests", "ground_truths", "completion_tokens", "prompts", "messages",
-               "reference", "finish_reasons"}
+               "reference", "finish_reasons", "rollout_infos"}
     # a plugin's TRL-style function takes dataset columns as required parameters, supplied when it is called;
     # a built-in's required parameters are its options
     options_only = calling_style(target) == "seed" or entry.source == "builtin"

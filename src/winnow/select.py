@@ -19,6 +19,7 @@ records (lines without a rejected response, duplicate texts not kept...) is coun
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
@@ -100,11 +101,17 @@ def assistant_message(c: Completion, opts: SelectOptions) -> dict[str, Any]:
     return message
 
 
+def response_messages(c: Completion, opts: SelectOptions) -> list[dict[str, Any]]:
+    """What ``c`` adds after the prompt: its assistant turn, or every turn of a multi-turn trajectory (assistant
+    turns with their tool calls, tool results, observations), the last one written by :func:`assistant_message`."""
+    if c.turns:
+        return [*c.turns[:-1], assistant_message(c, opts)]
+    return [assistant_message(c, opts)]
+
+
 def conversation(group: Group, c: Completion, opts: SelectOptions) -> list[dict[str, Any]]:
     """The prompt's conversation with ``c`` as the last assistant turn (every turn of a trajectory)."""
-    if c.turns:
-        return [*group.prompt.messages, *c.turns[:-1], assistant_message(c, opts)]
-    return [*group.prompt.messages, assistant_message(c, opts)]
+    return [*group.prompt.messages, *response_messages(c, opts)]
 
 
 def _extra(group: Group, c: Completion, opts: SelectOptions) -> dict[str, Any]:
@@ -133,6 +140,9 @@ class Candidate:
 
     @property
     def key(self) -> str:
+        """What makes two samples the same: the answer's text, or a trajectory's every turn."""
+        if self.completion.turns:
+            return json.dumps(self.completion.turns, sort_keys=True, ensure_ascii=False, default=str)
         return self.completion.text.strip()
 
 
@@ -314,11 +324,18 @@ def swift_pair_records(group: Group, choice: Choice, opts: SelectOptions) -> lis
         base = {**_extra(group, chosen.completion, opts), "messages": conversation(group, chosen.completion, opts),
                 "id": group.prompt.id}
         if rejected:
-            out += [{**base, "rejected_response": assistant_content(r.completion, opts.reasoning_format)}
-                    for r in rejected]
+            out += [{**base, **_rejected(group, r.completion, opts)} for r in rejected]
         elif opts.keep_unpaired:
             out.append(base)
     return out
+
+
+def _rejected(group: Group, c: Completion, opts: SelectOptions) -> dict[str, Any]:
+    """The rejected side of a swift record: ``rejected_response`` (the answer's text), or for a trajectory
+    ``rejected_messages``, its whole conversation (what ms-swift 4.6 reads for multi-turn preference pairs)."""
+    if c.turns:
+        return {"rejected_messages": conversation(group, c, opts)}
+    return {"rejected_response": assistant_content(c, opts.reasoning_format)}
 
 
 def _unpaired(choice: Choice) -> int:
@@ -328,8 +345,9 @@ def _unpaired(choice: Choice) -> int:
 def dpo_records(group: Group, choice: Choice, opts: SelectOptions) -> list[dict[str, Any]]:
     """TRL's conversational preference format: ``prompt`` messages, ``chosen``/``rejected`` assistant turns."""
     out = []
+
     def turn(c: Candidate) -> list[dict[str, Any]]:
-        return [assistant_message(c.completion, opts)]
+        return response_messages(c.completion, opts)
 
     for chosen, rejected in choice.kept:
         for r in rejected:
@@ -351,6 +369,7 @@ def raw_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
         **group.prompt.columns,
         "id": group.prompt.id,
         "messages": group.prompt.messages,
+        **({"tools": group.prompt.tools} if group.prompt.tools is not None else {}),
         **({"reference": group.prompt.reference} if group.prompt.reference is not None else {}),
         "completions": [c.to_dict() for c in group.completions],
     }
@@ -378,7 +397,7 @@ def grpo_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
 
 def prompt_completion_records(group: Group, kept: list[Completion], opts: SelectOptions) -> list[dict[str, Any]]:
     """TRL's conversational prompt-completion SFT form: the trainer computes the loss on the completion only."""
-    return [{**_extra(group, c, opts), "prompt": group.prompt.messages, "completion": [assistant_message(c, opts)],
+    return [{**_extra(group, c, opts), "prompt": group.prompt.messages, "completion": response_messages(c, opts),
              "id": group.prompt.id} for c in kept]
 
 

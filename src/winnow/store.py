@@ -474,8 +474,8 @@ class OutputStore:
 
 def parquet_record(record: dict[str, Any]) -> dict[str, Any]:
     """A record as Parquet holds it with one schema for every run: each completion's ``scores`` become a
-    list of ``{name, value, steps}`` (not a map keyed by reward name) and their free-form ``info`` a JSON
-    string."""
+    list of ``{name, value, steps}`` (not a map keyed by reward name), and their free-form ``info`` and the
+    completion's ``trace`` (a search's steps, a trajectory's turn infos) JSON strings."""
     completions = record.get("completions")
     if not isinstance(completions, list):
         return record
@@ -486,6 +486,8 @@ def parquet_record(record: dict[str, Any]) -> dict[str, Any]:
         c["scores"] = [{"name": name, "value": s.get("value"), "steps": s.get("steps"),
                         "info": json.dumps(s["info"], ensure_ascii=False, default=str) if s.get("info") else None}
                        for name, s in scores.items()]
+        if c.get("trace") is not None:
+            c["trace"] = json.dumps(c["trace"], ensure_ascii=False, default=str)
         out.append(c)
     return {**record, "completions": out}
 

@@ -13,6 +13,12 @@ aligned; "cannot judge" is ``None``, never 0. Accepted styles:
   ``log_extra`` and ``log_metric`` are harmless stand-ins, and ``None`` means "cannot judge". winnow
   adds ``messages``, ``reference``, ``completion_tokens`` and ``finish_reasons`` for functions that
   name them (a dataset column of the same name wins).
+
+A multi-turn trajectory (``--multi_turn_scheduler``) is scored as a whole: ``messages`` and a seed-style
+request's messages hold every turn; TRL-style ``completions`` of chat rows are the trajectory's messages
+(assistant turns with their tool calls, tool results, observations), as TRL passes tool-using rollouts;
+swift-style completions stay the final answer's text; ``rollout_infos`` (ms-swift's name: one dict per
+sample, :attr:`Sample.rollout_infos`) carries what happened on the way.
 """
 
 from __future__ import annotations
@@ -43,8 +49,21 @@ class Sample:
 
     @property
     def messages(self) -> list[Message]:
-        """The whole conversation, ending with this completion as the assistant turn."""
+        """The whole conversation, ending with this completion as the assistant turn (every turn of a
+        multi-turn trajectory: tool calls, tool results, observations)."""
+        if self.completion.turns:
+            return [*self.prompt.messages, *self.completion.turns]
         return [*self.prompt.messages, {"role": "assistant", "content": self.completion.text}]
+
+    @property
+    def rollout_infos(self) -> dict[str, Any]:
+        """What a multi-turn run recorded of the trajectory (ms-swift's ``rollout_infos``: its own, then
+        ``num_turns``, ``stop_reason`` and ``turn_infos``, what the scheduler said of each turn); {} otherwise."""
+        trace = self.completion.trace or {}
+        if "num_turns" not in trace:
+            return {}
+        return {**(trace.get("rollout_infos") or {}), "num_turns": trace["num_turns"],
+                "stop_reason": trace.get("stop_reason"), "turn_infos": trace.get("turn_infos") or []}
 
 
 @runtime_checkable
@@ -175,7 +194,7 @@ def completion_texts(completions: list[Any]) -> list[str]:
 # what TRL's GRPOTrainer passes besides the columns; the trainer objects get stand-ins
 TRAINER_STATE = types.SimpleNamespace(global_step=0, epoch=0.0, max_steps=0, num_train_epochs=0)
 TRL_RUNTIME = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
-WINNOW_RUNTIME = ("messages", "reference", "completion_tokens", "finish_reasons")
+WINNOW_RUNTIME = ("messages", "reference", "completion_tokens", "finish_reasons", "rollout_infos")
 
 
 class FunctionReward:
@@ -227,10 +246,11 @@ class FunctionReward:
             "reference": references,
             "completion_tokens": [s.completion.completion_tokens for s in samples],
             "finish_reasons": [s.completion.finish_reason for s in samples],
+            "rollout_infos": [s.rollout_infos for s in samples],
             **columns,
             "prompts": [s.prompt.messages if conv else prompt_text(s.prompt)
                         for s, conv in zip(samples, conversational, strict=True)],
-            "completions": [[{"role": "assistant", "content": s.text}] if conv else s.text
+            "completions": [(s.completion.turns or [{"role": "assistant", "content": s.text}]) if conv else s.text
                             for s, conv in zip(samples, conversational, strict=True)],
             "completion_ids": [s.completion.token_ids for s in samples],
             "trainer_state": TRAINER_STATE, "log_extra": log_extra, "log_metric": log_metric,

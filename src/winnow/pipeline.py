@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from winnow import data, registry, rewards
+from winnow import data, registry, rewards, search
 from winnow.config import SampleConfig, make_config, to_dict
 from winnow.engines import (
     Engine,
@@ -31,7 +31,7 @@ from winnow.engines import (
 from winnow.errors import ConfigError, DataError, WinnowError
 from winnow.redact import Redactor
 from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, SamplingParams
-from winnow.search import SearchContext
+from winnow.search import SearchContext, SizesBatches
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore, check_writable
 
@@ -44,6 +44,8 @@ FINGERPRINT_FIELDS = ("dataset", "seed", "dataset_shuffle", "data_range", "num_s
                       "hard_query_threshold", "num_rejected", "min_margin", "include_reference", "keep_unpaired",
                       "selection", "keep_truncated",
                       "reasoning_format", "cache_files")
+# and, for a search strategy, how it searches
+SEARCH_FINGERPRINT_FIELDS = (*search.OPTION_FIELDS, "search_kwargs")
 
 
 @dataclass
@@ -120,7 +122,9 @@ class RunSummary:
 
 def fingerprint(config: SampleConfig) -> str:
     """A short hash of the options that a resumed run must share with the one it continues."""
-    values = {k: getattr(config, k) for k in FINGERPRINT_FIELDS}
+    fields = FINGERPRINT_FIELDS if config.sampler_type in ("sample", "distill") else \
+        (*FINGERPRINT_FIELDS, *SEARCH_FINGERPRINT_FIELDS)
+    values = {k: getattr(config, k) for k in fields}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -287,8 +291,9 @@ class Run:
         if taken:
             print(f"winnow sample: note: from the checkpoint's args.json (--load_args): {', '.join(taken)}",
                   file=sys.stderr)
-        for path in config.custom_register_path:  # swift registration files run like plugin files
+        for path in [*config.custom_register_path, *config.external_plugins]:  # before any name is resolved
             registry.load_plugin(path)
+        self.strategy = search.build_strategy(config)
         plan = data.build_plan(
             config.dataset, seed=config.data_seed, shuffle=config.dataset_shuffle, data_range=config.data_range,
             limit=self._limit(), system=config.system, columns=config.columns,
@@ -302,8 +307,11 @@ class Run:
         if engine is None and not config.cache_files:
             raise DataError("--sampler_engine no needs --cache_files: the stage-1 outputs to score")
         scorer = rewards.build_scorer(config)
+        # a search keeps its own number of sequences of a prompt alive: batches hold that many of each
+        live = self.strategy.sequences_per_prompt() if isinstance(self.strategy, SizesBatches) else \
+            config.num_return_sequences
         per_call, in_flight = (config.num_sampling_batch_size or 1, 1) if engine is None else \
-            engine.batch_plan(config.num_return_sequences)
+            engine.batch_plan(live)
         if config.num_sampling_batch_size:
             per_call = config.num_sampling_batch_size
         store = OutputStore(config.output_dir, config.output_file, fingerprint=fingerprint(config),
@@ -315,7 +323,6 @@ class Run:
         self.summary.rows_total = len(plan)
         defaults = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
         self.params = sampling_params(config, defaults)
-        self.strategy = registry.REGISTRY.resolve("strategy", config.sampler_type)()
         self.search = SearchContext(engine, self.params, scorer) if engine is not None else None
         self.select_opts = SelectOptions(
             output_format=config.output_format, reasoning_format=config.reasoning_format or "separate",
@@ -458,6 +465,7 @@ class Run:
                     for c in group.completions:
                         if not c.failed:
                             c.text = self.config.response_prefix + c.text
+                            c.scores.clear()  # a search scored the text without it: scored again
             if self.add_reference:
                 groups = [with_reference(g) for g in groups]
             if self.scorer is not None:
@@ -516,10 +524,12 @@ class Run:
         for note, count in selection.notes.items():
             s.selection_notes[note] = s.selection_notes.get(note, 0) + count
         failed = len(group.completions) - len(group.ok)
-        tokens = sum(c.completion_tokens for c in group.completions)
+        # a search's group says what every branch cost; its answers' own counts are the paths that won
+        spent = group.compute or {}
+        tokens = spent.get("completion_tokens", sum(c.completion_tokens for c in group.completions))
         s.samples += len(group.ok)
         s.samples_failed += failed
-        s.prompt_tokens += sum(c.prompt_tokens for c in group.completions)
+        s.prompt_tokens += spent.get("prompt_tokens", sum(c.prompt_tokens for c in group.completions))
         s.completion_tokens += tokens
         if self.stopping and failed:
             return  # failed while the run was stopping (cancelled, most likely): not done, redone on resume

@@ -82,6 +82,7 @@ class Registry:
     entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
     aliases: dict[tuple[str, str], str] = field(default_factory=dict)
     _entry_points_loaded: bool = False
+    _files: dict[str, list[Entry]] = field(default_factory=dict)  # plugin files loaded, by resolved path
 
     def add(self, kind: str, name: str, target: Any, *, doc: str | None = None, aliases: Iterable[str] = (),
             source: str = "builtin", role: str = "reward") -> Entry:
@@ -147,10 +148,13 @@ class Registry:
     # ------------------------------------------------------------------ plugin files
 
     def load_file(self, path: str) -> list[Entry]:
-        """Import a plugin file and register what it defines; returns the new entries."""
+        """Import a plugin file and register what it defines; returns the new entries. A file already
+        loaded is not imported again (a run loads its plugins before it resolves any name)."""
         file = Path(path).expanduser()
         if not file.is_file():
             raise ConfigError(f"--external_plugins {path}: no such file")
+        if str(file.resolve()) in self._files:
+            return list(self._files[str(file.resolve())])
         module_name = f"winnow_plugin_{abs(hash(str(file.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, file)
         if spec is None or spec.loader is None:
@@ -184,6 +188,7 @@ class Registry:
                     and ("reward", attr) not in self.entries
                     and {"completions", "prompts"} & set(inspect.signature(value).parameters)):
                 added.append(self.add("reward", attr, value, source=file.name))
+        self._files[str(file.resolve())] = added
         return added
 
 
@@ -223,6 +228,12 @@ def _builtins(registry: Registry) -> Registry:
     add("strategy", "sample", "winnow.search:BestOfN", doc="N independent samples per prompt (best-of-N).")
     add("strategy", "distill", "winnow.search:BestOfN",
         doc="N independent samples from an API model, its reasoning kept (swift's distill).")
+    add("strategy", "beam", "winnow.search.beam:BeamSearch",
+        doc="PRM-guided beam search over steps: keep the N/M best partial answers, sample M next steps from each.")
+    add("strategy", "dvts", "winnow.search.beam:DVTS",
+        doc="Diverse verifier tree search: N/M independent subtrees, each a PRM-greedy beam of width M.")
+    add("strategy", "mcts", "winnow.search.mcts:MCTS",
+        doc="Monte Carlo tree search over steps: UCT on PRM values, M sampled next steps per expansion.")
     return registry
 
 

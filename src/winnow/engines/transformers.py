@@ -267,17 +267,20 @@ class TransformersEngine:
         body = tokens[:cut]
         while body and body[-1] == pad and pad not in eos:  # a row that finished before the others
             body.pop()
+        ended_at_eos = cut < len(tokens)
         text = self.tokenizer.decode(body, skip_special_tokens=True)
+        stop_string = None
         if stop:
             hits = [(text.find(s), s) for s in stop if s and s in text]
             if hits:
-                at, _ = min(hits)
+                at, stop_string = min(hits)
                 text, finish = text[:at], FINISH_STOP
         if finish == FINISH_LENGTH and len(body) < max_new:
             finish = FINISH_STOP
-        n_tokens = cut + (1 if finish == FINISH_STOP and cut < len(tokens) else 0)
+        # the tokens generated: a row stopped by a stop string is padded (not by EOS) up to the longest row
+        n_tokens = len(body) + (1 if ended_at_eos else 0)
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
-                          completion_tokens=n_tokens)
+                          completion_tokens=n_tokens, stop_string=stop_string)
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []

@@ -94,6 +94,8 @@ def rows(path: Path, ks: list[int]) -> list[report.Row]:
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     """y at x on the polyline through ``points`` (x on a log scale); None outside it."""
     points = sorted(points)
+    if points and points[-1][0] < x <= points[-1][0] * 1.02:  # a hair past the last budget: its value
+        return points[-1][1]
     for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         if x0 <= x <= x1:
             t = 0.0 if x1 == x0 else (math.log(x) - math.log(x0)) / (math.log(x1) - math.log(x0))

@@ -453,3 +453,84 @@ def test_a_strategy_from_a_plugin_file_runs_with_the_usual_command(tmp_path, tin
                          "--external_plugins", str(plugin), "--output_dir", str(out))
     assert unknown.returncode != 0 and "Unknown strategy 'nope'" in unknown.stderr
     assert "greedy_then_sample" in unknown.stderr and "Traceback" not in unknown.stderr
+
+
+# ----------------------------------------------------------------------------- engines: a step and an answer
+
+def test_engines_say_which_stop_string_ended_a_step():
+    from winnow.engines import _local, generate_sync, get_engine
+    from winnow.engines.openai import _stop_string
+
+    engine = get_engine("transformers", "demo-policy", device="cpu", seed=1)
+    problem = [{"role": "user", "content": "Compute (17 + 25) * 2 - 8."}]
+    (steps,) = generate_sync(engine, [Prompt(id="a", messages=problem)],
+                             SamplingParams(n=4, max_new_tokens=40, temperature=1.0, stop=[SEP]))
+    for c in steps:  # a first step: it stopped at the separator, which is cut from the text
+        assert c.stop_string == SEP and SEP not in c.text and c.text.startswith("17 + 25 = ")
+        # the tokens generated, up to and including the separator: not the padding of a batch that ran longer
+        assert c.completion_tokens == len(engine.tokenizer(c.text + SEP, add_special_tokens=False)["input_ids"])
+    done = Prompt(id="b", messages=problem, prefix="17 + 25 = 42\n42 * 2 = 84\n84 - 8 = 76\n")
+    (last,) = generate_sync(engine, [done], SamplingParams(n=1, max_new_tokens=40, temperature=0.0, stop=[SEP]))
+    assert last[0].text == "The answer is \\boxed{76}." and last[0].stop_string is None  # the answer ended
+    # vLLM and SGLang trim the stop string and say which it was; LMDeploy's text runs past it
+    assert _local.make_completion("x = 1", "stop", 3, 4, [SEP], stop_reason=SEP).stop_string == SEP
+    assert _local.make_completion("x = 1", "stop", 3, 4, [SEP], stop_reason=None).stop_string is None
+    assert _local.make_completion("x = 1\ny", "stop", 3, 4, [SEP]).text == "x = 1"
+    assert _local.make_completion("x = 1\ny", "length", 3, 4, [SEP]).stop_string == SEP
+    assert _stop_string({"stop_reason": SEP}) == SEP and _stop_string({"matched_stop": SEP}) == SEP
+    assert _stop_string({"matched_stop": 2}) is None and _stop_string({"finish_reason": "stop"}) is None
+    asyncio.run(engine.aclose())
+
+
+def test_search_through_winnow_serve_with_continue_final_message(tmp_path):
+    import httpx
+    import openai
+
+    from test_serve import Server
+
+    srv = Server(tmp_path / "serve.log", "--model", "demo-policy", "--served_model_name", "demo")
+    try:
+        client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="none", max_retries=0, timeout=60)
+        problem = [{"role": "user", "content": "Compute (17 + 25) * 2 - 8."}]
+        partial = {"role": "assistant", "content": "17 + 25 = 42\n"}
+        extra = {"continue_final_message": True, "add_generation_prompt": False}
+        resp = client.chat.completions.create(model="demo", messages=[*problem, partial], max_tokens=30,
+                                              temperature=0, stop=[SEP], extra_body=extra)
+        choice = resp.choices[0].model_dump()
+        assert choice["message"]["content"] == "42 * 2 = 84" and choice["stop_reason"] == SEP
+        # the same continuation as the local engine's, which renders a partial answer the same way
+        from winnow.engines import generate_sync, get_engine
+
+        local = get_engine("transformers", "demo-policy", device="cpu")
+        (mine,) = generate_sync(local, [Prompt(id="a", messages=problem, prefix=partial["content"])],
+                                SamplingParams(n=1, max_new_tokens=30, temperature=0.0, stop=[SEP]))
+        assert mine[0].text == choice["message"]["content"]
+        ended = client.chat.completions.create(
+            model="demo", messages=[*problem, {"role": "assistant", "content": "17 + 25 = 42\n42 * 2 = 84\n"
+                                                                                 "84 - 8 = 76\n"}],
+            max_tokens=30, temperature=0, stop=[SEP], extra_body=extra).choices[0].model_dump()
+        assert ended["message"]["content"] == "The answer is \\boxed{76}." and ended["stop_reason"] is None
+        bad = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "demo", "messages": problem, **extra})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
+        both = httpx.post(f"{srv.url}/v1/chat/completions", json={
+            "model": "demo", "messages": [*problem, partial], "continue_final_message": True,
+            "add_generation_prompt": True})
+        assert both.status_code == 400 and both.json()["error"]["param"] == "add_generation_prompt"
+        # a beam search with the client engine against the server
+        out = tmp_path / "out"
+        proc = run_winnow("sample", *DEMO, "--sampler_engine", "client", "--model", "demo",
+                          "--engine_kwargs", json.dumps({"base_url": f"{srv.url}/v1"}), "--dataset", "demo-arith#4",
+                          "--sampler_type", "beam", "--num_return_sequences", "4", "--search_width", "2",
+                          "--output_format", "raw", "--output_dir", str(out), "--output_file", "o.jsonl")
+        assert proc.returncode == 0, proc.stderr
+        records = read_jsonl(out / "o.jsonl")
+        assert len(records) == 4
+        for r in records:
+            nodes = {n["id"]: n for n in r["search"]["nodes"]}
+            assert all(n.get("end") != "error" for n in nodes.values())
+            for c in r["completions"]:
+                assert "".join(nodes[s["id"]]["text"] for s in c["trace"]["steps"]) == c["text"]
+                assert len(c["trace"]["steps"]) >= 3 and "\\boxed{" in c["text"]  # step by step, to the answer
+            assert r["compute"]["completion_tokens"] > 0 and r["compute"]["engine_calls"] >= 3
+    finally:
+        srv.stop()

@@ -296,5 +296,11 @@ class Stepper:
 
 
 def rank(nodes: Sequence[Node]) -> list[Node]:
-    """Highest value first; an unvalued node last; ties keep the order they were generated in."""
-    return sorted(nodes, key=lambda n: (n.value is None, -(n.value or 0.0)))
+    """Highest value first; on equal values the higher score of the node's own step (with ``min`` the siblings
+    of a weak prefix all share its value: their own steps still differ); an unvalued node last; then the order
+    they were generated in."""
+    def key(node: Node) -> tuple:
+        own = node.step_score()
+        return node.value is None, -(node.value or 0.0), own is None, -(own or 0.0)
+
+    return sorted(nodes, key=key)

@@ -441,6 +441,8 @@ def test_bad_multi_turn_options_are_one_line(tmp_path, server):
     with pytest.raises(ConfigError, match="Unknown tool 'nope'"):
         client_run(server, tmp_path, dataset, external_plugins=[str(SWIFT_PLUGIN)], multi_turn_scheduler="tools",
                    tools=["nope"])
+    with pytest.raises(ConfigError, match="with --sampler_type sample or distill .*, not beam"):
+        client_run(server, tmp_path, dataset, multi_turn_scheduler="tools", tools=["calculator"], sampler_type="beam")
     proc = run_winnow("sample", "--model", "fake", "--sampler_engine", "client", "--dataset", str(dataset),
                       "--multi_turn_scheduler", "nope", "--output_dir", str(tmp_path / "o"))
     assert proc.returncode == 2 and "--multi_turn_scheduler 'nope': not one of" in proc.stderr

@@ -291,3 +291,31 @@ def test_demo_metrics_go_through_the_report_estimators():
     m = demo_report.metrics([record])
     assert m == {"problems": 1, "pass@1": 0.5, "majority@n": 1.0, "prm-best@n": 0.0, "prm-vote@n": 0.0,
                  "rm-best@n": 1.0, "pass@n": 1.0}
+
+
+def test_a_search_output_is_one_point_per_run_on_its_own_line(tmp_path):
+    """Beam search's group is one result: reported at k = N only, with the group's own token count; runs of
+    one search at several N share one line of the plot, apart from best-of-N's."""
+    def search_run(name: str, n: int, group_tokens: int) -> Path:
+        path = write_raw(tmp_path / name, tiny_records(group_tokens=group_tokens))
+        manifest = json.loads(path.with_name(path.stem + ".manifest.json").read_text())
+        manifest["config"].update(sampler_type="beam", num_return_sequences=n)
+        manifest["strategy"] = {"name": "beam", "n": n, "independent_samples": False}
+        path.with_name(path.stem + ".manifest.json").write_text(json.dumps(manifest))
+        return path
+
+    bon = write_raw(tmp_path / "bon.jsonl", tiny_records())
+    beam4, beam8 = search_run("beam4.jsonl", 4, 120), search_run("beam8.jsonl", 8, 300)
+    config = ReportConfig(outputs=[str(bon), str(beam4), str(beam8)], bootstrap=0, output_dir=str(tmp_path / "out"),
+                          plots=HAS_MATPLOTLIB)
+    results = report.report(config, out=lambda _: None, log=lambda _: None)
+    (bon_run, bon_rows), (run4, rows4), (run8, rows8) = results
+    assert [r.k for r in bon_rows] == [1, 2, 4] and bon_run.independent
+    assert [r.k for r in rows4] == [4] and [r.tokens for r in rows4] == [120.0]  # the whole group, its own tokens
+    assert [r.tokens for r in rows8] == [300.0] and not run8.independent
+    # at k = N the figures are those of the whole group: best-of-4 by the PRM picks 0.9 in both problems
+    assert rows4[0].metrics["best:prm"].value == 1.0 and rows4[0].metrics["majority"].value == 0.5
+    assert run4.series == run8.series == "tiny-policy beam" != bon_run.series
+    assert any("one result, not independent samples" in n for n in run4.notes)
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"

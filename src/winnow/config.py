@@ -269,6 +269,34 @@ class SampleConfig:
                                     "may name its own. `winnow list environments`.", registry="environment")
     multi_turn_kwargs: dict = opt(None, "Options of the scheduler as JSON, e.g. '{\"timeout_s\": 5}' for tools, "
                                         "'{\"env_config\": {...}}' for gym (docs/multiturn.md).", factory=dict)
+    # --- search (--sampler_type beam, dvts or mcts; docs/search.md). N is --num_return_sequences.
+    search_width: int = opt(4, "Search: M. Beam search keeps the N/M best partial answers and samples M next steps "
+                               "from each; DVTS grows N/M independent subtrees, each keeping its best of M next "
+                               "steps; MCTS samples M children when it expands a node. (search-and-learn's "
+                               "beam_width.)", ge=1)
+    search_max_steps: int = opt(40, "Search: most steps of an answer; the last one is generated to the end of the "
+                                    "answer. (search-and-learn's num_iterations.)", ge=1)
+    step_separator: str | None = opt(None, "Search: where a step ends (\\n and \\t are read as newline and tab); "
+                                           "unset: the PRM's own step separator (demo-prm: a line), else a blank "
+                                           "line.")
+    search_lookahead: int = opt(0, "Beam search and DVTS: value a candidate step by the PRM after this many more "
+                                   "greedy steps (search-and-learn's lookahead; each costs a step per candidate).",
+                                ge=0)
+    search_prm_agg: str = opt("last", "Search: how the PRM's step scores of a partial answer become the value the "
+                                      "search ranks by (search-and-learn's agg_strategy); the final answers' "
+                                      "scores use --prm_agg.", choices=("last", "min", "prod", "mean"))
+    search_filter_duplicates: bool = opt(False, "Search: a step that repeats a partial answer the search holds "
+                                                "already is dropped (it is not valued, kept or expanded), so the "
+                                                "group's answers are distinct. (search-and-learn's "
+                                                "filter_duplicates.)")
+    mcts_iterations: int | None = opt(None, "MCTS: simulations per prompt (each selects a leaf by UCT, expands it "
+                                            "with M next steps and backs their PRM values up); unset: N.", ge=1)
+    mcts_exploration: float = opt(1.414, "MCTS: c of UCT, Q + c * sqrt(ln N(parent) / N(child)) (sqrt 2, as "
+                                         "Kocsis and Szepesvari; PRM values lie in 0..1).", ge=0)
+    mcts_rollout_depth: int = opt(0, "MCTS: value a new node by the PRM after sampling this many more steps from "
+                                     "it (0: the node itself; --search_max_steps or more: to the end of the answer, "
+                                     "which also yields a finished answer).", ge=0)
+    search_kwargs: dict = opt(None, "Search: options for a plugin strategy, as JSON.", factory=dict)
 
     # --- swift compatibility: settings of swift's SamplingArguments that do not apply to sampling
     custom_register_path: list[str] = opt(None, "swift registration files (custom models, templates, datasets): "

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from winnow import data, registry, rewards, structured
+from winnow import data, registry, rewards, search, structured
 from winnow.config import SampleConfig, fingerprint_fields, make_config, to_dict
 from winnow.engines import (
     Engine,
@@ -33,10 +33,13 @@ from winnow.errors import ConfigError, DataError, WinnowError
 from winnow.multiturn import Closeable
 from winnow.redact import Redactor
 from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, SamplingParams
-from winnow.search import SearchContext
+from winnow.search import SearchContext, SizesBatches
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore, check_writable
 from winnow.structured import load_response_format
+
+# for a search strategy, how it searches: part of the fingerprint of a search run only
+SEARCH_FINGERPRINT_FIELDS = (*search.OPTION_FIELDS, "search_kwargs")
 
 
 @dataclass
@@ -124,6 +127,8 @@ def fingerprint(config: SampleConfig) -> str:
         values["response_format"] = config.response_format
     if config.multi_turn_scheduler or config.tools or config.gym_env:  # only when set, likewise
         values.update({k: getattr(config, k) for k in MULTI_TURN_FINGERPRINT_FIELDS})
+    if config.sampler_type not in ("sample", "distill"):  # a search: how it searches
+        values.update({k: getattr(config, k) for k in SEARCH_FINGERPRINT_FIELDS})
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -298,8 +303,9 @@ class Run:
         if taken:
             print(f"winnow sample: note: from the checkpoint's args.json (--load_args): {', '.join(taken)}",
                   file=sys.stderr)
-        for path in config.custom_register_path:  # swift registration files run like plugin files
+        for path in [*config.custom_register_path, *config.external_plugins]:  # before any name is resolved
             registry.load_plugin(path)
+        self.strategy = search.build_strategy(config)
         plan = data.build_plan(
             config.dataset, seed=config.data_seed, shuffle=config.dataset_shuffle, data_range=config.data_range,
             limit=self._limit(), system=config.system, columns=config.columns,
@@ -318,8 +324,11 @@ class Run:
             from winnow.multiturn.driver import MultiTurn
 
             multi_turn = MultiTurn.from_config(config, engine)
+        # a search keeps its own number of sequences of a prompt alive: batches hold that many of each
+        live = self.strategy.sequences_per_prompt() if isinstance(self.strategy, SizesBatches) else \
+            config.num_return_sequences
         per_call, in_flight = (config.num_sampling_batch_size or 1, 1) if engine is None else \
-            engine.batch_plan(config.num_return_sequences)
+            engine.batch_plan(live)
         if config.num_sampling_batch_size:
             per_call = config.num_sampling_batch_size
         store = OutputStore(config.output_dir, config.output_file, fingerprint=fingerprint(config),
@@ -333,7 +342,6 @@ class Run:
         self.summary.rows_total = len(plan)
         defaults = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
         self.params = sampling_params(config, defaults)
-        self.strategy = registry.REGISTRY.resolve("strategy", config.sampler_type)()
         if multi_turn is not None:
             self.strategy = multi_turn.around(self.strategy)
         self.search = SearchContext(engine, self.params, scorer) if engine is not None else None
@@ -476,6 +484,7 @@ class Run:
                     for c in group.completions:
                         if not c.failed:
                             c.text = self.config.response_prefix + c.text
+                            c.scores.clear()  # a search scored the text without it: scored again
             if self.add_reference:
                 groups = [with_reference(g) for g in groups]
             if self.scorer is not None:
@@ -534,10 +543,12 @@ class Run:
         for note, count in selection.notes.items():
             s.selection_notes[note] = s.selection_notes.get(note, 0) + count
         failed = len(group.completions) - len(group.ok)
-        tokens = sum(c.completion_tokens for c in group.completions)
+        # a search's group says what every branch cost; its answers' own counts are the paths that won
+        spent = group.compute or {}
+        tokens = spent.get("completion_tokens", sum(c.completion_tokens for c in group.completions))
         s.samples += len(group.ok)
         s.samples_failed += failed
-        s.prompt_tokens += sum(c.prompt_tokens for c in group.completions)
+        s.prompt_tokens += spent.get("prompt_tokens", sum(c.prompt_tokens for c in group.completions))
         s.completion_tokens += tokens
         if self.stopping and failed:
             return  # failed while the run was stopping (cancelled, most likely): not done, redone on resume

@@ -156,7 +156,8 @@ class Registry:
     # ------------------------------------------------------------------ plugin files
 
     def load_file(self, path: str) -> list[Entry]:
-        """Import a plugin file and register what it defines; returns the new entries."""
+        """Import a plugin file and register what it defines; returns the new entries. A file already
+        loaded is not imported again (a run loads its plugins before it resolves any name)."""
         file = Path(path).expanduser()
         if not file.is_file():
             raise ConfigError(f"--external_plugins {path}: no such file")
@@ -253,6 +254,12 @@ def _builtins(registry: Registry) -> Registry:
     add("tool", "calculator", "winnow.multiturn.tools:calculator_tool", doc="Evaluates an arithmetic expression.")
     add("environment", "math_retry", "winnow.multiturn.env:MathRetryEnv",
         doc="Checks the final answer against the row's reference; a wrong one gets feedback and another try.")
+    add("strategy", "beam", "winnow.search.beam:BeamSearch",
+        doc="PRM-guided beam search over steps: keep the N/M best partial answers, sample M next steps from each.")
+    add("strategy", "dvts", "winnow.search.beam:DVTS",
+        doc="Diverse verifier tree search: N/M independent subtrees, each a PRM-greedy beam of width M.")
+    add("strategy", "mcts", "winnow.search.mcts:MCTS",
+        doc="Monte Carlo tree search over steps: UCT on PRM values, M sampled next steps per expansion.")
     return registry
 
 

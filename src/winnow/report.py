@@ -74,6 +74,11 @@ class Run:
     vote_rewards: list[str]  # keys that weight votes (those never below 0)
     answers: str  # how answers were grouped, in words
     notes: list[str] = field(default_factory=list)  # what was left out and why, one line each
+    # whether a problem's samples are independent draws, so that k of them estimate a run of k (best-of-N, DVTS's
+    # subtrees); a search's group is one result (beam search, MCTS): reported at k = its size only
+    independent: bool = True
+    # the line the plot draws this run on: its --label, else its own, and one for a search's runs at several N
+    series: str = ""
 
     @property
     def samples(self) -> int:
@@ -399,15 +404,22 @@ def load_manifest(path: Path) -> dict[str, Any] | None:
         raise DataError(f"{manifest}: not valid JSON ({e.msg})") from None
 
 
-def manifest_label(manifest: Mapping[str, Any] | None, path: Path) -> str:
-    """A run's label: its model, strategy and N from the manifest, else the file name."""
+def manifest_label(manifest: Mapping[str, Any] | None, path: Path, with_n: bool = True) -> str:
+    """A run's label: its model, strategy and N (unless ``with_n`` is false) from the manifest, else the file name."""
     config = (manifest or {}).get("config") or {}
     if not config:
         return path.stem
     strategy = config.get("search") if isinstance(config.get("search"), str) else config.get("sampler_type")
     parts = [Path(str(config["model"])).name if config.get("model") else None, strategy,
-             f"N={config['num_return_sequences']}" if config.get("num_return_sequences") else None]
+             f"N={config['num_return_sequences']}" if config.get("num_return_sequences") and with_n else None]
     return " ".join(p for p in parts if p) or path.stem
+
+
+def independent_samples(manifest: Mapping[str, Any] | None) -> bool:
+    """Whether a run's samples of a problem are independent draws, as its strategy says in the manifest
+    (``independent_samples``; outputs that do not say, such as best-of-N runs, are)."""
+    strategy = (manifest or {}).get("strategy")
+    return not isinstance(strategy, Mapping) or strategy.get("independent_samples", True) is not False
 
 
 def _math_verdicts(completions: Sequence[Mapping[str, Any]], reference: Any, where: str) -> list[float | None]:
@@ -492,11 +504,17 @@ def load_run(path: str | Path, config: ReportConfig, label: str | None = None) -
 
     vote_rewards = [k for k in rewards if all((s.rewards[k] or 0) >= 0 for p in problems for s in p.samples)]
     most = max((len(p.samples) for p in problems), default=0)
+    independent = independent_samples(manifest)
     notes = [f"{failed} failed samples left out" if failed else "",
              f"{empty} problems with no usable sample left out" if empty else "",
              f"{unjudged} samples the verdict could not judge count as wrong" if unjudged else ""]
     short = sum(len(p.samples) < most for p in problems)
-    notes.append(f"{short} problems have fewer samples than N: k is capped at what they have" if short else "")
+    if not independent:
+        notes.append("a search's answers to a problem are one result, not independent samples: reported for the "
+                     "whole group only (k = the group's size" + (f", {short} groups smaller than {most}" if short
+                                                                  else "") + ")")
+    elif short:
+        notes.append(f"{short} problems have fewer samples than N: k is capped at what they have")
     notes += [f"no {k}-weighted vote: its scores go below 0" for k in rewards if k not in vote_rewards]
     if config.verdict == "math":
         verdict = "winnow's math verifier against the reference"
@@ -507,8 +525,9 @@ def load_run(path: str | Path, config: ReportConfig, label: str | None = None) -
     answers = "math-verify equivalence" if config.answer_match == "math" else "the same answer text"
     if qwen:
         answers += " of the file's extracted answers (pred)"
-    return Run(label or (f"{path.stem} (Qwen2.5-Math eval)" if qwen else manifest_label(manifest, path)),
-               str(path), problems, verdict, rewards, vote_rewards, answers, [n for n in notes if n])
+    name = label or (f"{path.stem} (Qwen2.5-Math eval)" if qwen else manifest_label(manifest, path))
+    return Run(name, str(path), problems, verdict, rewards, vote_rewards, answers, [n for n in notes if n],
+               independent, series=label or (name if qwen or independent else manifest_label(manifest, path, False)))
 
 
 # ----------------------------------------------------------------------------- table, plots, page
@@ -548,7 +567,8 @@ def format_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
 
 
 def plot(results: Sequence[tuple[Run, Sequence[Row]]], path: Path) -> None:
-    """Accuracy against k (each run's subsampling, with its intervals) and against generated tokens, as a PNG."""
+    """Accuracy against k (each run's subsampling, with its intervals) and against generated tokens, as a PNG;
+    runs of one series (a strategy at several N) are one line."""
     require("matplotlib", "report", "the report's plots")
     from matplotlib.figure import Figure  # a Figure without pyplot: no global state, no GUI backend
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -561,19 +581,23 @@ def plot(results: Sequence[tuple[Run, Sequence[Row]]], path: Path) -> None:
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
     names = list(dict.fromkeys(n for _, rows in results for r in rows for n in r.metrics))
     colors = {n: f"C{i % 10}" for i, n in enumerate(names)}
-    for r_i, (run, rows) in enumerate(results):
+    series: dict[str, list[Row]] = {}
+    for run, rows in results:
+        series.setdefault(run.series or run.label, []).extend(rows)
+    for r_i, (line, rows) in enumerate(series.items()):
         if not rows:
             continue
+        rows = sorted(rows, key=lambda r: (r.k, r.tokens or 0.0))
         style, marker = styles[r_i % len(styles)], markers[r_i % len(markers)]
-        for name in rows[0].metrics:
-            label = metric_title(name) if len(results) == 1 else f"{run.label}: {metric_title(name)}"
+        for name in [n for n in rows[0].metrics if all(n in r.metrics for r in rows)]:
+            label = metric_title(name) if len(series) == 1 else f"{line}: {metric_title(name)}"
             ks = [r.k for r in rows]
             ys = [100 * r.metrics[name].value for r in rows]
             by_k.plot(ks, ys, style, marker=marker, color=colors[name], label=label)
-            if rows[0].metrics[name].low is not None:
+            if all(r.metrics[name].low is not None for r in rows):
                 by_k.fill_between(ks, [100 * r.metrics[name].low for r in rows],
                                   [100 * r.metrics[name].high for r in rows], color=colors[name], alpha=0.08)
-            pts = [(r.tokens, 100 * r.metrics[name].value) for r in rows if r.tokens]
+            pts = sorted((r.tokens, 100 * r.metrics[name].value) for r in rows if r.tokens)
             if pts and by_tokens is not None:
                 by_tokens.plot(*zip(*pts, strict=True), style, marker=marker, color=colors[name], label=label)
     by_k.set_xscale("log", base=2)
@@ -589,7 +613,7 @@ def plot(results: Sequence[tuple[Run, Sequence[Row]]], path: Path) -> None:
         by_tokens.xaxis.set_minor_formatter(NullFormatter())
         by_tokens.grid(alpha=0.3)
     handles, labels = by_k.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3 if len(results) > 1 else 5),
+    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3 if len(series) > 1 else 5),
                fontsize=8, frameon=False)
     fig.savefig(path, dpi=110)
 
@@ -670,8 +694,8 @@ def report(config: ReportConfig, out: Callable[[str], None] = print,
             run.label = f"{run.label} ({Path(run.path).stem})"
     results = []
     for run in runs:
-        rows = scaling(run, ks_for(run.samples, config.max_k), config.ties, config.draws, config.bootstrap,
-                       config.seed)
+        ks = ks_for(run.samples, config.max_k) if run.independent else [run.samples]
+        rows = scaling(run, ks, config.ties, config.draws, config.bootstrap, config.seed)
         results.append((run, rows))
         out("\n".join(describe(run, config)) + "\n" + format_table(*table_rows(rows)) + "\n")
     out_dir = Path(config.output_dir) if config.output_dir else Path(config.outputs[0]).resolve().parent

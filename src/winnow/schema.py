@@ -75,6 +75,10 @@ class Completion:
     turns: list[Message] | None = None
     # how a search strategy reached this answer (its steps and their scores), written in raw output
     trace: dict[str, Any] | None = None
+    # the stop string the engine stopped at (cut from ``text``); None when the answer ended otherwise (EOS,
+    # the token limit) or the server did not say. Search strategies tell a step (it ended at the step
+    # separator) from a whole answer with it. Not written.
+    stop_string: str | None = None
 
     @property
     def failed(self) -> bool:
@@ -136,6 +140,11 @@ class Group:
 
     prompt: Prompt
     completions: list[Completion]
+    # what a search strategy spent on the whole group (generated and prompt tokens of every branch, engine
+    # calls, PRM evaluations), beside the completions' own counts; written in raw output and summed in the run
+    compute: dict[str, int] | None = None
+    # the search behind the group (its tree or beams, with step scores), written in raw output
+    trace: dict[str, Any] | None = None
 
     @property
     def ok(self) -> list[Completion]:

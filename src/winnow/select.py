@@ -372,6 +372,8 @@ def raw_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
         **({"tools": group.prompt.tools} if group.prompt.tools is not None else {}),
         **({"reference": group.prompt.reference} if group.prompt.reference is not None else {}),
         "completions": [c.to_dict() for c in group.completions],
+        **({"compute": group.compute} if group.compute is not None else {}),
+        **({"search": group.trace} if group.trace is not None else {}),
     }
 
 

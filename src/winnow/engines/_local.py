@@ -56,21 +56,33 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     vLLM and SGLang already trim stop strings; LMDeploy stops on any *token* containing one, so the
     text may run past it. Cutting here gives every engine the same contract.
     """
-    hits = [at for at in (text.find(s) for s in stop if s) if at >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    text, found = first_stop(text, stop)
+    return text, found is not None
+
+
+def first_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
+    """``text`` up to its first stop string, and that stop string (None when there is none)."""
+    hits = [(at, s) for at, s in ((text.find(s), s) for s in stop if s) if at >= 0]
+    if not hits:
+        return text, None
+    at, found = min(hits)
+    return text[:at], found
 
 
 def make_completion(text: str | None, raw_finish: Any, prompt_tokens: int, completion_tokens: int,
-                    stop: Sequence[str] = (), error: str | None = None) -> Completion:
-    """One Completion from a backend's plain result fields."""
+                    stop: Sequence[str] = (), error: str | None = None, stop_reason: Any = None) -> Completion:
+    """One Completion from a backend's plain result fields; ``stop_reason`` is the stop string the backend
+    says it stopped at and trimmed (vLLM's ``stop_reason``, SGLang's ``matched``), if it says."""
     finish = map_finish(raw_finish)
     if finish == FINISH_ERROR:
         message = error or f"the engine ended this sample with finish reason {raw_finish!r}"
         return Completion(text="", finish_reason=FINISH_ERROR, error=message, prompt_tokens=prompt_tokens,
                           completion_tokens=completion_tokens)
-    text, hit = cut_at_stop(text or "", stop)
-    return Completion(text=text, finish_reason=FINISH_STOP if hit else finish, prompt_tokens=prompt_tokens,
-                      completion_tokens=completion_tokens)
+    text, found = first_stop(text or "", stop)
+    if found is None and isinstance(stop_reason, str) and stop_reason in stop:
+        found = stop_reason
+    return Completion(text=text, finish_reason=FINISH_STOP if found is not None else finish,
+                      prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, stop_string=found)
 
 
 def with_local_defaults(params: SamplingParams) -> SamplingParams:

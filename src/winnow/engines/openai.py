@@ -530,7 +530,7 @@ class OpenAIEngine:
             return self._errors(n, message, spent)
         finally:
             self._inflight.discard(call)
-        return self._completions(choices, usage, params, spent)
+        return self._completions(choices, usage, params, spent, continuing=bool(body.get("continue_final_message")))
 
     def _classify(self, e: BaseException) -> str:
         """A failed exchange as :class:`_Retry` (raised: worth another try), :class:`EngineError` (raised: the
@@ -576,7 +576,7 @@ class OpenAIEngine:
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for ch in chunk.get("choices") or ():
-                acc = parts.setdefault(int(ch.get("index") or 0), {"content": [], "reasoning": [],
+                acc = parts.setdefault(int(ch.get("index") or 0), {"content": [], "reasoning": [], "stop_string": None,
                                                                     "finish_reason": None, "tool_calls": {}})
                 delta = ch.get("delta") or {}
                 if delta.get("content"):
@@ -594,8 +594,10 @@ class OpenAIEngine:
                     acc["reasoning"].append(reasoning)
                 if ch.get("finish_reason"):
                     acc["finish_reason"] = ch["finish_reason"]
+                    acc["stop_string"] = _stop_string(ch)
         choices = [{"index": i, "content": "".join(p["content"]) if p["content"] else None,
                     "reasoning": "".join(p["reasoning"]) or None, "finish_reason": p["finish_reason"],
+                    "stop_string": p["stop_string"],
                     "tool_calls": [call for _, call in sorted(p["tool_calls"].items())] or None}
                    for i, p in sorted(parts.items())]
         if not choices:
@@ -624,8 +626,9 @@ class OpenAIEngine:
         return out[:n]
 
     def _completions(self, choices: list[dict], usage: dict, params: SamplingParams,
-                     spent: list[int]) -> list[Completion]:
-        """Completions from parsed choices; an answer with no usable choice is retried."""
+                     spent: list[int], continuing: bool = False) -> list[Completion]:
+        """Completions from parsed choices; an answer with no usable choice is retried. Continuing a partial
+        answer (``continuing``), an empty continuation is an answer: the partial one was already complete."""
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
         completion_tokens = int(usage.get("completion_tokens") or 0)
         self.limiter.spend(prompt_tokens + completion_tokens)
@@ -634,15 +637,17 @@ class OpenAIEngine:
         for c, ct in zip(choices, _split(completion_tokens, weights), strict=True):
             text = c["content"] or ""
             finish = c["finish_reason"] or FINISH_STOP
+            stop_string = c.get("stop_string")
             comp = Completion(text=text, finish_reason=finish, completion_tokens=ct, reasoning=c["reasoning"],
-                              tool_calls=c.get("tool_calls"))
+                              tool_calls=c.get("tool_calls"),
+                              stop_string=stop_string if stop_string in params.stop else None)
             if finish == FINISH_LENGTH:
                 if not self.keep_truncated:
                     comp.error = (f"truncated: the answer reached --max_new_tokens {params.max_new_tokens} "
                                   "(finish_reason length)")
             elif finish == FINISH_CONTENT_FILTER:
                 comp.error = "blocked by the server's content filter (finish_reason content_filter)"
-            elif not text.strip() and not comp.tool_calls:
+            elif not text.strip() and not comp.tool_calls and not continuing:
                 comp.finish_reason = FINISH_ERROR
                 comp.error = "empty content" + (" (reasoning only)" if c["reasoning"] else "")
             out.append(comp)
@@ -660,8 +665,8 @@ class OpenAIEngine:
 
 
 def parse_chat(data: Any) -> tuple[list[dict], dict]:
-    """(choices as {index, content, reasoning, tool_calls, finish_reason}, usage) of a chat completion object;
-    JSONDecodeError if it is not one."""
+    """(choices as {index, content, reasoning, tool_calls, finish_reason, stop_string}, usage) of a chat
+    completion object; JSONDecodeError if it is not one."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise json.JSONDecodeError("not a chat completion object", str(data)[:200], 0)
     choices = []
@@ -670,8 +675,18 @@ def parse_chat(data: Any) -> tuple[list[dict], dict]:
         choices.append({"index": ch.get("index", len(choices)), "content": msg.get("content"),
                         "reasoning": msg.get("reasoning_content") or msg.get("reasoning"),
                         "tool_calls": msg.get("tool_calls") or None,
-                        "finish_reason": ch.get("finish_reason")})
+                        "finish_reason": ch.get("finish_reason"), "stop_string": _stop_string(ch)})
     return choices, data.get("usage") or {}
+
+
+def _stop_string(choice: dict) -> str | None:
+    """The stop string a server says it stopped at: vLLM's and winnow serve's ``stop_reason``, SGLang's
+    ``matched_stop`` (a token id there, or None, means it stopped otherwise)."""
+    for key in ("stop_reason", "matched_stop"):
+        value = choice.get(key)
+        if isinstance(value, str):
+            return value
+    return None
 
 
 def _kind(error: str) -> str:

@@ -42,13 +42,14 @@ def sampling_params(params: SamplingParams, max_new_tokens: int) -> dict[str, An
 def completion_from_output(out: dict[str, Any], stop: list[str]) -> Completion:
     """A Completion from one SGLang result dict (``text``, ``meta_info.finish_reason``, token counts)."""
     meta = out.get("meta_info") or {}
-    reason = meta.get("finish_reason")  # {"type": "stop" | "length" | "abort", ...}
+    reason = meta.get("finish_reason")  # {"type": "stop" | "length" | "abort", "matched": stop string or id}
     kind = reason.get("type") if isinstance(reason, dict) else reason
     error = reason.get("message") if isinstance(reason, dict) and kind == "abort" else None
     output_ids = out.get("output_ids")
     completion_tokens = meta.get("completion_tokens", len(output_ids) if output_ids is not None else 0)
     return _local.make_completion(out.get("text"), kind, int(meta.get("prompt_tokens") or 0),
-                                  int(completion_tokens or 0), stop, error=error)
+                                  int(completion_tokens or 0), stop, error=error,
+                                  stop_reason=reason.get("matched") if isinstance(reason, dict) else None)
 
 
 class _LoopThread:

@@ -313,15 +313,17 @@ class TransformersEngine(_local.LocalEngine):
         body = tokens[:cut]
         while body and body[-1] == pad and pad not in eos:  # a row that finished before the others
             body.pop()
+        ended_at_eos = cut < len(tokens)
         text = self.tokenizer.decode(body, skip_special_tokens=True)
-        text, hit = _local.cut_at_stop(text, stop)
-        if hit:
+        text, stop_string = _local.first_stop(text, stop)
+        if stop_string is not None:
             finish = FINISH_STOP
         if finish == FINISH_LENGTH and len(body) < max_new:
             finish = FINISH_STOP
-        n_tokens = cut + (1 if finish == FINISH_STOP and cut < len(tokens) else 0)
+        # the tokens generated: a row stopped by a stop string is padded (not by EOS) up to the longest row
+        n_tokens = len(body) + (1 if ended_at_eos else 0)
         return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
-                          completion_tokens=n_tokens, token_ids=body)
+                          completion_tokens=n_tokens, token_ids=body, stop_string=stop_string)
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []

@@ -70,10 +70,11 @@ def structured_kwargs(sampling_module: Any, response_format: dict[str, Any] | No
 
 def completions_from_output(output: Any, stop: list[str]) -> list[Completion]:
     """Completions from one vLLM ``RequestOutput`` (read by attribute: ``prompt_token_ids``,
-    ``outputs[i].text``, ``.token_ids``, ``.finish_reason``)."""
+    ``outputs[i].text``, ``.token_ids``, ``.finish_reason``, ``.stop_reason``: the stop string vLLM trimmed)."""
     prompt_tokens = len(getattr(output, "prompt_token_ids", None) or [])
     return [
-        _local.make_completion(o.text, o.finish_reason, prompt_tokens, len(o.token_ids or []), stop)
+        _local.make_completion(o.text, o.finish_reason, prompt_tokens, len(o.token_ids or []), stop,
+                               stop_reason=getattr(o, "stop_reason", None))
         for o in output.outputs
     ]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from winnow.rewards.base import InferRequest, Reward, Sample
-from winnow.schema import Group
+from winnow.schema import Group, Score
 
 __all__ = ["InferRequest", "Reward", "Sample", "Scorer", "build_scorer", "wants_rewards"]
 
@@ -22,6 +22,14 @@ class Scorer(Protocol):
     prm_key: str | None
 
     async def score(self, groups: list[Group]) -> None: ...
+
+    def slot(self, key: str) -> Any:
+        """The reward under ``key`` with its role and weight (a :class:`winnow.rewards.scorer.RewardSlot`)."""
+        ...
+
+    async def score_with(self, key: str, samples: list[Sample]) -> list[Score]:
+        """One reward's scores for samples, not stored (search strategies score partial answers)."""
+        ...
 
     def describe(self) -> list[dict[str, Any]]: ...
 

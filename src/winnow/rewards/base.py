@@ -75,6 +75,15 @@ class Reward(Protocol):
     async def score(self, samples: list[Sample]) -> list[Score]: ...
 
 
+@runtime_checkable
+class SplitsSteps(Protocol):
+    """A process reward that says where it splits an answer into steps (search strategies end their steps
+    there, so that the steps they generate are the steps it scores)."""
+
+    @property
+    def step_separator(self) -> str | None: ...
+
+
 class InferRequest:
     """The swift-style request a seed-style reward receives: ``.messages`` or ``['messages']``, the full
     conversation including the sampled assistant turn."""
@@ -295,6 +304,12 @@ class ModelReward:
 
     def describe(self) -> dict[str, Any]:
         return self.model.describe()
+
+    @property
+    def step_separator(self) -> str | None:
+        """Where a PRM splits an answer into steps (search strategies generate steps that end there); None
+        for a classifier."""
+        return self.model.fmt.step_sep if self.model.kind == "prm" else None
 
     async def score(self, samples: list[Sample]) -> list[Score]:
         if not samples:

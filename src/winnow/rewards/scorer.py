@@ -51,10 +51,13 @@ class RunScorer:
         return out
 
     async def score_samples(self, samples: list[Sample]) -> None:
-        """Score samples in place: every reward at once, then the weighted combination."""
-        results = await asyncio.gather(*(self._run(slot, samples) for slot in self.slots))
-        for slot, scores in zip(self.slots, results, strict=True):
-            for sample, score in zip(samples, scores, strict=True):
+        """Score samples in place: every reward at once, then the weighted combination. A score a sample
+        already holds under a reward's key is kept (a search strategy scored its final answers with the PRM
+        on the way); stage-2 caches hold none (their scores are dropped when read)."""
+        todo = [[s for s in samples if slot.key not in s.completion.scores] for slot in self.slots]
+        results = await asyncio.gather(*(self._run(slot, part) for slot, part in zip(self.slots, todo, strict=True)))
+        for slot, part, scores in zip(self.slots, todo, results, strict=True):
+            for sample, score in zip(part, scores, strict=True):
                 sample.completion.scores[slot.key] = score
         for sample in samples:
             parts = [(slot.weight, sample.completion.scores[slot.key].value) for slot in self.slots]
@@ -64,7 +67,18 @@ class RunScorer:
     async def score(self, groups: list[Group]) -> None:
         await self.score_samples([Sample(g.prompt, c) for g in groups for c in g.completions if not c.failed])
 
+    def slot(self, key: str) -> RewardSlot:
+        """The reward slot under ``key``."""
+        return next(s for s in self.slots if s.key == key)
+
+    async def score_with(self, key: str, samples: list[Sample]) -> list:
+        """The scores of one reward (``key``) for samples, without storing them (search strategies score
+        partial answers with the PRM this way)."""
+        return await self._run(self.slot(key), samples)
+
     async def _run(self, slot: RewardSlot, samples: list[Sample]):
+        if not samples:
+            return []
         try:
             scores = await slot.reward.score(samples)
         except (RewardError, ConfigError):

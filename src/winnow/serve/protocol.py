@@ -158,6 +158,8 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: None = None
     finish_reason: str | None
+    # vLLM's field: the stop string the answer stopped at (trimmed from it), None when it ended otherwise
+    stop_reason: str | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -209,6 +211,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: None = None
     finish_reason: str | None
+    stop_reason: str | None = None  # as in ChatChoice
 
 
 class CompletionResponse(BaseModel):

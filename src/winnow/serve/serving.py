@@ -274,8 +274,8 @@ _UNSUPPORTED_EXTRAS: dict[str, tuple] = {
     "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
     "return_tokens_as_token_ids": (None, False),
 }
-_CHAT_EXTRAS = {**_UNSUPPORTED_EXTRAS, "echo": (None, False), "add_generation_prompt": (None, True),
-                "continue_final_message": (None, False), "add_special_tokens": (None, False),
+# add_generation_prompt and continue_final_message are checked together (``_continued``)
+_CHAT_EXTRAS = {**_UNSUPPORTED_EXTRAS, "echo": (None, False), "add_special_tokens": (None, False),
                 "chat_template": (None,), "documents": (None, [])}
 _COMPLETION_EXTRAS = {**_UNSUPPORTED_EXTRAS, "add_special_tokens": (None, True)}
 
@@ -291,6 +291,28 @@ def _refuse_extras(req: Any, table: dict[str, tuple]) -> None:
     for field, value in (req.model_extra or {}).items():
         if field in table and value not in table[field]:
             raise bad_request(f"{field}={value!r} is not supported by this server", field)
+
+
+def _continued(req: Any, messages: list[dict]) -> tuple[list[dict], str | None]:
+    """vLLM's ``continue_final_message``: the messages before the final assistant one, and that message's
+    text, which the answer continues (rendered after the generation prompt exactly as winnow's local engines
+    render a partial answer); else the messages as they are and None."""
+    extra = req.model_extra or {}
+    cont, generation_prompt = extra.get("continue_final_message"), extra.get("add_generation_prompt")
+    if cont not in (None, False, True):
+        raise bad_request(f"continue_final_message={cont!r}: expected true or false", "continue_final_message")
+    if not cont:
+        if generation_prompt not in (None, True):
+            raise bad_request(f"add_generation_prompt={generation_prompt!r} is only supported with "
+                              "continue_final_message=true", "add_generation_prompt")
+        return messages, None
+    if generation_prompt not in (None, False):
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                          "add_generation_prompt")
+    if not messages or messages[-1]["role"] != "assistant":
+        raise bad_request("continue_final_message needs the last message to be the assistant's partial answer",
+                          "messages")
+    return messages[:-1], str(messages[-1].get("content") or "")
 
 
 def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
@@ -508,11 +530,13 @@ class PolicyServing(_Served):
                                    at_least=True)
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def _encode_chat(self, messages: list[dict], template_kwargs: dict[str, Any], budget: int | None) -> list[int]:
+    def _encode_chat(self, messages: list[dict], template_kwargs: dict[str, Any], budget: int | None,
+                     prefix: str | None = None) -> list[int]:
         from winnow.engines import hf
 
         try:
-            text = hf.render_chat(self.tokenizer, messages, self.template, template_kwargs=template_kwargs)
+            text = hf.render_chat(self.tokenizer, messages, self.template, template_kwargs=template_kwargs,
+                                  response_prefix=prefix)
         except Exception as e:
             raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
         return self._encode(text, budget, "messages", add_special_tokens=False)
@@ -547,8 +571,8 @@ class PolicyServing(_Served):
         })
         response_format = _response_format(req.response_format)
         template_kwargs = _template_kwargs(req.chat_template_kwargs)
-        ids = await self._tokenize(self._encode_chat, _messages(req.messages), template_kwargs,
-                                   self._prompt_budget(req))
+        messages, prefix = _continued(req, _messages(req.messages))
+        ids = await self._tokenize(self._encode_chat, messages, template_kwargs, self._prompt_budget(req), prefix)
         key = dataclasses.replace(self._key(req, len(ids), "messages", streamable=True),
                                   response_format=response_format)
         if key.streaming:
@@ -557,8 +581,8 @@ class PolicyServing(_Served):
         usage = _usage(len(ids), completions)
         response = p.ChatCompletionResponse(
             model=self.name, usage=usage,
-            choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason)
-                     for i, c in enumerate(completions)])
+            choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                                  stop_reason=c.stop_string) for i, c in enumerate(completions)])
         if req.stream:
             return chat_stream(response, bool(req.stream_options and req.stream_options.include_usage))
         return response
@@ -620,7 +644,7 @@ class PolicyServing(_Served):
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         response = p.CompletionResponse(
             model=self.name, usage=usage,
-            choices=[p.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason)
+            choices=[p.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_string)
                      for i, c in enumerate(flat)])
         if req.stream:
             return completion_stream(response, bool(req.stream_options and req.stream_options.include_usage))
@@ -689,7 +713,8 @@ async def chat_stream(response: p.ChatCompletionResponse, include_usage: bool) -
             if delta.get("content") == "" and "role" not in delta:
                 continue
             yield _sse({**base, "choices": [{"index": choice.index, "delta": delta, "logprobs": None,
-                                             "finish_reason": finish}]})
+                                             "finish_reason": finish,
+                                             **({"stop_reason": choice.stop_reason} if finish else {})}]})
     if include_usage:
         yield _sse({**base, "choices": [], "usage": response.usage.model_dump()})
     yield SSE_DONE
@@ -706,7 +731,8 @@ async def completion_stream(response: p.CompletionResponse, include_usage: bool)
             if text == "" and finish is None:
                 continue
             yield _sse({**base, "choices": [{"index": choice.index, "text": text, "logprobs": None,
-                                             "finish_reason": finish}]})
+                                             "finish_reason": finish,
+                                             **({"stop_reason": choice.stop_reason} if finish else {})}]})
     if include_usage and response.usage is not None:
         yield _sse({**base, "choices": [], "usage": response.usage.model_dump()})
     yield SSE_DONE

@@ -19,7 +19,7 @@ from typing import Any
 
 from winnow import data, rewards
 from winnow.config import SampleConfig, make_config, to_dict
-from winnow.engines import Engine, check_aligned, get_engine
+from winnow.engines import Engine, SummaryNote, check_aligned, get_engine
 from winnow.errors import DataError, WinnowError
 from winnow.redact import Redactor
 from winnow.schema import FINISH_ERROR, BadRow, Group, Prompt, SamplingParams
@@ -59,6 +59,7 @@ class RunSummary:
     cache_short_rows: int = 0  # --cache_files rows with fewer than N samples (scored as they are, engine 'no')
     cache_short_samples: int = 0
     error: str | None = None  # why a failed run stopped (secrets removed)
+    engine_note: str = ""  # one more summary line from the engine (Ray: its replicas)
     # every run of this output together (a resumed run adds to what the earlier ones did)
     totals: dict[str, int] = field(default_factory=dict)
 
@@ -94,6 +95,8 @@ class RunSummary:
                      + (f" ({t['retry']} to try again with --resume true)" if t["retry"] else ""))
         elif t.get("retry"):
             line += f"\n  {t['retry']} failed rows may succeed on another try: rerun with --resume true"
+        if self.engine_note:
+            line += f"\n  {self.engine_note}"
         return line
 
 
@@ -130,6 +133,10 @@ def build_engine(config: SampleConfig) -> Engine | None:
         kwargs.setdefault("max_length", config.max_length)
         kwargs.setdefault("template", config.template)
         kwargs.setdefault("seed", config.seed)
+    if config.ray:  # the same engine as --num_workers replicas on a Ray cluster
+        from winnow.runners.ray import ray_engine
+
+        return ray_engine(config, kwargs)
     return get_engine(config.engine, config.model, **kwargs)
 
 
@@ -310,6 +317,8 @@ class Run:
                     await closer()
                 except Exception as e:  # the run's outcome is decided; a close failure is only reported
                     print(f"winnow: warning: closing failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if isinstance(engine, SummaryNote):
+            s.engine_note = engine.summary_note()
         s.cost_usd = self._cost()
         try:
             self._write_manifest(s.status)
@@ -479,7 +488,8 @@ class Run:
             "rewards": self.redactor.value(self.scorer.describe()) if self.scorer is not None else [],
             **({"error": s.error} if s.error else {}),
             "counts": {k: v for k, v in asdict(s).items()
-                       if k not in ("output_file", "failed_file", "wall_s", "status", "error", "totals")},
+                       if k not in ("output_file", "failed_file", "wall_s", "status", "error", "totals",
+                                    "engine_note")},
             "totals": s.totals or {**asdict(self.store.totals), "rows": self.store.totals.rows},
             "wall_s": round(time.monotonic() - self.started, 3),
             "tokens_per_s": round(s.tokens_per_s, 2),

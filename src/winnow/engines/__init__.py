@@ -46,6 +46,15 @@ class Engine(Protocol):
         ...
 
 
+@runtime_checkable
+class SummaryNote(Protocol):
+    """An engine that adds one line to the run summary (a Ray engine: its replicas and their faults)."""
+
+    def summary_note(self) -> str:
+        """The line, without a newline."""
+        ...
+
+
 def get_engine(name: str, model: str, **kwargs: Any) -> Engine:
     """Build the engine called ``name`` (``pt`` is ``transformers``) for ``model``."""
     import importlib

@@ -84,9 +84,10 @@ def wait_for(predicate, timeout: float = 120.0, what: str = "the condition") -> 
         time.sleep(0.005)
 
 
-def run_watched(config: SampleConfig, act) -> tuple[winnow.RunSummary, dict]:
-    """``sample(config)`` on a Ray engine built here, while ``act(engine)`` runs in a thread (to kill a
-    replica or a node); the summary and the engine's stats. The engine is closed whatever happens."""
+def run_watched(config: SampleConfig, act=None) -> tuple[winnow.RunSummary, dict]:
+    """``sample(config)`` on a Ray engine built here with every replica up (a run starts as soon as one
+    is), while ``act(engine)`` runs in a thread (to kill a replica or a node); the summary and the
+    engine's stats. The engine is closed whatever happens."""
     from winnow.pipeline import build_engine
 
     engine = build_engine(config)
@@ -94,12 +95,14 @@ def run_watched(config: SampleConfig, act) -> tuple[winnow.RunSummary, dict]:
 
     def watch() -> None:
         try:
-            act(engine)
+            if act is not None:
+                act(engine)
         except BaseException as e:  # reported by the test, not lost in the thread
             errors.append(e)
 
     thread = threading.Thread(target=watch, daemon=True)
     try:
+        ray.get([r.ready for r in engine.pool.replicas if r.ready is not None])
         thread.start()
         summary = winnow.sample(config, engine=engine)
         thread.join(60)
@@ -159,8 +162,8 @@ def test_transformers_replicas_on_both_nodes_write_what_one_process_writes(tmp_p
     common = dict(model=str(tiny_model), dataset=[str(dataset)], num_return_sequences=2, max_new_tokens=8,
                   num_sampling_batch_size=1, output_file="o.jsonl", progress=False)
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
-    summary = winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
-                                         ray_address=cluster.address))
+    summary, _ = run_watched(SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
+                                          ray_address=cluster.address))
     plain, _ = outputs(tmp_path / "plain")
     records, manifest = outputs(tmp_path / "ray")
     assert shape(records) == shape(plain)
@@ -175,17 +178,17 @@ def test_transformers_replicas_on_both_nodes_write_what_one_process_writes(tmp_p
 
 def test_client_replicas_on_both_nodes_write_what_one_process_writes(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 40)
-    # answers take 0.1 s, two at a time per replica: long enough for both replicas to be up and take work
-    common = dict(model="fake?latency=0.1", sampler_engine="client", dataset=[str(dataset)], num_return_sequences=2,
-                  engine_kwargs={"base_url": server.url}, max_concurrency=2, output_file="o.jsonl", progress=False)
+    # answers take 0.02 s, two at a time per replica: both replicas take work
+    common = dict(model="fake?latency=0.02", sampler_engine="client", dataset=[str(dataset)],
+                  num_return_sequences=2, engine_kwargs={"base_url": server.url}, max_concurrency=2,
+                  output_file="o.jsonl", progress=False)
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
-    winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
-                               ray_address=cluster.address))
+    _, stats = run_watched(SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
+                                        ray_address=cluster.address))
     plain, _ = outputs(tmp_path / "plain")
-    records, manifest = outputs(tmp_path / "ray")
+    records, _ = outputs(tmp_path / "ray")
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
     assert sorted(records, key=key) == sorted(plain, key=key)  # the fake server answers alike: equal records
-    stats = manifest["engine_stats"]
     assert stats["ray"]["nodes"] == 2 and all(r["calls"] >= 1 for r in stats["ray"]["per_replica"])
     assert stats["replica_engines"]["requests"] == 40  # the replicas' own counters, added up
 

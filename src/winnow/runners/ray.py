@@ -219,6 +219,17 @@ class ReplicaSpec:
 
 
 @dataclass
+class RayPlan:
+    """Where one component's replicas go: the cluster, how many, what each asks for, how long to wait."""
+
+    address: str | None = None
+    namespace: str | None = None
+    num_workers: int = 1
+    replica: ReplicaSpec = field(default_factory=ReplicaSpec)
+    wait_s: float = 600.0
+
+
+@dataclass
 class Replica:
     """One replica as the driver sees it: where it runs, its state, and what it did."""
 
@@ -249,31 +260,39 @@ class Stopped(Exception):
 
 
 class ReplicaPool:
-    """``count`` replica actors of one component; each call goes to the least busy live replica and
-    is redone on another when its replica dies. Blocks in ``__init__`` until one replica is up."""
+    """``plan.num_workers`` replica actors of one component; each call goes to the least busy live
+    replica and is redone on another when its replica dies. ``__init__`` joins the cluster and blocks
+    until one replica is up; ``aclose`` ends the actors and leaves the cluster."""
 
-    def __init__(self, role: str, build: Callable[..., Any], build_kwargs: dict[str, Any], count: int,
-                 spec: ReplicaSpec, wait_s: float):
+    def __init__(self, role: str, build: Callable[..., Any], build_kwargs: dict[str, Any], plan: RayPlan):
         self.role = role
-        self.spec = spec
-        self.wait_s = float(wait_s)
-        self.slots = 1  # calls one replica holds at once (the component's own plan may raise it)
+        self.plan = plan
+        self.spec = plan.replica
+        self.wait_s = float(plan.wait_s)
+        # calls one replica holds at once: one running and one queued behind it, so a replica never
+        # waits on the driver between calls (an engine's own plan may raise it)
+        self.slots = 2
         self.redone = 0
         self.failed_calls = 0
         self.final_stats: list[dict[str, Any]] = []
         self._failure: str | None = None
         self._stopping = False
+        self._closed = False
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._none_alive_since: float | None = None
-        options = spec.actor_options()
-        self.replicas = [Replica(i, _Actor.options(**options).remote(build, {**build_kwargs, "replica": i}))
-                         for i in range(count)]
+        self.replicas: list[Replica] = []
+        connect(plan.address, plan.namespace)
         try:
+            options = self.spec.actor_options()
+            self.replicas = [Replica(i, _Actor.options(**options).remote(build, {**build_kwargs, "replica": i}))
+                             for i in range(plan.num_workers)]
             self._wait_first()
+            self.component = self.call_first("describe")  # what every replica runs, for the manifest
         except BaseException:
             self._kill_all()
+            disconnect()
             raise
 
     # ------------------------------------------------------------------ start
@@ -527,7 +546,17 @@ class ReplicaPool:
         return out
 
     async def aclose(self) -> None:
-        """Close every live replica's component (briefly waited for), then end the actors."""
+        """Close every live replica's component (briefly waited for), end the actors, leave the cluster."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._close_replicas()
+        finally:
+            self._kill_all()
+            disconnect()
+
+    async def _close_replicas(self) -> None:
         for task in list(self._tasks):
             if not task.done():
                 task.cancel()
@@ -538,7 +567,6 @@ class ReplicaPool:
             for task in late:
                 task.cancel()
             self.final_stats = [t.result() for t in done if t.exception() is None and isinstance(t.result(), dict)]
-        self._kill_all()
 
     def _kill_all(self) -> None:
         for r in self.replicas:
@@ -566,17 +594,6 @@ def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- the engine
 
-@dataclass
-class RayPlan:
-    """Where the replicas go: the cluster, how many, what each asks for, how long to wait."""
-
-    address: str | None = None
-    namespace: str | None = None
-    num_workers: int = 1
-    replica: ReplicaSpec = field(default_factory=ReplicaSpec)
-    wait_s: float = 600.0
-
-
 class RayEngine:
     """An Engine whose ``generate`` calls run on replica actors of the real engine, over a Ray cluster."""
 
@@ -588,15 +605,8 @@ class RayEngine:
             for key in ("rpm", "tpm"):
                 if kwargs.get(key):
                     kwargs[key] = max(1, math.ceil(kwargs[key] / plan.num_workers))
-        connect(plan.address, plan.namespace)
-        try:
-            self.pool = ReplicaPool("engine", build_engine_replica, {"name": engine, "model": model, "kwargs": kwargs},
-                                    plan.num_workers, plan.replica, plan.wait_s)
-            self._replica_describe = self.pool.call_first("describe")
-        except BaseException:
-            disconnect()
-            raise
-        self._closed = False
+        self.pool = ReplicaPool("engine", build_engine_replica, {"name": engine, "model": model, "kwargs": kwargs},
+                                plan)
 
     def batch_plan(self, n: int) -> tuple[int, int]:
         # a replica keeps its engine's own plan; an API engine's one-prompt calls travel in groups, so
@@ -626,7 +636,7 @@ class RayEngine:
         return out
 
     def describe(self) -> dict[str, Any]:
-        return {"name": "ray", "engine": self._replica_describe, "num_workers": self.plan.num_workers,
+        return {"name": "ray", "engine": self.pool.component, "num_workers": self.plan.num_workers,
                 "address": self.plan.address or os.environ.get("RAY_ADDRESS") or "local",
                 "replica": self.plan.replica.describe()}
 
@@ -655,13 +665,7 @@ class RayEngine:
         self.pool.interrupt()
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self.pool.aclose()
-        finally:
-            disconnect()
+        await self.pool.aclose()
 
 
 def _errors(prompts: list[Prompt], n: int, message: str) -> list[list[Completion]]:
@@ -676,18 +680,11 @@ class RayModelReward:
     def __init__(self, name: str, spec: str, options: dict[str, Any], plan: RayPlan):
         self.name = name
         self.plan = plan
-        connect(plan.address, plan.namespace)
-        try:
-            self.pool = ReplicaPool(f"reward model {name}", build_reward_model_replica,
-                                    {"spec": spec, "options": options}, plan.num_workers, plan.replica, plan.wait_s)
-            self._replica_describe = self.pool.call_first("describe")
-        except BaseException:
-            disconnect()
-            raise
-        self._closed = False
+        self.pool = ReplicaPool(f"reward model {name}", build_reward_model_replica,
+                                {"spec": spec, "options": options}, plan)
 
     def describe(self) -> dict[str, Any]:
-        return {**self._replica_describe, "ray": {"num_workers": self.plan.num_workers,
+        return {**self.pool.component, "ray": {"num_workers": self.plan.num_workers,
                                                   "replica": self.plan.replica.describe()}}
 
     async def score(self, samples: list) -> list:
@@ -713,13 +710,7 @@ class RayModelReward:
         return {"ray": self.pool.stats()}
 
     async def aclose(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            await self.pool.aclose()
-        finally:
-            disconnect()
+        await self.pool.aclose()
 
 
 # ----------------------------------------------------------------------------- from a run's options

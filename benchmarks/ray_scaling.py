@@ -16,6 +16,11 @@ The engine is built, and every replica is up, before the clock starts: the figur
 throughput (the whole pipeline: data, engine calls, output files); start-up is printed apart. Runs
 alternate (plain, x1, x2) to share the machine's noise; medians are printed, then one JSON line.
 
+On a shared machine other processes take cores too: before the transformers runs the script
+measures what the machine gives two processes at that moment (``machine x2``: two one-thread torch
+matmul loops run together against one alone), the ceiling any two-replica speed-up meets; the load
+average is printed with every run.
+
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_scaling.py [--repeats 3] [--only transformers]
 
 Goals: ray x2 / ray x1 >= 1.7; ray x1 / plain >= 0.9 (within 10%).
@@ -61,6 +66,29 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
             time.sleep(0.05)
 
 
+MATMUL = """
+import sys, time, torch
+torch.set_num_threads(1)
+a, b = torch.randn(512, 1536), torch.randn(1536, 512)
+t, n = time.perf_counter(), 0
+while time.perf_counter() - t < float(sys.argv[1]):
+    for _ in range(20):
+        a @ b
+    n += 20
+print(n / (time.perf_counter() - t))
+"""
+
+
+def machine_ceiling(seconds: float = 5.0) -> float:
+    """Matmul throughput of two one-thread processes together over one alone, now."""
+    def run(k: int) -> float:
+        procs = [subprocess.Popen([sys.executable, "-c", MATMUL, str(seconds)], stdout=subprocess.PIPE, text=True)
+                 for _ in range(k)]
+        return sum(float(p.communicate()[0]) for p in procs)
+
+    return run(2) / run(1)
+
+
 def build_engine(config):
     """The run's engine, and (on Ray) every replica up; the seconds that took."""
     import ray
@@ -104,7 +132,7 @@ def run_workload(name: str, base: dict, repeats: int, work: Path) -> dict:
             starts[mode].append(start_s)
             last = results[mode][-1]
             print(f"{name} repeat {r} {mode:>6}: {last['samples_s']:8.1f} samples/s {last['tok_s']:9.0f} tok/s "
-                  f"({last['wall_s']:.1f}s; start-up {start_s:.1f}s)", flush=True)
+                  f"({last['wall_s']:.1f}s; start-up {start_s:.1f}s; load {os.getloadavg()[0]:.1f})", flush=True)
     med = {m: {k: statistics.median(x[k] for x in results[m]) for k in ("samples_s", "tok_s")} for m in modes}
     out = {
         "workload": name,
@@ -151,9 +179,14 @@ def main() -> int:
                     build_tiny_model(target, arch="qwen2", size="small", seed=1234, vocab_size=4096)
                 model = str(target)
             data = make_dataset(work / "math.jsonl", args.prompts)
+            ceiling = machine_ceiling()
+            print(f"machine x2 now: {ceiling:.2f} (two one-thread matmul loops together / one alone)", flush=True)
             base = dict(model=model, dataset=[str(data)], num_return_sequences=args.n,
                         max_new_tokens=args.max_new_tokens, num_sampling_batch_size=args.batch, top_k=50)
-            report.append(run_workload("transformers", base, args.repeats, work))
+            out = run_workload("transformers", base, args.repeats, work)
+            out["machine_x2_before"] = round(ceiling, 2)
+            out["machine_x2_after"] = round(machine_ceiling(), 2)
+            report.append(out)
         if args.only in (None, "client"):
             server, url = start_server(args.latency)
             try:

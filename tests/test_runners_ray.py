@@ -242,6 +242,55 @@ def test_a_replica_killed_mid_run_costs_only_its_calls(tmp_path, cluster, tiny_m
     assert summary.rows_failed == 0 and summary.samples == 60
 
 
+def test_a_killed_replica_is_restarted_and_takes_calls_again(tmp_path, cluster, server):
+    dataset = sums(tmp_path / "d.jsonl", 100)
+    config = SampleConfig(model="fake?latency=0.2", sampler_engine="client", dataset=[str(dataset)],
+                          num_return_sequences=1, engine_kwargs={"base_url": server.url}, max_concurrency=2,
+                          output_dir=str(tmp_path), output_file="o.jsonl", progress=False, ray=True, num_workers=2,
+                          ray_address=cluster.address)
+    seen = {}
+
+    def kill_and_wait(engine) -> None:
+        wait_for(lambda: busy_replica(engine) is not None, what="a busy replica")
+        victim = busy_replica(engine)
+        seen.update(index=victim.index, pid=victim.pid)
+        os.kill(victim.pid, signal.SIGKILL)
+        wait_for(lambda: victim.status == "alive" and victim.pid != seen["pid"], what="the restarted replica")
+        seen["calls_when_back"] = victim.calls
+
+    summary, stats = run_watched(config, kill_and_wait)
+    ids, _ = shape(outputs(tmp_path)[0])
+    assert len(ids) == 100 and set(ids.values()) == {1}
+    back = stats["ray"]["per_replica"][seen["index"]]
+    assert back["restarts"] == 1 and back["status"] == "alive" and back["pid"] != seen["pid"]
+    assert back["calls"] > seen["calls_when_back"], "the restarted replica took calls again"
+    assert stats["ray"]["calls_redone"] >= 1 and "1 restarts" in summary.line()
+
+
+def test_no_replica_left_is_one_error_and_the_output_resumes_without_ray(tmp_path, cluster, server):
+    from winnow.errors import EngineError
+
+    dataset = sums(tmp_path / "d.jsonl", 60)
+    common = dict(model="fake?latency=0.1", sampler_engine="client", dataset=[str(dataset)], num_return_sequences=1,
+                  engine_kwargs={"base_url": server.url}, max_concurrency=2, output_dir=str(tmp_path),
+                  output_file="o.jsonl", progress=False)
+    config = SampleConfig(**common, ray=True, num_workers=1, ray_max_restarts=0, ray_address=cluster.address)
+
+    def kill(engine) -> None:
+        wait_for(lambda: busy_replica(engine) is not None, what="a busy replica")
+        os.kill(busy_replica(engine).pid, signal.SIGKILL)
+
+    with pytest.raises(EngineError, match=r"every engine replica is lost \(0: .*\)\. What was written is kept"):
+        run_watched(config, kill)
+    records, manifest = outputs(tmp_path)
+    assert manifest["status"] == "failed" and "every engine replica is lost" in manifest["error"]
+    assert 2 <= len(records) < 60
+    # Ray options are not part of the fingerprint: the same output resumes in one process
+    summary = winnow.sample(SampleConfig(**common, resume=True))
+    assert summary.status == "finished"
+    assert sorted(r["k"] for r in read_jsonl(tmp_path / "o.jsonl")) == list(range(60))
+
+
 def test_a_node_removed_mid_run_costs_only_its_calls(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 60)
     common = dict(model="fake?latency=0.05", sampler_engine="client", dataset=[str(dataset)],

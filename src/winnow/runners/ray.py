@@ -41,7 +41,7 @@ from ray import exceptions as ray_errors  # noqa: E402  (after the one-line erro
 
 # how a replica fails that costs only its calls in flight: they are redone elsewhere
 REDO_ERRORS = (ray_errors.RayActorError, ray_errors.ObjectLostError, ray_errors.WorkerCrashedError,
-               ray_errors.NodeDiedError, ray_errors.LocalRayletDiedError)
+               ray_errors.NodeDiedError, ray_errors.LocalRayletDiedError, ray_errors.OutOfMemoryError)
 MAX_ATTEMPTS = 3  # replicas one call may take down before it fails alone
 # driver environment that replicas on other nodes need too (API keys, hub settings, winnow's cache)
 # (paths are left alone: another node has its own layout)
@@ -389,7 +389,9 @@ class ReplicaPool:
                 cause = getattr(e, "cause", None)
                 if isinstance(cause, WinnowError):
                     raise cause from None
-                raise EngineError(f"{self.role} {replica.where()} raised {_short(cause or e)}") from None
+                error = cause if cause is not None else e
+                raise EngineError(f"{self.role} {replica.where()} raised {type(error).__name__}: {_short(error)}") \
+                    from None
             except asyncio.CancelledError:
                 try:
                     ray.cancel(ref)

@@ -213,6 +213,7 @@ class ReplicaSpec:
         }
 
     def describe(self) -> dict[str, Any]:
+        """What a replica asks for, for the manifest (runtime_env by its keys only)."""
         return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources,
                 "scheduling": self.scheduling, "max_restarts": self.max_restarts,
                 "runtime_env": sorted(self.runtime_env)}
@@ -248,6 +249,7 @@ class Replica:
     ready: Any = None  # while starting: the ref that answers once it is up
 
     def where(self) -> str:
+        """``replica 1 (host, pid 4242)``, for messages."""
         return f"replica {self.index} ({self.host or '?'}, pid {self.pid or '?'})"
 
 
@@ -523,6 +525,7 @@ class ReplicaPool:
         self._wake()
 
     def counts(self) -> Counter:
+        """Replicas by state."""
         return Counter(r.status for r in self.replicas)
 
     def stats(self) -> dict[str, Any]:
@@ -539,6 +542,7 @@ class ReplicaPool:
         }
 
     def progress_fields(self) -> dict[str, str]:
+        """``replicas`` alive of all, and ``redone``/``lost`` once there are any."""
         states = self.counts()
         out = {"replicas": f"{states[ALIVE]}/{len(self.replicas)}"}
         if self.redone:
@@ -621,6 +625,7 @@ class RayEngine:
         return group, self.pool.slots * workers + workers
 
     async def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
+        """The call on a free replica; a call no replica could finish comes back as error samples."""
         try:
             out, replica = await self.pool.run("generate", prompts, params)
         except CallLost as e:
@@ -638,6 +643,7 @@ class RayEngine:
         return out
 
     def describe(self) -> dict[str, Any]:
+        """The replicas' engine, how many, what each asked for and where."""
         return {"name": "ray", "engine": self.pool.component, "num_workers": self.plan.num_workers,
                 "address": self.plan.address or os.environ.get("RAY_ADDRESS") or "local",
                 "replica": self.plan.replica.describe()}
@@ -686,10 +692,12 @@ class RayModelReward:
                                 {"spec": spec, "options": options}, plan)
 
     def describe(self) -> dict[str, Any]:
+        """The replicas' reward model, and how many there are."""
         return {**self.pool.component, "ray": {"num_workers": self.plan.num_workers,
                                                   "replica": self.plan.replica.describe()}}
 
     async def score(self, samples: list) -> list:
+        """One Score per sample, from the replicas."""
         from winnow.rewards.base import check_count
 
         if not samples:
@@ -703,13 +711,9 @@ class RayModelReward:
         except (CallLost, Stopped) as e:
             raise RewardError(f"reward {self.name}: {e}") from None
         out = []
-        for chunk, (scores, replica) in zip(chunks, parts, strict=True):
+        for chunk, (scores, _) in zip(chunks, parts, strict=True):
             out += check_count(self.name, scores, len(chunk))
-            replica.counts["scored"] += len(chunk)
         return out
-
-    def stats(self) -> dict[str, Any]:
-        return {"ray": self.pool.stats()}
 
     async def aclose(self) -> None:
         await self.pool.aclose()

@@ -65,6 +65,14 @@ def sums(path: Path, n: int) -> Path:
     return write_jsonl(path, [{"query": f"What is {i} + {i + 1}?", "k": i} for i in range(n)])
 
 
+def client_options(server, dataset: Path, latency: float, n: int = 1, **more) -> dict:
+    """A client-engine run against the loopback fake server, answers taking ``latency`` seconds, two
+    requests in flight per engine (so a few replicas stay busy for a while)."""
+    return dict(model=f"fake?latency={latency}", sampler_engine="client", dataset=[str(dataset)],
+                num_return_sequences=n, engine_kwargs={"base_url": server.url}, max_concurrency=2,
+                output_file="o.jsonl", progress=False, **more)
+
+
 def outputs(folder: Path, name: str = "o.jsonl") -> tuple[list[dict], dict]:
     records = read_jsonl(folder / name)
     manifest = json.loads((folder / name.replace(".jsonl", ".manifest.json")).read_text())
@@ -186,10 +194,7 @@ def test_transformers_replicas_on_both_nodes_write_what_one_process_writes(tmp_p
 
 def test_client_replicas_on_both_nodes_write_what_one_process_writes(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 40)
-    # answers take 0.02 s, two at a time per replica: both replicas take work
-    common = dict(model="fake?latency=0.02", sampler_engine="client", dataset=[str(dataset)],
-                  num_return_sequences=2, engine_kwargs={"base_url": server.url}, max_concurrency=2,
-                  output_file="o.jsonl", progress=False)
+    common = client_options(server, dataset, latency=0.02, n=2)
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
     _, stats = run_watched(SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
                                         ray_address=cluster.address))
@@ -267,10 +272,8 @@ def test_a_replica_killed_mid_run_costs_only_its_calls(tmp_path, cluster, tiny_m
 
 def test_a_killed_replica_is_restarted_and_takes_calls_again(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 100)
-    config = SampleConfig(model="fake?latency=0.2", sampler_engine="client", dataset=[str(dataset)],
-                          num_return_sequences=1, engine_kwargs={"base_url": server.url}, max_concurrency=2,
-                          output_dir=str(tmp_path), output_file="o.jsonl", progress=False, ray=True, num_workers=2,
-                          ray_address=cluster.address)
+    config = SampleConfig(**client_options(server, dataset, latency=0.2), output_dir=str(tmp_path), ray=True,
+                          num_workers=2, ray_address=cluster.address)
     seen = {}
 
     def kill_and_wait(engine) -> None:
@@ -294,9 +297,7 @@ def test_no_replica_left_is_one_error_and_the_output_resumes_without_ray(tmp_pat
     from winnow.errors import EngineError
 
     dataset = sums(tmp_path / "d.jsonl", 60)
-    common = dict(model="fake?latency=0.1", sampler_engine="client", dataset=[str(dataset)], num_return_sequences=1,
-                  engine_kwargs={"base_url": server.url}, max_concurrency=2, output_dir=str(tmp_path),
-                  output_file="o.jsonl", progress=False)
+    common = client_options(server, dataset, latency=0.1, output_dir=str(tmp_path))
     config = SampleConfig(**common, ray=True, num_workers=1, ray_max_restarts=0, ray_address=cluster.address)
 
     def kill(engine) -> None:
@@ -316,9 +317,7 @@ def test_no_replica_left_is_one_error_and_the_output_resumes_without_ray(tmp_pat
 
 def test_a_node_removed_mid_run_costs_only_its_calls(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 60)
-    common = dict(model="fake?latency=0.05", sampler_engine="client", dataset=[str(dataset)],
-                  num_return_sequences=1, engine_kwargs={"base_url": server.url}, max_concurrency=2,
-                  output_file="o.jsonl", progress=False)
+    common = client_options(server, dataset, latency=0.05)
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
     config = SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
                           ray_address=cluster.address, ray_wait_s=60)

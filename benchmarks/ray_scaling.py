@@ -16,10 +16,10 @@ The engine is built, and every replica is up, before the clock starts: the figur
 throughput (the whole pipeline: data, engine calls, output files); start-up is printed apart. Runs
 alternate (plain, x1, x2) to share the machine's noise; medians are printed, then one JSON line.
 
-On a shared machine other processes take cores too: before the transformers runs the script
-measures what the machine gives two processes at that moment (``machine x2``: two one-thread torch
-matmul loops run together against one alone), the ceiling any two-replica speed-up meets; the load
-average is printed with every run.
+On a shared machine other processes take cores too: before and after the transformers runs the
+script measures what the machine gives two processes (``machine x2``: two one-thread torch matmul
+loops run together against one alone), the ceiling any two-replica speed-up meets; every run prints
+the cores its working processes (the replicas, or the one plain process) got, and the load average.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/ray_scaling.py [--repeats 3] [--only transformers]
 
@@ -90,26 +90,37 @@ def machine_ceiling(seconds: float = 5.0) -> float:
 
 
 def build_engine(config):
-    """The run's engine, and (on Ray) every replica up; the seconds that took."""
+    """The run's engine, and (on Ray) every replica up; the seconds that took, and the processes
+    that do the work (the replicas, else this one)."""
     import ray
 
     from winnow.pipeline import build_engine as build
 
     t = time.perf_counter()
     engine = build(config)
+    pids = [os.getpid()]
     if config.ray:
-        ray.get([r.handle.info.remote() for r in engine.pool.replicas])
-    return engine, time.perf_counter() - t
+        pids = [info["pid"] for info in ray.get([r.handle.info.remote() for r in engine.pool.replicas])]
+    return engine, time.perf_counter() - t, pids
 
 
-def measure(config, engine) -> dict:
-    """One run on an engine already built: samples/s and tokens/s of the whole pipeline."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(config, engine, pids: list[int]) -> dict:
+    """One run on an engine already built: samples/s and tokens/s of the whole pipeline, and the
+    cores the working processes got meanwhile (what the shared machine granted)."""
     import winnow
 
+    before = [cpu_seconds(p) for p in pids]
     summary = winnow.sample(config, engine=engine)
+    cores = sum(cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)) / summary.wall_s
     assert summary.status == "finished" and summary.rows_failed == 0, summary.line()
     return {"samples_s": summary.samples / summary.wall_s, "tok_s": summary.completion_tokens / summary.wall_s,
-            "wall_s": summary.wall_s}
+            "wall_s": summary.wall_s, "cores": cores}
 
 
 def run_workload(name: str, base: dict, repeats: int, work: Path) -> dict:
@@ -124,25 +135,32 @@ def run_workload(name: str, base: dict, repeats: int, work: Path) -> dict:
         for mode, extra in modes.items():
             config = SampleConfig(**base, **extra, output_dir=str(work / name), output_file=f"{mode[-2:]}-{r}.jsonl",
                                   progress=False)
-            engine, start_s = build_engine(config)
+            engine, start_s, pids = build_engine(config)
             try:
-                results[mode].append(measure(config, engine))
+                results[mode].append(measure(config, engine, pids))
             finally:
                 asyncio.run(engine.aclose())
             starts[mode].append(start_s)
             last = results[mode][-1]
             print(f"{name} repeat {r} {mode:>6}: {last['samples_s']:8.1f} samples/s {last['tok_s']:9.0f} tok/s "
-                  f"({last['wall_s']:.1f}s; start-up {start_s:.1f}s; load {os.getloadavg()[0]:.1f})", flush=True)
-    med = {m: {k: statistics.median(x[k] for x in results[m]) for k in ("samples_s", "tok_s")} for m in modes}
+                  f"({last['wall_s']:.1f}s; start-up {start_s:.1f}s; {last['cores']:.2f} cores; "
+                  f"load {os.getloadavg()[0]:.1f})", flush=True)
+    med = {m: {k: statistics.median(x[k] for x in results[m]) for k in ("samples_s", "tok_s", "cores")}
+           for m in modes}
     out = {
         "workload": name,
         **{f"{m.replace(' ', '')}_samples_s": round(med[m]["samples_s"], 1) for m in modes},
         **{f"{m.replace(' ', '')}_startup_s": round(statistics.median(starts[m]), 1) for m in modes},
+        **{f"{m.replace(' ', '')}_cores": round(med[m]["cores"], 2) for m in modes},
         "speedup_2_vs_1": round(med["ray x2"]["samples_s"] / med["ray x1"]["samples_s"], 3),
         "ray1_vs_plain": round(med["ray x1"]["samples_s"] / med["plain"]["samples_s"], 3),
+        # samples per core granted: how well two replicas use what the machine gives them
+        "per_core_2_vs_1": round(statistics.median(x["samples_s"] / x["cores"] for x in results["ray x2"])
+                                 / statistics.median(x["samples_s"] / x["cores"] for x in results["ray x1"]), 3),
     }
-    print(f"{name}: ray x2 / ray x1 = {out['speedup_2_vs_1']:.2f} (goal >= 1.7); ray x1 / plain = "
-          f"{out['ray1_vs_plain']:.3f} (goal >= 0.9)", flush=True)
+    print(f"{name}: ray x2 / ray x1 = {out['speedup_2_vs_1']:.2f} (goal >= 1.7) with {med['ray x2']['cores']:.2f} "
+          f"against {med['ray x1']['cores']:.2f} cores granted, {out['per_core_2_vs_1']:.2f} per core; ray x1 / "
+          f"plain = {out['ray1_vs_plain']:.3f} (goal >= 0.9)", flush=True)
     return out
 
 

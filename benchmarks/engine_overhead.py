@@ -63,29 +63,40 @@ def plain_generate(engine, rows: list[dict], n: int, max_new: int) -> tuple[int,
     return tokens, seconds
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def workload_parser(doc: str) -> argparse.ArgumentParser:
+    """The workload's options (model, repeats, prompts, n, max_new_tokens), shared with vllm_cpu.py."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="model dir (default: build a ~30M-param random Qwen2 model once)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--max_new_tokens", type=int, default=64)
-    args = ap.parse_args()
+    return ap
+
+
+def bench_model(model: str | None) -> str:
+    """``model``, or the ~30M-parameter random Qwen2 model, built once in winnow's cache."""
+    if model is not None:
+        return model
+    from winnow.demo import cache_dir
+    from winnow.demo.build import build_tiny_model
+
+    target = cache_dir() / "bench-small-qwen2"
+    if not (target / "config.json").exists():
+        build_tiny_model(target, arch="qwen2", size="small", seed=1234, vocab_size=4096)
+    return str(target)
+
+
+def main() -> int:
+    args = workload_parser(__doc__).parse_args()
 
     import torch
 
     import winnow
     from winnow.config import SampleConfig
-    from winnow.demo import cache_dir
-    from winnow.demo.build import build_tiny_model
     from winnow.engines.transformers import TransformersEngine
 
-    model = args.model
-    if model is None:
-        target = cache_dir() / "bench-small-qwen2"
-        if not (target / "config.json").exists():
-            build_tiny_model(target, arch="qwen2", size="small", seed=1234, vocab_size=4096)
-        model = str(target)
+    model = bench_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="winnow-bench-"))
     data = make_dataset(work / "math.jsonl", args.prompts)
     rows = [json.loads(line) for line in data.read_text().splitlines()]

@@ -21,7 +21,8 @@ Options: ``latency`` (seconds before answering), ``reasoning`` (``reasoning_cont
 ``reasoning`` or ``none``; default ``reasoning_content`` for model names containing ``r1`` or
 ``reason``, else ``none``), ``n`` (``honour`` or ``ignore``: answer one choice whatever ``n`` is),
 ``retry_after`` (seconds sent with 429s, default 0.05), ``hang`` (seconds a timeout fault waits,
-default 3600), ``fault`` (a fault applied to every prompt), ``chaos`` (a probability: each request hits
+default 3600), ``words`` (every answer padded to this many words), ``fault`` (a fault applied to every
+prompt), ``chaos`` (a probability: each request hits
 one fault drawn at random from ``CHAOS_FAULTS``, seeded by ``chaos_seed``; ``cut``/``cutdrop``
 apply to streams, ``drop`` otherwise).
 
@@ -29,7 +30,8 @@ Faults are ``KIND-COUNT``: KIND is ``429``, ``500``, ``503``, ``401`` (echoing t
 ``timeout`` (no answer for ``hang`` seconds), ``drop`` (close the connection without an answer),
 ``malformed`` (200 with broken JSON),
 ``empty`` (content ``""``), ``null`` (content null), ``length`` (finish_reason length),
-``filter`` (finish_reason content_filter), ``cut`` (a stream that stops half-way through the answer
+``filter`` (finish_reason content_filter), ``toolcall`` (the answer is a call of the request's first tool,
+``content: null``, finish_reason tool_calls), ``cut`` (a stream that stops half-way through the answer
 with no finish_reason and no ``[DONE]``, the HTTP body ended cleanly, as a proxy that drops its
 upstream does), ``cutdrop`` (the same, the connection closed mid-body); COUNT is ``once``, ``twice``,
 ``always`` or a number:
@@ -72,6 +74,7 @@ class Options:
     hang: float = 3600.0
     faults: list[tuple[str, int]] = field(default_factory=list)
     chaos: float = 0.0
+    words: int = 0  # pad every answer to this many words (a long answer)
 
     def apply(self, key: str, value: str) -> None:
         if key in ("latency", "slow"):
@@ -89,6 +92,8 @@ class Options:
             self.faults.append((kind, COUNTS.get(count or "always") or int(count)))
         elif key == "chaos":
             self.chaos = float(value)
+        elif key == "words":
+            self.words = int(value)
         else:
             raise ValueError(f"unknown fake-server option {key!r}")
 
@@ -113,6 +118,7 @@ class FakeServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.models: Counter = Counter()
+        self.last_body: dict | None = None  # the last chat request's body, for tests to inspect
         self.first_at: float | None = None  # monotonic time the first chat request arrived
         self.last_at: float | None = None  # ... and the last chat answer was written
         self._server: asyncio.base_events.Server | None = None
@@ -283,6 +289,7 @@ class FakeServer:
         except (json.JSONDecodeError, KeyError, TypeError):
             return self._json(writer, 400, {"error": {"message": "bad request body", "type": "invalid_request"}})
         model = str(req.get("model", ""))
+        self.last_body = req
         self.models[model] += 1
         users = [m for m in messages if m.get("role") == "user"]
         prompt = str(users[-1].get("content", "")) if users else ""
@@ -312,7 +319,7 @@ class FakeServer:
         if opts.n == "ignore":
             n = 1
         max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")
-        choices = [self._choice(i, prompt, opts, fault, max_tokens) for i in range(n)]
+        choices = [self._choice(i, prompt, opts, fault, max_tokens, req.get("tools")) for i in range(n)]
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         completion_tokens = sum(c.pop("_tokens") for c in choices)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -325,12 +332,14 @@ class FakeServer:
         return self._json(writer, 200, {**base, "object": "chat.completion", "choices": choices, "usage": usage})
 
     @staticmethod
-    def _choice(index: int, prompt: str, opts: Options, fault: str | None, max_tokens) -> dict:
+    def _choice(index: int, prompt: str, opts: Options, fault: str | None, max_tokens, tools=None) -> dict:
         m = SUM.search(prompt)
         content: str | None = (f"The answer is \\boxed{{{int(m.group(1)) + int(m.group(2))}}}." if m
                                else f"Answer {index}: {MARKER.sub('', prompt).strip()[:200]}")
         reasoning = f"Let me think step by step about: {prompt[:60]}" if opts.reasoning != "none" else None
         finish = "stop"
+        if opts.words:
+            content += " " + " ".join(f"step{i}" for i in range(max(0, opts.words - len(content.split()))))
         words = content.split()
         if max_tokens is not None and len(words) > int(max_tokens):
             content, finish = " ".join(words[: int(max_tokens)]), "length"
@@ -343,6 +352,12 @@ class FakeServer:
         elif fault == "null":
             content = None
         message: dict = {"role": "assistant", "content": content}
+        if fault == "toolcall" and tools:
+            name = tools[0]["function"]["name"]
+            message = {"role": "assistant", "content": None, "tool_calls": [
+                {"id": f"call_{index}", "type": "function",
+                 "function": {"name": name, "arguments": json.dumps({"a": index, "b": 2})}}]}
+            finish = "tool_calls"
         if reasoning is not None:
             message[opts.reasoning] = reasoning
         tokens = len((content or "").split()) + len((reasoning or "").split())
@@ -377,6 +392,12 @@ class FakeServer:
                 return
             for piece in pieces:
                 chunk(c["index"], {"content": piece})
+            for k, call in enumerate(msg.get("tool_calls") or ()):  # a call in two deltas, as servers send them
+                args = call["function"]["arguments"]
+                chunk(c["index"], {"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                                   "function": {"name": call["function"]["name"],
+                                                                "arguments": args[: len(args) // 2]}}]})
+                chunk(c["index"], {"tool_calls": [{"index": k, "function": {"arguments": args[len(args) // 2:]}}]})
             chunk(c["index"], {}, c["finish_reason"])
             await writer.drain()
         if usage is not None:

@@ -288,8 +288,8 @@ def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_not
     data = write_jsonl(tmp_path / "faults.jsonl", rows)
     common = ["sample", "--sampler_type", "sample", "--sampler_engine", "client", "--model", "fake",
               "--dataset", str(data), "--num_return_sequences", "2", "--max_retries", "2",
-              "--request_timeout", "0.5", "--max_concurrency", "8", "--output_file", "o.jsonl",
-              "--engine_kwargs", json.dumps({"base_url": server.url, "retry_base_s": 0.01, "api_key": SECRET})]
+              "--request_timeout", "0.5", "--max_concurrency", "8", "--output_file", "o.jsonl", "--keep_truncated",
+              "false", "--engine_kwargs", json.dumps({"base_url": server.url, "retry_base_s": 0.01, "api_key": SECRET})]
     proc = run_winnow(*common, cwd=tmp_path, timeout=120, check=True)
     out = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     failed = read_jsonl(tmp_path / "sample_output" / "o.failed.jsonl")
@@ -319,6 +319,28 @@ def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_not
     third = run_winnow(*common, "--resume", "true", "--max_retries", "0", cwd=tmp_path, timeout=120, check=True)
     assert read_jsonl(tmp_path / "sample_output" / "o.jsonl") == out and "6 rows failed" in third.stderr
     assert SECRET not in files_text(tmp_path) + proc.stderr + again.stderr
+
+
+def test_answers_cut_at_the_token_limit_are_kept_and_counted_by_default(tmp_path, server):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"query": f"[[length-always]] What is {i} + 1?"} for i in range(3)])
+    proc = run_winnow("sample", "--sampler_engine", "client", "--model", "fake", "--dataset", str(data),
+                      "--num_return_sequences", "2", "--output_file", "o.jsonl", "--output_format", "raw",
+                      "--engine_kwargs", json.dumps({"base_url": server.url}), cwd=tmp_path, timeout=120, check=True)
+    records = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
+    assert len(records) == 3 and all(c["finish_reason"] == "length" for r in records for c in r["completions"])
+    assert "6 samples cut at the token limit" in proc.stderr
+
+
+def test_unset_sampling_options_are_not_sent(tmp_path, server):
+    """No --temperature/--top_p/--max_new_tokens: the server's (the model's) defaults apply, as in swift."""
+    from winnow.config import SampleConfig
+    from winnow.engines.openai import OpenAIEngine
+    from winnow.pipeline import sampling_params
+
+    params = sampling_params(SampleConfig(model="m", dataset=["d"], sampler_engine="client", num_return_sequences=1))
+    body = OpenAIEngine("m", base_url=server.url)._body(Prompt(id="x", messages=[{"role": "user", "content": "q"}]),
+                                                         params, 1)
+    assert body == {"model": "m", "messages": [{"role": "user", "content": "q"}]}
 
 
 def test_sample_with_n_against_a_server_that_ignores_n(tmp_path, server):

@@ -88,7 +88,7 @@ def test_help_does_not_import_torch():
     ({"temperature": -1}, "--temperature -1: must be at least 0"),
     ({"top_p": 0}, "--top_p 0: must be greater than 0"),
     ({"num_return_sequences": 4, "n_best_to_keep": 9}, "--n_best_to_keep 9: more than the 4 samples"),
-    ({"output_format": "jsonl"}, "--output_format 'jsonl': not one of swift"),
+    ({"output_format": "jsonl"}, "--output_format 'jsonl': not one of dpo, grpo"),
     ({"prm_agg": "max"}, "--prm_agg 'max': not one of"),
     ({"torch_dtype": "int8"}, "--torch_dtype 'int8': not one of"),
     ({"sampler_type": "mcts_v0"}, "--sampler_type 'mcts_v0': not one of"),

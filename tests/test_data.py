@@ -65,14 +65,29 @@ def test_history_and_system_become_turns(tmp_path):
     assert [m["role"] for m in prompt.messages] == ["system", "user", "assistant", "user"]
 
 
-def test_system_flag_added_only_when_missing(tmp_path):
+def test_system_flag_replaces_the_datasets_system_message_as_swift_does(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [
         {"messages": [{"role": "user", "content": "Q"}]},
         {"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "Q2"}]},
     ])
     a, b = _prompts(data.build_plan([str(path)], shuffle=False, system="SYS"))
     assert a.messages[0] == {"role": "system", "content": "SYS"}
-    assert b.messages[0] == {"role": "system", "content": "own"}
+    assert b.messages[:2] == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q2"}]
+
+
+def test_ids_are_swifts_md5_of_the_preprocessed_row(tmp_path, monkeypatch):
+    """Values computed by ms-swift 4.6.0 (swift.pipelines.sampling.utils.get_messages_md5 on the rows its
+    load_dataset made of these lines, the dataset given as 'msgs.jsonl' / 'query.jsonl')."""
+    monkeypatch.chdir(tmp_path)
+    write_jsonl(tmp_path / "msgs.jsonl", [
+        {"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"}]},
+        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
+                      {"role": "assistant", "content": "4"}], "level": 3},
+    ])
+    write_jsonl(tmp_path / "query.jsonl", [{"query": "hi", "response": "hello", "history": [["a", "b"]]}])
+    ids = [p.id for p in _prompts(data.build_plan(["msgs.jsonl", "query.jsonl"], shuffle=False))]
+    assert ids == ["2651e6d40c08ab58bccb53de1d8fbc29", "71ebf10fab7a8229fa5459c0d685e7b7",
+                   "537da318fbb6bb98c8bb9fd24fb6426d"]
 
 
 def test_csv_json_parquet_and_folders(tmp_path):
@@ -153,10 +168,10 @@ def test_ids_are_stable_content_hashes(tmp_path):
     shuffled = _prompts(data.build_plan([str(path)], seed=7))
     assert len({p.id for p in shuffled}) == 8
     assert sorted(p.id for p in shuffled) == sorted(plain.values())
-    # rewriting the file in another order keeps every id
+    # rewriting the file in another order keeps every id (the --dataset name is part of it, as in swift)
     order = list(range(7))
     random.Random(1).shuffle(order)
-    path2 = write_jsonl(tmp_path / "e.jsonl", [rows[i] for i in order if i != 6] + [rows[6], rows[7]])
+    path2 = write_jsonl(tmp_path / "d.jsonl", [rows[i] for i in order if i != 6] + [rows[6], rows[7]])
     assert sorted(p.id for p in _prompts(data.build_plan([str(path2)]))) == sorted(plain.values())
 
 

@@ -189,13 +189,13 @@ def test_bad_files_are_one_line_or_a_bad_row_never_a_traceback(tmp_path, server)
 
 
 def test_a_full_disk_is_one_line_and_resumes_without_loss(tmp_path, server):
-    dataset = sums(tmp_path, 120)
+    dataset = sums(tmp_path, 300)
     out = tmp_path / "out"
     args = client_args(server, out, dataset)
 
-    def small_files():  # files may not grow past 6 KB: writes fail as on a full disk
+    def small_files():  # files may not grow past 16 KB: writes fail as on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16000, 16000))
 
     proc = subprocess.run([sys.executable, "-m", "winnow", *args], capture_output=True, text=True, timeout=300,
                           preexec_fn=small_files, env=os.environ)
@@ -208,7 +208,8 @@ def test_a_full_disk_is_one_line_and_resumes_without_loss(tmp_path, server):
     again = run_winnow(*args, "--resume", "true")
     assert again.returncode == 0, again.stderr
     records = read_jsonl(out / "o.jsonl")  # no torn line (it would not parse), none twice, none lost
-    assert sorted(r["k"] for r in records) == list(range(120))
+    assert sorted(r["k"] for r in records) == list(range(300))
+    assert not list(out.glob("*.tmp"))
 
 
 # ----------------------------------------------------------------------------- 8. the second Ctrl-C

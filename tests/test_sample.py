@@ -130,7 +130,7 @@ def test_stop_words_and_finish_reasons(tiny_model):
         cut = generate_sync(engine, prompts[:1], SamplingParams(n=3, max_new_tokens=6, stop=[stop], temperature=0))
         assert all(stop not in c.text for c in cut[0])
     # too long for max_length: that prompt fails, the others do not
-    engine.max_length = 60
+    engine.encoder.max_length = 60
     mixed = [Prompt(id="long", messages=[{"role": "user", "content": "word " * 200}]), prompts[0]]
     out = generate_sync(engine, mixed, SamplingParams(n=2, max_new_tokens=4))
     assert all(c.finish_reason == "error" and "max_length" in c.error for c in out[0])

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from winnow.schema import FINISH_ERROR, Completion, Group, Prompt, Score
-from winnow.select import SelectOptions, choose, select, with_reference
+from winnow.select import SelectOptions, choose, with_reference
+from winnow.select import select as select_group
 
 
 def group(*samples: tuple[str, float | None, float | None], response: str | None = "ref answer") -> Group:
@@ -27,6 +28,12 @@ def opts(**kw) -> SelectOptions:
     return SelectOptions(**{**base, **kw})
 
 
+def select(g: Group, o: SelectOptions):
+    """(records, reason) of a group."""
+    out = select_group(g, o)
+    return out.records, out.reason
+
+
 def texts(records, key="messages"):
     return [r[key][-1]["content"] for r in records]
 
@@ -46,13 +53,32 @@ def test_all_fail_orm_gives_nothing_with_reason():
     assert records == [] and reason == "all samples failed the ORM"
 
 
-def test_rejected_must_fail_orm_and_score_strictly_lower():
+def test_a_rejected_response_scores_strictly_lower_and_an_unpaired_sample_is_kept_and_counted():
     # b fails the ORM but scores higher than a: it cannot be a's rejected response
     g = group(("a", 1, 0.1), ("b", 0, 1.5))
-    assert select(g, opts())[0] == []
-    assert select(g, opts())[1].startswith("no pair")
-    records, _ = select(g, opts(keep_unpaired=True))
-    assert texts(records) == ["a"] and "rejected_response" not in records[0]
+    out = select_group(g, opts())
+    assert texts(out.records) == ["a"] and "rejected_response" not in out.records[0]
+    assert out.notes == {"lines without rejected_response (no sample below the chosen)": 1}
+    out = select_group(g, opts(keep_unpaired=False))
+    assert out.records == [] and out.reason.startswith("no pair")
+    assert out.notes == {"kept samples dropped: no rejected partner (--keep_unpaired false)": 1}
+
+
+def test_when_every_sample_passes_the_chosen_are_kept_and_paired_with_the_lowest_below():
+    g = group(("a", 1, 0.9), ("b", 1, 0.2), ("c", 1, 0.5))
+    out = select_group(g, opts())
+    assert texts(out.records) == ["a", "c"]
+    assert [r["rejected_response"] for r in out.records] == ["b", "b"]
+    assert out.notes == {"rejected responses that pass the ORM": 2}
+    tie = select_group(group(("a", 1, 0.5), ("b", 1, 0.5)), opts())  # nothing below: written, unpaired
+    assert texts(tie.records) == ["a", "b"] and not any("rejected_response" in r for r in tie.records)
+    assert tie.notes == {"lines without rejected_response (no sample below the chosen)": 2}
+
+
+def test_an_orm_failure_is_preferred_over_a_lower_scoring_pass():
+    g = group(("a", 1, 0.9), ("b", 1, 0.0), ("c", 0, 0.8))
+    out = select_group(g, opts(n_best_to_keep=1))
+    assert [r["rejected_response"] for r in out.records] == ["c"] and not out.notes
 
 
 def test_min_margin_and_num_rejected():
@@ -64,26 +90,32 @@ def test_min_margin_and_num_rejected():
     assert [r["rejected_response"] for r in records] == ["c", "d"]  # b's gap 0.6 is too small
 
 
-def test_prm_threshold_excludes_at_or_below():
+def test_prm_threshold_excludes_at_or_below_and_needs_a_prm():
     g = group(("a", 1, 0.5), ("b", 1, 0.6), ("c", 0, 0.0))
     records, _ = select(g, opts(prm_threshold=0.5))
     assert texts(records) == ["b"]
     assert select(g, opts(prm_threshold=0.6))[1].startswith("prm threshold")
+    # as in swift, the threshold (0.0 by default) applies only when there is a PRM
+    records, _ = select(g, opts(prm_threshold=0.6, prm_key=None))
+    assert texts(records) == ["b", "a"]
 
 
 def test_ties_break_by_sample_order_and_duplicates_are_not_kept_twice():
     g = group(("same", 1, 0.5), ("x", 1, 0.5), ("same", 1, 0.5), ("y", 1, 0.5), ("bad", 0, 0.0))
-    records, _ = select(g, opts(n_best_to_keep=3))
-    assert texts(records) == ["same", "x", "y"]
+    out = select_group(g, opts(n_best_to_keep=3))
+    assert texts(out.records) == ["same", "x", "y"] and out.notes == {"duplicate texts not kept": 1}
     again, _ = select(g, opts(n_best_to_keep=3))
-    assert again == records
+    assert again == out.records
 
 
 def test_cannot_judge_is_neither_kept_nor_rejected():
     g = group(("a", None, 0.9), ("b", 1, 0.2), ("c", None, 0.0))
     choice = choose(g, opts())
     assert [c.completion.text for c, _ in choice.kept] == ["b"]
-    assert choice.kept[0][1] == []  # c cannot be judged, so it is not a failure
+    # c cannot be judged, so it is not taken for a failure: it is a rejected partner only as a lower scorer
+    assert [r.completion.text for r in choice.kept[0][1]] == ["c"]
+    choice = choose(group(("a", None, 0.9), ("b", 1, 0.2), ("c", None, 0.0), ("d", 0, 0.1)), opts())
+    assert [r.completion.text for r in choice.kept[0][1]] == ["d"]  # a real failure comes first
     assert select(group(("a", None, 0.9)), opts())[1].startswith("ORM could not judge")
 
 
@@ -130,11 +162,74 @@ def test_dpo_sft_raw_grpo_formats():
     rewards = [1.5, 0.1, 1.3]
     mean = sum(rewards) / 3
     std = (sum((r - mean) ** 2 for r in rewards) / 2) ** 0.5
-    assert grpo["reward_mean"] == pytest.approx(mean) and grpo["reward_std"] == pytest.approx(std)
-    assert [c["advantage"] for c in grpo["completions"]] == pytest.approx([(r - mean) / (std + 1e-4) for r in rewards])
+    # a prompt a GRPO trainer loads: prompt (TRL) and messages (swift), the row's columns, statistics aside
+    assert grpo["prompt"] == grpo["messages"] == [{"role": "user", "content": "q?"}] and "completions" not in grpo
+    assert grpo["level"] == 3 and grpo["solution"] == "ref answer" and grpo["winnow_samples"] == 3
+    assert grpo["winnow_pass_rate"] == pytest.approx(2 / 3)
+    assert grpo["winnow_reward_mean"] == pytest.approx(mean) and grpo["winnow_reward_std"] == pytest.approx(std)
+    pc, _ = select(g, opts(output_format="prompt_completion"))
+    assert pc[0]["prompt"] == [{"role": "user", "content": "q?"}]
+    assert [r["completion"] for r in pc] == [[{"role": "assistant", "content": "a"}],
+                                             [{"role": "assistant", "content": "c"}]]
+
+
+def test_reasoning_goes_where_asked():
+    g = group(("a", 1, 0.5), ("b", 0, 0.1))
+    for c in g.completions:
+        c.reasoning = "think " + c.text
+    for fmt, check in [
+        ("message", lambda r: r["messages"][-1] == {"role": "assistant", "content": "a",
+                                                    "reasoning_content": "think a"}),
+        ("think_answer", lambda r: r["messages"][-1]["content"] == "<think>think a</think>\n\n<answer>a</answer>"),
+        ("think", lambda r: r["messages"][-1]["content"] == "<think>\nthink a\n</think>\n\na"),
+        ("separate", lambda r: r["reasoning"] == "think a" and r["messages"][-1]["content"] == "a"),
+        ("none", lambda r: r["messages"][-1] == {"role": "assistant", "content": "a"} and "reasoning" not in r),
+    ]:
+        records, _ = select(g, opts(reasoning_format=fmt))
+        assert check(records[0]), fmt
 
 
 def test_unscored_keeps_every_sample():
     g = group(("a", None, None), ("a", None, None), ("b", None, None))
     records, _ = select(g, SelectOptions(n_best_to_keep=1))
     assert texts(records) == ["a", "a", "b"]  # stage 1 writes everything, for stage 2 to count and score
+
+
+# ----------------------------------------------------------------------------- swift mode
+
+def swift_group(*samples, response="ref answer"):
+    g = group(*samples, response=response)
+    g.prompt.dataset, g.prompt.swift_id = "d.jsonl", "md5-of-the-row"
+    return g
+
+
+def test_swift_mode_reproduces_swifts_algorithm():
+    """Hand-worked with ms-swift 4.6's do_sample: the dataset's answer is a candidate (scored here 1 / 0.9),
+    scores are min-max normalised, score = prm + 10 * orm, the single lowest is every line's rejected."""
+    g = with_reference(swift_group(("a", 1, 0.5), ("b", 0, 0.9), ("c", 1, 0.7), ("d", 0, 0.1)))
+    g.completions[-1].scores = {"math": Score(1), "prm": Score(0.9)}
+    out = select_group(g, opts(selection="swift", num_return_sequences=4))
+    # orm normalised: a,c,ref -> ~1, b,d -> 0; prm: (x - 0.1) / 0.8: a .5, b 1, c .75, d 0, ref 1
+    # order: ref (11.0), c (10.75), a (10.5), b (1.0), d (0.0): top 2 = ref, c; rejected = d
+    assert [r["messages"][-1]["content"] for r in out.records] == ["ref answer", "c"]
+    assert all(r["rejected_response"] == "d" for r in out.records)
+    assert out.records[0] == {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant",
+                                                                             "content": "ref answer"}],
+                              "dataset": "d.jsonl", "rejected_response": "d", "id": "md5-of-the-row"}
+    assert out.notes == {"dataset answers written as chosen (swift)": 1}
+
+
+def test_swift_mode_keeps_its_ties_and_correct_rejected_responses():
+    g = with_reference(swift_group(("a", 1, 0.5), ("a", 1, 0.5)))
+    g.completions[-1].scores = {"math": Score(1), "prm": Score(0.5)}
+    out = select_group(g, opts(selection="swift", num_return_sequences=2, n_best_to_keep=2))
+    # all equal: argsort keeps index order, reversed: [2, 1, 0]; negative = 0 ("a"), kept 2 (ref) and 1 ("a")
+    assert [(r["messages"][-1]["content"], r["rejected_response"]) for r in out.records] == [
+        ("ref answer", "a"), ("a", "a")]
+
+
+def test_swift_mode_easy_formula():
+    g = with_reference(swift_group(("a", 1, 0.5), ("b", 0, 0.5), ("c", 1, 0.4)))
+    g.completions[-1].scores = {"math": Score(1), "prm": Score(0.5)}
+    # count(orm > 0) = 3 (a, c, the answer) - 1 = 2 >= int(3 * 0.5) = 1: easy, although 2/3 passes is not > 0.7
+    assert select(g, opts(selection="swift", num_return_sequences=3, easy_query_threshold=0.7))[1].startswith("easy")

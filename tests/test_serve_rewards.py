@@ -100,6 +100,22 @@ def test_reward_request_errors(classifier_server):
     assert _rewards(classifier_server, CONVERSATIONS[:1], model="other").status_code == 404
 
 
+def test_reward_request_limits(classifier_server):
+    many = _rewards(classifier_server, [CONVERSATIONS[0]] * 257)  # --max_prompts: 256 by default
+    assert many.status_code == 400, many.text[:300]
+    assert (many.json()["error"]["param"], many.json()["error"]["code"]) == ("messages", "array_above_max_length")
+    # 30,000 characters: surely more than the model's 2048 positions (tokens of at most 13 characters);
+    # refused before it could fail the batch it would share
+    answer = {"role": "assistant", "content": "2+3=5." * 5000}
+    long = _rewards(classifier_server, [CONVERSATIONS[0], [QUESTION, answer]])
+    assert long.status_code == 400, long.text[:300]
+    assert long.json()["error"]["param"] == "messages[1]"
+    assert long.json()["error"]["code"] == "context_length_exceeded"
+    kwargs = httpx.post(f"{classifier_server.url}/v1/chat/completions", timeout=60,
+                        json={"messages": CONVERSATIONS[0], "chat_template_kwargs": {"enable_thinking": False}})
+    assert kwargs.status_code == 400 and kwargs.json()["error"]["param"] == "chat_template_kwargs"
+
+
 def test_prm_step_scores(prm_server):
     assert prm_server.health()["kind"] == "prm"
     body = _rewards(prm_server, [STEPS, CONVERSATIONS[2]]).json()

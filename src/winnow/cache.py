@@ -2,9 +2,11 @@
 
 Two line shapes are read: the swift record (``messages`` ending with the sampled assistant turn,
 ``id``; one line per sample; what ``swift sample`` and ``winnow sample`` write by default) and the
-raw record (``id``, prompt ``messages``, ``completions``: a list of completion dicts). A line
-without an ``id`` is matched by its prompt messages instead. Scores in the cache are dropped: stage
-2 scores afresh.
+raw record (``id``, prompt ``messages``, ``completions``: a list of completion dicts). A row takes
+the lines whose ``id`` is its own id or swift's id of it (so files written by ``swift sample`` match
+too), else the lines with its prompt (a file written with another ``--dataset`` spelling, say).
+Scores in the cache are dropped: stage 2 scores afresh. A cache file that does not exist yet is
+not an error when there is an engine: its rows are sampled, as swift does (its rft.py relies on it).
 """
 
 from __future__ import annotations
@@ -24,16 +26,22 @@ def _prompt_key(messages: list) -> str:
 class SampleCache:
     """Completions from cache files, by row id (and by prompt, for lines without one)."""
 
-    def __init__(self, paths: list[str]):
+    def __init__(self, paths: list[str], missing_ok: bool = False):
         self.by_id: dict[str, list[Completion]] = {}
         self.by_prompt: dict[str, list[Completion]] = {}
         self.lines = 0
+        self.missing: list[str] = []
         for path in paths:
-            self._read(Path(path).expanduser())
+            file = Path(path).expanduser()
+            if not file.is_file() and missing_ok:
+                self.missing.append(str(file))
+                continue
+            self._read(file)
 
     def _read(self, path: Path) -> None:
         if not path.is_file():
-            raise DataError(f"--cache_files {path}: no such file")
+            raise DataError(f"--cache_files {path}: no such file (with --sampler_engine no there is nothing to "
+                            "sample it with)")
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():
@@ -62,12 +70,13 @@ class SampleCache:
             prompt_messages = messages[:-1]
         if row.get("id") is not None:
             self.by_id.setdefault(str(row["id"]), []).extend(completions)
-        else:
-            self.by_prompt.setdefault(_prompt_key(prompt_messages), []).extend(completions)
+        self.by_prompt.setdefault(_prompt_key(prompt_messages), []).extend(completions)
 
     def get(self, prompt: Prompt) -> list[Completion]:
         """The cached completions of a row (a fresh list; empty if the row is not cached)."""
         found = self.by_id.get(prompt.id)
+        if found is None and prompt.swift_id:
+            found = self.by_id.get(prompt.swift_id)
         if found is None:
             found = self.by_prompt.get(_prompt_key(prompt.messages), [])
         return [Completion(**{**c.__dict__, "scores": {}}) for c in found]

@@ -19,7 +19,7 @@ COMMANDS = {
     "sample": "Sample N completions per prompt, score them, keep the best, write JSONL.",
     "serve": "Serve a model or reward model over an OpenAI-compatible API (alias: deploy).",
     "report": "Scaling table and plots (pass@k, majority@k, best-of-k, vs tokens) from raw outputs.",
-    "list": "List components: winnow list rewards [--external_plugins F.py] | winnow list engines.",
+    "list": "List components: winnow list [engines|rewards|formats|strategies|...] [--external_plugins F.py].",
 }
 
 
@@ -55,6 +55,8 @@ def sampling_main(args: SampleConfig | list[str] | None = None):
 
 
 def _parse(cls, argv: list[str], prog: str, description: str):
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")) and not argv[0].startswith("-"):
+        argv = ["--config", argv[0], *argv[1:]]  # swift's `swift sample config.yaml`
     parser = _one_line(build_parser(cls, prog, description))
     if any(a in ("-h", "--help") for a in argv):
         parser.print_help()
@@ -71,8 +73,9 @@ def cmd_sample(argv: list[str]) -> int:
     if summary.status == "interrupted":
         return 130
     if summary.rows_total and not summary.totals.get("lines"):
+        where = f" and in {summary.failed_file}" if summary.totals.get("failed") else ""
         print(f"winnow sample: WARNING: the output has no lines: every row failed or was filtered; the reasons are "
-              f"in the summary above and in {summary.failed_file or 'the failed-rows log'}", file=sys.stderr)
+              f"in the summary above{where}", file=sys.stderr)
         return 1
     return 0
 
@@ -94,25 +97,33 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
+LIST_KINDS = {"engines": "engine", "rewards": "reward", "rm_styles": "rm_style", "formats": "format",
+              "strategies": "strategy", "schedulers": "scheduler", "models": "model", "datasets": "dataset"}
+
+
 def cmd_list(argv: list[str]) -> int:
-    what = argv[0] if argv else "rewards"
-    if what == "engines":
-        from winnow.engines import ALIASES, ENGINE_CLASSES
+    """``winnow list [KIND] [--external_plugins F.py ...]``: every registered component, with its one-line doc."""
+    from winnow.registry import KINDS, REGISTRY
 
-        for name, target in ENGINE_CLASSES.items():
-            aliases = [a for a, n in ALIASES.items() if n == name]
-            print(f"{name:<14} {target}" + (f"  (aliases: {', '.join(aliases)})" if aliases else ""))
-        return 0
-    if what == "rewards":
-        from winnow.registry import list_rewards, load_plugin
-
-        plugins = argv[argv.index("--external_plugins") + 1:] if "--external_plugins" in argv else []
-        for path in plugins:
-            load_plugin(path)
-        for name, doc in list_rewards():
-            print(f"{name:<22} {doc}")
-        return 0
-    raise WinnowError(f"winnow list {what!r}: use 'winnow list rewards' or 'winnow list engines'")
+    plugins = argv[argv.index("--external_plugins") + 1:] if "--external_plugins" in argv else []
+    wanted = [a for a in argv[: argv.index("--external_plugins")] if a] if plugins else argv
+    for path in plugins:
+        REGISTRY.load_file(path)
+    kinds = [LIST_KINDS.get(w, w) for w in wanted] or list(KINDS)
+    for kind in kinds:
+        if kind not in KINDS:
+            raise WinnowError(f"winnow list {kind!r}: use one of {', '.join(LIST_KINDS)}")
+        entries = REGISTRY.of_kind(kind)
+        if len(kinds) > 1:
+            plural = next(word for word, k in LIST_KINDS.items() if k == kind)
+            print(f"{plural} ({KINDS[kind]}):")
+        for entry in entries:
+            print(f"  {entry.name:<22} {entry.summary}" if len(kinds) > 1 else f"{entry.name:<22} {entry.summary}")
+        if kind == "reward":
+            hint = ("<classifier RM or PRM>", "a reward model's directory, hub id or http(s) URL: "
+                                              "--orm_model/--prm_model/--reward_model PATH")
+            print(f"  {hint[0]:<22} {hint[1]}" if len(kinds) > 1 else f"{hint[0]:<22} {hint[1]}")
+    return 0
 
 
 HANDLERS = {"sample": cmd_sample, "serve": cmd_serve, "deploy": cmd_serve, "report": cmd_report, "list": cmd_list}

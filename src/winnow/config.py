@@ -15,25 +15,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from winnow.engines.hf import TORCH_DTYPES
 from winnow.errors import ConfigError
-
-ENGINE_ALIASES = {"pt": "transformers", "hf": "transformers", "openai": "client"}
-ENGINES = ("pt", "transformers", "vllm", "sglang", "lmdeploy", "client", "no")
-OUTPUT_FORMATS = ("swift", "sft", "dpo", "raw", "grpo")
+from winnow.registry import REGISTRY
 
 
 def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True,
-        ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False):
+        ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False,
+        swift: str | None = None, registry: str | None = None, extra_choices: tuple = (), fingerprint: bool = False):
     """A config field with its help text, choices and range recorded once, for --help, YAML, docs and
-    the checks every entry point (CLI, YAML, Python) goes through."""
-    meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional}
+    the checks every entry point (CLI, YAML, Python) goes through.
+
+    ``swift`` marks a field that exists for ms-swift compatibility only: ``"noop"`` (a training or
+    preprocessing setting with no effect on sampling: accepted, and a run that sets it says so in
+    one warning line) or ``"unsupported"`` (it would change the samples and winnow does not do it:
+    any value but the default is an error naming it). ``registry`` names the registry kind whose names
+    (plus ``extra_choices``) are the choices: plugins add to them. ``fingerprint`` marks an option that decides
+    which rows a position holds or what is written for it: a resumed run must share it."""
+    meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional,
+            "swift": swift, "registry": registry, "extra_choices": extra_choices, "fingerprint": fingerprint}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
+def fingerprint_fields(cls) -> list[str]:
+    """The options a resumed run must share with the run it continues (declared with ``fingerprint=True``)."""
+    return [f.name for f in dataclasses.fields(cls) if f.metadata.get("fingerprint")]
+
+
 def check_fields(config) -> None:
-    """Every field's declared choices and range, checked; the error names the flag and what it takes."""
+    """Every field's declared choices and range, checked; the error names the flag and what it takes.
+    A list option given one string from Python (``dataset="d.jsonl"``, as swift takes it) becomes a list."""
+    hints = _field_types(type(config))
+    for f in dataclasses.fields(config):
+        if isinstance(getattr(config, f.name), (str, tuple)) and typing.get_origin(_unwrap(hints[f.name])[0]) is list:
+            value = getattr(config, f.name)
+            setattr(config, f.name, [value] if isinstance(value, str) else list(value))
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         meta = f.metadata
@@ -42,8 +60,13 @@ def check_fields(config) -> None:
                 continue
             flag = f"--{f.name} {item!r}" if isinstance(item, str) else \
                 f"--{f.name} {item:g}" if isinstance(item, float) else f"--{f.name} {item}"
-            if meta.get("choices") and item not in meta["choices"]:
-                raise ConfigError(f"{flag}: not one of {', '.join(map(str, meta['choices']))}")
+            choices = meta.get("choices")
+            if meta.get("registry"):
+                choices = (*REGISTRY.names(meta["registry"]), *meta.get("extra_choices", ()))
+                if item not in choices and getattr(config, "external_plugins", None):
+                    continue  # a plugin file may register it; checked when the run resolves the name
+            if choices and item not in choices:
+                raise ConfigError(f"{flag}: not one of {', '.join(map(str, choices))}")
             if not isinstance(item, (int, float)):
                 continue
             if meta.get("ge") is not None and item < meta["ge"]:
@@ -59,81 +82,157 @@ class SampleConfig:
     """Options of ``winnow sample`` (the same names as ``swift sample``)."""
 
     # --- model and engine
-    model: str | None = opt(None, "Model: a local directory, a hub id, or (client engine) a served model name.")
+    model: str | None = opt(None, "Model: a local directory, a hub id, or (client engine) a served model name.",
+                            fingerprint=True)
     model_type: str | None = opt(None, "Accepted for swift compatibility; the model's own config decides.")
+    model_revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
+    use_hf: bool = opt(False, "Hub ids are read from the Hugging Face hub (true) or ModelScope (false, swift's "
+                              "default; USE_HF=1 also selects Hugging Face).")
+    hub_token: str | None = opt(None, "Token for private hub models and datasets.")
+    adapters: list[str] = opt(None, "LoRA adapters (dirs or hub ids) applied to --model (transformers: merged at load; "
+                                    "vllm: LoRA requests).", factory=list, fingerprint=True)
+    load_args: bool = opt(True, "When --model or an adapter is a swift training output with args.json, take the "
+                                "base model, template and system from it (unless given).")
     template: str | None = opt(
-        None, "Chat template: a Jinja string or a file holding one. Default: the tokenizer's template."
+        None, "Chat template: a swift template name (qwen, chatml, llama3, deepseek, ...), a Jinja string, or a file "
+              "holding one. Default: the tokenizer's template."
     )
-    system: str | None = opt(None, "System prompt added to conversations that have none.")
-    sampler_type: Literal["sample", "distill"] = opt(
-        "sample", "sample: N samples per prompt; distill: API distillation.", choices=("sample", "distill")
-    )
-    sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only).",
-                              choices=(*ENGINES, *(a for a in ENGINE_ALIASES if a not in ENGINES)))
+    system: str | None = opt(None, "System prompt (text, or a file holding it): replaces the dataset's system message "
+                                   "or comes first, as in swift.", fingerprint=True)
+    enable_thinking: bool | None = opt(None, "Passed to the chat template as enable_thinking (Qwen3 and friends), and "
+                                             "to APIs as chat_template_kwargs.")
+    chat_template_kwargs: dict = opt(None, "More variables for the chat template as JSON, e.g. '{\"enable_thinking\": "
+                                           "false}'.", factory=dict)
+    response_prefix: str | None = opt(None, "Text the answer starts with (the model continues it; it is part of the "
+                                            "written answer). Local engines only.", fingerprint=True)
+    use_chat_template: bool | None = opt(None, "false: prompts are the conversation's text without a chat template.")
+    attn_impl: str | None = opt(None, "Attention implementation of the transformers engine (sdpa, eager, "
+                                      "flash_attention_2, ...).")
+    device_map: str | None = opt(None, "transformers device_map (auto, balanced, a JSON map) for models over several "
+                                       "GPUs.")
+    max_memory: dict = opt(None, "transformers max_memory per device as JSON, with --device_map.", factory=dict)
+    max_model_len: int | None = opt(None, "Context length of the engine (vLLM's max_model_len); also the default "
+                                          "--max_length.", ge=1)
+    quant_method: str | None = opt(None, "Quantize --model at load (transformers): bnb or hqq.",
+                                   choices=("bnb", "hqq", "eetq", "quanto", "fp8"))
+    quant_bits: str | None = opt(None, "Bits of --quant_method (bnb: 4 or 8).", choices=("1", "2", "3", "4", "8",
+                                                                                          "float8"))
+    bnb_4bit_compute_dtype: str | None = opt(None, "bitsandbytes 4-bit compute dtype.",
+                                             choices=("float16", "bfloat16", "float32"))
+    bnb_4bit_quant_type: str = opt("nf4", "bitsandbytes 4-bit quant type.", choices=("fp4", "nf4"))
+    bnb_4bit_use_double_quant: bool = opt(True, "bitsandbytes double quantization.")
+    bnb_4bit_quant_storage: str | None = opt(None, "bitsandbytes 4-bit storage dtype.")
+    hqq_axis: int | None = opt(None, "HQQ quantization axis.")
+    sampler_type: str = opt("sample", "Strategy: sample (N samples per prompt), distill (API distillation, "
+                                      "reasoning kept), or a search strategy; `winnow list strategies`.",
+                            registry="strategy", fingerprint=True)
+    sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only); "
+                                    "`winnow list engines`.", registry="engine", extra_choices=("no",))
     engine_kwargs: dict = opt(None, "Extra engine options as JSON, e.g. '{\"max_batch_sequences\": 256}'.",
                               factory=dict)
     torch_dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16, float16.",
-                           choices=("auto", "float32", "bfloat16", "float16"))
-    max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows.", ge=1)
+                           choices=TORCH_DTYPES)
+    max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows. Default: "
+                                       "the model's context length.", ge=1)
+    truncation_strategy: str | None = opt(None, "A prompt over --max_length: delete (the row fails, the default) or "
+                                                "left (its oldest tokens are cut).", choices=("delete", "left"))
     device: str = opt("auto", "Device for local engines: auto (CUDA if present, else CPU), cpu, cuda, cuda:1.")
 
     # --- data
-    dataset: list[str] = opt(None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list)
-    dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded) before sampling.")
-    seed: int = opt(42, "Random seed for data order and generation.", ge=0, le=2**63 - 1)
-    data_range: list[int] = opt(None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list)
+    dataset: list[str] = opt(None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list,
+                             fingerprint=True)
+    dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded by --data_seed) before sampling.", fingerprint=True)
+    seed: int = opt(42, "Random seed of generation.", ge=0, le=2**63 - 1, fingerprint=True)
+    data_seed: int = opt(42, "Random seed of the data order and of #N sampling.", ge=0, le=2**63 - 1, fingerprint=True)
+    data_range: list[int] = opt(None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list,
+                                fingerprint=True)
     strict: bool = opt(False, "Stop before generating anything if any row is bad (default: log and skip it).")
+    columns: dict = opt(None, "Rename dataset columns first, as JSON: '{\"instruction\": \"query\"}'.", factory=dict,
+                        fingerprint=True)
+    split_dataset_ratio: float = opt(0.0, "Hold out this share of the rows (seeded) and sample the rest. (swift 4.6's "
+                                          "sampler ignores it.)", ge=0, le=1, fingerprint=True)
+    remove_unused_columns: bool | None = opt(None, "true: write only the standard fields, as swift does; default: "
+                                                   "a row's other columns travel into every output line.",
+                                                   fingerprint=True)
+    streaming: bool = opt(False, "Accepted: winnow always reads datasets lazily.")
 
     # --- sampling
-    num_return_sequences: int = opt(64, "Samples per prompt.", ge=1)
-    max_new_tokens: int = opt(2048, "Most tokens to generate per sample.", ge=1)
-    temperature: float = opt(1.0, "Sampling temperature (0 = greedy).", ge=0)
-    top_p: float = opt(1.0, "Nucleus sampling probability.", gt=0, le=1)
-    top_k: int | None = opt(None, "Top-k sampling (unset or 0 = off).", ge=0)
-    repetition_penalty: float = opt(1.0, "Repetition penalty (1.0 = off).", gt=0)
+    num_return_sequences: int = opt(64, "Samples per prompt.", ge=1, fingerprint=True)
+    max_new_tokens: int | None = opt(None, "Most tokens to generate per sample; unset: the rest of the model's context "
+                                           "(the client engine sends no limit).", ge=1)
+    temperature: float | None = opt(None, "Sampling temperature (0 = greedy); unset: the model's "
+                                          "generation_config.json, else 1.0.", ge=0)
+    top_p: float | None = opt(None, "Nucleus sampling probability; unset: the model's generation_config.json, "
+                                    "else 1.0.", gt=0, le=1)
+    top_k: int | None = opt(None, "Top-k sampling (0 = off); unset: the model's generation_config.json, else off.",
+                            ge=0)
+    repetition_penalty: float | None = opt(None, "Repetition penalty (1.0 = off); unset: the model's "
+                                                 "generation_config.json, else off.", gt=0)
+    num_beams: int = opt(1, "Beam search (transformers engine): the N best of this many beams, no sampling.", ge=1)
     stop_words: list[str] = opt(None, "Stop generation at any of these strings.", factory=list)
     num_sampling_batch_size: int | None = opt(
-        None, "Prompts per engine call (default: the engine's own budget).", ge=1
+        None, "Prompts per engine call (default: the engine's own budget).", ge=1, fingerprint=True
     )
-    num_sampling_batches: int | None = opt(None, "Stop after this many batches of prompts.", ge=1)
+    num_sampling_batches: int | None = opt(None, "Stop after this many batches of prompts.", ge=1, fingerprint=True)
 
     # --- output
     output_dir: str = opt("sample_output", "Directory for the output and its manifest.")
     output_file: str | None = opt(None, "Output file name (no directory, .jsonl). Default: a timestamp.")
     override_exist_file: bool = opt(False, "Overwrite an existing output file.")
     resume: bool = opt(False, "Continue an interrupted run: skip groups already written.")
-    output_format: str = opt("swift", "Record format: swift, sft, dpo, raw, grpo.", choices=OUTPUT_FORMATS)
+    output_parquet: bool = opt(False, "Also write the output as Parquet (<name>.parquet, one schema for every run: "
+                                      "scores as a list of {name, value, steps}) when the run finishes.")
+    output_format: str = opt("swift", "Record format: swift (messages, id, rejected_response), sft (messages), "
+                                      "prompt_completion (TRL's prompt/completion SFT form), dpo (TRL's prompt/"
+                                      "chosen/rejected), raw (every sample with its scores), grpo (prompts a GRPO "
+                                      "trainer loads, with the group's statistics).", registry="format",
+                                      fingerprint=True)
 
     # --- rewards and selection
     orm_model: str | None = opt(
-        None, "Outcome reward: a built-in name (math, accuracy, ...), a plugin name or a model."
+        None, "Outcome reward: a built-in name (math, accuracy, ...), a plugin name or a model.", fingerprint=True
     )
-    prm_model: str | None = opt(None, "Process reward: a model dir/hub id, or a plugin name.")
-    reward_funcs: list[str] = opt(None, "More rewards by name, combined with --reward_weights.", factory=list)
+    prm_model: str | None = opt(None, "Process reward: a model dir/hub id, or a plugin name.", fingerprint=True)
+    reward_funcs: list[str] = opt(None, "More rewards by name, combined with --reward_weights.", factory=list,
+                                  fingerprint=True)
     reward_weights: list[float] = opt(None, "Weights of the rewards, in order [orm, prm, reward_funcs...].",
-                                      factory=list)
-    reward_kwargs: dict = opt(None, "Options for rewards as JSON: {\"reward_name\": {...}} .", factory=dict)
-    reward_model: list[str] = opt(None, "Classifier reward models (dirs or hub ids).", factory=list)
-    external_plugins: list[str] = opt(None, "Python files defining orms/prms/reward functions.", factory=list)
+                                      factory=list, fingerprint=True)
+    reward_kwargs: dict = opt(None, "Options for rewards as JSON: {\"reward_name\": {...}} .", factory=dict,
+                              fingerprint=True)
+    reward_model: list[str] = opt(None, "Classifier reward models (dirs or hub ids).", factory=list, fingerprint=True)
+    external_plugins: list[str] = opt(None, "Python files defining orms/prms/reward functions.", factory=list,
+                                      fingerprint=True)
     n_best_to_keep: int | None = opt(None, "Samples kept per prompt (default: 5, as swift, or N if fewer); at most "
-                                      "--num_return_sequences.", ge=1)
-    prm_threshold: float | None = opt(None, "Samples whose PRM score is at or below this are not kept.")
-    prm_agg: str = opt("min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"))
-    easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.", ge=0, le=1)
-    hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.", ge=0, le=1)
-    num_rejected: int = opt(1, "Rejected responses paired with each kept sample.", ge=1)
-    min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.", ge=0)
-    include_reference: bool = opt(False, "Let the dataset's reference answer be a candidate.")
-    keep_unpaired: bool = opt(False, "Keep samples that have no rejected partner (without rejected_response).")
-    cache_files: list[str] = opt(None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list)
+                                      "--num_return_sequences.", ge=1, fingerprint=True)
+    selection: str = opt("winnow", "winnow: swift's records with swift's bugs fixed (docs/rewards.md); swift: ms-swift "
+                                   "4.6's selection, line for line.", choices=("winnow", "swift"), fingerprint=True)
+    prm_threshold: float | None = opt(0.0, "With a PRM: samples whose PRM score is at or below this are not kept "
+                                           "(as swift; none: no threshold).", fingerprint=True)
+    prm_agg: str = opt("min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"),
+                       fingerprint=True)
+    easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.", ge=0, le=1,
+                                             fingerprint=True)
+    hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.", ge=0, le=1,
+                                             fingerprint=True)
+    num_rejected: int = opt(1, "Rejected responses paired with each kept sample.", ge=1, fingerprint=True)
+    min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.", ge=0, fingerprint=True)
+    include_reference: bool = opt(False, "Let the dataset's reference answer be a candidate.", fingerprint=True)
+    keep_unpaired: bool = opt(True, "Write kept samples that have no rejected partner (no sample scores below them) "
+                                    "without rejected_response; false drops them (counted).", fingerprint=True)
+    keep_truncated: bool = opt(True, "Keep answers cut at the token limit (their finish_reason says length; the "
+                                     "summary counts them); false fails them.", fingerprint=True)
+    cache_files: list[str] = opt(None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list,
+                                 fingerprint=True)
 
     # --- API client
     stream: bool = opt(False, "Stream API responses.")
     # a plain str with an "auto" default: "none" is one of the choices, not the absence of a value
     reasoning_format: str = opt(
-        "auto", "Where reasoning goes: think_answer (the default for distill), separate (a 'reasoning' field; "
-        "the default for sample), none (dropped).",
-        choices=("auto", "think_answer", "separate", "none"),
+        "auto", "Where a reasoning model's reasoning goes: message (reasoning_content on the assistant message, what "
+        "chat templates read; the default for sample), think_answer (<think>...</think><answer>...</answer>, the "
+        "default for distill, as swift), think (<think>...</think> then the answer), separate (a 'reasoning' "
+        "column), none (dropped).",
+        choices=("auto", "message", "think_answer", "think", "separate", "none"), fingerprint=True,
     )
     max_concurrency: int = opt(64, "API requests in flight.", ge=1)
     rpm: int | None = opt(None, "Most API requests per minute.", ge=1)
@@ -142,6 +241,70 @@ class SampleConfig:
     max_retries: int = opt(5, "Retries of one API request (429, 5xx, timeouts, connection errors).", ge=0)
     price_per_mtok_in: float | None = opt(None, "Price per million prompt tokens, for the cost report.", ge=0)
     price_per_mtok_out: float | None = opt(None, "Price per million completion tokens, for the cost report.", ge=0)
+
+    # --- swift compatibility: settings of swift's SamplingArguments that do not apply to sampling
+    custom_register_path: list[str] = opt(None, "swift registration files (custom models, templates, datasets): "
+                                                "loaded like --external_plugins.", factory=list)
+    logprobs: bool = opt(False, "Not supported yet: per-token log-probabilities.", swift="unsupported")
+    top_logprobs: int | None = opt(None, "Not supported yet.", swift="unsupported")
+    structured_outputs_regex: str | None = opt(None, "Not supported yet: regex-constrained decoding.",
+                                               swift="unsupported")
+    interleave_prob: list[float] = opt(None, "Not supported: datasets are concatenated.", factory=list,
+                                       swift="unsupported")
+    stopping_strategy: str = opt("first_exhausted", "Only with --interleave_prob.", swift="noop")
+    ray_exp_name: str | None = opt(None, "swift's Ray experiment name.", swift="noop")
+    device_groups: Any = opt(None, "swift's Ray device groups (winnow places Ray replicas itself).", swift="noop")
+    task_type: str | None = opt(None, "swift model task type (sampling is causal_lm).", swift="noop")
+    experts_impl: str | None = opt(None, "swift MoE setting.", swift="noop")
+    new_special_tokens: list[str] = opt(None, "swift training setting.", factory=list, swift="noop")
+    num_labels: int | None = opt(None, "swift training setting.", swift="noop")
+    problem_type: str | None = opt(None, "swift training setting.", swift="noop")
+    rope_scaling: str | None = opt(None, "swift model setting.", swift="noop")
+    local_repo_path: str | None = opt(None, "swift model setting.", swift="noop")
+    init_strategy: str | None = opt(None, "swift training setting.", swift="noop")
+    max_pixels: int | None = opt(None, "swift multimodal setting (winnow samples text).", swift="noop")
+    agent_template: str | None = opt(None, "swift agent template.", swift="noop")
+    norm_bbox: str | None = opt(None, "swift grounding setting.", swift="noop")
+    padding_side: str = opt("right", "swift training setting (sampling always pads left).", swift="noop")
+    padding_free: bool = opt(False, "swift training setting.", swift="noop")
+    loss_scale: str = opt("default", "swift training setting.", swift="noop")
+    sequence_parallel_size: int = opt(1, "swift training setting.", swift="noop")
+    is_binary_loss_scale: bool | None = opt(None, "swift training setting.", swift="noop")
+    template_backend: str = opt("swift", "swift template backend (winnow renders HF chat templates).", swift="noop")
+    preserve_thinking: bool | None = opt(None, "swift training setting.", swift="noop")
+    add_non_thinking_prefix: bool = opt(True, "swift training setting.", swift="noop")
+    disable_ignore_empty_think: bool = opt(False, "swift training setting.", swift="noop")
+    val_dataset: list[str] = opt(None, "swift training setting (sampling has no validation set).", factory=list,
+                                 swift="noop")
+    cached_dataset: list[str] = opt(None, "swift preprocessing cache.", factory=list, swift="noop")
+    cached_val_dataset: list[str] = opt(None, "swift preprocessing cache.", factory=list, swift="noop")
+    dataset_num_proc: int = opt(1, "swift preprocessing workers (winnow reads lazily).", swift="noop")
+    load_from_cache_file: bool = opt(False, "swift preprocessing cache.", swift="noop")
+    val_dataset_shuffle: bool = opt(False, "swift training setting.", swift="noop")
+    shuffle_buffer_size: int = opt(1000, "swift streaming setting.", swift="noop")
+    download_mode: str = opt("reuse_dataset_if_exists", "swift download setting.", swift="noop")
+    disable_auto_column_mapping: bool = opt(False, "swift preprocessing setting.", swift="noop")
+    model_name: list[str] = opt(None, "swift self-cognition setting.", factory=list, swift="noop")
+    model_author: list[str] = opt(None, "swift self-cognition setting.", factory=list, swift="noop")
+    custom_dataset_info: list[str] = opt(None, "swift dataset registry files.", factory=list, swift="noop")
+    decision_drop_instructions: float = opt(0.0, "swift decision-task setting.", swift="noop")
+    decision_subsample_options: int = opt(0, "swift decision-task setting.", swift="noop")
+    decision_state_as_text: float = opt(0.0, "swift decision-task setting.", swift="noop")
+    decision_shuffle_fields: bool = opt(False, "swift decision-task setting.", swift="noop")
+    tuner_backend: str = opt("peft", "swift training setting.", swift="noop")
+    tuner_type: str = opt("lora", "swift training setting.", swift="noop")
+    use_swift_lora: bool = opt(False, "swift training setting.", swift="noop")
+    model_kwargs: dict = opt(None, "swift model-specific settings.", factory=dict, swift="noop")
+    enable_npu_model_patch: bool = opt(True, "swift NPU setting.", swift="noop")
+    load_data_args: bool = opt(False, "swift training setting.", swift="noop")
+    packing: bool = opt(False, "swift training setting.", swift="noop")
+    packing_length: int | None = opt(None, "swift training setting.", swift="noop")
+    packing_num_proc: int = opt(1, "swift training setting.", swift="noop")
+    packing_strategy: str = opt("binpack", "swift training setting.", swift="noop")
+    lazy_tokenize: bool | None = opt(None, "swift training setting.", swift="noop")
+    ddp_timeout: int = opt(18000000, "swift distributed setting.", swift="noop")
+    ddp_backend: str | None = opt(None, "swift distributed setting.", swift="noop")
+    ignore_args_error: bool = opt(False, "swift setting.", swift="noop")
 
     # --- Ray: engine (and reward-model) replicas as Ray actors, the run's driver unchanged (docs/ray.md)
     ray: bool = opt(False, "Run the engine as --num_workers replicas on a Ray cluster (pip install 'winnow[ray]').")
@@ -178,7 +341,11 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        self.sampler_engine = ENGINE_ALIASES.get(self.sampler_engine, self.sampler_engine)
+        for f in dataclasses.fields(self):
+            if f.metadata.get("swift") == "unsupported" and getattr(self, f.name) not in (None, False, [], {}):
+                raise ConfigError(f"--{f.name}: accepted for swift compatibility but not supported by winnow sample "
+                                  "yet; drop it")
+        self.sampler_engine = REGISTRY.canonical("engine", self.sampler_engine)
         if self.n_best_to_keep is not None and self.n_best_to_keep > self.num_return_sequences:
             raise ConfigError(f"--n_best_to_keep {self.n_best_to_keep}: more than the {self.num_return_sequences} "
                               "samples per prompt (--num_return_sequences); keep at most that many")
@@ -190,12 +357,12 @@ class SampleConfig:
                 raise ConfigError(f"--output_file must end with .jsonl, got {self.output_file!r}")
         if self.data_range and (len(self.data_range) != 2 or not 0 <= self.data_range[0] < self.data_range[1]):
             raise ConfigError(f"--data_range takes 'i n' with 0 <= i < n, got {self.data_range}")
-        if self.sampler_engine != "no" and not self.model:
+        if self.sampler_engine != "no" and not self.model and not self.adapters:
             raise ConfigError("--model is required (a local directory, a hub id, or a served model name)")
         if not self.dataset:
             raise ConfigError("--dataset is required, e.g. --dataset data.jsonl#100")
         if self.reasoning_format in (None, "auto"):
-            self.reasoning_format = "think_answer" if self.sampler_type == "distill" else "separate"
+            self.reasoning_format = "think_answer" if self.sampler_type == "distill" else "message"
         self.ray = self.ray or self.use_ray
         if not self.ray and (self.num_workers > 1 or self.ray_reward_workers):
             flag = "--num_workers" if self.num_workers > 1 else "--ray_reward_workers"
@@ -205,6 +372,49 @@ class SampleConfig:
     def engine(self) -> str:
         """The canonical engine name (``pt`` is ``transformers``)."""
         return self.sampler_engine
+
+    def apply_saved_args(self) -> list[str]:
+        """``--load_args``: when --model or an adapter is a swift training output, take the base model, template,
+        system and length settings its ``args.json`` recorded, for the options this run does not set.
+        Returns what it took, for the run to say."""
+        import json as json_module
+
+        if not self.load_args:
+            return []
+        taken: list[str] = []
+        for folder in [*self.adapters, *([self.model] if self.model else [])]:
+            saved_file = Path(folder).expanduser() / "args.json"
+            if not saved_file.is_file():
+                continue
+            try:
+                saved = json_module.loads(saved_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                raise ConfigError(f"{saved_file}: not valid JSON; fix it or pass --load_args false") from None
+            if self.adapters and folder in self.adapters and saved.get("model") and \
+                    (self.model is None or self.model in self.adapters):
+                self.model = str(saved["model"])
+                taken.append(f"model={self.model}")
+            from winnow.templates import TEMPLATES
+
+            for key in ("model_type", "model_revision", "system", "max_length", "template"):
+                value = saved.get(key)
+                if value is None or getattr(self, key) is not None or \
+                        (key == "template" and value not in TEMPLATES):
+                    continue
+                setattr(self, key, value)
+                taken.append(f"{key}={value}")
+            break
+        return taken
+
+    def without_effect(self) -> list[str]:
+        """The swift-only options this run sets that have no effect on sampling (a run names them once)."""
+        out = []
+        for f in dataclasses.fields(self):
+            if f.metadata.get("swift") == "noop":
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if getattr(self, f.name) != default:
+                    out.append(f"--{f.name}")
+        return out
 
 
 @dataclass
@@ -217,7 +427,7 @@ class ServeConfig:
     port: int = opt(8000, "Port to bind (0 picks a free one).", ge=0, le=65535)
     api_key: str | None = opt(None, "Require this bearer key on every request.")
     served_model_name: str | None = opt(None, "Model name clients use (default: the directory name).")
-    torch_dtype: str = opt("auto", "Model dtype.", choices=("auto", "float32", "bfloat16", "float16"))
+    torch_dtype: str = opt("auto", "Model dtype.", choices=TORCH_DTYPES)
     device: str = opt("auto", "Device: auto, cpu, cuda.")
     engine_kwargs: dict = opt(None, "Extra engine options as JSON.", factory=dict)
     max_batch_size: int = opt(64, "Most requests batched into one engine call.", ge=1)
@@ -229,13 +439,27 @@ class ServeConfig:
                                       ge=1)
     seed: int = opt(42, "Seed of the server's random stream; a request's own seed gets an engine call of its own.",
                      ge=0, le=2**63 - 1)
+    # --- limits against hostile or broken clients (docs/serve.md, "Limits")
+    max_request_bytes: int = opt(32 * 1024 * 1024, "Largest request body in bytes; a larger one is answered 413 "
+                                                   "before it is read.", ge=1)
+    max_messages: int = opt(2048, "Most messages in one conversation, and content parts in one message.", ge=1)
+    max_prompts: int = opt(256, "Most prompts in one /v1/completions request and conversations in one "
+                                "/v1/rewards request.", ge=1)
+    max_stop: int = opt(16, "Most stop strings in one request.", ge=1)
+    max_stop_chars: int = opt(256, "Longest stop string, in characters.", ge=1)
+    max_connections: int = opt(1024, "Most open client connections; beyond it the oldest connection that has not "
+                                     "sent a whole request head is closed, or the new one refused with 503.", ge=1)
+    timeout_headers: float = opt(10.0, "Seconds a connection has to send a whole request head (408 after).", gt=0)
+    timeout_body: float = opt(60.0, "Seconds a request has to send its whole body once its head is in (408 after).",
+                              gt=0)
+    timeout_keep_alive: float = opt(5.0, "Seconds an idle keep-alive connection stays open.", gt=0)
     debug: bool = opt(False, "Show tracebacks on errors.")
 
     def __post_init__(self) -> None:
         check_fields(self)
         if not self.model:
             raise ConfigError("--model is required")
-        self.engine = ENGINE_ALIASES.get(self.engine, self.engine)
+        self.engine = REGISTRY.canonical("engine", self.engine)
 
 
 @dataclass
@@ -346,7 +570,7 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         description=description,
         argument_default=argparse.SUPPRESS,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
+        allow_abbrev=True,  # unambiguous abbreviations, as swift's argument parser allows
     )
     parser.add_argument("--config", help="YAML file of options; flags given here override it.")
     hints = _field_types(cls)
@@ -370,18 +594,25 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    """Options from a YAML file, keys normalised to snake_case."""
+    """Options from a YAML (or JSON) file, keys normalised to snake_case. As in swift, an ``ENV`` mapping
+    sets environment variables that are not set already."""
+    import os
+
     import yaml
 
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not valid YAML ({e})") from None
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: not valid YAML or JSON ({e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option: value")
+    env = data.pop("ENV", None)
+    if isinstance(env, dict):
+        for key, value in env.items():
+            os.environ.setdefault(str(key), str(value))
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
@@ -389,6 +620,12 @@ def make_config(cls, values: dict[str, Any], source: str = "options"):
     """Build ``cls`` from a dict, naming any unknown key and any value of the wrong type."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
+    if unknown and str(values.get("ignore_args_error")).lower() in ("true", "1"):
+        import sys
+
+        print(f"winnow: warning: ignored unknown options (--ignore_args_error): {', '.join(unknown)}", file=sys.stderr)
+        values = {k: v for k, v in values.items() if k in known}
+        unknown = []
     if unknown:
         import difflib
 
@@ -425,6 +662,8 @@ def _coerce(key: str, value: Any, tp: Any, source: str) -> Any:
             if isinstance(value, bool):
                 raise ValueError("a boolean")
             return inner(value)
+        if inner is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `quant_bits: 4` as a number
     except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
         raise ConfigError(f"{source}: bad value for {key}: {value!r} ({e})") from None
     return value

@@ -33,16 +33,17 @@ REFERENCE_COLUMNS = ("answer", "solution", "ground_truth", "reference", "gt", "t
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """One ``--dataset`` value: where the rows are, an optional subset, an optional row count."""
+    """One ``--dataset`` value: where the rows are, an optional subset and split, an optional row count."""
 
     path: str
     subset: str | None = None
     n: int | None = None
     text: str = ""
+    split: str | None = None  # a hub dataset's split (default: train)
 
 
 def parse_dataset_spec(text: str) -> DatasetSpec:
-    """Parse ``path_or_id[:subset][#N]``; a local path is never split on ':'."""
+    """Parse ``path_or_id[:subset][@split][#N]``; a local path is never split on ':' or '@'."""
     body, n = text, None
     if "#" in text:
         body, _, count = text.rpartition("#")
@@ -52,10 +53,12 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
             raise DataError(f"--dataset {text!r}: the part after '#' must be a row count, got {count!r}") from None
         if n < 0:
             raise DataError(f"--dataset {text!r}: the row count must not be negative")
-    subset = None
+    subset = split = None
+    if not os.path.exists(body) and "@" in body:
+        body, _, split = body.rpartition("@")
     if not os.path.exists(body) and ":" in body:
         body, _, subset = body.partition(":")
-    return DatasetSpec(path=body, subset=subset or None, n=n, text=text)
+    return DatasetSpec(path=body, subset=subset or None, n=n, text=text, split=split or None)
 
 
 # ----------------------------------------------------------------------------- sources (random access)
@@ -260,7 +263,7 @@ def _open_hub(spec: DatasetSpec):
         raise DataError(f"--dataset {spec.text}: not a local file or folder, and loading hub datasets needs "
                         "the datasets library: pip install 'winnow[hf]'") from None
     try:
-        ds = datasets.load_dataset(spec.path, spec.subset, split="train")
+        ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train")
     except Exception as e:  # the library raises many kinds; all mean "cannot load"
         raise DataError(f"--dataset {spec.text}: no local file or folder by that name, and loading it as a hub "
                         f"dataset failed: {type(e).__name__}: {e}") from None
@@ -271,11 +274,11 @@ def open_sources(spec: DatasetSpec) -> list:
     """The row sources one spec names: a file, every data file of a folder, or a hub dataset."""
     path = Path(spec.path).expanduser()
     if not path.exists():
-        from winnow import demo
+        from winnow.registry import REGISTRY
 
-        bundled = demo.resolve_dataset(spec.path)
-        if bundled is not None:
-            path = Path(bundled)
+        named = REGISTRY.get("dataset", spec.path)  # a registered name (the demo world's, say)
+        if named is not None:
+            path = Path(named.obj())
     if path.is_file():
         try:
             return [_open_file(path)]
@@ -336,15 +339,26 @@ def _text(value: Any, what: str) -> str:
 
 
 def _check_messages(messages: Any) -> list[Message]:
+    """Chat messages as given, every field kept (tool calls, tool_call_id, name, reasoning_content...),
+    text content parts joined; an assistant turn that only calls tools has ``content: null``."""
     if not isinstance(messages, list) or not messages:
         raise RowError("'messages' must be a non-empty list of {role, content}")
     out = []
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m:
             raise RowError(f"message {k} must have 'role' and 'content'")
         if m["role"] not in ROLES:
             raise RowError(f"message {k} has role {m['role']!r}; use one of {', '.join(sorted(ROLES))}")
-        out.append({"role": m["role"], "content": _text(m["content"], f"message {k} content")})
+        message = dict(m)
+        if m.get("content") is None:
+            if not (m["role"] == "assistant" and m.get("tool_calls")):
+                raise RowError(f"message {k} has no content (only an assistant turn with tool_calls may have none)")
+            message["content"] = None
+        else:
+            message["content"] = _text(m["content"], f"message {k} content")
+        if "tool_calls" in m and not isinstance(m["tool_calls"], list):
+            raise RowError(f"message {k}: 'tool_calls' must be a list of calls")
+        out.append(message)
     return out
 
 
@@ -417,29 +431,68 @@ def row_to_conversation(row: dict, fmt: str) -> list[Message]:
     raise RowError(f"unknown format {fmt!r}")
 
 
-def row_to_prompt(row: Any, fmt: str, *, id: str, source: str, position: int, system: str | None) -> Prompt:
-    """A dataset row as a :class:`Prompt`; raises :class:`RowError` with the reason if it cannot be one."""
+# the columns ms-swift keeps when it preprocesses a row (besides messages); its row id hashes them
+SWIFT_COLUMNS = ("images", "videos", "audios", "tools", "objects", "label", "channel", "margin", "chat_template_kwargs")
+
+
+def swift_row_id(conversation: list[Message], dataset: str, row: dict | None = None) -> str:
+    """ms-swift's id of a row: the md5 of its preprocessed form (the whole conversation, system and
+    answer included, the ``--dataset`` name as typed, and swift's standard columns the row has)."""
+    processed: dict[str, Any] = {"messages": [{"role": m["role"], "content": m["content"]} for m in conversation]}
+    for key in SWIFT_COLUMNS:
+        if row is not None and key in row:
+            processed[key] = row[key]
+    processed["dataset"] = dataset
+    return hashlib.md5(json.dumps(processed, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def with_system(conversation: list[Message], system: str | None) -> list[Message]:
+    """``--system`` as swift applies it: it replaces the conversation's system message, or comes first."""
+    if not system:
+        return conversation
+    if conversation and conversation[0]["role"] == "system":
+        return [{"role": "system", "content": system}, *conversation[1:]]
+    return [{"role": "system", "content": system}, *conversation]
+
+
+def row_to_prompt(row: Any, fmt: str, *, id: str | None, source: str, position: int, system: str | None,
+                  dataset: str = "", id_suffix: str = "") -> Prompt:
+    """A dataset row as a :class:`Prompt`; raises :class:`RowError` with the reason if it cannot be one.
+
+    Its id is ``id`` when given, else the row's own ``id`` field, else swift's id of the row
+    (:func:`swift_row_id`), followed by ``id_suffix`` (which tells repeated rows apart)."""
     if not isinstance(row, dict):
         raise RowError(f"a row must be a JSON object, got {type(row).__name__}")
     missing = [k for k in FORMAT_KEYS[fmt][:1] if k not in row and not (fmt == "math" and "question" in row)]
     if missing:
         raise RowError(f"missing field {missing[0]!r} (this file's rows are {fmt} format)")
-    conversation = row_to_conversation(row, fmt)
+    conversation = with_system(row_to_conversation(row, fmt), system)
+    swift_id = swift_row_id(conversation, dataset, row)
+    if id is None:
+        own = row.get("id")
+        id = (str(own) if isinstance(own, (str, int)) and not isinstance(own, bool) else swift_id) + id_suffix
     response = None
     if conversation and conversation[-1]["role"] == "assistant":
         response = conversation[-1]["content"]
         conversation = conversation[:-1]
     if not conversation or conversation[-1]["role"] not in ("user", "tool"):
         raise RowError("the conversation must end with a user turn (the prompt) before the answer")
-    if not any(m["role"] == "user" and m["content"].strip() for m in conversation):
+    if not any(m["role"] == "user" and (m["content"] or "").strip() for m in conversation):
         raise RowError("empty prompt: no user turn has any text")
-    if system and conversation[0]["role"] != "system":
-        conversation = [{"role": "system", "content": system}, *conversation]
-    consumed = set(FORMAT_KEYS[fmt])
+    consumed = set(FORMAT_KEYS[fmt]) | {"tools"}
     columns = {k: v for k, v in row.items() if k not in consumed and k != "id"}
+    tools = row.get("tools")
+    if isinstance(tools, str):  # swift's datasets keep tools as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            raise RowError("'tools' is not valid JSON") from None
+    if tools is not None and not isinstance(tools, list):
+        raise RowError("'tools' must be a list of function definitions")
     reference = next((str(row[k]) for k in REFERENCE_COLUMNS if row.get(k) not in (None, "")), response)
     return Prompt(id=id, messages=conversation, response=response, reference=reference, columns=columns,
-                  source=source, position=position)
+                  source=source, position=position, dataset=dataset, swift_id=swift_id,
+                  conversational=not (fmt == "prompt" and isinstance(row.get("prompt"), str)), tools=tools or None)
 
 
 # ----------------------------------------------------------------------------- order and shards
@@ -484,8 +537,12 @@ class RowPlan:
     """
 
     def __init__(self, sources: list, formats: list[str | None], dups: list[dict[int, int]],
-                 system: str | None):
+                 system: str | None, names: list[str] | None = None, columns: dict[str, str] | None = None,
+                 keep_columns: bool = True):
         self.sources = sources
+        self.columns = dict(columns or {})  # --columns: renames applied to every row first
+        self.keep_columns = keep_columns
+        self.names = names or [""] * len(sources)  # each source's --dataset name, as typed
         self.formats = formats
         self.dups = dups
         self.system = system
@@ -496,30 +553,38 @@ class RowPlan:
     def __len__(self) -> int:
         return len(self.idx)
 
-    def row_id(self, position: int) -> str:
-        """The stable id of the row at ``position``: a hash of the row (or of its own ``id`` field)."""
+    def id_suffix(self, position: int) -> str:
+        """What tells a repeated row apart: ``-k`` for the k-th repeat of a line in its file, ``-rK``
+        for the K-th copy that ``#N`` above the dataset size made."""
         s, i, copy = self.src[position], self.idx[position], self.copy[position]
-        out = f"{self.sources[s].keys[i]:016x}"
-        if i in self.dups[s]:
-            out += f"-{self.dups[s][i]}"
+        out = f"-{self.dups[s][i]}" if i in self.dups[s] else ""
         return out if copy == 0 else f"{out}-r{copy}"
+
+    def row_id(self, position: int) -> str:
+        """An id for a row that cannot be read (a hash of its bytes): a readable row's id is made when it
+        is read (:func:`row_to_prompt`)."""
+        s, i = self.src[position], self.idx[position]
+        return f"{self.sources[s].keys[i]:016x}" + self.id_suffix(position)
 
     def read(self, position: int) -> Prompt | BadRow:
         """The prompt at ``position`` of the run's order, or why that row cannot be used."""
         s, i = self.src[position], self.idx[position]
         source = self.sources[s]
         where = source.where(i)
-        row_id = self.row_id(position)
         try:
-            row = source.row(i)
+            row = rename_columns(source.row(i), self.columns)
             fmt = self.formats[s] or detect_format(row)
             if fmt is None:
                 keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
                 raise RowError(f"unknown row format (fields: {keys}); expected messages, conversations, "
                                "instruction/input/output, query/response, prompt/completion or problem/solution")
-            return row_to_prompt(row, fmt, id=row_id, source=where, position=position, system=self.system)
+            prompt = row_to_prompt(row, fmt, id=None, source=where, position=position, system=self.system,
+                                   dataset=self.names[s], id_suffix=self.id_suffix(position))
+            if not self.keep_columns:
+                prompt.columns = {}
+            return prompt
         except (RowError, ValueError) as e:
-            return BadRow(source=where, reason=str(e), id=row_id, position=position)
+            return BadRow(source=where, reason=str(e), id=self.row_id(position), position=position)
 
     def iter_from(self, skip: set[int] | None = None, start: int = 0) -> Iterator[Prompt | BadRow]:
         """Prompts in order from ``start``, leaving out positions in ``skip``."""
@@ -532,10 +597,17 @@ class RowPlan:
         self.src, self.idx, self.copy = self.src[lo:hi], self.idx[lo:hi], self.copy[lo:hi]
 
 
-def _first_format(source) -> str | None:
+def rename_columns(row: Any, columns: dict[str, str]) -> Any:
+    """A row with ``--columns`` renames applied (its other fields unchanged)."""
+    if not columns or not isinstance(row, dict):
+        return row
+    return {columns.get(k, k): v for k, v in row.items()}
+
+
+def _first_format(source, columns: dict[str, str] | None = None) -> str | None:
     for i in range(min(len(source), 50)):
         try:
-            fmt = detect_format(source.row(i))
+            fmt = detect_format(rename_columns(source.row(i), columns or {}))
         except ValueError:
             continue
         if fmt:
@@ -551,8 +623,14 @@ def build_plan(
     data_range: list[int] | None = None,
     limit: int | None = None,
     system: str | None = None,
+    columns: dict[str, str] | None = None,
+    holdout: float = 0.0,
+    keep_columns: bool = True,
 ) -> RowPlan:
-    """Open every dataset and decide the run's row order; no row is parsed yet."""
+    """Open every dataset and decide the run's row order; no row is parsed yet.
+
+    ``holdout`` (swift's ``split_dataset_ratio``) leaves that share of the rows out: the last rows of
+    the (shuffled) order, before ``data_range`` shards what remains."""
     rng = random.Random(seed)
     sources: list = []
     for text in datasets:
@@ -562,8 +640,11 @@ def build_plan(
             raise DataError(f"--dataset {text}: no rows")
         sources.append((spec, opened))
     flat_sources = [s for _, opened in sources for s in opened]
-    plan = RowPlan(flat_sources, [_first_format(s) for s in flat_sources],
-                   [_occurrences(s.keys) for s in flat_sources], system)
+    if isinstance(system, str) and "\n" not in system and Path(system).expanduser().is_file():
+        system = Path(system).expanduser().read_text(encoding="utf-8")  # --system FILE, as swift reads it
+    plan = RowPlan(flat_sources, [_first_format(s, columns) for s in flat_sources],
+                   [_occurrences(s.keys) for s in flat_sources], system,
+                   [spec.path for spec, opened in sources for _ in opened], columns, keep_columns)
     base = 0
     for spec, opened in sources:
         # (source number, row index) for every row of this spec, in file order
@@ -590,6 +671,8 @@ def build_plan(
         plan.src = array("H", (plan.src[j] for j in order))
         plan.idx = array("Q", (plan.idx[j] for j in order))
         plan.copy = array("H", (plan.copy[j] for j in order))
+    if holdout:
+        plan._keep(0, len(plan) - round(len(plan) * holdout))
     if data_range:
         plan._keep(*shard_bounds(len(plan), data_range[0], data_range[1]))
     if limit is not None:

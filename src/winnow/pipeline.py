@@ -17,23 +17,24 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from winnow import data, rewards
-from winnow.config import SampleConfig, make_config, to_dict
-from winnow.engines import Engine, SummaryNote, check_aligned, get_engine
-from winnow.errors import DataError, WinnowError
+from winnow import data, registry, rewards
+from winnow.config import SampleConfig, fingerprint_fields, make_config, to_dict
+from winnow.engines import (
+    Engine,
+    HasGenerationDefaults,
+    Interruptible,
+    ReportsProgress,
+    ReportsStats,
+    SummaryNote,
+    check_aligned,
+    get_engine,
+)
+from winnow.errors import ConfigError, DataError, WinnowError
 from winnow.redact import Redactor
-from winnow.schema import FINISH_ERROR, BadRow, Group, Prompt, SamplingParams
+from winnow.schema import FINISH_ERROR, FINISH_LENGTH, BadRow, Group, Prompt, SamplingParams
+from winnow.search import SearchContext
 from winnow.select import SelectOptions, select, with_reference
 from winnow.store import OutputStore, check_writable
-
-# options that decide which rows a position holds and what is written for it; a resumed run must
-# match them
-FINGERPRINT_FIELDS = ("dataset", "seed", "dataset_shuffle", "data_range", "num_sampling_batches",
-                      "num_sampling_batch_size", "system", "model", "sampler_type", "num_return_sequences",
-                      "output_format", "orm_model", "prm_model", "reward_funcs", "reward_model", "reward_weights",
-                      "reward_kwargs", "prm_agg", "n_best_to_keep", "prm_threshold", "easy_query_threshold",
-                      "hard_query_threshold", "num_rejected", "min_margin", "include_reference", "keep_unpaired",
-                      "reasoning_format", "cache_files")
 
 
 @dataclass
@@ -59,6 +60,11 @@ class RunSummary:
     cache_short_rows: int = 0  # --cache_files rows with fewer than N samples (scored as they are, engine 'no')
     cache_short_samples: int = 0
     error: str | None = None  # why a failed run stopped (secrets removed)
+    samples_truncated: int = 0  # samples cut at the token limit (kept unless --keep_truncated false)
+    # what selection did beyond the records, by kind (lines without rejected_response, duplicates...)
+    selection_notes: dict[str, int] = field(default_factory=dict)
+    # with an ORM: pass@1, pass@N, majority@N, best-of-N by each reward (this run's groups)
+    quality: dict[str, float] = field(default_factory=dict)
     engine_note: str = ""  # one more summary line from the engine (Ray: its replicas)
     # every run of this output together (a resumed run adds to what the earlier ones did)
     totals: dict[str, int] = field(default_factory=dict)
@@ -85,6 +91,12 @@ class RunSummary:
         parts.append(f"{self.rows_failed} rows failed")
         if self.samples_failed:
             parts.append(f"{self.samples_failed} samples failed")
+        if self.samples_truncated:
+            parts.append(f"{self.samples_truncated} samples cut at the token limit")
+        parts += [f"{count} {note}" for note, count in sorted(self.selection_notes.items())]
+        if self.quality:
+            parts.append("quality: " + ", ".join(f"{k} {v:.1%}" for k, v in self.quality.items()
+                                                 if k != "prompts judged"))
         if self.cost_usd is not None:
             parts.append(f"cost ${self.cost_usd:.4f}")
         line = "winnow sample " + ", ".join(parts) + f" -> {self.output_file}"
@@ -102,21 +114,38 @@ class RunSummary:
 
 def fingerprint(config: SampleConfig) -> str:
     """A short hash of the options that a resumed run must share with the one it continues."""
-    values = {k: getattr(config, k) for k in FINGERPRINT_FIELDS}
+    values = {k: getattr(config, k) for k in fingerprint_fields(type(config))}
     return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def sampling_params(config: SampleConfig) -> SamplingParams:
+def sampling_params(config: SampleConfig, defaults: dict[str, Any] | None = None) -> SamplingParams:
+    """The run's sampling settings: the options given, else the model's generation_config.json
+    (``defaults``), else unset (engines apply their own defaults; the client engine sends nothing)."""
+    defaults = defaults or {}
+
+    def pick(name: str) -> Any:
+        value = getattr(config, name)
+        return value if value is not None else defaults.get(name)
+
     return SamplingParams(
         n=config.num_return_sequences,
         max_new_tokens=config.max_new_tokens,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        repetition_penalty=config.repetition_penalty,
+        temperature=pick("temperature"),
+        top_p=pick("top_p"),
+        top_k=pick("top_k"),
+        repetition_penalty=pick("repetition_penalty"),
         stop=list(config.stop_words),
         seed=config.seed,
+        num_beams=config.num_beams,
     )
+
+
+def template_kwargs(config: SampleConfig) -> dict[str, Any]:
+    """The chat template's variables: --chat_template_kwargs, and --enable_thinking."""
+    out = dict(config.chat_template_kwargs)
+    if config.enable_thinking is not None:
+        out["enable_thinking"] = config.enable_thinking
+    return out
 
 
 def build_engine(config: SampleConfig) -> Engine | None:
@@ -124,20 +153,63 @@ def build_engine(config: SampleConfig) -> Engine | None:
     if config.engine == "no":
         return None
     kwargs: dict[str, Any] = dict(config.engine_kwargs)
+    if config.num_beams > 1 and config.engine != "transformers":
+        raise ConfigError(f"--num_beams {config.num_beams}: beam search is done by the transformers engine only")
     if config.engine == "client":
+        if config.response_prefix:
+            raise ConfigError("--response_prefix needs a local engine: an API cannot be made to continue a partial "
+                              "answer in general")
         kwargs.update(stream=config.stream, max_concurrency=config.max_concurrency, rpm=config.rpm,
-                      tpm=config.tpm, request_timeout=config.request_timeout, max_retries=config.max_retries)
-    else:
-        kwargs.setdefault("torch_dtype", config.torch_dtype)
-        kwargs.setdefault("device", config.device)
-        kwargs.setdefault("max_length", config.max_length)
-        kwargs.setdefault("template", config.template)
-        kwargs.setdefault("seed", config.seed)
-    if config.ray:  # the same engine as --num_workers replicas on a Ray cluster
+                      tpm=config.tpm, request_timeout=config.request_timeout, max_retries=config.max_retries,
+                      keep_truncated=True)  # truncation is the run's call (--keep_truncated), made for every engine
+        variables = template_kwargs(config)
+        if variables:  # vLLM and SGLang read chat_template_kwargs from the request body
+            kwargs["extra_body"] = {**kwargs.get("extra_body", {}), "chat_template_kwargs": variables}
+        return _make_engine(config, kwargs)
+    kwargs.setdefault("torch_dtype", config.torch_dtype)
+    kwargs.setdefault("device", config.device)
+    kwargs.setdefault("max_length", config.max_length or config.max_model_len)
+    kwargs.setdefault("template", config.template)
+    kwargs.setdefault("seed", config.seed)
+    # options a backend may not know are passed only when set
+    optional = {
+        "template_kwargs": template_kwargs(config), "use_chat_template": config.use_chat_template,
+        "truncation_strategy": config.truncation_strategy, "response_prefix": config.response_prefix,
+        "adapters": list(config.adapters), "attn_implementation": config.attn_impl,
+        "device_map": _json_or_text(config.device_map), "max_memory": dict(config.max_memory),
+        "revision": config.model_revision, "quantization": _quantization(config),
+        "max_model_len": config.max_model_len if config.engine == "vllm" else None,
+    }
+    for key, value in optional.items():
+        if value not in (None, {}, []):
+            kwargs.setdefault(key, value)
+    return _make_engine(config, kwargs)
+
+
+def _make_engine(config: SampleConfig, kwargs: dict[str, Any]) -> Engine:
+    """The engine itself, or (``--ray true``) the same engine as ``--num_workers`` replicas on a Ray cluster."""
+    if config.ray:
         from winnow.runners.ray import ray_engine
 
         return ray_engine(config, kwargs)
     return get_engine(config.engine, config.model, **kwargs)
+
+
+def _json_or_text(value: str | None) -> Any:
+    if value and value.strip().startswith("{"):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            raise ConfigError(f"--device_map {value!r}: not valid JSON") from None
+    return value
+
+
+def _quantization(config: SampleConfig) -> dict[str, Any] | None:
+    if not config.quant_method:
+        return None
+    return {"method": config.quant_method, "bits": config.quant_bits, "hqq_axis": config.hqq_axis,
+            **{k: getattr(config, k) for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_type",
+                                                "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage")}}
 
 
 class Progress:
@@ -210,9 +282,20 @@ class Run:
 
     async def execute(self) -> RunSummary:
         config = self.config
+        ignored = config.without_effect()
+        if ignored:
+            print(f"winnow sample: note: {', '.join(ignored)}: accepted for swift compatibility, without effect on "
+                  "sampling", file=sys.stderr)
+        taken = config.apply_saved_args()
+        if taken:
+            print(f"winnow sample: note: from the checkpoint's args.json (--load_args): {', '.join(taken)}",
+                  file=sys.stderr)
+        for path in config.custom_register_path:  # swift registration files run like plugin files
+            registry.load_plugin(path)
         plan = data.build_plan(
-            config.dataset, seed=config.seed, shuffle=config.dataset_shuffle, data_range=config.data_range,
-            limit=self._limit(), system=config.system,
+            config.dataset, seed=config.data_seed, shuffle=config.dataset_shuffle, data_range=config.data_range,
+            limit=self._limit(), system=config.system, columns=config.columns,
+            holdout=config.split_dataset_ratio, keep_columns=not config.remove_unused_columns,
         )
         if config.strict:
             validate_rows(plan)
@@ -233,24 +316,30 @@ class Run:
         self.summary.output_file = str(store.path)
         self.summary.failed_file = str(store.failed_path)
         self.summary.rows_total = len(plan)
-        self.params = sampling_params(config)
-        self.select_opts = SelectOptions(
-            output_format=config.output_format, reasoning_format=config.reasoning_format or "separate",
-            n_best_to_keep=min(5, config.num_return_sequences) if config.n_best_to_keep is None
-            else config.n_best_to_keep, scored=scorer is not None,
-            orm_key=getattr(scorer, "orm_key", None), prm_key=getattr(scorer, "prm_key", None),
-            prm_threshold=config.prm_threshold, easy_query_threshold=config.easy_query_threshold,
-            hard_query_threshold=config.hard_query_threshold, num_rejected=config.num_rejected,
-            min_margin=config.min_margin, include_reference=config.include_reference,
-            keep_unpaired=config.keep_unpaired)
+        defaults = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
+        self.params = sampling_params(config, defaults)
+        self.strategy = registry.REGISTRY.resolve("strategy", config.sampler_type)()
+        self.search = SearchContext(engine, self.params, scorer) if engine is not None else None
+        self.select_opts = SelectOptions.from_config(config, scorer)
+        self.quality = None
+        if scorer is not None and scorer.orm_key is not None:
+            from winnow.report import RunQuality
+
+            self.quality = RunQuality(scorer.orm_key, [slot.key for slot in scorer.slots])
+        # swift's selection scores the dataset's answer beside the samples
+        self.add_reference = config.include_reference or (config.selection == "swift" and scorer is not None)
         from winnow.cache import SampleCache
 
-        self.cache = SampleCache(config.cache_files) if config.cache_files else None
+        self.cache = SampleCache(config.cache_files, missing_ok=engine is not None) if config.cache_files else None
+        if self.cache is not None and self.cache.missing:
+            print(f"winnow sample: note: {', '.join(self.cache.missing)} does not exist yet: its rows are sampled",
+                  file=sys.stderr)
         self._write_manifest("running")
         self._install_signals()
         done_before = store.state.count_done(len(plan)) if store.resumed else 0
         self.summary.rows_skipped_resumed = done_before
-        progress = Progress(len(plan), done_before, config.progress, getattr(engine, "progress_fields", None))
+        progress = Progress(len(plan), done_before, config.progress,
+                            engine.progress_fields if isinstance(engine, ReportsProgress) else None)
         self.progress = progress
         slots = asyncio.Semaphore(in_flight)
         advanced = asyncio.Event()
@@ -308,6 +397,14 @@ class Run:
                 s.status, s.error = "failed", self.redact(str(e))
                 self.error = e
         s.totals = {**asdict(store.totals), "rows": store.totals.rows}
+        if s.status == "finished" and self.config.output_parquet:
+            from winnow.store import write_parquet
+
+            try:
+                write_parquet(store.path, store.path.with_suffix(".parquet"))
+            except (OSError, ValueError, WinnowError) as e:
+                s.status, s.error = "failed", self.redact(f"cannot write the Parquet copy: {e}")
+                self.error = WinnowError(s.error)
         if s.status == "failed" and not store.resumed and store.totals.rows == 0:
             store.discard()  # an empty output must not look like a finished one: the manifest says why
         for closer in (engine.aclose if engine is not None and engine is not self.given_engine else None,
@@ -351,7 +448,13 @@ class Run:
     async def _process(self, batch: list[Prompt], slots: asyncio.Semaphore, advanced: asyncio.Event) -> None:
         try:
             groups = await self._generate(batch)
-            if self.config.include_reference:
+            self._check_truncated(groups)
+            if self.config.response_prefix and self.engine is not None:  # the answer the model continued
+                for group in groups:
+                    for c in group.completions:
+                        if not c.failed:
+                            c.text = self.config.response_prefix + c.text
+            if self.add_reference:
                 groups = [with_reference(g) for g in groups]
             if self.scorer is not None:
                 await self.scorer.score(groups)
@@ -364,10 +467,8 @@ class Run:
     async def _generate(self, batch: list[Prompt]) -> list[Group]:
         if self.cache is not None:
             return await self._from_cache(batch)
-        assert self.engine is not None
-        out = await self.engine.generate(batch, self.params)
-        check_aligned(self.engine, batch, self.params.n, out)
-        return [Group(p, cs) for p, cs in zip(batch, out, strict=True)]
+        assert self.search is not None
+        return await self.strategy.run(batch, self.search)
 
     async def _from_cache(self, batch: list[Prompt]) -> list[Group]:
         """Groups from the stage-1 cache; short ones completed by the engine if there is one."""
@@ -391,9 +492,25 @@ class Run:
                 g.completions.extend(extra)
         return groups
 
+    def _check_truncated(self, groups: list[Group]) -> None:
+        """Count the samples cut at the token limit; with --keep_truncated false they fail (with the reason)."""
+        for group in groups:
+            for c in group.completions:
+                if c.finish_reason == FINISH_LENGTH and c.error is None:
+                    self.summary.samples_truncated += 1
+                    if not self.config.keep_truncated:
+                        c.error = (f"truncated: the answer reached the token limit (--max_new_tokens "
+                                   f"{self.config.max_new_tokens}); --keep_truncated true keeps such answers")
+
     def _write(self, group: Group) -> None:
         s = self.summary
-        records, reason = select(group, self.select_opts)
+        if self.quality is not None:
+            self.quality.add(group)
+            s.quality = self.quality.summary()
+        selection = select(group, self.select_opts)
+        records, reason = selection.records, selection.reason
+        for note, count in selection.notes.items():
+            s.selection_notes[note] = s.selection_notes.get(note, 0) + count
         failed = len(group.completions) - len(group.ok)
         tokens = sum(c.completion_tokens for c in group.completions)
         s.samples += len(group.ok)
@@ -441,9 +558,8 @@ class Run:
             if self.stopping:
                 self._stop_now(signame)
             self.stopping = True
-            interrupt = getattr(self.engine, "interrupt", None)
-            if interrupt is not None:  # the client engine: no new requests, in-flight ones get a deadline
-                interrupt()
+            if isinstance(self.engine, Interruptible):  # the client engine: no new requests, a deadline for the rest
+                self.engine.interrupt()
             print(f"\nwinnow: {signame}: finishing the calls in flight, then stopping "
                   "(again to stop at once; resume with --resume true)", file=sys.stderr)
 
@@ -483,6 +599,7 @@ class Run:
             "command": self.redactor.argv(sys.argv) if sys.argv and "winnow" in sys.argv[0] else None,
             "config": to_dict(self.config),
             "seed": self.config.seed,
+            "sampling": asdict(self.params) if hasattr(self, "params") else None,
             "versions": versions(),
             "engine": self.redactor.value(self.engine.describe()) if self.engine is not None else {"name": "no"},
             "rewards": self.redactor.value(self.scorer.describe()) if self.scorer is not None else [],
@@ -493,7 +610,9 @@ class Run:
             "totals": s.totals or {**asdict(self.store.totals), "rows": self.store.totals.rows},
             "wall_s": round(time.monotonic() - self.started, 3),
             "tokens_per_s": round(s.tokens_per_s, 2),
-            **({"engine_stats": self.engine.stats()} if hasattr(self.engine, "stats") else {}),
+            **({"engine_stats": self.engine.stats()} if isinstance(self.engine, ReportsStats) else {}),
+            **({"strategy": self.strategy.describe(), "compute": dict(self.search.counters)}
+               if getattr(self, "search", None) is not None else {}),
         })
 
 

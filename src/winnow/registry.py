@@ -1,138 +1,282 @@
-"""Name -> reward: the built-in rewards, rewards from plugin files, and how each is built.
+"""The one registry: every named component of winnow, by kind, as a lazy ``"module:attr"`` target.
 
-A plugin file (``--external_plugins my_rewards.py``) may define ``orms = {...}`` and ``prms = {...}``
-(the ms-swift seed convention), ``rewards = {...}`` / ``reward_funcs = {...}``, or use the
-:func:`reward` decorator. Values are classes (built with the options given for that name), functions
-(used as they are, options bound as keyword arguments) or ready objects. This module imports nothing
-heavy; the built-ins are imported on first use.
+Kinds: ``engine``, ``reward`` (built-in rewards, ORMs and PRMs by name), ``rm_style`` (how a reward
+model's outputs are read), ``format`` (output record formats), ``strategy`` (how a prompt becomes a
+group: best-of-N sampling, search), ``scheduler`` (multi-turn), ``model`` and ``dataset`` (names such
+as the demo world's, resolved to local paths).
+
+Entries come from three places: the built-in table below (data only: importing this module imports
+nothing else of winnow), installed packages' entry points (group ``winnow.<kind>``, e.g.
+``[project.entry-points."winnow.reward"] my_orm = "pkg.mod:MyORM"``; a ``winnow.register`` entry point
+names a function called with the registry, for packages that register many names, as the demo world
+does), and plugin files (``--external_plugins my_rewards.py``): ms-swift's ``orms = {...}`` /
+``prms = {...}`` tables, ``rewards = {...}`` / ``reward_funcs = {...}``, the decorators of this module,
+and bare reward functions found by name (TRL's convention). Each entry records where it came from;
+the components a run builds record the arguments they were built with (in the manifest).
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import inspect
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from winnow.errors import ConfigError
 
+KINDS = {
+    "engine": "inference engines (--sampler_engine)",
+    "reward": "rewards by name (--orm_model, --prm_model, --reward_funcs)",
+    "rm_style": "reward-model styles (how a PRM's outputs are read)",
+    "format": "output record formats (--output_format)",
+    "strategy": "sampling and search strategies (--sampler_type)",
+    "scheduler": "multi-turn schedulers (--multi_turn_scheduler)",
+    "model": "model names resolved to local folders",
+    "dataset": "dataset names resolved to local files",
+}
 PLUGIN_DICTS = {"orms": "orm", "prms": "prm", "rewards": "reward", "reward_funcs": "reward"}
+ENTRY_POINT_PREFIX = "winnow."
 
 
 @dataclass
-class RewardEntry:
-    """One registered reward: what builds it, its one-line doc and where it came from."""
+class Entry:
+    """One registered component: what builds it (an object, or ``"module:attr"`` imported on first use),
+    its one-line doc, its aliases and where it came from. ``role`` tells swift's ORM/PRM tables apart."""
 
+    kind: str
     name: str
     target: Any
-    kind: str = "reward"  # orm, prm or reward
+    doc: str | None = None
+    aliases: tuple[str, ...] = ()
     source: str = "builtin"
-    aliases: tuple[str, ...] = field(default_factory=tuple)
+    role: str = "reward"
 
     @property
-    def doc(self) -> str:
-        text = inspect.getdoc(self.target) or ""
+    def obj(self) -> Any:
+        """The target itself (imported on first use when it is a ``"module:attr"`` string)."""
+        if isinstance(self.target, str) and ":" in self.target:
+            module, _, attr = self.target.partition(":")
+            self.target = getattr(importlib.import_module(module), attr)
+        return self.target
+
+    @property
+    def summary(self) -> str:
+        """The one-line doc shown by ``winnow list``."""
+        text = self.doc if self.doc is not None else (inspect.getdoc(self.obj) or "")
         line = text.strip().splitlines()[0] if text.strip() else "(no description)"
         if self.aliases:
             line += f" (aliases: {', '.join(self.aliases)})"
         if self.source != "builtin":
-            line += f" [{self.kind}, from {self.source}]"
+            line += f" [from {self.source}]"
         return line
 
 
-_REWARDS: dict[str, RewardEntry] = {}
-_ALIASES: dict[str, str] = {}
-_builtins_loaded = False
-_current_source = "builtin"
+@dataclass
+class Registry:
+    """Names to components, by kind; see the module's doc for where entries come from."""
+
+    entries: dict[tuple[str, str], Entry] = field(default_factory=dict)
+    aliases: dict[tuple[str, str], str] = field(default_factory=dict)
+    _entry_points_loaded: bool = False
+
+    def add(self, kind: str, name: str, target: Any, *, doc: str | None = None, aliases: Iterable[str] = (),
+            source: str = "builtin", role: str = "reward") -> Entry:
+        """Register ``target`` as ``name`` of ``kind`` (a later registration of the name replaces it)."""
+        if kind not in KINDS:
+            raise ConfigError(f"unknown component kind {kind!r}; one of {', '.join(KINDS)}")
+        entry = Entry(kind, name, target, doc, tuple(aliases), source, role)
+        self.entries[(kind, name)] = entry
+        for alias in entry.aliases:
+            self.aliases[(kind, alias)] = name
+        return entry
+
+    def get(self, kind: str, name: str) -> Entry | None:
+        """The entry called ``name`` (or an alias of it), or None."""
+        self.load_entry_points()
+        return self.entries.get((kind, self.aliases.get((kind, name), name)))
+
+    def canonical(self, kind: str, name: str) -> str:
+        """The registered name behind an alias (the name itself otherwise)."""
+        return self.aliases.get((kind, name), name)
+
+    def of_kind(self, kind: str) -> list[Entry]:
+        """Every entry of a kind, sorted by name."""
+        self.load_entry_points()
+        return sorted((e for (k, _), e in self.entries.items() if k == kind), key=lambda e: e.name)
+
+    def names(self, kind: str) -> list[str]:
+        """Every name and alias of a kind, sorted."""
+        self.load_entry_points()
+        return sorted({n for k, n in self.entries if k == kind} | {a for k, a in self.aliases if k == kind})
+
+    def unknown(self, kind: str, name: str, hint: str = "") -> ConfigError:
+        """The error for a name that is not registered, naming the known ones."""
+        return ConfigError(f"Unknown {kind.replace('_', ' ')} {name!r}. Known: {', '.join(self.names(kind))}."
+                           + (f" {hint}" if hint else ""))
+
+    def resolve(self, kind: str, name: str, hint: str = "") -> Any:
+        """The component called ``name``, imported; an unknown name is one clear error."""
+        entry = self.get(kind, name)
+        if entry is None:
+            raise self.unknown(kind, name, hint)
+        return entry.obj
+
+    # ------------------------------------------------------------------ entry points
+
+    def load_entry_points(self) -> None:
+        """Register what installed packages declare (once per process)."""
+        if self._entry_points_loaded:
+            return
+        self._entry_points_loaded = True
+        from importlib.metadata import entry_points
+
+        for kind in KINDS:
+            for ep in entry_points(group=ENTRY_POINT_PREFIX + kind):
+                self.add(kind, ep.name, ep.value, source=f"entry point {ep.dist.name if ep.dist else ep.value}")
+        for ep in entry_points(group=ENTRY_POINT_PREFIX + "register"):
+            try:
+                ep.load()(self)
+            except Exception as e:  # a broken package must not break every run: say which one
+                print(f"winnow: warning: the {ep.name} plugin ({ep.value}) could not register: "
+                      f"{type(e).__name__}: {e}", file=sys.stderr)
+
+    # ------------------------------------------------------------------ plugin files
+
+    def load_file(self, path: str) -> list[Entry]:
+        """Import a plugin file and register what it defines; returns the new entries."""
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"--external_plugins {path}: no such file")
+        module_name = f"winnow_plugin_{abs(hash(str(file.resolve())))}"
+        spec = importlib.util.spec_from_file_location(module_name, file)
+        if spec is None or spec.loader is None:
+            raise ConfigError(f"--external_plugins {path}: not a Python file")
+        module = importlib.util.module_from_spec(spec)
+        before = set(self.entries)
+        from winnow.rewards import swift_compat
+
+        with swift_compat.shims() as swift_tables:
+            try:
+                sys.modules[module_name] = module
+                spec.loader.exec_module(module)
+            except Exception as e:
+                raise ConfigError(f"--external_plugins {path}: importing it failed: {type(e).__name__}: {e}") \
+                    from None
+        added = [self.entries[key] for key in set(self.entries) - before]
+        for entry in added:  # registered by this module's decorators while it ran
+            entry.source = file.name
+        for role, table in swift_tables.items():  # `orms['name'] = Cls`, as swift plugins register
+            added += [self.add("reward", str(k), v, source=file.name, role=role) for k, v in table.items()]
+        for attr, role in PLUGIN_DICTS.items():
+            table = getattr(module, attr, None)
+            if table is None:
+                continue
+            if not isinstance(table, dict):
+                raise ConfigError(f"--external_plugins {path}: {attr} must be a dict of name -> reward")
+            added += [self.add("reward", str(k), v, source=file.name, role=role) for k, v in table.items()]
+        named = {e.name for e in added}
+        for attr, value in vars(module).items():  # bare reward functions (TRL's convention), found by name
+            if (inspect.isfunction(value) and not attr.startswith("_") and attr not in named
+                    and ("reward", attr) not in self.entries
+                    and {"completions", "prompts"} & set(inspect.signature(value).parameters)):
+                added.append(self.add("reward", attr, value, source=file.name))
+        return added
 
 
-def reward(name: str | None = None, *, aliases: tuple[str, ...] = (), kind: str = "reward"):
-    """Register a reward class or function under ``name`` (default: its own name)."""
+def _builtins(registry: Registry) -> Registry:
+    add = registry.add
+    add("engine", "transformers", "winnow.engines.transformers:TransformersEngine", aliases=("pt", "hf"),
+        doc="Local HuggingFace model: generate with native multi-sample, batched, halved and retried on failure.")
+    add("engine", "client", "winnow.engines.openai:OpenAIEngine", aliases=("openai",),
+        doc="Any OpenAI-compatible API: concurrency, rate limits, retries with backoff, cost.")
+    add("engine", "vllm", "winnow.engines.vllm:VLLMEngine", doc="vLLM's offline LLM (GPU, or the CPU build).")
+    add("engine", "sglang", "winnow.engines.sglang:SGLangEngine", doc="SGLang's offline engine.")
+    add("engine", "lmdeploy", "winnow.engines.lmdeploy:LMDeployEngine", doc="LMDeploy's pipeline.")
+    for name, target, aliases in (
+            ("math", "winnow.rewards.builtin:MathReward", ("accuracy",)),
+            ("format", "winnow.rewards.builtin:format_reward", ()),
+            ("react_format", "winnow.rewards.builtin:react_format_reward", ()),
+            ("cosine", "winnow.rewards.builtin:CosineReward", ()),
+            ("repetition", "winnow.rewards.builtin:repetition_reward", ()),
+            ("soft_overlong", "winnow.rewards.builtin:soft_overlong_reward", ()),
+            ("judge", "winnow.rewards.builtin:JudgeReward", ()),
+            ("code", "winnow.rewards.code:CodeReward", ())):
+        add("reward", name, target, aliases=aliases)
+    for style, doc in (
+            ("classifier", "A sequence-classification reward model with one label: its logit is the score."),
+            ("qwen_prm", "Qwen2.5-Math-PRM: <extra_0> after each step, a 2-class head, P(good) per step."),
+            ("math_shepherd", "Math-Shepherd: a step tag after each step, P('+') vs P('-') at each tag."),
+            ("token_classification", "A token-classification PRM with 2 labels, read at each step's last token.")):
+        add("rm_style", style, "winnow.rewards.models:load_reward_model", doc=doc)
+    for name, doc in (
+            ("swift", "swift sample's record: messages, id, and rejected_response when rewards are set."),
+            ("sft", "The kept samples as whole conversations: messages, id."),
+            ("prompt_completion", "TRL's prompt/completion SFT form (the loss on the completion only)."),
+            ("dpo", "TRL's preference form: prompt, chosen, rejected, their scores."),
+            ("raw", "One line per prompt: every sample, its finish reason, tokens and scores."),
+            ("grpo", "Prompts a GRPO trainer loads (prompt, messages, columns) with the group's statistics.")):
+        add("format", name, f"winnow.select:{name}_format", doc=doc)
+    add("strategy", "sample", "winnow.search:BestOfN", doc="N independent samples per prompt (best-of-N).")
+    add("strategy", "distill", "winnow.search:BestOfN",
+        doc="N independent samples from an API model, its reasoning kept (swift's distill).")
+    return registry
 
-    def register(target: Any) -> Any:
-        key = name or getattr(target, "__name__", None)
-        if not key:
-            raise ConfigError(f"reward {target!r} needs a name")
-        _REWARDS[key] = RewardEntry(key, target, kind=kind, source=_current_source, aliases=tuple(aliases))
-        for alias in aliases:
-            _ALIASES[alias] = key
-        return target
 
-    return register
+REGISTRY = _builtins(Registry())
 
 
-def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        import winnow.rewards.builtin  # noqa: F401 - registers by decorator
+# ----------------------------------------------------------------------------- decorators for plugin files
 
+def _decorator(kind: str) -> Callable[..., Callable[[Any], Any]]:
+    def decorator(name: str | None = None, *, aliases: tuple[str, ...] = (), **meta: Any):
+        def register(target: Any) -> Any:
+            key = name or getattr(target, "__name__", None)
+            if not key:
+                raise ConfigError(f"{kind} {target!r} needs a name")
+            REGISTRY.add(kind, key, target, aliases=aliases, **meta)
+            return target
+
+        return register
+
+    decorator.__doc__ = f"Register a {KINDS[kind]} component under ``name`` (default: its own name)."
+    return decorator
+
+
+reward = _decorator("reward")
+engine = _decorator("engine")
+output_format = _decorator("format")
+strategy = _decorator("strategy")
+scheduler = _decorator("scheduler")
+
+
+# ----------------------------------------------------------------------------- rewards
 
 def load_plugin(path: str) -> list[str]:
-    """Import a plugin file and register its rewards; returns their names."""
-    global _current_source
-    _load_builtins()
-    file = Path(path).expanduser()
-    if not file.is_file():
-        raise ConfigError(f"--external_plugins {path}: no such file")
-    module_name = f"winnow_plugin_{abs(hash(str(file.resolve())))}"
-    spec = importlib.util.spec_from_file_location(module_name, file)
-    if spec is None or spec.loader is None:
-        raise ConfigError(f"--external_plugins {path}: not a Python file")
-    module = importlib.util.module_from_spec(spec)
-    before = set(_REWARDS)
-    _current_source = file.name
-    from winnow.rewards import swift_compat
-
-    shimmed = swift_compat.install()
-    swift_before = swift_compat.registered()
-    try:
-        sys.modules[module_name] = module
-        spec.loader.exec_module(module)
-    except Exception as e:
-        raise ConfigError(f"--external_plugins {path}: importing it failed: {type(e).__name__}: {e}") from None
-    finally:
-        _current_source = "builtin"
-    names = sorted(set(_REWARDS) - before)
-    if shimmed:  # `orms['name'] = Cls` into swift's registry, as swift plugins do
-        for kind, table in swift_compat.registered().items():
-            for key, target in table.items():
-                if swift_before[kind].get(key) is not target:
-                    _REWARDS[key] = RewardEntry(str(key), target, kind=kind, source=file.name)
-                    names.append(str(key))
-    for attr, kind in PLUGIN_DICTS.items():
-        table = getattr(module, attr, None)
-        if table is None:
-            continue
-        if not isinstance(table, dict):
-            raise ConfigError(f"--external_plugins {path}: {attr} must be a dict of name -> reward")
-        for key, target in table.items():
-            _REWARDS[key] = RewardEntry(str(key), target, kind=kind, source=file.name)
-            names.append(str(key))
-    return names
+    """Import a plugin file and register what it defines; returns the new names."""
+    return [e.name for e in REGISTRY.load_file(path)]
 
 
-def get_entry(name: str) -> RewardEntry | None:
-    """The registered reward called ``name`` (or an alias of it), or None."""
-    _load_builtins()
-    return _REWARDS.get(_ALIASES.get(name, name))
+def get_entry(name: str) -> Entry | None:
+    """The reward called ``name`` (or an alias of it), or None."""
+    return REGISTRY.get("reward", name)
 
 
 def known_rewards() -> list[str]:
-    """Every registered name and alias, sorted."""
-    _load_builtins()
-    return sorted({*_REWARDS, *_ALIASES})
+    """Every reward name and alias, sorted."""
+    return REGISTRY.names("reward")
 
 
 def unknown_reward(name: str) -> ConfigError:
     """The error for a name that is neither registered nor a model."""
-    return ConfigError(f"Unknown reward {name!r}. Known: {', '.join(known_rewards())}. "
-                       "Or load one with --external_plugins FILE, or give a reward model's directory or hub id.")
+    return REGISTRY.unknown("reward", name, "Or load one with --external_plugins FILE, or give a reward model's "
+                                          "directory or hub id.")
 
 
-def build(entry: RewardEntry, options: dict[str, Any], flat: dict[str, Any] | None = None):
+def build(entry: Entry, options: dict[str, Any], flat: dict[str, Any] | None = None):
     """The reward object of an entry: a class is built with its options, a function gets them bound.
 
     ``options`` are this reward's own (unknown keys are an error); ``flat`` are run-wide options,
@@ -140,7 +284,9 @@ def build(entry: RewardEntry, options: dict[str, Any], flat: dict[str, Any] | No
     """
     import functools
 
-    target = entry.target
+    from winnow.rewards.base import calling_style
+
+    target = entry.obj
     fn = target.__init__ if inspect.isclass(target) else target
     if not (inspect.isclass(target) or inspect.isfunction(target)):
         if options:
@@ -171,8 +317,11 @@ def build(entry: RewardEntry, options: dict[str, Any], flat: dict[str, Any] | No
             raise ConfigError(f"reward {entry.name}: {e}") from None
     runtime = {"completions", "infer_requests", "ground_truths", "completion_tokens", "prompts", "messages",
                "reference", "finish_reasons"}
+    # a plugin's TRL-style function takes dataset columns as required parameters, supplied when it is called;
+    # a built-in's required parameters are its options
+    options_only = calling_style(target) == "seed" or entry.source == "builtin"
     missing = [p.name for p in params.values() if p.default is p.empty and p.name not in chosen
-               and p.name not in runtime and list(params).index(p.name) > 0]
+               and p.name not in runtime and list(params).index(p.name) > 0] if options_only else []
     if missing:
         raise ConfigError(f"reward {entry.name} needs {', '.join(missing)}: "
                           f"--reward_kwargs '{{\"{entry.name}\": {{\"{missing[0]}\": ...}}}}'")
@@ -182,16 +331,3 @@ def build(entry: RewardEntry, options: dict[str, Any], flat: dict[str, Any] | No
     functools.update_wrapper(bound, target)
     del bound.__wrapped__  # the partial's own signature (options bound) is the one to inspect
     return bound
-
-
-def list_rewards() -> list[tuple[str, str]]:
-    """(name, one-line doc) of every registered reward, plus the model-based kinds."""
-    _load_builtins()
-    rows = [(name, entry.doc) for name, entry in _REWARDS.items()]
-    rows += [(alias, f"Alias of {target}.") for alias, target in _ALIASES.items()]
-    rows.sort()
-    rows += [
-        ("<classifier RM dir>", "A sequence-classification reward model (one label): --orm_model/--reward_model PATH."),
-        ("<PRM dir>", "A process reward model (qwen_prm, math_shepherd, token_classification): --prm_model PATH."),
-    ]
-    return rows

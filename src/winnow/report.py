@@ -175,6 +175,50 @@ def problem_scores(problem: Problem, k: int, rewards: Sequence[str] = (), vote_r
     return out
 
 
+class RunQuality:
+    """What a run's samples are worth, tallied group by group as they are written (the run summary's
+    ``quality``): pass@1, pass@N, majority@N (the same final answer text) and best-of-N by each reward,
+    judged by the ORM, over the prompts the ORM could judge. ``winnow report`` gives the full curve."""
+
+    def __init__(self, orm_key: str, reward_keys: Sequence[str]):
+        self.orm_key = orm_key
+        self.reward_keys = [k for k in reward_keys if k != orm_key]
+        self.prompts = 0
+        self.n = 0
+        self.sums: dict[str, float] = {}
+
+    def add(self, group: Any) -> None:
+        """One scored group (a :class:`winnow.schema.Group`)."""
+        samples = []
+        for c in group.completions:
+            if c.failed or c.finish_reason == "reference":
+                continue
+            verdict = c.scores.get(self.orm_key)
+            if verdict is None or verdict.value is None:
+                continue
+            answer = answer_source({"text": c.text})
+            samples.append(Sample(correct=verdict.value > 0,
+                                  answer=None if answer is None else re.sub(r"\s+", "", answer),
+                                  rewards={k: c.scores[k].value for k in self.reward_keys if k in c.scores}))
+        if not samples:
+            return
+        n = len(samples)
+        self.prompts += 1
+        self.n = max(self.n, n)
+        right = sum(s.correct for s in samples)
+        tally = {"pass@1": right / n, "pass@N": float(right > 0), "majority@N": vote(samples)}
+        tally.update({f"best-of-N by {k}": best_of_k(samples, k, n) for k in self.reward_keys})
+        for name, value in tally.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value
+
+    def summary(self) -> dict[str, float]:
+        """Each metric's mean over the judged prompts, N written out (``pass@8``); empty when none was judged."""
+        if not self.prompts:
+            return {}
+        return {name.replace("@N", f"@{self.n}").replace("-N ", f"-{self.n} "): round(total / self.prompts, 4)
+                for name, total in self.sums.items()} | {"prompts judged": self.prompts}
+
+
 def metric_title(name: str) -> str:
     """The column title of a metric key (``pass``, ``majority``, ``best:KEY``, ``vote:KEY``)."""
     kind, _, key = name.partition(":")

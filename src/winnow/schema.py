@@ -34,6 +34,14 @@ class Prompt:
     columns: dict[str, Any] = field(default_factory=dict)
     source: str = ""  # "file:line" of the row, for error messages
     position: int = 0  # position in this run's row order; the resume index is keyed on it
+    dataset: str = ""  # the --dataset name the row came from, as typed (swift's records carry it)
+    swift_id: str = ""  # ms-swift's id of the row (the md5 of its preprocessed form), for its cache files
+    # a chat row (TRL passes its prompts and completions as message lists) or a plain-text prompt/completion row
+    conversational: bool = True
+    tools: list[dict[str, Any]] | None = None  # the functions the model may call (OpenAI's tools shape)
+    # the answer so far, which the engine continues (search strategies ask for a next step this way);
+    # the completions an engine returns hold only the continuation
+    prefix: str | None = None
 
 
 @dataclass
@@ -58,6 +66,15 @@ class Completion:
     scores: dict[str, Score] = field(default_factory=dict)
     # The combined score used for ranking (weighted reward sum); None when not scored.
     reward: float | None = None
+    # the answer's token ids, when the engine has them (TRL rewards get them as completion_ids); not written
+    token_ids: list[int] | None = None
+    # the functions the answer calls, in OpenAI's shape ({"id", "type": "function", "function": {...}})
+    tool_calls: list[dict[str, Any]] | None = None
+    # a multi-turn trajectory: every message after the prompt (assistant turns, tool results, observations);
+    # the last assistant turn is also ``text``
+    turns: list[Message] | None = None
+    # how a search strategy reached this answer (its steps and their scores), written in raw output
+    trace: dict[str, Any] | None = None
 
     @property
     def failed(self) -> bool:
@@ -74,11 +91,18 @@ class Completion:
         }
         if self.reasoning is not None:
             out["reasoning"] = self.reasoning
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.turns is not None:
+            out["turns"] = self.turns
+        if self.trace is not None:
+            out["trace"] = self.trace
         if self.error is not None:
             out["error"] = self.error
         if self.scores:
             out["scores"] = {
-                name: {"value": s.value, **({"steps": s.steps} if s.steps is not None else {})}
+                name: {"value": s.value, **({"steps": s.steps} if s.steps is not None else {}),
+                       **({"info": s.info} if s.info else {})}
                 for name, s in self.scores.items()
             }
         if self.reward is not None:
@@ -98,6 +122,9 @@ class Completion:
             completion_tokens=int(d.get("completion_tokens") or 0),
             reasoning=d.get("reasoning"),
             error=d.get("error"),
+            tool_calls=d.get("tool_calls"),
+            turns=d.get("turns"),
+            trace=d.get("trace"),
             scores=scores,
             reward=d.get("reward"),
         )
@@ -118,16 +145,23 @@ class Group:
 
 @dataclass
 class SamplingParams:
-    """Sampling settings one engine call uses; the same for every prompt of the call."""
+    """Sampling settings one engine call uses; the same for every prompt of the call.
+
+    ``None`` means "not set": local engines use the rest of the context for ``max_new_tokens`` and
+    their defaults (1.0, 1.0, off, 1.0, off) for the others; the client engine does not send them, so
+    the server's defaults apply. A run fills them from the model's generation_config.json first.
+    """
 
     n: int = 1
-    max_new_tokens: int = 64
-    temperature: float = 1.0
-    top_p: float = 1.0
+    max_new_tokens: int | None = 64
+    temperature: float | None = 1.0
+    top_p: float | None = 1.0
     top_k: int | None = None
-    repetition_penalty: float = 1.0
+    repetition_penalty: float | None = 1.0
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    min_p: float | None = None
+    num_beams: int = 1
 
 
 @dataclass

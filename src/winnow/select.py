@@ -1,18 +1,27 @@
 """From a scored group to output records: which samples are kept, the chosen/rejected pairs, and the formats.
 
-Each output format is one function of a group. Selection never invents data: the dataset's
-reference answer is not a candidate unless asked for (``include_reference``); a rejected response
-scores strictly below its chosen one (by at least ``min_margin``) and, when an ORM is set, fails
-it. Ties are broken by sample order; a text is never emitted twice as a kept sample.
+Each output format is one function of a group. Two selection modes:
+
+- ``winnow`` (default): swift's records, with swift's bugs fixed (docs/rewards.md lists each
+  difference). Selection never invents data: the dataset's reference answer is not a candidate
+  unless asked for (``include_reference``). Kept: the best ``n_best_to_keep`` distinct texts that
+  pass the ORM and the PRM threshold. A rejected response is a different text scoring strictly
+  below its chosen one (by at least ``min_margin``), an ORM failure when there is one, else the
+  lowest scorer below; a kept sample with none is written without ``rejected_response`` (counted),
+  or dropped with ``keep_unpaired=False``.
+- ``swift``: ms-swift 4.6's algorithm, reproduced line for line (:func:`swift_records`).
 
 An ORM *passes* a sample when its score is > 0 (1/0 rewards such as ``math``; a classifier's logit
-sign); a score of None (cannot judge) neither passes nor fails.
+sign); a score of None (cannot judge) neither passes nor fails. What selection did beyond the
+records (lines without a rejected response, duplicate texts not kept...) is counted in
+:attr:`Selection.notes`, which the run summary adds up.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 from winnow.schema import Completion, Group
@@ -30,13 +39,35 @@ class SelectOptions:
     scored: bool = False
     orm_key: str | None = None
     prm_key: str | None = None
-    prm_threshold: float | None = None
+    prm_threshold: float | None = None  # applies to the PRM's score only, when there is a PRM (as in swift)
     easy_query_threshold: float | None = None
     hard_query_threshold: float | None = None
     num_rejected: int = 1
     min_margin: float = 0.0
     include_reference: bool = False
-    keep_unpaired: bool = False
+    keep_unpaired: bool = True
+    selection: str = "winnow"  # or "swift": ms-swift 4.6's selection, line for line
+    num_return_sequences: int = 1  # N, for swift's easy-query formula
+
+    @classmethod
+    def from_config(cls, config: Any, scorer: Any = None) -> SelectOptions:
+        """A run's selection settings: the options of the same names, and what the scorer knows."""
+        import dataclasses
+
+        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+        n = config.num_return_sequences
+        return cls(**{**shared, "n_best_to_keep": min(5, n) if config.n_best_to_keep is None else config.n_best_to_keep,
+                      "scored": scorer is not None, "orm_key": getattr(scorer, "orm_key", None),
+                      "prm_key": getattr(scorer, "prm_key", None)})
+
+
+@dataclass
+class Selection:
+    """The records a group yields, why it yields none, and what selection did along the way."""
+
+    records: list[dict[str, Any]]
+    reason: str | None = None
+    notes: Counter = field(default_factory=Counter)
 
 
 def with_reference(group: Group) -> Group:
@@ -46,20 +77,40 @@ def with_reference(group: Group) -> Group:
     return group
 
 
-def assistant_content(c: Completion, reasoning_format: str) -> str:
-    """The assistant turn for a completion: with its reasoning in ``<think>`` tags when asked."""
+def assistant_content(c: Completion, reasoning_format: str) -> str | None:
+    """The assistant turn's text for a completion: with its reasoning in ``<think>`` tags when asked
+    (``None`` for a turn that is only tool calls, as OpenAI writes it)."""
     if c.reasoning and reasoning_format == "think_answer":
         return f"<think>{c.reasoning}</think>\n\n<answer>{c.text}</answer>"
+    if c.reasoning and reasoning_format == "think":
+        return f"<think>\n{c.reasoning}\n</think>\n\n{c.text}"
+    if not c.text and c.tool_calls:
+        return None
     return c.text
 
 
+def assistant_message(c: Completion, opts: SelectOptions) -> dict[str, Any]:
+    """The assistant message of a completion: its text, its tool calls, and its reasoning as
+    ``reasoning_content`` (what chat templates read) with ``--reasoning_format message``."""
+    message: dict[str, Any] = {"role": "assistant", "content": assistant_content(c, opts.reasoning_format)}
+    if c.reasoning and opts.reasoning_format == "message":
+        message["reasoning_content"] = c.reasoning
+    if c.tool_calls:
+        message["tool_calls"] = c.tool_calls
+    return message
+
+
 def conversation(group: Group, c: Completion, opts: SelectOptions) -> list[dict[str, Any]]:
-    """The prompt's conversation with ``c`` as the last assistant turn."""
-    return [*group.prompt.messages, {"role": "assistant", "content": assistant_content(c, opts.reasoning_format)}]
+    """The prompt's conversation with ``c`` as the last assistant turn (every turn of a trajectory)."""
+    if c.turns:
+        return [*group.prompt.messages, *c.turns[:-1], assistant_message(c, opts)]
+    return [*group.prompt.messages, assistant_message(c, opts)]
 
 
 def _extra(group: Group, c: Completion, opts: SelectOptions) -> dict[str, Any]:
     out = dict(group.prompt.columns)
+    if group.prompt.tools is not None:
+        out["tools"] = group.prompt.tools
     if c.reasoning and opts.reasoning_format == "separate":
         out["reasoning"] = c.reasoning
     return out
@@ -91,6 +142,7 @@ class Choice:
 
     kept: list[tuple[Candidate, list[Candidate]]]
     reason: str | None = None
+    notes: Counter = field(default_factory=Counter)
 
 
 def _candidates(group: Group, opts: SelectOptions) -> list[Candidate]:
@@ -125,8 +177,9 @@ def difficulty_filter(group: Group, opts: SelectOptions) -> str | None:
     return None
 
 
-def choose(group: Group, opts: SelectOptions) -> Choice:
+def choose(group: Group, opts: SelectOptions, notes: Counter | None = None) -> Choice:
     """The kept samples (best first) and, for each, up to ``num_rejected`` rejected partners."""
+    notes = Counter() if notes is None else notes
     cands = _candidates(group, opts)
     scored = [c for c in cands if c.reward is not None]
     if not scored:
@@ -139,10 +192,10 @@ def choose(group: Group, opts: SelectOptions) -> Choice:
             if all(c.orm is None for c in scored):
                 return Choice([], "ORM could not judge: no sample has an ORM verdict")
             return Choice([], "all samples failed the ORM")
-    if opts.prm_threshold is not None:
+    if opts.prm_key is not None and opts.prm_threshold is not None:
         eligible = [c for c in eligible if c.prm is not None and c.prm > opts.prm_threshold]
         if not eligible:
-            return Choice([], f"prm threshold: no sample scores above {opts.prm_threshold}")
+            return Choice([], f"prm threshold: no sample's PRM score is above {opts.prm_threshold:g}")
     kept: list[Candidate] = []
     seen: set[str] = set()
     limit = opts.n_best_to_keep if opts.n_best_to_keep is not None else len(eligible)
@@ -150,31 +203,105 @@ def choose(group: Group, opts: SelectOptions) -> Choice:
         if len(kept) >= limit:
             break
         if c.key in seen:
+            notes["duplicate texts not kept"] += 1
             continue
         seen.add(c.key)
         kept.append(c)
-    losers = sorted(scored, key=lambda c: (c.reward, c.index))  # worst first, as swift pairs them
-    if opts.orm_key is not None:
-        losers = [c for c in losers if c.orm is not None and c.orm <= 0]
+    worst_first = sorted(scored, key=lambda c: (c.reward, c.index))
+    if opts.orm_key is not None:  # ORM failures first, then the lowest scorers (passed or not judged)
+        worst_first = sorted(worst_first, key=lambda c: not (c.orm is not None and c.orm <= 0))  # stable
     pairs = []
     for chosen in kept:
         rejected: list[Candidate] = []
         taken = {chosen.key}
-        for c in losers:
+        for c in worst_first:
             if len(rejected) >= max(0, opts.num_rejected):
                 break
             gap = chosen.reward - c.reward
             if gap > 0 and gap >= opts.min_margin and c.key not in taken:
                 taken.add(c.key)
                 rejected.append(c)
+        if rejected and opts.orm_key is not None and all(r.orm is not None and r.orm > 0 for r in rejected):
+            notes["rejected responses that pass the ORM"] += len(rejected)
         pairs.append((chosen, rejected))
     return Choice(pairs)
 
 
+def swift_records(group: Group, opts: SelectOptions) -> Selection:
+    """ms-swift 4.6's scored selection (``VanillaSampler.do_sample``), reproduced line for line.
+
+    The dataset's answer is a candidate after the samples; ORM and PRM scores (None counted as 0)
+    are masked at ``> 0`` and ``> prm_threshold``, min-max normalised over the candidates, and
+    combined as ``prm + 10 * orm``; the top ``n_best_to_keep`` by ``numpy.argsort`` (reversed) that
+    pass the masks are kept, each paired with the single lowest candidate, which may pass the ORM,
+    may be the dataset's answer, and may be the same text. A prompt is dropped as easy when
+    ``count(normalised ORM > 0) - 1 >= int(N * easy_query_threshold)``. Records are swift's: the
+    preprocessed row (``messages``, ``dataset``), ``rejected_response`` and swift's md5 ``id``.
+    """
+    import numpy as np
+
+    prompt = group.prompt
+    if prompt.response is None:
+        return Selection([], "no dataset answer: swift's selection needs the row's own answer")
+    texts = [c.text for c in group.completions if not c.failed and c.finish_reason != FINISH_REFERENCE]
+    if not texts:
+        return Selection([], "every sample failed")
+    reference = next((c for c in group.completions if c.finish_reason == FINISH_REFERENCE), None)
+    candidates = [c for c in group.completions if not c.failed and c.finish_reason != FINISH_REFERENCE]
+    candidates.append(reference if reference is not None else Completion(text=prompt.response,
+                                                                        finish_reason=FINISH_REFERENCE))
+    texts.append(prompt.response)
+
+    def raw(key: str | None, threshold: float) -> tuple[Any, Any]:
+        if key is None:
+            return np.array([1.0] * len(candidates)), np.array([True] * len(candidates))
+        values = np.array([float(c.scores[key].value) if key in c.scores and c.scores[key].value is not None
+                           else 0.0 for c in candidates])
+        return _swift_normalize(values), np.array([v > threshold for v in values])
+
+    orm, orm_mask = raw(opts.orm_key, 0.0)
+    prm, prm_mask = raw(opts.prm_key, opts.prm_threshold if opts.prm_threshold is not None else 0.0)
+    mask = orm_mask & prm_mask
+    if not any(mask):
+        return Selection([], "swift: no candidate passes the ORM and the PRM threshold")
+    score = np.array(prm) + np.array(orm * 10)
+    order = np.argsort(score)[::-1]
+    negative = order[-1]
+    positives = [int(i) for i in order[0:opts.n_best_to_keep or 5] if mask[i] and i != negative]
+    if opts.easy_query_threshold is not None and sum([v > 0 for v in orm]) - 1 >= int(
+            opts.num_return_sequences * opts.easy_query_threshold):
+        return Selection([], "easy: swift's formula count(ORM > 0) - 1 >= int(N * easy_query_threshold)")
+    if not positives:
+        return Selection([], "swift: no kept candidate besides the lowest one")
+    notes: Counter = Counter()
+    out = []
+    for i in positives:
+        if candidates[i].finish_reason == FINISH_REFERENCE:
+            notes["dataset answers written as chosen (swift)"] += 1
+        out.append({"messages": [*prompt.messages, {"role": "assistant", "content": str(texts[i])}],
+                    "dataset": prompt.dataset, "rejected_response": str(texts[negative]), "id": prompt.swift_id})
+    return Selection(out, None, notes)
+
+
+def _swift_normalize(arr):
+    """ms-swift's ``normalize_rewards``: min-max over a prompt's candidates, a constant when all are equal."""
+    import numpy as np
+
+    min_val, max_val = np.min(arr), np.max(arr)
+    if min_val == max_val:
+        constant = 0.0 if min_val == 0 else min(1.0, min_val)
+        return np.full_like(arr, fill_value=constant, dtype=np.float64)
+    return (arr - min_val) / (max_val - min_val + 1e-5)
+
+
 # ----------------------------------------------------------------------------- formats
 
-def swift_records(group: Group, kept: list[Completion], opts: SelectOptions) -> list[dict[str, Any]]:
-    """swift sample's record: the full conversation and the row id (one line per kept sample)."""
+def swift_records_unscored(group: Group, kept: list[Completion], opts: SelectOptions) -> list[dict[str, Any]]:
+    """swift sample's record: the full conversation and the row id (one line per sample); in swift mode,
+    swift's exact line (the preprocessed row and its md5 id, other columns dropped)."""
+    if opts.selection == "swift":
+        return [{"messages": conversation(group, c, opts), "dataset": group.prompt.dataset,
+                 "id": group.prompt.swift_id} for c in kept]
     return [{**_extra(group, c, opts), "messages": conversation(group, c, opts), "id": group.prompt.id}
             for c in kept]
 
@@ -194,16 +321,20 @@ def swift_pair_records(group: Group, choice: Choice, opts: SelectOptions) -> lis
     return out
 
 
+def _unpaired(choice: Choice) -> int:
+    return sum(1 for _, rejected in choice.kept if not rejected)
+
+
 def dpo_records(group: Group, choice: Choice, opts: SelectOptions) -> list[dict[str, Any]]:
     """TRL's conversational preference format: ``prompt`` messages, ``chosen``/``rejected`` assistant turns."""
     out = []
     def turn(c: Candidate) -> list[dict[str, Any]]:
-        return [{"role": "assistant", "content": assistant_content(c.completion, opts.reasoning_format)}]
+        return [assistant_message(c.completion, opts)]
 
     for chosen, rejected in choice.kept:
         for r in rejected:
             out.append({
-                **group.prompt.columns,
+                **_extra(group, chosen.completion, opts),
                 "prompt": group.prompt.messages,
                 "chosen": turn(chosen),
                 "rejected": turn(r),
@@ -226,46 +357,125 @@ def raw_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
 
 
 def grpo_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
-    """The raw record plus the group's reward mean and std and each sample's advantage (r - mean) / (std + 1e-4)."""
-    record = raw_record(group, opts)
-    rewards = [c.reward for c in group.completions if not c.failed and c.reward is not None]
+    """A prompt a GRPO trainer loads directly: ``prompt`` (TRL) and ``messages`` (ms-swift), the row's
+    columns (its reward functions read them), and the group's measured statistics under ``winnow_*``
+    names, which no trainer reads as an argument. No samples: the trainer makes its own."""
+    rewards = [c.reward for c in group.completions if not c.failed and c.reward is not None
+               and c.finish_reason != FINISH_REFERENCE]
     mean = sum(rewards) / len(rewards) if rewards else None
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else 0.0
-    for out, c in zip(record["completions"], group.completions, strict=True):
-        out["advantage"] = None if c.failed or c.reward is None or mean is None else (c.reward - mean) / (std + 1e-4)
-    record.update(reward_mean=mean, reward_std=std if rewards else None)
+    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else None
+    record: dict[str, Any] = {**group.prompt.columns, "prompt": group.prompt.messages,
+                              "messages": group.prompt.messages, "id": group.prompt.id}
+    if group.prompt.tools is not None:
+        record["tools"] = group.prompt.tools
+    if group.prompt.reference is not None and "solution" not in record and "answer" not in record:
+        record["solution"] = group.prompt.reference  # TRL's accuracy_reward reads it
+    record.update(winnow_samples=len([c for c in group.completions if c.finish_reason != FINISH_REFERENCE]),
+                  winnow_pass_rate=pass_rate(group, opts) if opts.orm_key else None,
+                  winnow_reward_mean=mean, winnow_reward_std=std)
     return record
 
 
-def select(group: Group, opts: SelectOptions) -> tuple[list[dict[str, Any]], str | None]:
-    """The records a group yields, and why it yields none (None when it yields some)."""
+def prompt_completion_records(group: Group, kept: list[Completion], opts: SelectOptions) -> list[dict[str, Any]]:
+    """TRL's conversational prompt-completion SFT form: the trainer computes the loss on the completion only."""
+    return [{**_extra(group, c, opts), "prompt": group.prompt.messages, "completion": [assistant_message(c, opts)],
+             "id": group.prompt.id} for c in kept]
+
+
+def select(group: Group, opts: SelectOptions) -> Selection:
+    """The records a group yields in its output format, why it yields none, and what selection did."""
+    from winnow.registry import REGISTRY
+
     ok = [c for c in group.ok if c.finish_reason != FINISH_REFERENCE]
     if not ok:
         if not group.completions:
-            return [], "no samples: the row is not in the cache files"
+            return Selection([], "no samples: the row is not in the cache files")
         errors = {c.error for c in group.completions if c.error}
-        return [], "every sample failed: " + "; ".join(sorted(errors))[:500]
-    if opts.output_format in ("raw", "grpo"):
-        reason = difficulty_filter(group, opts) if opts.scored else None
-        if reason:
-            return [], reason
-        return [raw_record(group, opts) if opts.output_format == "raw" else grpo_record(group, opts)], None
-    if not opts.scored:
-        if opts.output_format == "dpo":
-            return [], "no pair: the dpo format needs rewards (--orm_model/--prm_model/--reward_funcs)"
-        return swift_records(group, ok, opts), None  # stage 1: every sample, for a later scoring pass
+        return Selection([], "every sample failed: " + "; ".join(sorted(errors))[:500])
+    return REGISTRY.resolve("format", opts.output_format)(group, opts)
+
+
+def _chosen(group: Group, opts: SelectOptions) -> tuple[Choice | None, Selection | None]:
+    """The kept samples and their pairs, or the Selection that says why there are none."""
     reason = difficulty_filter(group, opts)
     if reason:
-        return [], reason
-    choice = choose(group, opts)
+        return None, Selection([], reason)
+    notes: Counter = Counter()
+    choice = choose(group, opts, notes)
     if choice.reason:
-        return [], choice.reason
-    if opts.output_format == "sft":
-        return [{**_extra(group, c.completion, opts), "messages": conversation(group, c.completion, opts),
-                 "id": group.prompt.id} for c, _ in choice.kept], None
-    records = dpo_records(group, choice, opts) if opts.output_format == "dpo" else \
-        swift_pair_records(group, choice, opts)
+        return None, Selection([], choice.reason, notes)
+    choice.notes = notes
+    return choice, None
+
+
+def _ok(group: Group) -> list[Completion]:
+    return [c for c in group.ok if c.finish_reason != FINISH_REFERENCE]
+
+
+def raw_format(group: Group, opts: SelectOptions) -> Selection:
+    """One line per prompt: every sample with its finish reason, tokens and scores."""
+    reason = difficulty_filter(group, opts) if opts.scored else None
+    return Selection([], reason) if reason else Selection([raw_record(group, opts)])
+
+
+def grpo_format(group: Group, opts: SelectOptions) -> Selection:
+    """One prompt a GRPO trainer loads, with the group's statistics (prompts too easy or hard are dropped)."""
+    reason = difficulty_filter(group, opts) if opts.scored else None
+    return Selection([], reason) if reason else Selection([grpo_record(group, opts)])
+
+
+def swift_format(group: Group, opts: SelectOptions) -> Selection:
+    """swift sample's record: every sample unscored (stage 1), else the kept samples with rejected_response."""
+    if not opts.scored:
+        return Selection(swift_records_unscored(group, _ok(group), opts))
+    if opts.selection == "swift":
+        return swift_records(group, opts)
+    choice, refused = _chosen(group, opts)
+    if choice is None:
+        return refused
+    notes, unpaired = choice.notes, _unpaired(choice)
+    records = swift_pair_records(group, choice, opts)
+    if unpaired:
+        notes["lines without rejected_response (no sample below the chosen)" if opts.keep_unpaired
+              else "kept samples dropped: no rejected partner (--keep_unpaired false)"] += unpaired
     if not records:
-        return [], "no pair: no sample scores strictly below a kept one" + \
-            (" and fails the ORM" if opts.orm_key else "")
-    return records, None
+        return Selection([], "no pair: no sample scores strictly below a kept one", notes)
+    return Selection(records, None, notes)
+
+
+def sft_format(group: Group, opts: SelectOptions) -> Selection:
+    """The kept samples (every sample when unscored) as whole conversations."""
+    if not opts.scored:
+        return Selection(swift_records_unscored(group, _ok(group), opts))
+    choice, refused = _chosen(group, opts)
+    if choice is None:
+        return refused
+    return Selection([{**_extra(group, c.completion, opts), "messages": conversation(group, c.completion, opts),
+                       "id": group.prompt.id} for c, _ in choice.kept], None, choice.notes)
+
+
+def prompt_completion_format(group: Group, opts: SelectOptions) -> Selection:
+    """The kept samples (every sample when unscored) in TRL's prompt/completion form."""
+    if not opts.scored:
+        return Selection(prompt_completion_records(group, _ok(group), opts))
+    choice, refused = _chosen(group, opts)
+    if choice is None:
+        return refused
+    return Selection(prompt_completion_records(group, [c.completion for c, _ in choice.kept], opts), None,
+                     choice.notes)
+
+
+def dpo_format(group: Group, opts: SelectOptions) -> Selection:
+    """TRL's preference pairs: each kept sample with each of its rejected partners."""
+    if not opts.scored:
+        return Selection([], "no pair: the dpo format needs rewards (--orm_model/--prm_model/--reward_funcs)")
+    choice, refused = _chosen(group, opts)
+    if choice is None:
+        return refused
+    unpaired = _unpaired(choice)
+    if unpaired:
+        choice.notes["kept samples with no rejected partner (not in dpo)"] += unpaired
+    records = dpo_records(group, choice, opts)
+    if not records:
+        return Selection([], "no pair: no sample scores strictly below a kept one", choice.notes)
+    return Selection(records, None, choice.notes)

@@ -50,8 +50,12 @@ def dumps(record: dict[str, Any]) -> str:
 def atomic_write_json(path: Path, data: dict[str, Any]) -> None:
     """Write JSON so that readers see the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=2, default=str), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a half-written copy must not be left behind
+        raise
 
 
 @dataclass
@@ -466,3 +470,58 @@ class OutputStore:
                                                    **data})
         except OSError as e:
             raise self._write_error(str(self.manifest_path), e) from None
+
+
+def parquet_record(record: dict[str, Any]) -> dict[str, Any]:
+    """A record as Parquet holds it with one schema for every run: each completion's ``scores`` become a
+    list of ``{name, value, steps}`` (not a map keyed by reward name) and their free-form ``info`` a JSON
+    string."""
+    completions = record.get("completions")
+    if not isinstance(completions, list):
+        return record
+    out = []
+    for c in completions:
+        c = dict(c)
+        scores = c.pop("scores", None) or {}
+        c["scores"] = [{"name": name, "value": s.get("value"), "steps": s.get("steps"),
+                        "info": json.dumps(s["info"], ensure_ascii=False, default=str) if s.get("info") else None}
+                       for name, s in scores.items()]
+        out.append(c)
+    return {**record, "completions": out}
+
+
+def write_parquet(jsonl: Path, parquet: Path, batch_rows: int = 2000) -> int:
+    """The JSONL output again as Parquet (written atomically); returns the rows written. Two passes over
+    the file: the first unifies the schemas of its batches, the second writes, so memory stays at one batch."""
+    from winnow.errors import require
+
+    pa = require("pyarrow", "hf", "--output_parquet")
+    import pyarrow.parquet as pq
+
+    def batches():
+        rows: list[dict] = []
+        with open(jsonl, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    rows.append(parquet_record(json.loads(raw)))
+                    if len(rows) >= batch_rows:
+                        yield rows
+                        rows = []
+        if rows:
+            yield rows
+
+    schemas = [pa.Table.from_pylist(rows).schema for rows in batches()]
+    if not schemas:
+        return 0
+    schema = pa.unify_schemas(schemas, promote_options="permissive")
+    tmp = parquet.with_name(parquet.name + ".tmp")
+    written = 0
+    try:
+        with pq.ParquetWriter(tmp, schema) as writer:
+            for rows in batches():
+                writer.write_table(pa.Table.from_pylist(rows, schema=schema))
+                written += len(rows)
+        os.replace(tmp, parquet)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return written

@@ -60,3 +60,18 @@ def resolve_dataset(name: str) -> str | None:
         raise ConfigError(f"the demo dataset {name!r} is missing ({path}); rebuild it with "
                           "python -m winnow.demo.train --all")
     return str(path)
+
+
+def register(registry) -> None:
+    """Register the demo world's model and dataset names with winnow's registry (the ``winnow.register``
+    entry point calls it; the core never imports this package)."""
+    import functools
+
+    for name in sorted(TRAINED_MODELS | BUILT_MODELS):
+        registry.add("model", name, functools.partial(resolve_model, name),
+                     doc="the demo world's " + {"demo-policy": "policy", "demo-prm": "process reward model",
+                                                "demo-rm": "classifier reward model",
+                                                "demo-tiny": "tiny random model, built on first use"}[name])
+    for name in DATASETS:
+        registry.add("dataset", name, functools.partial(resolve_dataset, name),
+                     doc=f"the demo world's arithmetic problems ({DATASETS[name]})")

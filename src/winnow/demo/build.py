@@ -86,6 +86,8 @@ def model_config(arch: str, tok, *, hidden: int, layers: int, heads: int, kv_hea
 
 SIZES = {
     "tiny": dict(hidden=64, layers=2, heads=4, kv_heads=2, inter=128),
+    # head_dim 32, the smallest head size vLLM's CPU attention takes (tiny's is 16)
+    "tiny-h32": dict(hidden=64, layers=2, heads=2, kv_heads=1, inter=128),
     "small": dict(hidden=512, layers=8, heads=8, kv_heads=4, inter=1536),
 }
 

@@ -12,16 +12,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from winnow.schema import Completion, Prompt, SamplingParams
 
-# name -> "module:Class"; modules are imported only when that engine is asked for
-ENGINE_CLASSES = {
-    "transformers": "winnow.engines.transformers:TransformersEngine",
-    "client": "winnow.engines.openai:OpenAIEngine",
-    "vllm": "winnow.engines.vllm:VLLMEngine",
-    "sglang": "winnow.engines.sglang:SGLangEngine",
-    "lmdeploy": "winnow.engines.lmdeploy:LMDeployEngine",
-}
-ALIASES = {"pt": "transformers", "hf": "transformers", "openai": "client"}
-
 
 @runtime_checkable
 class Engine(Protocol):
@@ -46,27 +36,66 @@ class Engine(Protocol):
         ...
 
 
+# ----------------------------------------------------------------------------- optional abilities
+# Small declared protocols, checked with isinstance by the pipeline and the server.
+
+@runtime_checkable
+class Interruptible(Protocol):
+    """Can stop starting new work at once when the run is interrupted (the client engine)."""
+
+    def interrupt(self) -> None: ...
+
+
+@runtime_checkable
+class ReportsStats(Protocol):
+    """Has counters for the manifest (requests, retries, failures by kind...)."""
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ReportsProgress(Protocol):
+    """Adds fields to the progress bar (requests/s, replicas alive...)."""
+
+    def progress_fields(self) -> dict[str, str]: ...
+
+
+@runtime_checkable
+class HasGenerationDefaults(Protocol):
+    """Knows the model's own sampling settings (its generation_config.json), for options a run leaves unset."""
+
+    def generation_defaults(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class AcceptsTokenIds(Protocol):
+    """Runs prompts given as token ids, no chat template applied (the server's /v1/completions)."""
+
+    def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
+        ...
+
+
 @runtime_checkable
 class SummaryNote(Protocol):
-    """An engine that adds one line to the run summary (a Ray engine: its replicas and their faults)."""
+    """Adds one line to the run summary (a Ray engine: its replicas and what happened to them)."""
 
     def summary_note(self) -> str:
-        """The line, without a newline."""
         ...
 
 
 def get_engine(name: str, model: str, **kwargs: Any) -> Engine:
     """Build the engine called ``name`` (``pt`` is ``transformers``) for ``model``."""
-    import importlib
+    from winnow.registry import REGISTRY
 
-    from winnow.errors import ConfigError
-
-    key = ALIASES.get(name, name)
-    if key not in ENGINE_CLASSES:
-        raise ConfigError(f"unknown engine {name!r}; known: {', '.join(['pt', *ENGINE_CLASSES])}")
-    module_name, _, cls_name = ENGINE_CLASSES[key].partition(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    cls = REGISTRY.resolve("engine", name)
     return cls(model, **kwargs)
+
+
+def engine_name(name: str) -> str:
+    """The registered name behind an engine alias (``pt`` -> ``transformers``)."""
+    from winnow.registry import REGISTRY
+
+    return REGISTRY.canonical("engine", name)
 
 
 def generate_sync(engine: Engine, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from winnow.engines import hf
+from winnow.engines.prompts import Encoded, PromptEncoder, errors
 from winnow.errors import ConfigError
 from winnow.schema import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Completion, Prompt, SamplingParams
 
@@ -33,15 +33,16 @@ _FINISH = {
 }
 
 
-@dataclass
-class Encoded:
-    """One prompt ready for a backend: its position in the call, its rendered text and token ids, and
-    its token budget."""
+PROMPT_OPTIONS = ("template_kwargs", "use_chat_template", "truncation_strategy", "response_prefix")
 
-    slot: int
-    text: str
-    ids: list[int]
-    max_new_tokens: int
+
+def prompt_options(engine_kwargs: dict[str, Any], context_key: str) -> dict[str, Any]:
+    """Take the prompt-making options out of a backend's kwargs (the rest goes to the backend), and the
+    backend's own context length (``context_key``) as the prompt limit when --max_length is not set."""
+    out = {k: engine_kwargs.pop(k) for k in PROMPT_OPTIONS if k in engine_kwargs}
+    if engine_kwargs.get(context_key):
+        out["backend_context"] = int(engine_kwargs[context_key])
+    return out
 
 
 def map_finish(raw: Any) -> str:
@@ -72,15 +73,20 @@ def make_completion(text: str | None, raw_finish: Any, prompt_tokens: int, compl
                       completion_tokens=completion_tokens)
 
 
-def errors(n: int, message: str, prompt_tokens: int = 0) -> list[Completion]:
-    """``n`` failed completions carrying ``message``."""
-    return [Completion(text="", finish_reason=FINISH_ERROR, error=message, prompt_tokens=prompt_tokens)
-            for _ in range(n)]
+def with_local_defaults(params: SamplingParams) -> SamplingParams:
+    """``params`` with what the run left unset (and the model's generation config did not give) filled with
+    the backends' usual defaults: temperature 1, top_p 1, no repetition penalty."""
+    import dataclasses
+
+    return dataclasses.replace(params, temperature=1.0 if params.temperature is None else params.temperature,
+                               top_p=1.0 if params.top_p is None else params.top_p,
+                               repetition_penalty=1.0 if params.repetition_penalty is None
+                               else params.repetition_penalty)
 
 
 def is_greedy(params: SamplingParams) -> bool:
     """Temperature 0: every sample would be the same, so engines compute one and copy it."""
-    return params.temperature <= 0
+    return params.temperature is not None and params.temperature <= 0
 
 
 def samples_per_request(params: SamplingParams) -> int:
@@ -119,42 +125,6 @@ def run_isolated(items: list[T], call: Callable[[list[T]], list[R]],
         return run_isolated(items[:mid], call, on_error) + run_isolated(items[mid:], call, on_error)
 
 
-class PromptEncoder:
-    """Renders chat prompts to token ids with the model's tokenizer and chat template."""
-
-    def __init__(self, model_path: str, *, template: str | None = None, max_length: int | None = None,
-                 trust_remote_code: bool = False, tokenizer: Any = None):
-        self.tokenizer = tokenizer if tokenizer is not None else \
-            hf.load_tokenizer(model_path, trust_remote_code=trust_remote_code)
-        self.template = hf.load_template(template)
-        self.max_length = max_length
-
-    def render(self, prompt: Prompt) -> str:
-        """The prompt text under the chat template."""
-        return hf.render_chat(self.tokenizer, prompt.messages, self.template)
-
-    def encode(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[Encoded], list[list[Completion]]]:
-        """The prompts a backend should run, and results pre-filled with errors for those it should not."""
-        results: list[list[Completion]] = [[] for _ in prompts]
-        work: list[Encoded] = []
-        for slot, prompt in enumerate(prompts):
-            try:
-                text = self.render(prompt)
-                ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            except Exception as e:  # a template error is this prompt's failure, not the batch's
-                results[slot] = errors(params.n, f"cannot render the prompt: {type(e).__name__}: {e}")
-                continue
-            budget = params.max_new_tokens
-            if self.max_length is not None:
-                if len(ids) >= self.max_length:
-                    msg = f"prompt has {len(ids)} tokens; --max_length is {self.max_length}"
-                    results[slot] = errors(params.n, msg, prompt_tokens=len(ids))
-                    continue
-                budget = max(1, min(budget, self.max_length - len(ids)))
-            work.append(Encoded(slot, text, list(ids), budget))
-        return work, results
-
-
 def generate_blocking(encoder: PromptEncoder, prompts: list[Prompt], params: SamplingParams,
                       call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]]
                       ) -> list[list[Completion]]:
@@ -184,13 +154,18 @@ class LocalEngine:
     close: Callable[[], None]
 
     def __init__(self, model: str, *, torch_dtype: str | None, template: str | None, max_length: int | None,
-                 trust_remote_code: bool, max_prompts_per_call: int, calls_in_flight: int = 2, workers: int = 1):
+                 trust_remote_code: bool, max_prompts_per_call: int, calls_in_flight: int = 2, workers: int = 1,
+                 template_kwargs: dict | None = None, use_chat_template: bool | None = None,
+                 truncation_strategy: str | None = None, response_prefix: str | None = None,
+                 backend_context: int | None = None):
         if torch_dtype not in _DTYPES:
             raise ConfigError(f"--torch_dtype {torch_dtype!r}: use one of auto, float32, bfloat16, float16")
         self.dtype = _DTYPES[torch_dtype]
         self.model_path = hf.resolve_model_path(model)
-        self.encoder = PromptEncoder(self.model_path, template=template, max_length=max_length,
-                                     trust_remote_code=trust_remote_code)
+        self.encoder = PromptEncoder(self.model_path, template=template, max_length=max_length or backend_context,
+                                     trust_remote_code=trust_remote_code, template_kwargs=template_kwargs,
+                                     use_chat_template=use_chat_template, truncation_strategy=truncation_strategy,
+                                     response_prefix=response_prefix)
         self.max_prompts_per_call = int(max_prompts_per_call)
         self.calls_in_flight = max(1, int(calls_in_flight))
         self._args: dict[str, Any] = {"model": model, **({"template": template} if template else {})}
@@ -202,7 +177,11 @@ class LocalEngine:
         return max(1, self.max_prompts_per_call // max(1, n)), self.calls_in_flight
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, **self._args}
+        return {"name": self.name, **self._args, **self.encoder.describe()}
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The sampling settings of the model's generation_config.json."""
+        return hf.generation_defaults(self.model_path)
 
     async def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         loop = asyncio.get_running_loop()
@@ -210,7 +189,7 @@ class LocalEngine:
 
     def generate_blocking(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         """The synchronous body of :meth:`generate`."""
-        return generate_blocking(self.encoder, prompts, params, self.call)
+        return generate_blocking(self.encoder, prompts, with_local_defaults(params), self.call)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True)

@@ -85,7 +85,8 @@ class LMDeployEngine(_local.LocalEngine):
             raise ConfigError(f"lmdeploy backend {backend!r}: use turbomind or pytorch")
         # the pipeline call blocks its caller; one call at a time, LMDeploy batches inside it
         super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
-                         trust_remote_code=trust_remote_code, max_prompts_per_call=max_prompts_per_call)
+                         trust_remote_code=trust_remote_code, max_prompts_per_call=max_prompts_per_call,
+                         **_local.prompt_options(engine_kwargs, "session_len"))
         config_cls = lmdeploy.TurbomindEngineConfig if backend == "turbomind" else lmdeploy.PytorchEngineConfig
         config_kwargs, pipeline_kwargs = _split_config_kwargs(config_cls, engine_kwargs)
         config_kwargs = {

@@ -35,13 +35,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import time
 from collections import Counter
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from winnow.errors import ConfigError, EngineError, require
+from winnow.retry import backoff, is_retryable, retry_after
 from winnow.schema import (
     FINISH_CONTENT_FILTER,
     FINISH_ERROR,
@@ -52,9 +52,7 @@ from winnow.schema import (
     SamplingParams,
 )
 
-RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx
 FATAL_STATUS = {401: "rejected the API key", 403: "refused access", 404: "does not know this model or route"}
-MAX_RETRY_AFTER_S = 600.0
 INTERRUPTED = "interrupted: the run was stopped before this request finished"
 
 
@@ -120,27 +118,6 @@ def _strip_userinfo(url: str | None) -> str | None:
     if "@" not in parts.netloc:
         return url
     return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
-def _retry_after(headers: Any) -> float | None:
-    """Seconds from ``retry-after-ms`` / ``Retry-After`` (seconds or an HTTP date), if given."""
-    if headers is None:
-        return None
-    try:
-        ms = headers.get("retry-after-ms")
-        if ms is not None:
-            return max(0.0, float(ms) / 1000.0)
-        value = headers.get("retry-after")
-        if value is None:
-            return None
-        try:
-            return max(0.0, float(value))
-        except ValueError:
-            from email.utils import parsedate_to_datetime
-
-            return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
-    except (TypeError, ValueError):
-        return None
 
 
 def _split(total: int, weights: list[int]) -> list[int]:
@@ -228,7 +205,7 @@ class OpenAIEngine:
         tpm: int | None = None,
         request_timeout: float = 600.0,
         max_retries: int = 5,
-        keep_truncated: bool = False,
+        keep_truncated: bool = True,
         retry_base_s: float = 1.0,
         retry_max_s: float = 60.0,
         shutdown_grace_s: float = 5.0,
@@ -397,9 +374,19 @@ class OpenAIEngine:
         return out + [c for cs in more for c in cs]
 
     def _body(self, prompt: Prompt, params: SamplingParams, n: int) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "messages": prompt.messages,
-                                "temperature": params.temperature, "top_p": params.top_p,
-                                self.max_tokens_param: params.max_new_tokens}
+        # what the run leaves unset is not sent: the server's defaults (often the model's own) apply
+        body: dict[str, Any] = {"model": self.model, "messages": prompt.messages}
+        if prompt.prefix:
+            # continue a partial answer: vLLM's and SGLang's extension (an OpenAI API cannot do this)
+            body["messages"] = [*prompt.messages, {"role": "assistant", "content": prompt.prefix}]
+            body["continue_final_message"] = True
+            body["add_generation_prompt"] = False
+        if prompt.tools:
+            body["tools"] = prompt.tools
+        for key, value in (("temperature", params.temperature), ("top_p", params.top_p),
+                           (self.max_tokens_param, params.max_new_tokens), ("seed", None)):
+            if value is not None:
+                body[key] = value
         if n > 1:
             body["n"] = n
         if params.stop:
@@ -407,8 +394,10 @@ class OpenAIEngine:
         # not OpenAI parameters: sent only when asked for (vLLM and SGLang accept them)
         if params.top_k is not None:
             body["top_k"] = params.top_k
-        if params.repetition_penalty != 1.0:
+        if params.repetition_penalty not in (None, 1.0):
             body["repetition_penalty"] = params.repetition_penalty
+        if params.min_p:
+            body["min_p"] = params.min_p
         if self.stream:
             body["stream"] = True
             body["stream_options"] = {"include_usage": True}
@@ -445,13 +434,9 @@ class OpenAIEngine:
                     return self._errors(n, f"{e} (gave up after {attempt + 1} attempts)", spent)
                 attempt += 1
                 self.counts["retries"] += 1
+                delay = backoff(attempt, self.retry_base_s, self.retry_max_s, e.wait)
                 if e.wait is not None:
-                    wait = min(e.wait, MAX_RETRY_AFTER_S)
-                    self.limiter.pause(wait)  # the server is saying it to every request
-                    delay = wait + random.uniform(0, min(1.0, 0.1 * wait))
-                else:
-                    cap = min(self.retry_max_s, self.retry_base_s * 2 ** (attempt - 1))
-                    delay = random.uniform(cap / 2, cap)
+                    self.limiter.pause(delay)  # the server is saying it to every request
                 if not await self._sleep(delay):
                     return self._errors(n, INTERRUPTED, spent)
             except EngineError:
@@ -498,8 +483,8 @@ class OpenAIEngine:
             if status in FATAL_STATUS:
                 where = _strip_userinfo(self.base_url) or "the OpenAI API"
                 raise EngineError(f"{where} {FATAL_STATUS[status]} (model {self.model!r}): {message}") from None
-            if status in RETRY_STATUS or status >= 500:
-                raise _Retry(message, _retry_after(e.response.headers)) from None
+            if is_retryable(status):
+                raise _Retry(message, retry_after(e.response.headers)) from None
             self.counts[f"failed:HTTP {status}"] += 1
             return self._errors(n, message, spent)
         except (openai.APITimeoutError, asyncio.TimeoutError):
@@ -528,6 +513,7 @@ class OpenAIEngine:
                 msg = ch.get("message") or {}
                 choices.append({"index": ch.get("index", len(choices)), "content": msg.get("content"),
                                 "reasoning": msg.get("reasoning_content") or msg.get("reasoning"),
+                                "tool_calls": msg.get("tool_calls") or None,
                                 "finish_reason": ch.get("finish_reason")})
             return choices, data.get("usage") or {}
         return await asyncio.wait_for(self._call_stream(body), self.request_timeout)
@@ -544,17 +530,26 @@ class OpenAIEngine:
                 usage = chunk["usage"]
             for ch in chunk.get("choices") or ():
                 acc = parts.setdefault(int(ch.get("index") or 0), {"content": [], "reasoning": [],
-                                                                    "finish_reason": None})
+                                                                    "finish_reason": None, "tool_calls": {}})
                 delta = ch.get("delta") or {}
                 if delta.get("content"):
                     acc["content"].append(delta["content"])
+                for call in delta.get("tool_calls") or ():  # pieces of a call, keyed by its index
+                    slot = acc["tool_calls"].setdefault(int(call.get("index") or 0),
+                                                        {"id": None, "type": "function",
+                                                         "function": {"name": "", "arguments": ""}})
+                    slot["id"] = call.get("id") or slot["id"]
+                    function = call.get("function") or {}
+                    slot["function"]["name"] += function.get("name") or ""
+                    slot["function"]["arguments"] += function.get("arguments") or ""
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if reasoning:
                     acc["reasoning"].append(reasoning)
                 if ch.get("finish_reason"):
                     acc["finish_reason"] = ch["finish_reason"]
         choices = [{"index": i, "content": "".join(p["content"]) if p["content"] else None,
-                    "reasoning": "".join(p["reasoning"]) or None, "finish_reason": p["finish_reason"]}
+                    "reasoning": "".join(p["reasoning"]) or None, "finish_reason": p["finish_reason"],
+                    "tool_calls": [call for _, call in sorted(p["tool_calls"].items())] or None}
                    for i, p in sorted(parts.items())]
         if not choices:
             raise json.JSONDecodeError("the stream ended without any choice", "", 0)
@@ -577,14 +572,15 @@ class OpenAIEngine:
         for c, ct in zip(choices, _split(completion_tokens, weights), strict=True):
             text = c["content"] or ""
             finish = c["finish_reason"] or FINISH_STOP
-            comp = Completion(text=text, finish_reason=finish, completion_tokens=ct, reasoning=c["reasoning"])
+            comp = Completion(text=text, finish_reason=finish, completion_tokens=ct, reasoning=c["reasoning"],
+                              tool_calls=c.get("tool_calls"))
             if finish == FINISH_LENGTH:
                 if not self.keep_truncated:
                     comp.error = (f"truncated: the answer reached --max_new_tokens {params.max_new_tokens} "
                                   "(finish_reason length)")
             elif finish == FINISH_CONTENT_FILTER:
                 comp.error = "blocked by the server's content filter (finish_reason content_filter)"
-            elif not text.strip():
+            elif not text.strip() and not comp.tool_calls:
                 comp.finish_reason = FINISH_ERROR
                 comp.error = "empty content" + (" (reasoning only)" if c["reasoning"] else "")
             out.append(comp)

@@ -32,6 +32,8 @@ def sampling_params(params: SamplingParams, max_new_tokens: int) -> dict[str, An
         "top_k": params.top_k if params.top_k and params.top_k > 0 else -1,  # -1: whole vocabulary
         "repetition_penalty": params.repetition_penalty,
     }
+    if params.min_p and not _local.is_greedy(params):
+        out["min_p"] = params.min_p
     if params.stop:
         out["stop"] = list(params.stop)
     return out
@@ -106,7 +108,8 @@ class SGLangEngine(_local.LocalEngine):
         # worker threads block on the private loop; calls in flight at once are batched together by SGLang
         super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
                          trust_remote_code=trust_remote_code, max_prompts_per_call=max_prompts_per_call,
-                         calls_in_flight=calls_in_flight, workers=calls_in_flight)
+                         calls_in_flight=calls_in_flight, workers=calls_in_flight,
+                         **_local.prompt_options(engine_kwargs, "context_length"))
         server_args: dict[str, Any] = {
             "model_path": self.model_path,
             "dtype": self.dtype,

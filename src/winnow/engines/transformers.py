@@ -14,17 +14,21 @@ from dataclasses import dataclass
 from typing import Any
 
 from winnow.engines import hf
+from winnow.engines.prompts import Encoded, PromptEncoder, errors
 from winnow.errors import require
-from winnow.schema import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Completion, Prompt, SamplingParams
+from winnow.schema import FINISH_LENGTH, FINISH_STOP, Completion, Prompt, SamplingParams
+
+PACKING_ANSWER_TOKENS = 4096
 
 
 @dataclass
 class _Work:
-    """One prompt's share of a call: ``k`` samples of prompt number ``slot``."""
+    """One prompt's share of a call: ``k`` samples of prompt number ``slot``, within its token budget."""
 
     slot: int
     ids: list[int]
     k: int
+    budget: int
 
 
 class TransformersEngine:
@@ -39,11 +43,20 @@ class TransformersEngine:
         torch_dtype: str | None = "auto",
         device: str = "auto",
         template: str | None = None,
+        template_kwargs: dict | None = None,
+        use_chat_template: bool | None = None,
+        response_prefix: str | None = None,
         max_length: int | None = None,
+        truncation_strategy: str | None = None,
         max_batch_sequences: int = 256,
         max_batch_tokens: int = 262144,
         trust_remote_code: bool = False,
         attn_implementation: str | None = None,
+        device_map: Any = None,
+        max_memory: dict | None = None,
+        quantization: dict | None = None,
+        adapters: list[str] | None = None,
+        revision: str | None = None,
         seed: int | None = None,
         **unused: Any,
     ):
@@ -52,12 +65,25 @@ class TransformersEngine:
         self.torch = torch
         self.model_path = hf.resolve_model_path(model)
         self.device = hf.resolve_device(device)
-        self.template = hf.load_template(template)
-        self.max_length = max_length
         self.max_batch_sequences = int(max_batch_sequences)
         self.max_batch_tokens = int(max_batch_tokens)
-        self.tokenizer = hf.load_tokenizer(self.model_path, trust_remote_code=trust_remote_code)
-        extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.encoder = PromptEncoder(self.model_path, template=template, template_kwargs=template_kwargs,
+                                     use_chat_template=use_chat_template, max_length=max_length,
+                                     truncation_strategy=truncation_strategy, trust_remote_code=trust_remote_code,
+                                     response_prefix=response_prefix)
+        self.tokenizer = self.encoder.tokenizer
+        self.template = self.encoder.template
+        extra: dict[str, Any] = {}
+        if attn_implementation:
+            extra["attn_implementation"] = attn_implementation
+        if device_map:
+            extra["device_map"] = device_map
+            if max_memory:
+                extra["max_memory"] = max_memory
+        if revision:
+            extra["revision"] = revision
+        if quantization:
+            extra["quantization_config"] = hf.quantization_config(quantization, self.device)
         dtype = hf.resolve_dtype(torch_dtype, self.device)
         try:
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -67,16 +93,34 @@ class TransformersEngine:
             from winnow.errors import EngineError
 
             raise EngineError(f"cannot load model {model}: {e}") from None
-        self.model.to(self.device).eval()
+        self.adapters = [hf.resolve_model_path(a) for a in adapters or []]
+        if self.adapters:
+            self.model = hf.apply_adapters(self.model, self.adapters)
+        if not device_map:
+            self.model.to(self.device)
+        self.model.eval()
         if seed is not None:
             torch.manual_seed(seed)
         self.eos_ids = self._eos_ids()
         self._args = {"model": model, "torch_dtype": torch_dtype, "device": self.device,
                       "max_batch_sequences": self.max_batch_sequences, "max_batch_tokens": self.max_batch_tokens,
-                      "max_length": max_length, **({"template": template} if template else {})}
+                      **self.encoder.describe(), **({"template": template} if template else {}),
+                      **({"adapters": list(adapters or [])} if adapters else {}),
+                      **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+                      **({"device_map": device_map} if device_map else {}),
+                      **({"quantization": quantization} if quantization else {})}
         self.unused_kwargs = sorted(unused)
         # torch releases the GIL in its kernels; one thread owns the model so calls never interleave
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="winnow-generate")
+
+    @property
+    def max_length(self) -> int | None:
+        """The limit on prompt + answer (``--max_length``, else the model's context)."""
+        return self.encoder.max_length
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The sampling settings of the model's generation_config.json."""
+        return hf.generation_defaults(self.model_path)
 
     # ------------------------------------------------------------------ protocol
 
@@ -96,38 +140,26 @@ class TransformersEngine:
     # ------------------------------------------------------------------ work
 
     def render(self, prompt: Prompt) -> str:
-        return hf.render_chat(self.tokenizer, prompt.messages, self.template)
+        return self.encoder.render(prompt)
 
     def generate_blocking(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         """The synchronous body of :meth:`generate`."""
-        return self._generate_blocking(prompts, params, self._encode)
+        return self._run_encoded(*self.encoder.encode(prompts, params), params)
 
     def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """Like :meth:`generate_blocking` for prompts already tokenized (no chat template applied);
         the server's ``/v1/completions`` and its dynamic batches use it."""
-        return self._generate_blocking(prompts, params, list)
+        return self._run_encoded(*self.encoder.encode_ids(prompts, params), params)
 
-    def _encode(self, prompt: Prompt) -> list[int]:
-        return self.tokenizer(self.render(prompt), add_special_tokens=False)["input_ids"]
-
-    def _generate_blocking(self, prompts: list, params: SamplingParams, encode) -> list[list[Completion]]:
-        results: list[list[Completion]] = [[] for _ in prompts]
+    def _run_encoded(self, encoded: list[Encoded], results: list[list[Completion]],
+                     params: SamplingParams) -> list[list[Completion]]:
         work: list[_Work] = []
-        for slot, prompt in enumerate(prompts):
-            try:
-                ids = encode(prompt)
-            except Exception as e:  # a template error is this prompt's failure, not the batch's
-                results[slot] = _errors(params.n, f"cannot render the prompt: {type(e).__name__}: {e}")
-                continue
-            if self.max_length is not None and len(ids) >= self.max_length:
-                msg = f"prompt has {len(ids)} tokens; --max_length is {self.max_length}"
-                results[slot] = _errors(params.n, msg, prompt_tokens=len(ids))
-                continue
+        for item in encoded:
             per_call = max(1, min(params.n, self.max_batch_sequences))
             left = params.n
             while left > 0:  # more samples than one call holds: split them
                 k = min(per_call, left)
-                work.append(_Work(slot, ids, k))
+                work.append(_Work(item.slot, item.ids, k, item.max_new_tokens))
                 left -= k
         work.sort(key=lambda w: len(w.ids), reverse=True)  # similar lengths together: less padding
         for batch in self._pack(work, params):
@@ -140,8 +172,12 @@ class TransformersEngine:
         seqs = 0
         for w in work:
             longest = max([len(x.ids) for x in current] + [len(w.ids)])
+            # an answer without --max_new_tokens may run to the end of the context; packing plans for at most
+            # PACKING_ANSWER_TOKENS of it (a call that still runs out of memory is halved and retried)
+            answer = min(max([x.budget for x in current] + [w.budget]), PACKING_ANSWER_TOKENS) \
+                if params.max_new_tokens is None else max([x.budget for x in current] + [w.budget])
             over_seqs = seqs + w.k > self.max_batch_sequences
-            over_tokens = (seqs + w.k) * (longest + params.max_new_tokens) > self.max_batch_tokens
+            over_tokens = (seqs + w.k) * (longest + answer) > self.max_batch_tokens
             if current and (over_seqs or over_tokens or w.k != current[0].k):
                 batches.append(current)
                 current, seqs = [], 0
@@ -163,7 +199,7 @@ class TransformersEngine:
                 self._run(batch[mid:], params, results)
                 return
             w = batch[0]
-            results[w.slot].extend(_errors(w.k, f"{type(e).__name__}: {e}", prompt_tokens=len(w.ids)))
+            results[w.slot].extend(errors(w.k, f"{type(e).__name__}: {e}", prompt_tokens=len(w.ids)))
             return
         for w, completions in zip(batch, outputs, strict=True):
             results[w.slot].extend(completions)
@@ -178,21 +214,27 @@ class TransformersEngine:
         for row, w in enumerate(batch):  # left padding
             input_ids[row, width - len(w.ids):] = torch.tensor(w.ids, dtype=torch.long)
             attention[row, width - len(w.ids):] = 1
-        max_new = params.max_new_tokens
+        max_new = max(w.budget for w in batch)
         if self.max_length is not None:
             max_new = max(1, min(max_new, self.max_length - width))
-        sample = params.temperature > 0
+        temperature = 1.0 if params.temperature is None else params.temperature
+        beams = max(1, params.num_beams)
+        sample = temperature > 0 and beams == 1
         gen: dict[str, Any] = {
             "max_new_tokens": max_new,
             "do_sample": sample,
-            # greedy decoding gives k identical answers: compute one and copy it
-            "num_return_sequences": k if sample else 1,
+            # greedy decoding gives k identical answers: compute one and copy it; beam search gives the k best
+            "num_return_sequences": k if sample or beams > 1 else 1,
             "pad_token_id": pad,
             "eos_token_id": self.eos_ids,
-            "repetition_penalty": params.repetition_penalty,
+            "repetition_penalty": params.repetition_penalty or 1.0,
         }
-        if sample:
-            gen.update(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or 0)
+        if beams > 1:
+            gen.update(num_beams=max(beams, k), temperature=None, top_p=None, top_k=None)
+        elif sample:
+            gen.update(temperature=temperature, top_p=params.top_p or 1.0, top_k=params.top_k or 0)
+            if params.min_p:
+                gen["min_p"] = params.min_p
         else:
             gen.update(temperature=None, top_p=None, top_k=None)
         if params.stop:
@@ -202,7 +244,7 @@ class TransformersEngine:
                 input_ids=input_ids.to(self.device), attention_mask=attention.to(self.device), **gen
             )
         new = out[:, width:].tolist()
-        if not sample and k > 1:
+        if not sample and beams == 1 and k > 1:
             new = [row for row in new for _ in range(k)]
         eos = set(self.eos_ids)
         outputs: list[list[Completion]] = []
@@ -248,6 +290,4 @@ class TransformersEngine:
         return sorted(set(ids))
 
 
-def _errors(n: int, message: str, prompt_tokens: int = 0) -> list[Completion]:
-    return [Completion(text="", finish_reason=FINISH_ERROR, error=message, prompt_tokens=prompt_tokens)
-            for _ in range(n)]
+

@@ -6,9 +6,13 @@ aligned; "cannot judge" is ``None``, never 0. Accepted styles:
 - winnow's own: an object with ``name`` and ``async score(samples) -> list[Score]``;
 - the seed (ms-swift sample) style: ``__call__(infer_requests, ground_truths, **kwargs)`` returning
   ``list[float | list[float]]`` (a list is per-step scores), registered in a plugin's ``orms``/``prms``;
-- the TRL/GRPO style: ``fn(completions, **kwargs) -> list[float | None]``, sync or ``async def``, where
-  dataset columns (and ``prompts``, ``messages``, ``reference``, ``completion_tokens``) arrive as
-  keyword arguments.
+- TRL's GRPO convention, exactly: ``fn(prompts=..., completions=..., completion_ids=..., **columns)``
+  sync or ``async def``, every argument a keyword: ``prompts`` and ``completions`` are message lists for
+  conversational rows (``[{"role": "assistant", "content": ...}]`` per completion) and strings for
+  plain-text ``prompt``/``completion`` rows, dataset columns arrive by name, ``trainer_state``,
+  ``log_extra`` and ``log_metric`` are harmless stand-ins, and ``None`` means "cannot judge". winnow
+  adds ``messages``, ``reference``, ``completion_tokens`` and ``finish_reasons`` for functions that
+  name them (a dataset column of the same name wins).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import math
+import types
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -129,7 +134,8 @@ def _accepts(fn: Any) -> tuple[set[str], bool, list[str]]:
 
 
 def calling_style(fn: Any) -> str:
-    """"winnow", "seed" or "trl", from what the object is and how its first parameter is named."""
+    """"winnow", "seed" or "trl", from what the object is and how its first parameter is named (a
+    ``trl``-style callable registered in swift's registries is then called in swift's ``swift`` style)."""
     if not callable(fn) and hasattr(fn, "score"):
         return "winnow"
     if hasattr(fn, "score") and inspect.iscoroutinefunction(getattr(fn, "score", None)) and hasattr(fn, "name"):
@@ -156,6 +162,22 @@ async def _call(fn: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
+def completion_texts(completions: list[Any]) -> list[str]:
+    """The texts of TRL-style completions, whether strings or message lists (the last message's content)."""
+    out = []
+    for c in completions:
+        if isinstance(c, list):
+            c = c[-1].get("content") if c and isinstance(c[-1], dict) else ""
+        out.append(c if isinstance(c, str) else "")
+    return out
+
+
+# what TRL's GRPOTrainer passes besides the columns; the trainer objects get stand-ins
+TRAINER_STATE = types.SimpleNamespace(global_step=0, epoch=0.0, max_steps=0, num_train_epochs=0)
+TRL_RUNTIME = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
+WINNOW_RUNTIME = ("messages", "reference", "completion_tokens", "finish_reasons")
+
+
 class FunctionReward:
     """A seed-style or TRL-style callable adapted to the Reward protocol."""
 
@@ -167,10 +189,15 @@ class FunctionReward:
         self.agg = agg
         self.args = args or {}
         self.names, self.var_kw, _ = _accepts(fn)
+        self.required = _required(fn)
+        self.metrics: dict[str, list[float]] = {}  # what the function reported with log_metric
 
     def describe(self) -> dict[str, Any]:
         target = self.fn if inspect.isfunction(self.fn) else type(self.fn)
-        return {"style": self.style, "callable": f"{target.__module__}.{target.__qualname__}", "args": self.args}
+        out = {"style": self.style, "callable": f"{target.__module__}.{target.__qualname__}", "args": self.args}
+        if self.metrics:
+            out["logged_metrics"] = {k: sum(v) / len(v) for k, v in self.metrics.items()}
+        return out
 
     def _pick(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return kwargs if self.var_kw else {k: v for k, v in kwargs.items() if k in self.names}
@@ -183,16 +210,57 @@ class FunctionReward:
         if self.style == "seed":
             requests = [InferRequest([*s.messages], **{"id": s.prompt.id}) for s in samples]
             out = await _call(self.fn, requests, references, **self._pick(columns))
-        else:
-            extra = {
-                "prompts": [s.prompt.messages for s in samples],
-                "messages": [s.messages for s in samples],
-                "reference": references,
-                "completion_tokens": [s.completion.completion_tokens for s in samples],
-                "finish_reasons": [s.completion.finish_reason for s in samples],
-            }
-            out = await _call(self.fn, [s.text for s in samples], **self._pick({**extra, **columns}))
-        return [to_score(v, self.name, self.agg) for v in check_count(self.name, out, len(samples))]
+            return [to_score(v, self.name, self.agg) for v in check_count(self.name, out, len(samples))]
+        extras: list[dict[str, Any]] = [{} for _ in samples]
+
+        def log_extra(column: str, values: list[Any]) -> None:
+            for info, value in zip(extras, values, strict=False):
+                info[column] = value
+
+        def log_metric(metric: str, value: float) -> None:
+            self.metrics.setdefault(metric, []).append(float(value))
+
+        # swift's ORMs take completions as strings; TRL's as message lists for chat rows
+        conversational = [s.prompt.conversational and self.style == "trl" for s in samples]
+        kwargs = {
+            "messages": [s.messages for s in samples],
+            "reference": references,
+            "completion_tokens": [s.completion.completion_tokens for s in samples],
+            "finish_reasons": [s.completion.finish_reason for s in samples],
+            **columns,
+            "prompts": [s.prompt.messages if conv else prompt_text(s.prompt)
+                        for s, conv in zip(samples, conversational, strict=True)],
+            "completions": [[{"role": "assistant", "content": s.text}] if conv else s.text
+                            for s, conv in zip(samples, conversational, strict=True)],
+            "completion_ids": [s.completion.token_ids for s in samples],
+            "trainer_state": TRAINER_STATE, "log_extra": log_extra, "log_metric": log_metric,
+        }
+        missing = [name for name in self.required if name not in kwargs]
+        if missing:
+            raise RewardError(f"reward {self.name} needs {', '.join(missing)}: not a column of this dataset; give "
+                              f"a value with --reward_kwargs '{{\"{self.name}\": {{\"{missing[0]}\": ...}}}}'")
+        out = await _call(self.fn, **self._pick(kwargs))
+        scores = [to_score(v, self.name, self.agg) for v in check_count(self.name, out, len(samples))]
+        for score, info in zip(scores, extras, strict=True):
+            if info:
+                score.info = {**(score.info or {}), **info}
+        return scores
+
+
+def prompt_text(prompt: Prompt) -> str:
+    """A plain-text row's prompt (its last user message)."""
+    return next((str(m["content"]) for m in reversed(prompt.messages) if m["role"] == "user"), "")
+
+
+def _required(fn: Any) -> list[str]:
+    """The parameters a TRL-style function needs at call time: its required keyword parameters (dataset
+    columns such as ``solution``, or the trainer's arguments)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in sig.parameters.values()
+            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
 class ModelReward:
@@ -220,12 +288,16 @@ class ModelReward:
         self._executor.shutdown(wait=True)
 
 
-def adapt(name: str, obj: Any, *, agg: str = "min", args: dict[str, Any] | None = None) -> Reward:
-    """Any accepted calling style as a :class:`Reward`."""
-    if calling_style(obj) == "winnow":
+def adapt(name: str, obj: Any, *, agg: str = "min", args: dict[str, Any] | None = None,
+          swift_registered: bool = False) -> Reward:
+    """Any accepted calling style as a :class:`Reward`. A ``completions``-style callable registered in
+    swift's ``orms``/``prms`` gets swift's convention (completions as strings), any other TRL's."""
+    style = calling_style(obj)
+    if style == "winnow":
         if not getattr(obj, "name", None):
             obj.name = name
         return obj
     if not callable(obj):
         raise RewardError(f"reward {name}: {obj!r} is not callable and has no async score()")
-    return FunctionReward(name, obj, agg=agg, args=args)
+    return FunctionReward(name, obj, agg=agg, args=args, style="swift" if style == "trl" and swift_registered
+                          else style)

@@ -11,8 +11,7 @@ import re
 from typing import Any
 
 from winnow.errors import RewardError
-from winnow.registry import reward
-from winnow.rewards.base import Sample
+from winnow.rewards.base import Sample, completion_texts
 from winnow.rewards.mathverify import MathVerifier
 from winnow.schema import Prompt, SamplingParams, Score
 
@@ -39,7 +38,6 @@ def _length(sample_tokens: int, text: str) -> int:
     return sample_tokens if sample_tokens > 0 else len(text.split())
 
 
-@reward("math", aliases=("accuracy",))
 class MathReward:
     """Answer correctness with math-verify: 1 correct, 0 wrong, None when the reference cannot be parsed."""
 
@@ -55,21 +53,18 @@ class MathReward:
         return [Score(value=v, info={"verdict": why}) for v, why in results]
 
 
-@reward("format")
-def format_reward(completions: list[str], **kwargs: Any) -> list[float]:
+def format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     """1 when the completion is exactly <think>...</think> then <answer>...</answer>, else 0."""
     pattern = re.compile(r"^<think>.*?</think>\s*<answer>.*?</answer>(?![\s\S])", re.DOTALL)
-    return [1.0 if pattern.match(c.strip()) else 0.0 for c in completions]
+    return [1.0 if pattern.match(c.strip()) else 0.0 for c in completion_texts(completions)]
 
 
-@reward("react_format")
-def react_format_reward(completions: list[str], **kwargs: Any) -> list[float]:
+def react_format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
     """1 when the completion is <think>...</think> then 'Action: ...' and 'Action Input: ...', else 0."""
     pattern = re.compile(r"^<think>.*?</think>\s*Action:.*?Action Input:.*?$", re.DOTALL)
-    return [1.0 if pattern.match(c.strip()) else 0.0 for c in completions]
+    return [1.0 if pattern.match(c.strip()) else 0.0 for c in completion_texts(completions)]
 
 
-@reward("cosine")
 class CosineReward:
     """Length-aware correctness: short correct answers score most, short wrong ones are punished most."""
 
@@ -109,12 +104,11 @@ class CosineReward:
         return out
 
 
-@reward("repetition")
-def repetition_reward(completions: list[str], n_grams: int = 3, max_penalty: float = -1.0,
+def repetition_reward(completions: list[Any], n_grams: int = 3, max_penalty: float = -1.0,
                       **kwargs: Any) -> list[float]:
     """Penalty for repeated word n-grams: 0 for none repeated, down to max_penalty (default -1)."""
     out = []
-    for text in completions:
+    for text in completion_texts(completions):
         words = text.lower().split()
         if len(words) < n_grams:
             out.append(0.0)
@@ -124,8 +118,7 @@ def repetition_reward(completions: list[str], n_grams: int = 3, max_penalty: flo
     return out
 
 
-@reward("soft_overlong")
-def soft_overlong_reward(completions: list[str], soft_max_length: int, soft_cache_length: int,
+def soft_overlong_reward(completions: list[Any], soft_max_length: int, soft_cache_length: int,
                          completion_tokens: list[int] | None = None, **kwargs: Any) -> list[float]:
     """DAPO's soft overlong penalty: 0 up to soft_max_length - soft_cache_length tokens, then down to -1."""
     if soft_cache_length <= 0 or soft_cache_length > soft_max_length:
@@ -133,7 +126,7 @@ def soft_overlong_reward(completions: list[str], soft_max_length: int, soft_cach
     lengths = completion_tokens or [0] * len(completions)
     expected = soft_max_length - soft_cache_length
     return [min(-(_length(n, c) - expected) / soft_cache_length, 0.0)
-            for c, n in zip(completions, lengths, strict=True)]
+            for c, n in zip(completion_texts(completions), lengths, strict=True)]
 
 
 JUDGE_TEMPLATE = (
@@ -145,7 +138,6 @@ JUDGE_TEMPLATE = (
 JUDGE_PATTERN = r"Reward:\s*\**\s*([-+]?\d+(?:\.\d+)?)"
 
 
-@reward("judge")
 class JudgeReward:
     """A generative judge: any winnow engine prompted with a template, its 'Reward: x' parsed (None if absent)."""
 

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 from typing import Any
 
 from winnow.errors import RewardError, require
+from winnow.retry import backoff, is_retryable, retry_after
 from winnow.rewards.base import Sample, check_count
 from winnow.schema import Score
-
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
 def is_remote(spec: str) -> bool:
@@ -77,7 +75,7 @@ class RemoteReward:
 
         url = f"{self.base_url}/rewards"
         for attempt in range(self.max_retries + 1):
-            wait = min(30.0, 0.5 * 2 ** attempt) * (0.5 + random.random())
+            server_wait = None
             try:
                 resp = await self._http().post(url, json=body)
             except (httpx.TimeoutException, httpx.TransportError) as e:
@@ -86,13 +84,11 @@ class RemoteReward:
                 if resp.status_code == 200:
                     return resp.json()
                 error = f"HTTP {resp.status_code}: {resp.text[:300]}"
-                if resp.status_code not in RETRY_STATUS:
+                if not is_retryable(resp.status_code):
                     raise RewardError(f"reward {self.name}: {url} refused the request ({error})")
-                retry_after = resp.headers.get("retry-after")
-                if retry_after and retry_after.replace(".", "", 1).isdigit():
-                    wait = float(retry_after)
+                server_wait = retry_after(resp.headers)
             if attempt < self.max_retries:
-                await asyncio.sleep(wait)
+                await asyncio.sleep(backoff(attempt + 1, 0.5, 30.0, server_wait))
         raise RewardError(f"reward {self.name}: {url} failed after {self.max_retries} retries ({error})")
 
     async def aclose(self) -> None:

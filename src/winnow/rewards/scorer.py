@@ -19,8 +19,6 @@ from winnow.rewards.base import ModelReward, Reward, Sample, adapt
 from winnow.rewards.remote import RemoteReward, is_remote
 from winnow.schema import Group
 
-MODEL_OPTION_KEYS = ("orm", "prm", "reward_model")
-
 
 @dataclass
 class RewardSlot:
@@ -34,9 +32,7 @@ class RewardSlot:
 
 
 def _looks_like_model(name: str) -> bool:
-    from winnow import demo
-
-    return Path(name).expanduser().is_dir() or "/" in name or demo.resolve_model(name) is not None
+    return Path(name).expanduser().is_dir() or "/" in name or registry.REGISTRY.get("model", name) is not None
 
 
 class RunScorer:
@@ -114,7 +110,7 @@ def _named_reward(spec: str, role: str, config) -> Reward | None:
         own = {}
     flat = {k: v for k, v in kwargs.items() if not isinstance(v, dict)}
     obj = registry.build(entry, own, flat)
-    return adapt(entry.name, obj, agg=config.prm_agg, args=own or None)
+    return adapt(entry.name, obj, agg=config.prm_agg, args=own or None, swift_registered=entry.role in ("orm", "prm"))
 
 
 def build_run_scorer(config) -> RunScorer:

@@ -3,12 +3,13 @@
 swift plugins import their base classes and registries from swift (``from swift.plugin import ORM,
 orms`` in swift 3, ``from swift.rewards import ORM, orms`` in swift 4, ``InferRequest`` from
 ``swift.llm`` or ``swift.infer_engine``) and register with ``orms['name'] = MyORM``. This module puts
-small stand-ins for those modules in ``sys.modules`` (only while swift is absent) so such a file
-imports as written; the registry then reads what it added to ``orms`` / ``prms``.
+small stand-ins for those modules in ``sys.modules`` while such a file runs (only when swift is absent)
+so it imports as written; the registry then reads what it added to ``orms`` / ``prms``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import sys
 import types
@@ -33,16 +34,27 @@ class PRM:
         pass
 
 
-orms: dict[str, Any] = {}
-prms: dict[str, Any] = {}
-
-
-def install() -> bool:
-    """Install the stand-ins unless the real swift is importable; True when they are in place."""
-    if "swift" in sys.modules:
-        return getattr(sys.modules["swift"], "__winnow_shim__", False)
-    if importlib.util.find_spec("swift") is not None:
-        return False
+@contextlib.contextmanager
+def shims():
+    """While a plugin file runs: stand-ins for swift's modules (unless the real ms-swift is installed),
+    and afterwards, what the file added to swift's ``orms``/``prms`` tables, by role. The stand-ins
+    leave ``sys.modules`` when the file has run."""
+    tables: dict[str, dict[str, Any]] = {"orm": {}, "prm": {}}
+    spec = importlib.util.find_spec("swift") if "swift" not in sys.modules else None
+    real = "swift" in sys.modules or (spec is not None and spec.origin not in (None, "namespace"))
+    if real:  # the real ms-swift: watch its own tables
+        try:
+            from swift.rewards import orms, prms  # type: ignore[import-not-found]
+        except ImportError:
+            orms, prms = {}, {}
+        before = {"orm": dict(orms), "prm": dict(prms)}
+        yield tables
+        for role, table in (("orm", orms), ("prm", prms)):
+            tables[role].update({k: v for k, v in table.items() if before[role].get(k) is not v})
+        return
+    orms: dict[str, Any] = {}
+    prms: dict[str, Any] = {}
+    saved = {name: sys.modules.get(name) for name in SHIM_MODULES}
     for name in SHIM_MODULES:
         module = types.ModuleType(name)
         module.__winnow_shim__ = True
@@ -50,9 +62,13 @@ def install() -> bool:
         sys.modules[name] = module
     for parent, child in (("swift", "plugin"), ("swift", "rewards"), ("swift", "llm"), ("swift", "infer_engine")):
         setattr(sys.modules[parent], child, sys.modules[f"{parent}.{child}"])
-    return True
-
-
-def registered() -> dict[str, dict[str, Any]]:
-    """What plugins added to swift's registries, by kind."""
-    return {"orm": dict(orms), "prm": dict(prms)}
+    try:
+        yield tables
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+        tables["orm"].update(orms)
+        tables["prm"].update(prms)

@@ -362,11 +362,14 @@ class ReplicaPool:
 
     # ------------------------------------------------------------------ calls
 
-    def call_first(self, method: str, *args: Any) -> Any:
-        """``method(*args)`` on a live replica, blocking (start-up questions: plan, describe)."""
+    def call_first(self, method: str, *args: Any, optional: bool = False) -> Any:
+        """``method(*args)`` on a live replica, blocking (start-up questions: plan, describe); with
+        ``optional``, None when the component has no such method."""
         replica = next((r for r in self.replicas if r.status == ALIVE), None)
         if replica is None:
             raise EngineError(self._failure or f"no {self.role} replica is alive")
+        if optional:
+            return ray.get(replica.handle.optional.remote(method))
         return ray.get(replica.handle.call.remote(method, args))
 
     async def run(self, method: str, *args: Any, blocking: bool = False) -> tuple[Any, Replica]:
@@ -641,6 +644,11 @@ class RayEngine:
                     replica.counts["samples"] += 1
                 replica.counts["tokens"] += c.completion_tokens
         return out
+
+    def generation_defaults(self) -> dict[str, Any]:
+        """The replica engine's reading of the model's generation_config.json (what a plain run takes
+        for options left unset)."""
+        return self.pool.call_first("generation_defaults", optional=True) or {}
 
     def describe(self) -> dict[str, Any]:
         """The replicas' engine, how many, what each asked for and where."""

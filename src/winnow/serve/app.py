@@ -7,20 +7,26 @@ Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``PO
 from __future__ import annotations
 
 import contextlib
+import functools
 import hmac
+import json
 import logging
+import resource
 import signal
 import socket
 import sys
 from typing import Any
 
+import pydantic
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from winnow.serve import protocol as p
+from winnow.serve.guard import BodyGuard, ConnectionGuard, GuardedH11Protocol
 from winnow.serve.serving import ServingError, load_serving
 
 log = logging.getLogger("winnow.serve")
@@ -33,9 +39,10 @@ def _error(status: int, message: str, *, type: str = "invalid_request_error", pa
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    """400 naming the first bad parameter; a body that is not JSON says so."""
+    """400 naming the first bad parameter (a value error first: in a union it says more than the
+    type errors of the other branches); a body that is not JSON says so."""
     errors = exc.errors()
-    first = errors[0] if errors else {}
+    first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     if first.get("type") == "json_invalid":
         return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
                       code="invalid_json")
@@ -59,8 +66,32 @@ def _is_type_name(part: str) -> bool:
     return "[" in part or part in ("str", "int", "float", "bool", "dict", "list", "none")
 
 
-def create_app(serving: Any, api_key: str | None = None) -> FastAPI:
-    """The FastAPI application serving ``serving`` (a policy or reward model)."""
+async def _read(request: Request, model: type[pydantic.BaseModel], route: str, serving: Any) -> Any:
+    """The request body as ``model``: parsed as JSON, its sizes checked (``serving.check_sizes``)
+    before it becomes objects, then validated. Run inside the route, so after the key check: an
+    unauthenticated body is never parsed."""
+    try:
+        raw = await request.body()
+    except ClientDisconnect:  # or cut off by BodyGuard, which then sends its own answer
+        raise ServingError(400, "the client went away before sending the whole body", code="incomplete_body") from None
+    try:
+        data = json.loads(raw) if raw else None
+    except json.JSONDecodeError as e:
+        raise ServingError(400, f"the request body is not valid JSON ({e.msg})", code="invalid_json") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, a number too long to read, nesting too deep
+        raise ServingError(400, f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:200]})",
+                           code="invalid_json") from None
+    serving.check_sizes(route, data)
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
+def create_app(serving: Any, api_key: str | None = None, *, max_request_bytes: int = 32 * 1024 * 1024,
+               timeout_body: float = 60.0) -> FastAPI:
+    """The FastAPI application serving ``serving`` (a policy or reward model), its bodies capped
+    at ``max_request_bytes`` and ``timeout_body`` seconds."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -68,6 +99,7 @@ def create_app(serving: Any, api_key: str | None = None) -> FastAPI:
         await serving.aclose()
 
     app = FastAPI(title="winnow serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(BodyGuard, max_bytes=max_request_bytes, timeout_body=timeout_body)
 
     async def check_key(request: Request) -> None:
         if not api_key:
@@ -112,16 +144,16 @@ def create_app(serving: Any, api_key: str | None = None) -> FastAPI:
         return serving.models().data[0].model_dump()
 
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat(req: p.ChatCompletionRequest):
-        return _respond(await serving.chat(req))
+    async def chat(request: Request):
+        return _respond(await serving.chat(await _read(request, p.ChatCompletionRequest, "chat", serving)))
 
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(req: p.CompletionRequest):
-        return _respond(await serving.completions(req))
+    async def completions(request: Request):
+        return _respond(await serving.completions(await _read(request, p.CompletionRequest, "completions", serving)))
 
     @app.post("/v1/rewards", dependencies=auth)
-    async def rewards(req: p.RewardRequest):
-        return _respond(await serving.rewards(req))
+    async def rewards(request: Request):
+        return _respond(await serving.rewards(await _read(request, p.RewardRequest, "rewards", serving)))
 
     return app
 
@@ -147,6 +179,18 @@ def _bind(host: str, port: int) -> socket.socket:
     except OSError as e:
         raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     return sock
+
+
+def _connection_cap(wanted: int) -> int:
+    """``--max_connections``, lowered to leave the process file descriptors for its own files (the
+    cap must bite before the descriptor limit does, or accepting fails for everyone)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    room = soft - 64 if soft != resource.RLIM_INFINITY else wanted
+    if wanted > room:
+        log.warning("--max_connections %d is over what the open-file limit (%d) allows; using %d", wanted, soft,
+                    max(1, room))
+        return max(1, room)
+    return wanted
 
 
 def _url(sock: socket.socket) -> str:
@@ -182,9 +226,14 @@ def run_server(config: Any) -> int:
     sock.listen(2048)
     sock.setblocking(False)
     url = _url(sock)
-    app = create_app(serving, config.api_key)
+    app = create_app(serving, config.api_key, max_request_bytes=config.max_request_bytes,
+                     timeout_body=config.timeout_body)
+    guard = ConnectionGuard(max_connections=_connection_cap(config.max_connections),
+                            timeout_headers=config.timeout_headers)
     uv_config = uvicorn.Config(app, log_level="info" if config.debug else "warning", access_log=config.debug,
-                               timeout_graceful_shutdown=30, lifespan="on")
+                               timeout_graceful_shutdown=30, lifespan="on",
+                               http=functools.partial(GuardedH11Protocol, guard=guard),
+                               timeout_keep_alive=config.timeout_keep_alive)
     server = _Server(uv_config, ready=f"winnow serve: ready at {url}/v1 (model '{serving.name}', {serving.kind}; "
                                       f"GET {url}/health)")
     server.run(sockets=[sock])

@@ -7,11 +7,43 @@ fields that would change the answer but are not supported are refused by ``servi
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
+
+# a lone UTF-16 surrogate: JSON can spell one ("\ud800"), UTF-8 cannot encode it
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+SURROGATE_MESSAGE = r"holds a lone UTF-16 surrogate (an unpaired \ud800-\udfff escape); send valid Unicode text"
+
+
+def _valid_text(value: str) -> str:
+    if _SURROGATE.search(value):
+        raise ValueError(SURROGATE_MESSAGE)
+    return value
+
+
+def _valid_json_text(value: Any) -> Any:
+    """``value`` when every string in it (dict keys too) is valid Unicode."""
+    todo = [value]
+    while todo:  # a loop, not recursion: the nesting depth is the client's choice
+        item = todo.pop()
+        if isinstance(item, str):
+            _valid_text(item)
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+    return value
+
+
+# text that reaches the tokenizer or an answer: it must encode to UTF-8
+Text = Annotated[str, AfterValidator(_valid_text)]
+# torch.manual_seed takes any 64-bit value, signed or not
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
 def new_id(prefix: str) -> str:
@@ -72,17 +104,19 @@ class _SamplingFields(_Request):
     """The sampling fields chat and completions requests share (``top_k`` and
     ``repetition_penalty`` are the usual extensions, sent with the SDK's ``extra_body``)."""
 
-    model: str | None = None
+    model: Text | None = None
     n: int = Field(1, ge=1, le=256)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    repetition_penalty: float | None = Field(None, gt=0)
+    # far outside this, the penalised logits overflow and sampling fails (seen with 1e-308)
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
@@ -93,13 +127,13 @@ class _SamplingFields(_Request):
 
 class ContentPart(_Request):
     type: str
-    text: str | None = None
+    text: Text | None = None
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: Text | list[ContentPart] | None = None
+    name: Text | None = None
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -110,6 +144,8 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
+    # template variables, e.g. {"enable_thinking": false} for Qwen3 (vLLM's name for the field)
+    chat_template_kwargs: Annotated[dict[str, Any], AfterValidator(_valid_json_text)] | None = None
 
 
 class AssistantMessage(BaseModel):
@@ -159,7 +195,9 @@ class ChatCompletionChunk(BaseModel):
 # ----------------------------------------------------------------------------- completions
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    # tried in order, strictly: a long token list is read once as ints (never tried as strings,
+    # which would put one error per element in memory), and "123" stays text
+    prompt: Text | list[StrictInt] | list[Text] | list[list[StrictInt]] = Field(union_mode="left_to_right")
     echo: bool | None = False
     suffix: str | None = None
     logprobs: int | None = None
@@ -190,7 +228,7 @@ class CompletionResponse(BaseModel):
 class RewardRequest(_Request):
     """``POST /v1/rewards``: score whole conversations (each ends with the assistant turn to judge)."""
 
-    model: str | None = None
+    model: Text | None = None
     messages: list[list[ChatMessage]] = Field(min_length=1)
 
 

@@ -14,13 +14,17 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from winnow.schema import FINISH_ERROR, Completion, SamplingParams, Score
 from winnow.serve import protocol as p
+
+if TYPE_CHECKING:
+    from winnow.engines.hf import TokenChars
 
 log = logging.getLogger("winnow.serve")
 
@@ -47,6 +51,18 @@ class ServingError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ServingError:
     return ServingError(400, message, param=param, code=code)
+
+
+def context_too_long(context_length: int, prompt_tokens: int, wanted: int, param: str, *,
+                     at_least: bool = False) -> ServingError:
+    """OpenAI's ``context_length_exceeded`` 400; ``at_least`` when the prompt was judged from its
+    length in characters, without tokenizing it."""
+    bound = "at least " if at_least else ""
+    asked = (f"{bound}{prompt_tokens + wanted} tokens ({bound}{prompt_tokens} in the {param}, {wanted} in the "
+             "completion)")
+    return bad_request(
+        f"This model's maximum context length is {context_length} tokens. However, you requested {asked}. "
+        f"Please reduce the length of the {param} or completion.", param, code="context_length_exceeded")
 
 
 def overloaded(message: str) -> ServingError:
@@ -157,6 +173,64 @@ class Batcher:
                 job.future.set_result(result)
 
 
+# ----------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much one request may ask for (``winnow serve`` flags of the same names; docs/serve.md, "Limits")."""
+
+    max_messages: int = 2048
+    max_prompts: int = 256
+    max_stop: int = 16
+    max_stop_chars: int = 256
+
+    @classmethod
+    def from_config(cls, config: Any) -> Limits:
+        """The limits set in a ServeConfig."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+    def check_sizes(self, route: str, data: Any) -> None:
+        """400 naming the first list or stop string in a raw JSON body (``route``: chat, completions or
+        rewards) that is over its limit. Run on the parsed JSON before it becomes request objects,
+        which for a long list cost far more memory and time than the JSON itself."""
+        if not isinstance(data, dict):
+            return  # validation says what is wrong
+        messages = data.get("messages")
+        if route == "rewards":
+            self._cap(messages, self.max_prompts, "messages", "conversations", "max_prompts")
+            for i, conversation in enumerate(messages if isinstance(messages, list) else []):
+                self._check_messages(conversation, f"messages[{i}]")
+        elif route == "chat":
+            self._check_messages(messages, "messages")
+        else:
+            prompt = data.get("prompt")
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+                self._cap(prompt, self.max_prompts, "prompt", "prompts", "max_prompts")
+        stop = data.get("stop")
+        if route != "rewards" and stop is not None:
+            self._cap(stop, self.max_stop, "stop", "strings", "max_stop")
+            for i, s in enumerate([stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []):
+                if isinstance(s, str) and len(s) > self.max_stop_chars:
+                    param = "stop" if isinstance(stop, str) else f"stop[{i}]"
+                    raise bad_request(f"{param} is {len(s)} characters long; this server takes stop strings of at "
+                                      f"most {self.max_stop_chars} (--max_stop_chars)", param,
+                                      code="string_above_max_length")
+
+    def _check_messages(self, messages: Any, param: str) -> None:
+        self._cap(messages, self.max_messages, param, "messages", "max_messages")
+        for i, m in enumerate(messages if isinstance(messages, list) else []):
+            if isinstance(m, dict):
+                self._cap(m.get("content"), self.max_messages, f"{param}[{i}].content", "content parts",
+                          "max_messages")
+
+    @staticmethod
+    def _cap(items: Any, most: int, param: str, what: str, flag: str) -> None:
+        if isinstance(items, list) and len(items) > most:
+            raise bad_request(f"{param} holds {len(items)} {what}; this server takes at most {most} (--{flag})",
+                              param, code="array_above_max_length")
+
+
 # ----------------------------------------------------------------------------- request helpers
 
 def _messages(messages: list[p.ChatMessage], param: str = "messages") -> list[dict[str, Any]]:
@@ -167,9 +241,11 @@ def _messages(messages: list[p.ChatMessage], param: str = "messages") -> list[di
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
+                if part.type != "text":
                     raise bad_request(f"content part type {part.type!r} is not supported; send text",
                                       f"{param}[{i}].content[{j}].type")
+                if part.text is None:
+                    raise bad_request("a text part needs its 'text'", f"{param}[{i}].content[{j}].text")
                 texts.append(part.text)
             content = "".join(texts)
         out.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
@@ -183,10 +259,56 @@ def _refuse(req: Any, checks: dict[str, bool]) -> None:
             raise bad_request(f"{field}={getattr(req, field)!r} is not supported by this server", field)
 
 
+# Fields that OpenAI, vLLM or transformers clients send and that would change the answer, with the
+# values that change nothing: any other value is refused (400) rather than silently ignored.
+# Fields not listed here (store, metadata, user, service_tier, prediction, ...) are ignored.
+_UNSUPPORTED_EXTRAS: dict[str, tuple] = {
+    "functions": (None, []), "function_call": (None, "none", "auto"), "audio": (None,),
+    "modalities": (None, ["text"]), "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
+    "min_tokens": (None, 0), "ignore_eos": (None, False), "stop_token_ids": (None, []), "bad_words": (None, []),
+    "allowed_token_ids": (None,), "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
+    "include_stop_str_in_output": (None, False), "use_beam_search": (None, False), "num_beams": (None, 1),
+    "length_penalty": (None, 1), "typical_p": (None, 1), "epsilon_cutoff": (None, 0), "eta_cutoff": (None, 0),
+    "no_repeat_ngram_size": (None, 0), "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
+    "logits_processors": (None, []), "structured_outputs": (None,), "guided_json": (None,),
+    "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "return_tokens_as_token_ids": (None, False),
+}
+_CHAT_EXTRAS = {**_UNSUPPORTED_EXTRAS, "echo": (None, False), "add_generation_prompt": (None, True),
+                "continue_final_message": (None, False), "add_special_tokens": (None, False),
+                "chat_template": (None,), "documents": (None, [])}
+_COMPLETION_EXTRAS = {**_UNSUPPORTED_EXTRAS, "add_special_tokens": (None, True)}
+
+# apply_chat_template's own arguments: a template variable of the same name would clash with them
+_RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
+    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def _refuse_extras(req: Any, table: dict[str, tuple]) -> None:
+    """400 for the first unknown field that would change the answer (see ``_UNSUPPORTED_EXTRAS``)."""
+    for field, value in (req.model_extra or {}).items():
+        if field in table and value not in table[field]:
+            raise bad_request(f"{field}={value!r} is not supported by this server", field)
+
+
+def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """``chat_template_kwargs`` as template variables; names that are apply_chat_template's own are refused."""
+    for name in kwargs or {}:
+        if name in _RESERVED_TEMPLATE_KWARGS:
+            raise bad_request(f"chat_template_kwargs may not set {name!r} (the server sets it)",
+                              f"chat_template_kwargs.{name}")
+    return dict(kwargs or {})
+
+
 def _stop(stop: str | list[str] | None) -> list[str]:
     if stop is None:
         return []
     return [s for s in ([stop] if isinstance(stop, str) else stop) if s]
+
+
+_WHITESPACE = re.compile(r"\s+")
 
 
 def _sse(obj: Any) -> str:
@@ -194,6 +316,10 @@ def _sse(obj: Any) -> str:
 
 
 SSE_DONE = "data: [DONE]\n\n"
+
+# temperatures below this are greedy (as in vLLM): dividing logits by less overflows to inf and
+# sampling from the result fails
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
@@ -203,6 +329,7 @@ class _Key:
     temperature: float
     top_p: float
     top_k: int | None
+    min_p: float | None
     max_new_tokens: int
     stop: tuple[str, ...]
     repetition_penalty: float
@@ -224,12 +351,17 @@ class _Served:
     name: str
     kind: str
     batcher: Batcher
+    limits: Limits
 
     def check_model(self, model: str | None) -> None:
         """404 in OpenAI's shape when a request names a model this server does not serve."""
         if model and model != self.name:
             raise ServingError(404, f"The model '{model}' does not exist; this server serves '{self.name}'",
                                param="model", code="model_not_found")
+
+    def check_sizes(self, route: str, data: Any) -> None:
+        """400 for a raw JSON body (before it becomes request objects) that asks for too much."""
+        self.limits.check_sizes(route, data)
 
     def models(self) -> p.ModelList:
         return p.ModelList(data=[p.ModelCard(id=self.name)])
@@ -245,7 +377,8 @@ class PolicyServing(_Served):
 
     kind = "policy"
 
-    def __init__(self, engine: Any, *, name: str, default_max_tokens: int | None = None, **batching: Any):
+    def __init__(self, engine: Any, *, name: str, default_max_tokens: int | None = None,
+                 limits: Limits | None = None, **batching: Any):
         from winnow.engines import hf
 
         if not hasattr(engine, "generate_ids_blocking"):
@@ -258,23 +391,29 @@ class PolicyServing(_Served):
         # must not be used from two threads at once
         self.tokenizer = hf.load_tokenizer(engine.model_path)
         self.template = engine.template
-        limits = [getattr(engine.model.config, "max_position_embeddings", None), engine.max_length]
-        self.context_length: int | None = min((x for x in limits if x), default=None)
+        lengths = [getattr(engine.model.config, "max_position_embeddings", None), engine.max_length]
+        self.context_length: int | None = min((x for x in lengths if x), default=None)
         self.vocab_size = len(self.tokenizer)
+        self.token_chars = hf.longest_token_chars(self.tokenizer)
         self.default_max_tokens = default_max_tokens
+        self.limits = limits or Limits()
         self.batcher = Batcher(self._run_group, **batching)
+        # rendering and tokenizing a long prompt takes a while: on a thread of its own (one, as the
+        # tokenizer is not shared between threads) the event loop keeps answering meanwhile
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="winnow-tokenize")
 
     async def aclose(self) -> None:
         await self.batcher.aclose()
         await self.engine.aclose()
+        self._tokenizing.shutdown(wait=True)
 
     # ------------------------------------------------------------------ engine side (model thread)
 
     def _run_group(self, key: _Key, items: list[_GenItem]) -> list[list[Completion]]:
         """One ``generate`` call for requests sharing ``key``: every request's n samples are rows."""
         params = SamplingParams(n=1, max_new_tokens=key.max_new_tokens, temperature=key.temperature,
-                                top_p=key.top_p, top_k=key.top_k, repetition_penalty=key.repetition_penalty,
-                                stop=list(key.stop), seed=key.seed)
+                                top_p=key.top_p, top_k=key.top_k, min_p=key.min_p,
+                                repetition_penalty=key.repetition_penalty, stop=list(key.stop), seed=key.seed)
         if key.seed is not None:
             self.engine.torch.manual_seed(key.seed)
         if key.temperature == 0:  # greedy: the n answers of a request are one answer, computed once
@@ -286,31 +425,78 @@ class PolicyServing(_Served):
 
     # ------------------------------------------------------------------ request side (event loop)
 
+    def check_sizes(self, route: str, data: Any) -> None:
+        """The limits' checks, and a token-id prompt longer than the context refused while it is
+        still JSON (its length is its token count; as request objects it would cost far more)."""
+        super().check_sizes(route, data)
+        prompt = data.get("prompt") if route == "completions" and isinstance(data, dict) else None
+        if self.context_length is None or not isinstance(prompt, list) or not prompt:
+            return
+        token_lists = [prompt] if isinstance(prompt[0], int) else prompt
+        wanted = data.get("max_tokens")
+        if not isinstance(wanted, int) or isinstance(wanted, bool) or wanted < 1:
+            wanted = self.default_max_tokens or 1
+        for i, ids in enumerate(token_lists):
+            if isinstance(ids, list) and len(ids) + wanted > self.context_length:
+                param = f"prompt[{i}]" if len(token_lists) > 1 else "prompt"
+                raise context_too_long(self.context_length, len(ids), wanted, param)
+
+    def _max_tokens(self, req: p._SamplingFields) -> int | None:
+        return getattr(req, "max_completion_tokens", None) or req.max_tokens or self.default_max_tokens
+
+    def _prompt_budget(self, req: p._SamplingFields) -> int | None:
+        """The most prompt tokens that leave room for the completion (None: no known context)."""
+        if self.context_length is None:
+            return None
+        return self.context_length - (self._max_tokens(req) or 1)
+
     def _key(self, req: p._SamplingFields, prompt_tokens: int, param: str) -> _Key:
-        max_tokens = getattr(req, "max_completion_tokens", None) or req.max_tokens or self.default_max_tokens
+        max_tokens = self._max_tokens(req)
         if self.context_length is not None:
             room = self.context_length - prompt_tokens
             wanted = max_tokens or 1
             if room < wanted:
-                asked = f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the {param}, {wanted} in the completion)"
-                raise bad_request(
-                    f"This model's maximum context length is {self.context_length} tokens. However, you "
-                    f"requested {asked}. Please reduce the length of the {param} or completion.",
-                    param, code="context_length_exceeded")
+                raise context_too_long(self.context_length, prompt_tokens, wanted, param)
             max_tokens = max_tokens or room
         temperature = 1.0 if req.temperature is None else req.temperature
+        if temperature < GREEDY_BELOW:
+            temperature = 0.0
         top_k = req.top_k if req.top_k and req.top_k > 0 else None
         return _Key(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k,
-                    max_new_tokens=int(max_tokens or 16), stop=tuple(_stop(req.stop)),
+                    min_p=req.min_p or None, max_new_tokens=int(max_tokens or 16), stop=tuple(_stop(req.stop)),
                     repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
                     solo=object() if req.seed is not None else None)
 
-    def _refuse_common(self, req: p._SamplingFields) -> None:
+    def _encode(self, text: str, budget: int | None, param: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``; a text surely longer than ``budget`` tokens is refused untokenized."""
+        from winnow.engines import hf
+
+        if budget is not None and hf.certainly_too_long(text, budget, self.token_chars):
+            assert self.context_length is not None and self.token_chars is not None
+            at_least = -(-len(text) // self.token_chars.of(text))
+            raise context_too_long(self.context_length, at_least, self.context_length - budget, param,
+                                   at_least=True)
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _encode_chat(self, messages: list[dict], template_kwargs: dict[str, Any], budget: int | None) -> list[int]:
+        from winnow.engines import hf
+
+        try:
+            text = hf.render_chat(self.tokenizer, messages, self.template, template_kwargs=template_kwargs)
+        except Exception as e:
+            raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
+        return self._encode(text, budget, "messages", add_special_tokens=False)
+
+    async def _tokenize(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
+
+    def _refuse_common(self, req: p._SamplingFields, extras: dict[str, tuple]) -> None:
         _refuse(req, {
             "presence_penalty": bool(req.presence_penalty),
             "frequency_penalty": bool(req.frequency_penalty),
             "logit_bias": bool(req.logit_bias),
         })
+        _refuse_extras(req, extras)
 
     async def _generate(self, key: _Key, ids: list[int], n: int) -> list[Completion]:
         completions = await self.batcher.submit(key, _GenItem(ids, n))
@@ -322,21 +508,17 @@ class PolicyServing(_Served):
     async def chat(self, req: p.ChatCompletionRequest) -> p.ChatCompletionResponse | AsyncIterator[str]:
         """A chat completion, or (``stream``) its server-sent events."""
         self.check_model(req.model)
-        self._refuse_common(req)
+        self._refuse_common(req, _CHAT_EXTRAS)
         _refuse(req, {
             "logprobs": bool(req.logprobs),
+            "top_logprobs": bool(req.top_logprobs),
             "tools": bool(req.tools),
+            "tool_choice": req.tool_choice not in (None, "none", "auto"),
             "response_format": bool(req.response_format) and req.response_format.get("type") != "text",
         })
-        from winnow.engines import hf
-
-        try:
-            text = hf.render_chat(self.tokenizer, _messages(req.messages), self.template)
-        except ServingError:
-            raise
-        except Exception as e:
-            raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        template_kwargs = _template_kwargs(req.chat_template_kwargs)
+        ids = await self._tokenize(self._encode_chat, _messages(req.messages), template_kwargs,
+                                   self._prompt_budget(req))
         key = self._key(req, len(ids), "messages")
         completions = await self._generate(key, ids, req.n)
         usage = _usage(len(ids), completions)
@@ -351,14 +533,14 @@ class PolicyServing(_Served):
     async def completions(self, req: p.CompletionRequest) -> p.CompletionResponse | AsyncIterator[str]:
         """A text completion of raw prompts (no chat template), or its server-sent events."""
         self.check_model(req.model)
-        self._refuse_common(req)
+        self._refuse_common(req, _COMPLETION_EXTRAS)
         _refuse(req, {
             "echo": bool(req.echo),
             "suffix": bool(req.suffix),
             "logprobs": req.logprobs is not None,
             "best_of": req.best_of is not None and req.best_of != req.n,
         })
-        prompts = self._prompt_ids(req.prompt)
+        prompts = await self._tokenize(self._prompt_ids, req.prompt, self._prompt_budget(req))
         keys = [self._key(req, len(ids), "prompt") for ids in prompts]
         results = await asyncio.gather(*(self._generate(k, ids, req.n) for k, ids in zip(keys, prompts, strict=True)))
         flat = [c for completions in results for c in completions]
@@ -373,8 +555,9 @@ class PolicyServing(_Served):
             return completion_stream(response, bool(req.stream_options and req.stream_options.include_usage))
         return response
 
-    def _prompt_ids(self, prompt: str | list) -> list[list[int]]:
-        """Token ids of each prompt: text is tokenized as is; token arrays are checked."""
+    def _prompt_ids(self, prompt: str | list, budget: int | None) -> list[list[int]]:
+        """Token ids of each prompt: text is tokenized as is; token arrays are checked. A prompt
+        longer than ``budget`` tokens is refused before it is tokenized or checked."""
         if isinstance(prompt, str):
             prompt = [prompt]
         if not prompt:
@@ -383,16 +566,20 @@ class PolicyServing(_Served):
             prompt = [prompt]
         out = []
         for i, item in enumerate(prompt):
+            param = f"prompt[{i}]" if len(prompt) > 1 else "prompt"
             if isinstance(item, str):
-                ids = self.tokenizer(item, add_special_tokens=True)["input_ids"]
+                ids = self._encode(item, budget, param, add_special_tokens=True)
             else:
+                if budget is not None and len(item) > budget:
+                    assert self.context_length is not None
+                    raise context_too_long(self.context_length, len(item), self.context_length - budget, param)
                 ids = list(item)
                 bad = [t for t in ids if not 0 <= t < self.vocab_size]
                 if bad:
                     raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
                                       f"prompt[{i}]")
             if not ids:
-                raise bad_request("prompt must not be empty", f"prompt[{i}]" if len(prompt) > 1 else "prompt")
+                raise bad_request("prompt must not be empty", param)
             out.append(ids)
         return out
 
@@ -459,10 +646,15 @@ async def completion_stream(response: p.CompletionResponse, include_usage: bool)
 class RewardServing(_Served):
     """A classifier reward model or PRM: scores conversations, batched like generation."""
 
-    def __init__(self, model: Any, *, name: str, **batching: Any):
+    def __init__(self, model: Any, *, name: str, limits: Limits | None = None, max_input_tokens: int | None = None,
+                 token_chars: TokenChars | None = None, **batching: Any):
         self.model = model
         self.kind = model.kind
         self.name = name
+        self.limits = limits or Limits()
+        # the most tokens the model takes (None: it truncates longer input itself, or no limit is known)
+        self.max_input_tokens = max_input_tokens
+        self.token_chars = token_chars
         self.batcher = Batcher(self._run_group, **batching)
 
     async def aclose(self) -> None:
@@ -476,7 +668,23 @@ class RewardServing(_Served):
             raise RuntimeError(f"the reward model returned {len(scores)} scores for {len(flat)} conversations")
         return _split(scores, [len(convs) for convs in items])
 
-    async def score(self, conversations: list[list[dict]]) -> list[Score]:
+    async def score(self, conversations: list[list[dict]], param: str = "messages") -> list[Score]:
+        """Scores of ``conversations``; one that is surely longer than the model takes is a 400 first
+        (``param``, or ``param[i]`` for several), so it cannot fail the batch it would share."""
+        from winnow.engines import hf
+
+        if self.max_input_tokens is not None:
+            for i, conv in enumerate(conversations):
+                # the judged answer is always in the model's input (its whitespace between steps may not be)
+                judged = _WHITESPACE.sub("", str(conv[-1].get("content") or "")) if conv else ""
+                if hf.certainly_too_long(judged, self.max_input_tokens, self.token_chars):
+                    assert self.token_chars is not None
+                    where = f"{param}[{i}]" if len(conversations) > 1 else param
+                    raise bad_request(
+                        f"This model's maximum context length is {self.max_input_tokens} tokens. However, the "
+                        f"last message of {where} alone is at least "
+                        f"{-(-len(judged) // self.token_chars.of(judged))} "
+                        "tokens. Please shorten it.", where, code="context_length_exceeded")
         return await self.batcher.submit(None, conversations)
 
     def content(self, score: Score) -> str:
@@ -490,6 +698,7 @@ class RewardServing(_Served):
         """swift's convention: the reward of the conversation (ending with the answer to judge) is
         the message content."""
         self.check_model(req.model)
+        _refuse(req, {"chat_template_kwargs": bool(req.chat_template_kwargs)})
         (score,) = await self.score([_messages(req.messages)])
         content = self.content(score)
         response = p.ChatCompletionResponse(
@@ -511,7 +720,7 @@ class RewardServing(_Served):
         for i, conv in enumerate(conversations):
             if not conv:
                 raise bad_request("a conversation must hold at least one message", f"messages[{i}]")
-        scores = await self.score(conversations)
+        scores = await self.score(conversations, "messages")
         data = [p.RewardData(index=i, score=s.value, step_scores=s.steps) for i, s in enumerate(scores)]
         return p.RewardResponse(model=self.name, kind=self.kind, data=data)
 
@@ -536,15 +745,20 @@ def load_serving(config: Any) -> PolicyServing | RewardServing:
     name = config.served_model_name or Path(str(config.model).rstrip("/")).name
     batching = dict(max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
                     max_queue=config.max_queue, dynamic_batching=config.dynamic_batching)
+    limits = Limits.from_config(config)
     kind = detect_reward_kind(path)
     if kind is not None:
-        from winnow.rewards.models import load_reward_model
+        from winnow.rewards.models import load_reward_model, read_model_config
 
         kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, "template": config.template,
                   **config.engine_kwargs}
-        return RewardServing(load_reward_model(path, **kwargs), name=name, **batching)
+        model = load_reward_model(path, **kwargs)
+        # a model that truncates (max_length) takes any length; else its positions are the limit
+        limit = None if kwargs.get("max_length") else read_model_config(path).get("max_position_embeddings")
+        return RewardServing(model, name=name, limits=limits, max_input_tokens=limit,
+                             token_chars=hf.longest_token_chars(hf.load_tokenizer(path)), **batching)
     kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, "template": config.template,
               "seed": config.seed, **config.engine_kwargs}
     engine = get_engine(config.engine, path, **kwargs)
     return PolicyServing(engine, name=name, default_max_tokens=getattr(config, "max_new_tokens", None),
-                         **batching)
+                         limits=limits, **batching)

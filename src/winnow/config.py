@@ -308,7 +308,6 @@ class SampleConfig:
     interleave_prob: list[float] = opt(None, "Not supported: datasets are concatenated.", factory=list,
                                        swift="unsupported")
     stopping_strategy: str = opt("first_exhausted", "Only with --interleave_prob.", swift="noop")
-    use_ray: bool = opt(False, "swift's Ray switch.", swift="unsupported")
     ray_exp_name: str | None = opt(None, "swift's Ray experiment name.", swift="noop")
     device_groups: Any = opt(None, "swift's Ray device groups (winnow places Ray replicas itself).", swift="noop")
     task_type: str | None = opt(None, "swift model task type (sampling is causal_lm).", swift="noop")
@@ -363,6 +362,35 @@ class SampleConfig:
     ddp_backend: str | None = opt(None, "swift distributed setting.", swift="noop")
     ignore_args_error: bool = opt(False, "swift setting.", swift="noop")
 
+    # --- Ray: engine (and reward-model) replicas as Ray actors, the run's driver unchanged (docs/ray.md)
+    ray: bool = opt(False, "Run the engine as --num_workers replicas on a Ray cluster (pip install 'winnow[ray]').")
+    use_ray: bool = opt(False, "swift's name for --ray.")
+    ray_address: str | None = opt(
+        None, "Ray cluster to join: auto (the one `ray start` runs on this machine), HOST:6379, or ray://HOST:10001 "
+        "(Ray Client). Unset: RAY_ADDRESS, else a new local Ray on this machine.")
+    num_workers: int = opt(1, "Engine replicas on Ray (--ray true); each loads the model once.", ge=1)
+    ray_num_gpus_per_worker: float = opt(
+        0.0, "GPUs each engine replica holds (4 for vLLM with tensor_parallel_size 4 in --engine_kwargs).", ge=0)
+    ray_num_cpus_per_worker: float = opt(1.0, "CPUs each engine replica holds.", ge=0)
+    ray_resources_per_worker: dict = opt(
+        None, "Custom Ray resources each engine replica needs, as JSON: '{\"policy\": 1}' puts replicas on nodes "
+        "started with --resources '{\"policy\": 8}'.", factory=dict)
+    ray_scheduling: str = opt("spread", "Where replicas go: spread over the nodes, or pack onto as few as fit.",
+                              choices=("spread", "pack"))
+    ray_max_restarts: int = opt(3, "Times Ray restarts a dead replica (-1: no limit); the calls it had in flight "
+                                   "are redone on the other replicas either way.", ge=-1)
+    ray_runtime_env: dict = opt(None, "Ray runtime_env of every replica as JSON (env_vars, pip, py_modules, "
+                                      "working_dir...).", factory=dict)
+    ray_wait_s: float = opt(600.0, "Longest wait with no replica alive (all starting, or all restarting) before "
+                                   "the run stops with an error; what was written is kept.", gt=0)
+    ray_reward_workers: int = opt(0, "Replicas of each reward model (--reward_model, --prm_model, --orm_model "
+                                     "directories) on Ray; 0: reward models run in the driver.", ge=0)
+    ray_num_gpus_per_reward_worker: float = opt(0.0, "GPUs each reward-model replica holds.", ge=0)
+    ray_num_cpus_per_reward_worker: float = opt(1.0, "CPUs each reward-model replica holds.", ge=0)
+    ray_resources_per_reward_worker: dict = opt(
+        None, "Custom Ray resources each reward-model replica needs, as JSON: '{\"prm\": 1}' keeps the reward "
+        "models on their own nodes.", factory=dict)
+
     # --- misc
     progress: bool = opt(True, "Show a progress bar.")
     debug: bool = opt(False, "Show tracebacks on errors.")
@@ -371,9 +399,8 @@ class SampleConfig:
         check_fields(self)
         for f in dataclasses.fields(self):
             if f.metadata.get("swift") == "unsupported" and getattr(self, f.name) not in (None, False, [], {}):
-                hint = " (winnow's own Ray path is --ray true)" if f.name == "use_ray" else ""
                 raise ConfigError(f"--{f.name}: accepted for swift compatibility but not supported by winnow sample "
-                                  f"yet{hint}; drop it")
+                                  "yet; drop it")
         self.sampler_engine = REGISTRY.canonical("engine", self.sampler_engine)
         if self.n_best_to_keep is not None and self.n_best_to_keep > self.num_return_sequences:
             raise ConfigError(f"--n_best_to_keep {self.n_best_to_keep}: more than the {self.num_return_sequences} "
@@ -392,6 +419,10 @@ class SampleConfig:
             raise ConfigError("--dataset is required, e.g. --dataset data.jsonl#100")
         if self.reasoning_format in (None, "auto"):
             self.reasoning_format = "think_answer" if self.sampler_type == "distill" else "message"
+        self.ray = self.ray or self.use_ray
+        if not self.ray and (self.num_workers > 1 or self.ray_reward_workers):
+            flag = "--num_workers" if self.num_workers > 1 else "--ray_reward_workers"
+            raise ConfigError(f"{flag} runs replicas on Ray: add --ray true (pip install 'winnow[ray]')")
 
     @property
     def engine(self) -> str:

@@ -26,6 +26,7 @@ from winnow.engines import (
     KeepsState,
     ReportsProgress,
     ReportsStats,
+    SummaryNote,
     check_aligned,
     get_engine,
 )
@@ -71,6 +72,7 @@ class RunSummary:
     selection_notes: dict[str, int] = field(default_factory=dict)
     # with an ORM: pass@1, pass@N, majority@N, best-of-N by each reward (this run's groups)
     quality: dict[str, float] = field(default_factory=dict)
+    engine_note: str = ""  # one more summary line from the engine (Ray: its replicas)
     # every run of this output together (a resumed run adds to what the earlier ones did)
     totals: dict[str, int] = field(default_factory=dict)
 
@@ -113,6 +115,8 @@ class RunSummary:
                      + (f" ({t['retry']} to try again with --resume true)" if t["retry"] else ""))
         elif t.get("retry"):
             line += f"\n  {t['retry']} failed rows may succeed on another try: rerun with --resume true"
+        if self.engine_note:
+            line += f"\n  {self.engine_note}"
         return line
 
 
@@ -181,11 +185,14 @@ def build_engine(config: SampleConfig) -> Engine | None:
         if variables:  # vLLM and SGLang read chat_template_kwargs from the request body
             kwargs["extra_body"] = {**kwargs.get("extra_body", {}), "chat_template_kwargs": variables}
         if config.batch_api:
+            if config.ray:
+                raise ConfigError("--batch_api with --ray true: the provider runs the batch, replicas have nothing "
+                                  "to do; drop --ray")
             from winnow.engines.batch import BatchEngine
 
             return BatchEngine(config.model, max_requests=config.batch_max_requests, max_bytes=config.batch_max_bytes,
                                poll_s=config.batch_poll_s, completion_window=config.batch_completion_window, **kwargs)
-        return get_engine(config.engine, config.model, **kwargs)
+        return _make_engine(config, kwargs)
     if config.batch_api:
         raise ConfigError(f"--batch_api is a provider API: it needs --sampler_engine client, not {config.engine}")
     kwargs.setdefault("torch_dtype", config.torch_dtype)
@@ -205,6 +212,15 @@ def build_engine(config: SampleConfig) -> Engine | None:
     for key, value in optional.items():
         if value not in (None, {}, []):
             kwargs.setdefault(key, value)
+    return _make_engine(config, kwargs)
+
+
+def _make_engine(config: SampleConfig, kwargs: dict[str, Any]) -> Engine:
+    """The engine itself, or (``--ray true``) the same engine as ``--num_workers`` replicas on a Ray cluster."""
+    if config.ray:
+        from winnow.runners.ray import ray_engine
+
+        return ray_engine(config, kwargs)
     return get_engine(config.engine, config.model, **kwargs)
 
 
@@ -443,6 +459,8 @@ class Run:
                     await closer()
                 except Exception as e:  # the run's outcome is decided; a close failure is only reported
                     print(f"winnow: warning: closing failed: {type(e).__name__}: {e}", file=sys.stderr)
+        if isinstance(engine, SummaryNote):
+            s.engine_note = engine.summary_note()
         s.cost_usd = self._cost()
         s.batch_discount = self.config.batch_discount if self.config.batch_api else None
         try:
@@ -639,7 +657,8 @@ class Run:
             "rewards": self.redactor.value(self.scorer.describe()) if self.scorer is not None else [],
             **({"error": s.error} if s.error else {}),
             "counts": {k: v for k, v in asdict(s).items()
-                       if k not in ("output_file", "failed_file", "wall_s", "status", "error", "totals")},
+                       if k not in ("output_file", "failed_file", "wall_s", "status", "error", "totals",
+                                    "engine_note")},
             "totals": s.totals or {**asdict(self.store.totals), "rows": self.store.totals.rows},
             "wall_s": round(time.monotonic() - self.started, 3),
             "tokens_per_s": round(s.tokens_per_s, 2),

@@ -103,6 +103,14 @@ class KeepsState(Protocol):
         ...
 
 
+@runtime_checkable
+class SummaryNote(Protocol):
+    """Adds one line to the run summary (a Ray engine: its replicas and what happened to them)."""
+
+    def summary_note(self) -> str:
+        ...
+
+
 def get_engine(name: str, model: str, **kwargs: Any) -> Engine:
     """Build the engine called ``name`` (``pt`` is ``transformers``) for ``model``."""
     from winnow.registry import REGISTRY

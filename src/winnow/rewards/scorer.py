@@ -106,6 +106,10 @@ def _model_reward(spec: str, options: dict[str, Any], config, kind: str | None) 
     opts = {"device": config.device, "torch_dtype": config.torch_dtype, "prm_agg": config.prm_agg, **options}
     if kind is not None:
         opts.setdefault("kind", kind)
+    if config.ray and config.ray_reward_workers:  # scored on replicas over the Ray cluster
+        from winnow.runners.ray import ray_model_reward
+
+        return ray_model_reward(Path(spec).name or spec, spec, opts, config)
     model = load_reward_model(spec, **opts)
     return ModelReward(Path(spec).name or spec, model)
 

@@ -478,6 +478,10 @@ class ServeConfig:
     """Options of ``winnow serve`` (alias ``winnow deploy``)."""
 
     model: str | None = opt(None, "Model to serve: a local directory or a hub id (a policy or a reward model).")
+    model_revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
+    use_hf: bool = opt(False, "Hub ids are read from the Hugging Face hub (true) or ModelScope (false, swift's "
+                              "default; USE_HF=1 also selects Hugging Face).")
+    hub_token: str | None = opt(None, "Token for a private hub model.")
     engine: str = opt("transformers", "Engine for a policy model (a local one: transformers, vllm, sglang, lmdeploy).",
                       registry="engine")
     host: str = opt("127.0.0.1", "Address to bind (loopback unless told otherwise).")

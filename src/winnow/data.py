@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -257,17 +258,60 @@ def _open_folder_file(path: Path):
 
 
 def _open_hub(spec: DatasetSpec):
+    """A Hugging Face hub dataset (``--use_hf true``), through the datasets library and its cache."""
+    from winnow import hub
+
     try:
         import datasets
     except ImportError:
         raise DataError(f"--dataset {spec.text}: not a local file or folder, and loading hub datasets needs "
                         "the datasets library: pip install 'winnow[hf]'") from None
+    cached = Path(datasets.config.HF_DATASETS_CACHE) / spec.path.replace("/", "___")
+    if not cached.is_dir() and not hub.hf_offline() and not hub.reachable(hub.hf_endpoint()):
+        raise DataError(f"--dataset {spec.text}: not a local file or folder, not in the datasets cache ({cached}), "
+                        f"and {hub.hf_endpoint()} cannot be reached; pass a local file or folder (--dataset "
+                        "/path/to/data.jsonl) or read it from ModelScope (--use_hf false)")
     try:
-        ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train")
+        ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train", token=hub.token())
     except Exception as e:  # the library raises many kinds; all mean "cannot load"
-        raise DataError(f"--dataset {spec.text}: no local file or folder by that name, and loading it as a hub "
-                        f"dataset failed: {type(e).__name__}: {e}") from None
+        raise DataError(f"--dataset {spec.text}: no local file or folder by that name, and loading it from the "
+                        f"Hugging Face hub failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                        ) from None
     return TableSource(spec.path + (f":{spec.subset}" if spec.subset else ""), ds)
+
+
+def _pick(files: list[Path], root: Path, token: str) -> list[Path]:
+    """The files whose path (below ``root``) names ``token``: a folder of that name, or a file name's part."""
+    def names(p: Path) -> set[str]:
+        rel = p.relative_to(root)
+        return {*rel.parts[:-1], *re.split(r"[-_.]", p.stem), p.stem}
+
+    return [p for p in files if token in names(p)]
+
+
+def _open_modelscope(spec: DatasetSpec) -> list:
+    """A ModelScope dataset (swift's default hub): its repository's data files, read like a dataset folder;
+    ``:subset`` and ``@split`` pick the files whose folder or name says so (the split defaults to train
+    when the files are split)."""
+    from winnow import hub
+
+    root = hub.dataset_dir(spec.path, "--dataset")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        raise DataError(f"--dataset {spec.text}: the ModelScope dataset at {root} has no "
+                        f"{'/'.join(FILE_SUFFIXES)} files")
+    if spec.subset:
+        files = _pick(files, root, spec.subset)
+        if not files:
+            raise DataError(f"--dataset {spec.text}: no files of subset {spec.subset!r} in {root}")
+    split = spec.split or ("train" if _pick(files, root, "train") else None)
+    if split:
+        chosen = _pick(files, root, split)
+        if not chosen:
+            raise DataError(f"--dataset {spec.text}: no files of split {split!r} in {root}")
+        files = chosen
+    return [_open_folder_file(p) for p in files]
 
 
 def open_sources(spec: DatasetSpec) -> list:
@@ -292,7 +336,9 @@ def open_sources(spec: DatasetSpec) -> list:
     looks_local = spec.path.startswith((".", "/", "~")) or Path(spec.path).suffix.lower() in FILE_SUFFIXES
     if looks_local:
         raise DataError(f"--dataset {spec.text}: no such file or folder")
-    return [_open_hub(spec)]
+    from winnow import hub
+
+    return [_open_hub(spec)] if hub.use_hf() else _open_modelscope(spec)
 
 
 # ----------------------------------------------------------------------------- formats

@@ -17,7 +17,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from winnow import data, registry, rewards, search, structured
+from winnow import data, hub, registry, rewards, search, structured
 from winnow.config import SampleConfig, fingerprint_fields, make_config, to_dict
 from winnow.engines import (
     Engine,
@@ -319,6 +319,7 @@ class Run:
         if taken:
             print(f"winnow sample: note: from the checkpoint's args.json (--load_args): {', '.join(taken)}",
                   file=sys.stderr)
+        hub.configure(config.use_hf, config.hub_token)  # where model and dataset ids are read from
         for path in [*config.custom_register_path, *config.external_plugins]:  # before any name is resolved
             registry.load_plugin(path)
         self.strategy = search.build_strategy(config)

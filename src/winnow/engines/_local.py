@@ -171,11 +171,11 @@ class LocalEngine:
                  trust_remote_code: bool, max_prompts_per_call: int, calls_in_flight: int = 2, workers: int = 1,
                  template_kwargs: dict | None = None, use_chat_template: bool | None = None,
                  truncation_strategy: str | None = None, response_prefix: str | None = None,
-                 backend_context: int | None = None):
+                 backend_context: int | None = None, revision: str | None = None):
         if torch_dtype not in _DTYPES:
             raise ConfigError(f"--torch_dtype {torch_dtype!r}: use one of auto, float32, bfloat16, float16")
         self.dtype = _DTYPES[torch_dtype]
-        self.model_path = hf.resolve_model_path(model)
+        self.model_path = hf.resolve_model_path(model, revision=revision)
         self.encoder = PromptEncoder(self.model_path, template=template, max_length=max_length or backend_context,
                                      trust_remote_code=trust_remote_code, template_kwargs=template_kwargs,
                                      use_chat_template=use_chat_template, truncation_strategy=truncation_strategy,

@@ -17,9 +17,9 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
           "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
-def resolve_model_path(model: str) -> str:
+def resolve_model_path(model: str, what: str = "--model", revision: str | None = None) -> str:
     """A local directory as is; a registered model name (the demo world's, say) as its folder; otherwise a
-    hub id for transformers."""
+    hub id, resolved on the run's hub (:mod:`winnow.hub`: ModelScope unless --use_hf)."""
     path = Path(model).expanduser()
     if path.is_dir():
         return str(path)
@@ -29,8 +29,10 @@ def resolve_model_path(model: str) -> str:
     if named is not None:
         return str(named.obj())
     if model.startswith((".", "/", "~")):
-        raise ConfigError(f"--model {model}: no such directory")
-    return model  # a hub id: transformers resolves it (from its cache when offline)
+        raise ConfigError(f"{what} {model}: no such directory")
+    from winnow import hub
+
+    return hub.model_dir(model, what, revision)
 
 
 def resolve_device(device: str = "auto") -> str:

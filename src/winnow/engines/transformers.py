@@ -69,7 +69,7 @@ class TransformersEngine(_local.LocalEngine):
         prompt_options = {k: options.pop(k) for k in _local.PROMPT_OPTIONS if k in options}
         super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
                          trust_remote_code=trust_remote_code, max_prompts_per_call=int(max_batch_sequences),
-                         **prompt_options)
+                         revision=revision, **prompt_options)
         self.device = hf.resolve_device(device)
         self.max_batch_sequences = int(max_batch_sequences)
         self.max_batch_tokens = int(max_batch_tokens)
@@ -93,7 +93,7 @@ class TransformersEngine(_local.LocalEngine):
             )
         except OSError as e:
             raise EngineError(f"cannot load model {model}: {e}") from None
-        self.adapters = [hf.resolve_model_path(a) for a in adapters or []]
+        self.adapters = [hf.resolve_model_path(a, "--adapters") for a in adapters or []]
         if self.adapters:
             self.model = hf.apply_adapters(self.model, self.adapters)
         if not device_map:

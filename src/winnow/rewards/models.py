@@ -130,7 +130,7 @@ def detect_reward_model(path: str) -> str | None:
     """"classifier", "prm", or None for an ordinary causal LM (a policy)."""
     from winnow.engines.hf import resolve_model_path
 
-    resolved = resolve_model_path(path)
+    resolved = resolve_model_path(path, "reward model")
     config = read_model_config(resolved)
     if prm_format(config, path) is not None:
         return "prm"
@@ -147,7 +147,7 @@ def load_reward_model(path: str, **kwargs: Any) -> RewardModel:
     detection. Other options: device, torch_dtype, batch_size, prm_agg, max_length, template."""
     from winnow.engines.hf import resolve_model_path
 
-    resolved = resolve_model_path(path)
+    resolved = resolve_model_path(path, "reward model")
     config = read_model_config(resolved)
     kind = kwargs.pop("kind", None)
     prm_keys = ("style", "step_tag", "good_token", "bad_token", "step_sep", "chat", "system", "format")

@@ -836,9 +836,11 @@ def detect_reward_kind(path: str) -> str | None:
 def load_serving(config: Any) -> PolicyServing | RewardServing:
     """The served model for ``winnow serve`` options: a reward model when the directory holds one,
     else a policy engine."""
+    from winnow import hub
     from winnow.engines import get_engine, hf
 
-    path = hf.resolve_model_path(config.model)
+    hub.configure(config.use_hf, config.hub_token)
+    path = hf.resolve_model_path(config.model, revision=config.model_revision)
     name = config.served_model_name or Path(str(config.model).rstrip("/")).name
     batching = dict(max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
                     max_queue=config.max_queue, dynamic_batching=config.dynamic_batching)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from conftest import read_jsonl, run_winnow
@@ -72,3 +73,67 @@ def test_swift_plugin_file_loads_unchanged(tmp_path, tiny_model, math_jsonl):
             assert len(c["scores"]["step_len"]["steps"]) == len(c["text"].split("\n\n"))
     assert listing.returncode == 0, listing.stderr
     assert "has_digit" in listing.stdout and "swift_style.py" in listing.stdout
+
+
+# ----------------------------------------------------------------------------- an installed package's entry points
+
+ENTRY_POINT_MODULE = '''
+from winnow.schema import Completion
+
+
+class ShoutEngine:
+    """Answers every prompt with its last message in capitals (an engine a package ships)."""
+
+    name = "shout"
+
+    def __init__(self, model, **kwargs):
+        self.model = model
+
+    async def generate(self, prompts, params):
+        return [[Completion(text=p.messages[-1]["content"].upper(), finish_reason="stop", prompt_tokens=1,
+                            completion_tokens=1) for _ in range(params.n)] for p in prompts]
+
+    def batch_plan(self, n):
+        return 16, 1
+
+    def describe(self):
+        return {"name": self.name, "model": self.model}
+
+    async def aclose(self):
+        pass
+
+
+def loud(completions, **kwargs):
+    """1.0 for an answer in capitals."""
+    texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]  # TRL: text or messages
+    return [1.0 if t.isupper() else 0.0 for t in texts]
+'''
+
+
+def test_an_installed_packages_engine_and_reward_come_from_its_entry_points(tmp_path):
+    """A throwaway package installed the way pip leaves one (its module and a .dist-info with
+    entry_points.txt on the path): its engine and reward are listed and used by name."""
+    site = tmp_path / "site"
+    (site / "winnow_shout").mkdir(parents=True)
+    (site / "winnow_shout" / "__init__.py").write_text(ENTRY_POINT_MODULE)
+    dist = site / "winnow_shout-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: winnow-shout\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[winnow.engine]\nshout = winnow_shout:ShoutEngine\n\n"
+                                           "[winnow.reward]\nloud = winnow_shout:loud\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    listed = run_winnow("list", "engines", env=env)
+    assert listed.returncode == 0 and "shout" in listed.stdout and "winnow-shout" in listed.stdout
+    rewards = run_winnow("list", "rewards", env=env)
+    assert "loud" in rewards.stdout
+    dataset = tmp_path / "d.jsonl"
+    dataset.write_text('{"query": "hello"}\n{"query": "again"}\n')
+    out = tmp_path / "out"
+    proc = run_winnow("sample", "--sampler_engine", "shout", "--model", "any", "--dataset", str(dataset),
+                      "--num_return_sequences", "2", "--orm_model", "loud", "--output_format", "raw",
+                      "--output_dir", str(out), "--output_file", "o.jsonl", "--progress", "false", env=env)
+    assert proc.returncode == 0, proc.stderr
+    records = read_jsonl(out / "o.jsonl")
+    assert sorted(c["text"] for r in records for c in r["completions"]) == ["AGAIN", "AGAIN", "HELLO", "HELLO"]
+    assert all(c["scores"]["loud"]["value"] == 1.0 for r in records for c in r["completions"])
+    assert "shout" not in run_winnow("list", "engines").stdout  # not installed: not there

@@ -13,11 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
-import winnow
-from winnow.demo import report, resolve_model, train
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's demo_world/
+
+from demo_world import report, train  # noqa: E402
+
+import winnow  # noqa: E402
+from winnow.demo import resolve_model  # noqa: E402
 
 
 def sample(model: str, dataset: str, n: int, out: Path, name: str, seed: int) -> list[dict]:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # demo_world/: the demo's scripts live in the checkout, not the package
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -92,7 +93,7 @@ def run_winnow(*args: str, cwd: Path | None = None, timeout: float = 300, env: d
 @pytest.fixture(scope="session")
 def tiny_classifier_rm(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny one-label sequence-classification reward model (random weights)."""
-    from winnow.demo.build_rm import build_tiny_classifier_rm
+    from rm_builders import build_tiny_classifier_rm
 
     return build_tiny_classifier_rm(tmp_path_factory.mktemp("rms") / "classifier", tiny_tokenizer_dir, seed=3)
 
@@ -100,7 +101,7 @@ def tiny_classifier_rm(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_prm(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny Math-Shepherd-style PRM: causal LM, ``<step>`` tag token, '+'/'-' labels, config hint."""
-    from winnow.demo.build_rm import build_tiny_prm
+    from rm_builders import build_tiny_prm
 
     return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-shepherd", tiny_tokenizer_dir,
                           style="math_shepherd", seed=4)
@@ -109,7 +110,7 @@ def tiny_prm(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_qwen_prm(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny PRM in the Qwen2.5-Math-PRM checkpoint layout (``<extra_0>``, 2-class ``score`` head)."""
-    from winnow.demo.build_rm import build_tiny_prm
+    from rm_builders import build_tiny_prm
 
     return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-qwen", tiny_tokenizer_dir, style="qwen_prm", seed=5)
 
@@ -117,7 +118,7 @@ def tiny_qwen_prm(tmp_path_factory, tiny_tokenizer_dir):
 @pytest.fixture(scope="session")
 def tiny_token_prm(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny token-classification PRM (2 labels, read at each step's last token)."""
-    from winnow.demo.build_rm import build_tiny_prm
+    from rm_builders import build_tiny_prm
 
     return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-token", tiny_tokenizer_dir,
                           style="token_classification", seed=6)

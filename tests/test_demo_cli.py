@@ -8,9 +8,9 @@ from contextlib import contextmanager
 
 import httpx
 import pytest
+from demo_world import report
 
 from conftest import Server, read_jsonl, run_winnow
-from winnow.demo import report
 
 pytestmark = pytest.mark.slow
 

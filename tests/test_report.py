@@ -11,11 +11,11 @@ import random
 from pathlib import Path
 
 import pytest
+from demo_world import report as demo_report
 
 from conftest import run_winnow
 from winnow import report
 from winnow.config import ReportConfig
-from winnow.demo import report as demo_report
 from winnow.errors import ConfigError, DataError
 from winnow.report import Problem, Sample, best_of_k, pass_at_k, vote, votes_at_k
 from winnow.rewards import mathverify

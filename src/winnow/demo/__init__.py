@@ -6,7 +6,7 @@ Names resolve here:
   ``$WINNOW_CACHE``, default ``~/.cache/winnow``); for tests of the plumbing.
 - ``demo-policy``, ``demo-prm``, ``demo-rm``: the trained arithmetic world shipped in the package
   (a policy, a Math-Shepherd-style process reward model, a classifier reward model), reproduced by
-  ``python -m winnow.demo.train --all``; see docs/demo.md.
+  ``python -m demo_world.train --all``; see docs/demo.md.
 - datasets ``demo-arith`` (the test split) and ``demo-arith-train`` (the train split):
   ``problem``/``solution``/``answer`` rows of multi-step integer arithmetic.
 """
@@ -38,7 +38,7 @@ def resolve_model(name: str) -> str | None:
         target = ASSETS / name
         if not (target / "config.json").is_file():
             raise ConfigError(f"the demo model {name!r} is missing from {ASSETS}; rebuild the demo world with "
-                              "python -m winnow.demo.train --all")
+                              "python -m demo_world.train --all")
         return str(target)
     if name not in BUILT_MODELS:
         return None
@@ -58,7 +58,7 @@ def resolve_dataset(name: str) -> str | None:
     path = DATA / file
     if not path.is_file():
         raise ConfigError(f"the demo dataset {name!r} is missing ({path}); rebuild it with "
-                          "python -m winnow.demo.train --all")
+                          "python -m demo_world.train --all")
     return str(path)
 
 

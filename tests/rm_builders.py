@@ -1,4 +1,4 @@
-"""Build tiny reward models offline (random, seeded weights) for tests and the demo world.
+"""Build tiny reward models offline (random, seeded weights) for the tests.
 
 - :func:`build_tiny_classifier_rm`: an ``AutoModelForSequenceClassification`` with one label.
 - :func:`build_tiny_prm`: a process reward model in each supported style: ``math_shepherd`` (a

@@ -1,7 +1,7 @@
 """Best-of-N in the demo world, from one ``winnow sample`` run.
 
-    python -m winnow.demo.report                  # runs the sample command below, then prints the table
-    python -m winnow.demo.report --from out.jsonl # the table of an existing raw output
+    python -m demo_world.report                  # runs the sample command below, then prints the table
+    python -m demo_world.report --from out.jsonl # the table of an existing raw output
 
 The run samples ``--samples`` solutions per test problem from ``demo-policy`` and scores every one
 with the ``math`` ORM (math-verify on ``\\boxed{}``), the ``demo-prm`` process reward model and the
@@ -93,7 +93,7 @@ def read_raw(path: str | Path) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m winnow.demo.report", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m demo_world.report", description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=200, help="test problems")
     ap.add_argument("--samples", type=int, default=8, help="samples per problem (N)")
     ap.add_argument("--output_dir", default="demo_output")

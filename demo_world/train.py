@@ -1,7 +1,7 @@
 """Reproduce the demo world: datasets, tokenizer, policy, process reward model, classifier RM.
 
-    python -m winnow.demo.train --all                 # everything, into src/winnow/demo/{data,assets}
-    python -m winnow.demo.train --all --quick --out /tmp/w   # a shortened run (what the tests do)
+    python -m demo_world.train --all                 # everything, into src/winnow/demo/{data,assets}
+    python -m demo_world.train --all --quick --out /tmp/w   # a shortened run (what the tests do)
 
 Seeded and CPU-only (about 40 minutes on 2 shared cores; ``--threads 1`` is fastest when other
 processes share the cores). The steps:
@@ -37,9 +37,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from winnow.demo import HERE as PACKAGE
 from winnow.demo import arith
 
-HERE = Path(__file__).resolve().parent
 STEP_TAG = "<step>"
 GOOD, BAD = "+", "-"
 # config.json's "winnow_prm": step_sep/chat are the names winnow.rewards reads; step_separator/input the
@@ -657,9 +657,10 @@ def _replace_dir(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m winnow.demo.train", description="Reproduce the demo world.")
+    ap = argparse.ArgumentParser(prog="python -m demo_world.train", description="Reproduce the demo world.")
     ap.add_argument("--all", action="store_true", help="build data, tokenizer, policy, PRM and RM")
-    ap.add_argument("--out", default=str(HERE), help="where data/ and assets/ go (default: the package)")
+    ap.add_argument("--out", default=str(PACKAGE), help="where data/ and assets/ go (default: the installed "
+                    "package's src/winnow/demo)")
     ap.add_argument("--quick", action="store_true", help="a shortened run that only checks the scripts work")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)

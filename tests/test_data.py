@@ -209,6 +209,14 @@ def test_hub_loading_code_on_a_local_hub_layout(tmp_path, monkeypatch):
     (source,) = [data._open_hub(data.DatasetSpec(path=str(repo), text=str(repo)))]
     assert len(source) == 5 and source.row(3) == {"problem": "P3", "answer": "3"}
     assert source.where(3) == f"{repo} row 3"
-    # an id that is neither a local path nor loadable says both
-    with pytest.raises(DataError, match="no local file or folder by that name"):
+    # an id that is neither a local path nor loadable says both, for the hub it was read from
+    from winnow import hub
+
+    with pytest.raises(DataError, match="no-such-org/no-such-dataset: not in the ModelScope cache"):
         data.build_plan(["no-such-org/no-such-dataset#3"])
+    hub.configure(use_hf=True)
+    try:
+        with pytest.raises(DataError, match="no local file or folder by that name"):
+            data.build_plan(["no-such-org/no-such-dataset#3"])
+    finally:
+        hub.configure(use_hf=False)

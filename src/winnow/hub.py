@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from winnow.errors import ConfigError
+from winnow.errors import ConfigError, DataError
 
 CONNECT_TIMEOUT_S = 3.0
 _TRUE = ("1", "true", "yes", "on")
@@ -171,10 +171,13 @@ def _hf_cache_dir() -> str:
 
 # ----------------------------------------------------------------------------- ids to folders
 
-def _unreachable(what: str, repo_id: str, kind: str, hub: str, why: str, looked: str) -> ConfigError:
+def _unreachable(what: str, repo_id: str, kind: str, hub: str, why: str, looked: str) -> ConfigError | DataError:
+    """The one line for an id no cache holds and no hub can give (a DataError for a dataset, as every data
+    problem is)."""
     local = "/path/to/model_folder" if kind == "model" else "/path/to/data.jsonl"
     other = "--use_hf false" if hub == "Hugging Face" else "--use_hf true"
-    return ConfigError(f"{what} {repo_id}: not in the {hub} cache ({looked}) and {why}; pass a local folder "
+    error = ConfigError if kind == "model" else DataError
+    return error(f"{what} {repo_id}: not in the {hub} cache ({looked}) and {why}; pass a local folder "
                        f"({what} {local}), download it where there is a network, or try the other hub ({other})")
 
 

@@ -56,6 +56,17 @@ def test_python_api_validates_like_the_cli():
         make_config(SampleConfig, {"model": "m", "dataset": ["a"], "num_return_sequences": "many"})
 
 
+def test_adapters_without_a_base_model_are_one_clear_error(tmp_path):
+    from winnow.pipeline import build_engine
+
+    adapter = tmp_path / "adapter"  # no args.json naming the base model
+    adapter.mkdir()
+    config = SampleConfig(adapters=[str(adapter)], dataset=["a.jsonl"])
+    assert config.apply_saved_args() == []
+    with pytest.raises(ConfigError, match="--model is required"):
+        build_engine(config)
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["--modle", "m"], "unrecognized arguments: --modle"),
     (["--model", "m", "--dataset", "a", "--num_return_sequences", "x"], "invalid int value"),

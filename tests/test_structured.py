@@ -80,6 +80,8 @@ def test_schema_check_says_why():
     assert check.error('{"answer": 3, "confidence": "low"').startswith("invalid JSON")
     assert "at answer" in check.error('{"answer": 5000, "confidence": "low", "note": ""}')
     assert "'note' is a required property" in check.error('{"answer": 1, "confidence": "low"}')
+    # json raises a plain ValueError (no position) for an integer past Python's digit limit
+    assert check.error('{"answer": ' + "9" * 5000 + "}").startswith("invalid JSON: Exceeds the limit")
 
 
 # ----------------------------------------------------------------------------- client engine

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from winnow import __version__
 from winnow.config import ReportConfig, SampleConfig, ServeConfig, build_parser, parse_args
@@ -26,7 +26,7 @@ COMMANDS = {
 class _OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits with 2."""
 
-    def error(self, message: str) -> None:  # noqa: D401 - argparse's name
+    def error(self, message: str) -> NoReturn:  # noqa: D401 - argparse's name
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

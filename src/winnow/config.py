@@ -467,7 +467,11 @@ class SampleConfig:
         out = []
         for f in dataclasses.fields(self):
             if f.metadata.get("swift") == "noop":
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                else:
+                    assert f.default_factory is not dataclasses.MISSING  # every option has a default
+                    default = f.default_factory()
                 if getattr(self, f.name) != default:
                     out.append(f"--{f.name}")
         return out

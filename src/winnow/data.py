@@ -17,7 +17,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from winnow.errors import DataError
 from winnow.schema import BadRow, Message, Prompt
@@ -86,7 +86,7 @@ class JsonlSource:
                     self.lines.append(lineno)
                     self.keys.append(_key64(_id_bytes(stripped)))
                 offset += len(raw)
-        self._fh = None
+        self._fh: BinaryIO | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)

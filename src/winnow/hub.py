@@ -22,6 +22,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from winnow.errors import ConfigError, DataError
@@ -219,7 +220,7 @@ def _modelscope(repo_id: str, kind: str, what: str, revision: str | None) -> str
         raise ConfigError(f"{what} {repo_id}: a ModelScope id (swift's default hub) needs the modelscope library: "
                           "pip install 'winnow[modelscope]'; or read it from Hugging Face with --use_hf true") from None
     download = ms.snapshot_download if kind == "model" else ms.dataset_snapshot_download
-    kwargs = {"revision": revision, "token": _options.token}
+    kwargs: dict[str, Any] = {"revision": revision, "token": _options.token}
     if kind == "model":
         kwargs["ignore_patterns"] = MODELSCOPE_IGNORE
     accepted = inspect.signature(download).parameters

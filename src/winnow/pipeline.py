@@ -171,6 +171,9 @@ def build_engine(config: SampleConfig) -> Engine | None:
     """The run's engine from its options (None for ``--sampler_engine no``)."""
     if config.engine == "no":
         return None
+    if config.model is None:  # --adapters whose args.json names no base model, or --load_args false
+        raise ConfigError("--model is required: the adapters' args.json names no base model (or --load_args is "
+                          "false); pass --model BASE")
     kwargs: dict[str, Any] = dict(config.engine_kwargs)
     if config.num_beams > 1 and config.engine != "transformers":
         raise ConfigError(f"--num_beams {config.num_beams}: beam search is done by the transformers engine only")
@@ -221,6 +224,7 @@ def _make_engine(config: SampleConfig, kwargs: dict[str, Any]) -> Engine:
         from winnow.runners.ray import ray_engine
 
         return ray_engine(config, kwargs)
+    assert config.model is not None  # build_engine refused a run without one
     return get_engine(config.engine, config.model, **kwargs)
 
 
@@ -273,8 +277,9 @@ class Progress:
             self.bar.update(prompts)
 
     def _set_fields(self, now: float) -> None:
+        assert self.bar is not None  # called only while there is a bar
         dt = max(now - self.start, 1e-9)
-        postfix = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
+        postfix: dict[str, str | int] = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
         if self.extra is not None:
             postfix.update(self.extra())
         if self.failures:
@@ -357,7 +362,7 @@ class Run:
         self.summary.output_file = str(store.path)
         self.summary.failed_file = str(store.failed_path)
         self.summary.rows_total = len(plan)
-        defaults = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
+        defaults: dict[str, Any] = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
         self.params = sampling_params(config, defaults)
         if multi_turn is not None:
             self.strategy = multi_turn.around(self.strategy)
@@ -647,6 +652,7 @@ class Run:
         from winnow.engines.hf import versions
 
         s = self.summary
+        search = getattr(self, "search", None)  # unset when the run stopped before it was built
         self.store.write_manifest({
             "status": status,
             "command": self.redactor.argv(sys.argv) if sys.argv and "winnow" in sys.argv[0] else None,
@@ -664,8 +670,8 @@ class Run:
             "wall_s": round(time.monotonic() - self.started, 3),
             "tokens_per_s": round(s.tokens_per_s, 2),
             **({"engine_stats": self.engine.stats()} if isinstance(self.engine, ReportsStats) else {}),
-            **({"strategy": self.strategy.describe(), "compute": dict(self.search.counters)}
-               if getattr(self, "search", None) is not None else {}),
+            **({"strategy": self.strategy.describe(), "compute": dict(search.counters)}
+               if search is not None else {}),
         })
 
 
@@ -677,5 +683,7 @@ async def run_async(config: SampleConfig, engine: Engine | None = None) -> RunSu
 def sample(config: SampleConfig | dict | None = None, *, engine: Engine | None = None, **options: Any) -> RunSummary:
     """Run ``winnow sample`` from Python: ``sample(SampleConfig(...))`` or ``sample(model=..., dataset=[...])``."""
     if config is None or isinstance(config, dict):
-        config = make_config(SampleConfig, {**(config or {}), **options}, source="sample()")
-    return asyncio.run(run_async(config, engine))
+        run_config: SampleConfig = make_config(SampleConfig, {**(config or {}), **options}, source="sample()")
+    else:
+        run_config = config
+    return asyncio.run(run_async(run_config, engine))

@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from winnow.errors import ConfigError
 
@@ -167,7 +167,7 @@ class Registry:
             for entry in seen[1]:  # run already (its rewards and its schedulers both ask for it): its names again
                 self.add(entry.kind, entry.name, entry.target, doc=entry.doc, aliases=entry.aliases,
                          source=entry.source, role=entry.role)
-            return [self.get(e.kind, e.name) for e in seen[1]]
+            return cast("list[Entry]", [self.get(e.kind, e.name) for e in seen[1]])  # each was just added
         module_name = f"winnow_plugin_{abs(hash(str(file.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, file)
         if spec is None or spec.loader is None:
@@ -372,5 +372,7 @@ def build(entry: Entry, options: dict[str, Any], flat: dict[str, Any] | None = N
         return target
     bound = functools.partial(target, **chosen)
     functools.update_wrapper(bound, target)
-    del bound.__wrapped__  # the partial's own signature (options bound) is the one to inspect
+    # the partial's own signature (options bound) is the one to inspect; update_wrapper set __wrapped__,
+    # which typeshed's partial does not declare
+    del bound.__wrapped__  # type: ignore[attr-defined]
     return bound

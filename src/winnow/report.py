@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from winnow.config import ReportConfig
 from winnow.errors import ConfigError, DataError, MissingDependency, require
@@ -53,8 +53,8 @@ class Problem:
         n = len(self.samples)
         total = self.tokens
         if total is None:
-            counts = [s.tokens for s in self.samples]
-            if any(t is None for t in counts):
+            counts = [s.tokens for s in self.samples if s.tokens is not None]
+            if len(counts) < n:  # a sample without a token count
                 return None
             total = float(sum(counts))
         if not total:  # outputs scored from caches count no tokens (0): unknown, not free
@@ -105,7 +105,8 @@ def best_of_k(samples: Sequence[Sample], key: str, k: int, ties: str = "first") 
     n = len(samples)
     k = min(k, n)
     values = [s.rewards.get(key) for s in samples]
-    ranked = sorted((i for i in range(n) if values[i] is not None), key=lambda i: (-values[i], i))
+    # cast: only scored samples are ranked
+    ranked = sorted((i for i in range(n) if values[i] is not None), key=lambda i: (-cast(float, values[i]), i))
     total = math.comb(n, k)
     if ties == "first":
         return sum(math.comb(n - 1 - r, k - 1) for r, i in enumerate(ranked) if samples[i].correct) / total
@@ -286,8 +287,8 @@ def scaling(run: Run, ks: Sequence[int], ties: str = "first", draws: int = 1000,
     for k in ks:
         per = [problem_scores(p, k, run.rewards, run.vote_rewards, ties, draws, random.Random(f"{seed}/{k}/{i}"))
                for i, p in enumerate(run.problems)]
-        tokens = [p.tokens_at(k) for p in run.problems]
-        mean_tokens = None if any(t is None for t in tokens) else math.fsum(tokens) / size
+        tokens = [t for p in run.problems if (t := p.tokens_at(k)) is not None]
+        mean_tokens = math.fsum(tokens) / size if len(tokens) == size else None
         rows.append(Row(k, mean_tokens, {name: estimate([d[name] for d in per], resamples) for name in per[0]}))
     return rows
 
@@ -382,7 +383,7 @@ def answer_source(completion: Mapping[str, Any]) -> str | None:
     return answer_text(text) if text.strip() else None
 
 
-def answer_keys(completions: Sequence[Mapping[str, Any]], match: str = "math") -> list[Hashable | None]:
+def answer_keys(completions: Sequence[Mapping[str, Any]], match: str = "math") -> Sequence[Hashable | None]:
     """Each completion's answer class: math-verify equivalence (``math``) or the same answer text (``exact``)."""
     sources = [answer_source(c) for c in completions]
     if match == "exact":
@@ -466,7 +467,7 @@ def _problem(record: dict, where: str, orm: str | None, rewards: list[str],
     if config.verdict == "math":
         verdicts = _math_verdicts(usable, record.get("reference"), where) if usable else []
     else:
-        verdicts = [v.get(orm) for v in values]
+        verdicts = [v.get(orm) for v in values] if orm is not None else [None] * len(values)
     answers = answer_keys(usable, config.answer_match)
     samples = [Sample(correct=verdict is not None and verdict > 0, answer=answer,
                       rewards={k: v.get(k) for k in rewards}, tokens=c.get("completion_tokens"))
@@ -533,7 +534,7 @@ def load_run(path: str | Path, config: ReportConfig, label: str | None = None) -
 # ----------------------------------------------------------------------------- table, plots, page
 
 def _cell(e: Estimate) -> str:
-    if e.low is None:
+    if e.low is None or e.high is None:  # both or neither
         return f"{100 * e.value:.1f}"
     return f"{100 * e.value:.1f} [{100 * e.low:.1f}, {100 * e.high:.1f}]"
 
@@ -594,9 +595,10 @@ def plot(results: Sequence[tuple[Run, Sequence[Row]]], path: Path) -> None:
             ks = [r.k for r in rows]
             ys = [100 * r.metrics[name].value for r in rows]
             by_k.plot(ks, ys, style, marker=marker, color=colors[name], label=label)
-            if all(r.metrics[name].low is not None for r in rows):
-                by_k.fill_between(ks, [100 * r.metrics[name].low for r in rows],
-                                  [100 * r.metrics[name].high for r in rows], color=colors[name], alpha=0.08)
+            if all(r.metrics[name].low is not None for r in rows):  # and so high (both or neither)
+                by_k.fill_between(ks, [100 * cast(float, r.metrics[name].low) for r in rows],
+                                  [100 * cast(float, r.metrics[name].high) for r in rows], color=colors[name],
+                                  alpha=0.08)
             pts = sorted((r.tokens, 100 * r.metrics[name].value) for r in rows if r.tokens)
             if pts and by_tokens is not None:
                 by_tokens.plot(*zip(*pts, strict=True), style, marker=marker, color=colors[name], label=label)
@@ -684,7 +686,7 @@ def write_outputs(results: Sequence[tuple[Run, Sequence[Row]]], config: ReportCo
 def report(config: ReportConfig, out: Callable[[str], None] = print,
            log: Callable[[str], None] = print) -> list[tuple[Run, list[Row]]]:
     """Read every output, print each run's scaling table with ``out`` and write the files; returns the tables."""
-    labels = config.label or [None] * len(config.outputs)
+    labels: Sequence[str | None] = config.label or [None] * len(config.outputs)
     runs = [load_run(p, config, label) for p, label in zip(config.outputs, labels, strict=True)]
     seen: dict[str, int] = {}
     for run in runs:  # two runs of the same sampler and N: tell them apart by file name

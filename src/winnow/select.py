@@ -23,7 +23,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from winnow.schema import Completion, Group
 
@@ -194,7 +194,8 @@ def choose(group: Group, opts: SelectOptions, notes: Counter | None = None) -> C
     scored = [c for c in cands if c.reward is not None]
     if not scored:
         return Choice([], "no sample could be scored")
-    order = sorted(scored, key=lambda c: (-c.reward, c.index))
+    # cast: every candidate in `scored` has a reward
+    order = sorted(scored, key=lambda c: (-cast(float, c.reward), c.index))
     eligible = order
     if opts.orm_key is not None:
         eligible = [c for c in eligible if c.orm is not None and c.orm > 0]
@@ -227,7 +228,7 @@ def choose(group: Group, opts: SelectOptions, notes: Counter | None = None) -> C
         for c in worst_first:
             if len(rejected) >= max(0, opts.num_rejected):
                 break
-            gap = chosen.reward - c.reward
+            gap = cast(float, chosen.reward) - cast(float, c.reward)
             if gap > 0 and gap >= opts.min_margin and c.key not in taken:
                 taken.add(c.key)
                 rejected.append(c)
@@ -265,7 +266,7 @@ def swift_records(group: Group, opts: SelectOptions) -> Selection:
     def raw(key: str | None, threshold: float) -> tuple[Any, Any]:
         if key is None:
             return np.array([1.0] * len(candidates)), np.array([True] * len(candidates))
-        values = np.array([float(c.scores[key].value) if key in c.scores and c.scores[key].value is not None
+        values = np.array([float(v) if key in c.scores and (v := c.scores[key].value) is not None
                            else 0.0 for c in candidates])
         return _swift_normalize(values), np.array([v > threshold for v in values])
 
@@ -384,7 +385,9 @@ def grpo_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
     rewards = [c.reward for c in group.completions if not c.failed and c.reward is not None
                and c.finish_reason != FINISH_REFERENCE]
     mean = sum(rewards) / len(rewards) if rewards else None
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else None
+    std = None
+    if mean is not None and len(rewards) > 1:
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1))
     record: dict[str, Any] = {**group.prompt.columns, "prompt": group.prompt.messages,
                               "messages": group.prompt.messages, "id": group.prompt.id}
     if group.prompt.tools is not None:
@@ -453,6 +456,7 @@ def swift_format(group: Group, opts: SelectOptions) -> Selection:
         return swift_records(group, opts)
     choice, refused = _chosen(group, opts)
     if choice is None:
+        assert refused is not None  # _chosen gives one or the other
         return refused
     notes, unpaired = choice.notes, _unpaired(choice)
     records = swift_pair_records(group, choice, opts)
@@ -470,6 +474,7 @@ def sft_format(group: Group, opts: SelectOptions) -> Selection:
         return Selection(swift_records_unscored(group, _ok(group), opts))
     choice, refused = _chosen(group, opts)
     if choice is None:
+        assert refused is not None  # _chosen gives one or the other
         return refused
     return Selection([{**_extra(group, c.completion, opts), "messages": conversation(group, c.completion, opts),
                        "id": group.prompt.id} for c, _ in choice.kept], None, choice.notes)
@@ -481,6 +486,7 @@ def prompt_completion_format(group: Group, opts: SelectOptions) -> Selection:
         return Selection(prompt_completion_records(group, _ok(group), opts))
     choice, refused = _chosen(group, opts)
     if choice is None:
+        assert refused is not None  # _chosen gives one or the other
         return refused
     return Selection(prompt_completion_records(group, [c.completion for c, _ in choice.kept], opts), None,
                      choice.notes)
@@ -492,6 +498,7 @@ def dpo_format(group: Group, opts: SelectOptions) -> Selection:
         return Selection([], "no pair: the dpo format needs rewards (--orm_model/--prm_model/--reward_funcs)")
     choice, refused = _chosen(group, opts)
     if choice is None:
+        assert refused is not None  # _chosen gives one or the other
         return refused
     unpaired = _unpaired(choice)
     if unpaired:

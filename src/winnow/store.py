@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -500,7 +501,7 @@ def write_parquet(jsonl: Path, parquet: Path, batch_rows: int = 2000) -> int:
     pa = require("pyarrow", "hf", "--output_parquet")
     import pyarrow.parquet as pq
 
-    def batches():
+    def batches() -> Iterator[list[dict]]:
         rows: list[dict] = []
         with open(jsonl, "rb") as f:
             for raw in f:

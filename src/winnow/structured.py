@@ -135,8 +135,10 @@ class SchemaCheck:
         """Why ``text`` is not a valid answer (not JSON, or not matching the schema); None if it is."""
         try:
             value = json.loads(text)
-        except (json.JSONDecodeError, ValueError) as e:
+        except json.JSONDecodeError as e:
             return f"invalid JSON: {e.msg} at character {e.pos}"
+        except ValueError as e:  # not a JSONDecodeError: e.g. an integer past Python's digit limit
+            return f"invalid JSON: {e}"[:500]
         problem = next(iter(sorted(self.validator.iter_errors(value), key=lambda e: list(e.path))), None)
         if problem is None:
             return None

@@ -9,6 +9,7 @@ prompt text swift renders. :func:`jinja` turns the parts into a chat template th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from winnow.errors import ConfigError
 
@@ -30,12 +31,15 @@ class TemplateParts:
     bos: bool = False  # the tokenizer's bos token comes first (swift's auto_add_bos)
 
 
-_CHATML = dict(prompt="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n", chat_sep="<|im_end|>\n",
-               system_prefix="<|im_start|>system\n{system}<|im_end|>\n")
-_LLAMA3 = dict(prompt="<|start_header_id|>user<|end_header_id|>\n\n{query}<|eot_id|><|start_header_id|>assistant"
-                      "<|end_header_id|>\n\n", chat_sep="<|eot_id|>", prefix="<|begin_of_text|>",
-               system_prefix="<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>")
-_DEEPSEEK3 = dict(prompt="<｜User｜>{query}<｜Assistant｜>", chat_sep="<｜end▁of▁sentence｜>",
+# dict[str, Any]: each is spread into TemplateParts beside other keyword arguments
+_CHATML: dict[str, Any] = dict(
+    prompt="<|im_start|>user\n{query}<|im_end|>\n<|im_start|>assistant\n", chat_sep="<|im_end|>\n",
+    system_prefix="<|im_start|>system\n{system}<|im_end|>\n")
+_LLAMA3: dict[str, Any] = dict(
+    prompt="<|start_header_id|>user<|end_header_id|>\n\n{query}<|eot_id|><|start_header_id|>assistant"
+           "<|end_header_id|>\n\n", chat_sep="<|eot_id|>", prefix="<|begin_of_text|>",
+    system_prefix="<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>")
+_DEEPSEEK3: dict[str, Any] = dict(prompt="<｜User｜>{query}<｜Assistant｜>", chat_sep="<｜end▁of▁sentence｜>",
                   prefix="<｜begin▁of▁sentence｜>", system_prefix="<｜begin▁of▁sentence｜>{system}")
 _LLAMA2_SYSTEM = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as possible, while being safe. "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from winnow.engines import hf
 from winnow.engines.prompts import Encoded, PromptEncoder, errors
@@ -19,7 +19,8 @@ from winnow.errors import ConfigError
 from winnow.schema import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Completion, Prompt, SamplingParams
 
 # winnow's --torch_dtype names -> the names vLLM, SGLang and LMDeploy all take
-_DTYPES = {None: "auto", "": "auto", "auto": "auto", **hf.DTYPES}
+_DTYPES: dict[str | None, str] = {None: "auto", "": "auto", "auto": "auto"}
+_DTYPES.update(hf.DTYPES.items())  # items(): a dict of str keys does not type as one of optional keys
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -137,7 +138,7 @@ def run_isolated(items: list[T], call: Callable[[list[T]], list[R]],
         return run_isolated(items[:mid], call, on_error) + run_isolated(items[mid:], call, on_error)
 
 
-def generate_blocking(encoder: PromptEncoder, prompts: list[Prompt], params: SamplingParams,
+def generate_blocking(encoder: PromptEncoder, prompts: list[Prompt] | list[list[int]], params: SamplingParams,
                       call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]],
                       token_ids: bool = False) -> list[list[Completion]]:
     """Encode, run ``call`` on what encoded (isolating failures), and return n completions per prompt.
@@ -146,7 +147,8 @@ def generate_blocking(encoder: PromptEncoder, prompts: list[Prompt], params: Sam
     (``samples_per_request(params)`` of them, or all ``n``); :func:`fill` makes them exactly ``n``.
     With ``token_ids``, the prompts are token id lists already (no chat template).
     """
-    work, results = encoder.encode_ids(prompts, params) if token_ids else encoder.encode(prompts, params)
+    work, results = (encoder.encode_ids(cast("list[list[int]]", prompts), params) if token_ids
+                      else encoder.encode(cast("list[Prompt]", prompts), params))
 
     def failed(item: Encoded, e: Exception) -> list[Completion]:
         return errors(params.n, f"{type(e).__name__}: {e}", prompt_tokens=len(item.ids))

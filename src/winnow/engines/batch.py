@@ -28,6 +28,7 @@ Ctrl-C stops polling; batches keep running at the provider and a ``--resume true
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -361,7 +362,7 @@ class BatchEngine:
         after = None
         while keys - set(found):
             page = await self.client.api_call(
-                lambda after=after: sdk.batches.list(limit=100, **({"after": after} if after else {})),
+                functools.partial(sdk.batches.list, limit=100, **({"after": after} if after else {})),
                 "listing batches")
             for batch in page.data:
                 key = (batch.metadata or {}).get("winnow_key")
@@ -395,7 +396,7 @@ class BatchEngine:
         for file_id in (sub.output_file, sub.error_file):
             if not file_id:
                 continue
-            content = await self.client.api_call(lambda file_id=file_id: sdk.files.content(file_id),
+            content = await self.client.api_call(functools.partial(sdk.files.content, file_id),
                                                  f"downloading {file_id} of batch {sub.batch_id}", missing_ok=True)
             if content is None:
                 sub.reason = sub.reason or f"its file {file_id} is gone from the provider"

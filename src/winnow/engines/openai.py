@@ -658,9 +658,9 @@ class OpenAIEngine:
             spent[0] += prompt_tokens
             spent[1] += completion_tokens
             raise _Retry(out[0].error or "empty content")
-        for c in out:
-            if c.error:
-                self.counts["failed:" + _kind(c.error)] += 1
+        for comp in out:
+            if comp.error:
+                self.counts["failed:" + _kind(comp.error)] += 1
         return out
 
 
@@ -669,7 +669,7 @@ def parse_chat(data: Any) -> tuple[list[dict], dict]:
     completion object; JSONDecodeError if it is not one."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise json.JSONDecodeError("not a chat completion object", str(data)[:200], 0)
-    choices = []
+    choices: list[dict[str, Any]] = []
     for ch in data["choices"]:
         msg = ch.get("message") or {}
         choices.append({"index": ch.get("index", len(choices)), "content": msg.get("content"),

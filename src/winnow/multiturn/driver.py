@@ -400,7 +400,7 @@ class MultiTurn:
         if tool_calls:
             ctx.count("tool_calls", tool_calls)
         ctx.count(f"stop_{t.stop_reason}")
-        common = dict(prompt_tokens=sum(r.prompt_tokens for r in t.replies),
+        common: dict[str, Any] = dict(prompt_tokens=sum(r.prompt_tokens for r in t.replies),
                       completion_tokens=sum(r.completion_tokens for r in t.replies), turns=turns, trace=trace)
         if t.stop_reason == STOP_FAILED or last is None:
             error = reply.error or "the trajectory has no assistant turn"

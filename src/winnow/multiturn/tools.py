@@ -30,6 +30,7 @@ import json
 import operator
 import re
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from winnow.errors import ConfigError
@@ -132,7 +133,8 @@ def trailing_code(text: str) -> str | None:
 
 # ----------------------------------------------------------------------------- built-in tools
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+_OPS: dict[type[ast.AST], Callable[..., Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
         ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
         ast.USub: operator.neg, ast.UAdd: operator.pos}
 
@@ -272,7 +274,7 @@ class ToolScheduler:
         last["content"] = last["content"].rstrip() + f"\n{CODE_OUTPUT_STOP}\n{output}\n```\n"  # the model continues
         return TurnResult(info={"tool_calls": ["python"], "code_block": True})
 
-    async def call(self, call: dict[str, Any], offered: set[str] | None = None) -> str:
+    async def call(self, call: dict[str, Any], offered: set[str | None] | None = None) -> str:
         """One tool call's result as text; whatever goes wrong is the result ("error: ..."), for the model to read.
         A tool the row offers (``offered``) runs when a function of that name is registered, even without --tools."""
         name = _name(call)

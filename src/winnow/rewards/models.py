@@ -113,12 +113,13 @@ def prm_format(config: dict[str, Any], path: str = "", **overrides: Any) -> PRMF
         return None
     if style not in PRM_STYLES:
         raise RewardError(f"PRM style {style!r} is not one of {', '.join(PRM_STYLES)}")
-    defaults: dict[str, Any] = {
+    by_style: dict[str, dict[str, Any]] = {
         "qwen_prm": {"step_tag": "<extra_0>", "chat": True, "system": QWEN_PRM_SYSTEM},
         # the published Math-Shepherd checkpoint's tag and labels
         "math_shepherd": {"step_tag": "ки", "good_token": "+", "bad_token": "-", "chat": False},
         "token_classification": {"step_tag": None, "chat": True},
-    }[style]
+    }
+    defaults = by_style[style]
     fields = {**defaults, **{k: v for k, v in hint.items() if k in PRMFormat.__dataclass_fields__}}
     if "format" in hint:
         fields["chat"] = hint["format"] == "chat"
@@ -287,7 +288,7 @@ class ProcessRewardModel(_HFModel):
             raise RewardError(f"{self.name}: {what} {token!r} encodes to no token")
         return ids[-1]
 
-    def _load_qwen_head(self):
+    def _load_qwen_head(self) -> Any:
         """The ``score`` head of a Qwen2.5-Math-PRM checkpoint (Linear-ReLU-Linear, 2 classes)."""
         torch = self.torch
         weights = _read_tensors(Path(self.path), "score.")

@@ -227,6 +227,7 @@ def _limit_from(stderr: str, sig: int | None) -> str | None:
 def _collect(proc: subprocess.Popen, status_fd: int, stdin: bytes | None, deadline: float,
              cap: int) -> tuple[bytes, bytes, list[dict], str | None]:
     """Feed stdin and read the outputs and the launcher's status until the run ends or breaks a limit."""
+    assert proc.stdout is not None and proc.stderr is not None  # started with stdout=stderr=PIPE
     out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     messages = bytearray()
     sel = selectors.DefaultSelector()
@@ -255,6 +256,7 @@ def _collect(proc: subprocess.Popen, status_fd: int, stdin: bytes | None, deadli
                     pending = pending[:0]
                 if not pending:
                     sel.unregister(fd)
+                    assert proc.stdin is not None  # stdin_fd is only set when there is a stdin pipe
                     proc.stdin.close()
                 continue
             chunk = os.read(fd, 65536)

@@ -55,10 +55,11 @@ def shims(more_names: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     real = "swift" in sys.modules or (spec is not None and spec.origin not in (None, "namespace"))
     if real:  # the real ms-swift: watch its own tables
         try:
-            from swift.rewards import orms, prms  # type: ignore[import-not-found]
+            from swift.rewards import orms as real_orms
+            from swift.rewards import prms as real_prms
         except ImportError:
-            orms, prms = {}, {}
-        watched = [("orm", orms), ("prm", prms), *_real_multi_turn_tables()]
+            real_orms, real_prms = {}, {}
+        watched = [("orm", real_orms), ("prm", real_prms), *_real_multi_turn_tables()]
         before = [dict(table) for _, table in watched]
         yield tables
         for (role, table), old in zip(watched, before, strict=True):
@@ -73,7 +74,8 @@ def shims(more_names: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     saved = {name: sys.modules.get(name) for name in SHIM_MODULES}
     for name in SHIM_MODULES:
         module = types.ModuleType(name)
-        module.__winnow_shim__ = True
+        # marks a stand-in; ModuleType declares no such attribute
+        module.__winnow_shim__ = True  # type: ignore[attr-defined]
         module.__dict__.update(names)
         sys.modules[name] = module
     for name in SHIM_MODULES:  # each submodule an attribute of its parent, as after a real import
@@ -83,11 +85,11 @@ def shims(more_names: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     try:
         yield tables
     finally:
-        for name, module in saved.items():
-            if module is None:
+        for name, old_module in saved.items():
+            if old_module is None:
                 sys.modules.pop(name, None)
             else:
-                sys.modules[name] = module
+                sys.modules[name] = old_module
         tables["orm"].update(orms)
         tables["prm"].update(prms)
         tables["scheduler"].update(multi_turns)

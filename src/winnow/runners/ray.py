@@ -593,11 +593,11 @@ def _short(e: BaseException | None) -> str:
 
 def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Numeric counters of every replica's component added up (requests, retries, failures...)."""
-    total: Counter = Counter()
+    total: dict[str, int | float] = {}
     for stats in items:
         for key, value in stats.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                total[key] += value
+                total[key] = total.get(key, 0) + value
     return dict(sorted(total.items()))
 
 

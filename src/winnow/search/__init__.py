@@ -16,6 +16,7 @@ built-in searches are :mod:`winnow.search.beam` (beam search, DVTS) and :mod:`wi
 from __future__ import annotations
 
 import inspect
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -110,6 +111,7 @@ def build_strategy(config: Any) -> Strategy:
     cls = REGISTRY.resolve("strategy", config.sampler_type,
                            "Or load one with --external_plugins FILE (docs/search.md, 'Your own strategy').")
     options = strategy_options(config)
+    params: Collection[inspect.Parameter]
     try:
         params = inspect.signature(cls).parameters.values()
     except (TypeError, ValueError):

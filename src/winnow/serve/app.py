@@ -232,7 +232,9 @@ def run_server(config: Any) -> int:
                             timeout_headers=config.timeout_headers)
     uv_config = uvicorn.Config(app, log_level="info" if config.debug else "warning", access_log=config.debug,
                                timeout_graceful_shutdown=30, lifespan="on",
-                               http=functools.partial(GuardedH11Protocol, guard=guard),
+                               # uvicorn calls http(config=..., server_state=...): a partial works as well as
+                               # the class it declares
+                               http=functools.partial(GuardedH11Protocol, guard=guard),  # type: ignore[arg-type]
                                timeout_keep_alive=config.timeout_keep_alive)
     server = _Server(uv_config, ready=f"winnow serve: ready at {url}/v1 (model '{serving.name}', {serving.kind}; "
                                       f"GET {url}/health)")

@@ -18,13 +18,19 @@ import re
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from winnow.schema import FINISH_ERROR, Completion, SamplingParams, Score
 from winnow.serve import protocol as p
 
 if TYPE_CHECKING:
+    from winnow.engines import AcceptsTokenIds, Engine, Reseedable, StreamsTokens
     from winnow.engines.hf import TokenChars
+
+    class _ServedEngine(Engine, AcceptsTokenIds, Protocol):
+        """What the policy server needs of its engine: a local engine that runs token ids."""
+
+        model_path: str
 
 log = logging.getLogger("winnow.serve")
 
@@ -90,7 +96,8 @@ class Batcher:
     Without ``dynamic_batching`` every request is a call of its own.
     """
 
-    def __init__(self, run_group: Callable[[Hashable, list[Any]], list[Any]], *, max_batch_size: int = 64,
+    # run_group's key is whatever its owner passes to submit (each owner has its own key type)
+    def __init__(self, run_group: Callable[[Any, list[Any]], list[Any]], *, max_batch_size: int = 64,
                  max_wait_ms: float = 10.0, max_queue: int = 256, dynamic_batching: bool = True):
         self.run_group = run_group
         self.max_batch_size = max(1, int(max_batch_size)) if dynamic_batching else 1
@@ -429,13 +436,13 @@ class PolicyServing(_Served):
 
             raise ConfigError(f"engine {engine.name!r} cannot be served: it does not run tokenized prompts "
                               "(serve a local engine: transformers, vllm, sglang, lmdeploy)")
-        self.engine = engine
+        self.engine = cast("_ServedEngine", engine)
         self.reseedable = isinstance(engine, Reseedable)
         self.streams = isinstance(engine, StreamsTokens)
         self.name = name
         # the server's own tokenizer: the engine's is busy on the model thread, and a fast tokenizer
         # must not be used from two threads at once
-        self.tokenizer = hf.load_tokenizer(engine.model_path)
+        self.tokenizer = hf.load_tokenizer(self.engine.model_path)
         self.template = getattr(engine, "template", None)
         self.context_length: int | None = getattr(engine, "context_length", None)
         self.vocab_size = len(self.tokenizer)
@@ -461,10 +468,10 @@ class PolicyServing(_Served):
                                 repetition_penalty=key.repetition_penalty, stop=list(key.stop), seed=key.seed,
                                 response_format=json.loads(key.response_format) if key.response_format else None)
         if key.seed is not None and self.reseedable:
-            self.engine.reseed(key.seed)
+            cast("Reseedable", self.engine).reseed(key.seed)
         if key.streaming:
             (item,) = items
-            return [[self.engine.stream_ids_blocking(item.ids, params, item.on_text)]]
+            return [[cast("StreamsTokens", self.engine).stream_ids_blocking(item.ids, params, item.on_text)]]
         if key.temperature == 0:  # greedy: the n answers of a request are one answer, computed once
             answers = [c[0] for c in self.engine.generate_ids_blocking([item.ids for item in items], params)]
             return [[dataclasses.replace(a) for _ in range(item.n)] for a, item in zip(answers, items, strict=True)]

@@ -20,13 +20,28 @@ from typing import Any
 
 from winnow.rewards.base import InferRequest
 
-SHIM_MODULES = ("swift", "swift.plugin", "swift.rewards", "swift.llm", "swift.infer_engine",
-                "swift.plugin.multi_turn", "swift.plugin.env", "swift.rollout", "swift.rollout.multi_turn",
-                "swift.rollout.gym_env", "swift.infer_engine.protocol", "swift.llm.infer", "swift.llm.infer.protocol",
-                "swift.utils")
+SHIM_MODULES = (
+    "swift",
+    "swift.plugin",
+    "swift.rewards",
+    "swift.llm",
+    "swift.infer_engine",
+    "swift.plugin.multi_turn",
+    "swift.plugin.env",
+    "swift.rollout",
+    "swift.rollout.multi_turn",
+    "swift.rollout.gym_env",
+    "swift.infer_engine.protocol",
+    "swift.llm.infer",
+    "swift.llm.infer.protocol",
+    "swift.utils",
+)
 # where swift 4 and swift 3 keep their tables of schedulers and environments (for the real ms-swift)
-SWIFT_MULTI_TURN = (("swift.rollout", "multi_turns", "envs"), ("swift.plugin.multi_turn", "multi_turns", None),
-                    ("swift.plugin.env", None, "envs"))
+SWIFT_MULTI_TURN = (
+    ("swift.rollout", "multi_turns", "envs"),
+    ("swift.plugin.multi_turn", "multi_turns", None),
+    ("swift.plugin.env", None, "envs"),
+)
 
 
 class ORM:
@@ -69,8 +84,14 @@ def shims(more_names: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     prms: dict[str, Any] = {}
     multi_turns: dict[str, Any] = {}
     envs: dict[str, Any] = {}
-    names = {**(more_names(multi_turns, envs) if more_names else {}), "ORM": ORM, "PRM": PRM, "orms": orms,
-             "prms": prms, "InferRequest": InferRequest}
+    names = {
+        **(more_names(multi_turns, envs) if more_names else {}),
+        "ORM": ORM,
+        "PRM": PRM,
+        "orms": orms,
+        "prms": prms,
+        "InferRequest": InferRequest,
+    }
     saved = {name: sys.modules.get(name) for name in SHIM_MODULES}
     for name in SHIM_MODULES:
         module = types.ModuleType(name)

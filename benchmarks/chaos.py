@@ -40,8 +40,14 @@ from fakeserver import FakeServer  # noqa: E402
 
 def winnow(args: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    return subprocess.Popen([sys.executable, "-m", "winnow", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "winnow", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
 
 
 def settled(out: Path) -> int:
@@ -71,13 +77,21 @@ def check(out: Path, rows: int, expected: dict[str, str] | None) -> dict[str, in
         if expected is not None:
             fragments += sum(1 for c in record["completions"] if c["text"] != expected[key])
     failed_path = out / "o.failed.jsonl"
-    failed = {str(e["source"]).rsplit(":", 1)[1] for e in map(json.loads, failed_path.read_text().splitlines())} \
-        if failed_path.exists() else set()
+    failed = (
+        {str(e["source"]).rsplit(":", 1)[1] for e in map(json.loads, failed_path.read_text().splitlines())}
+        if failed_path.exists()
+        else set()
+    )
     keys = {str(k) for k in range(rows)}
     # a JSONL dataset's source is "file:line": line = k + 1
     failed_keys = {str(int(line) - 1) for line in failed}
-    return {"lost": len(keys - set(seen) - failed_keys), "duplicated": sum(v - 1 for v in seen.values() if v > 1),
-            "torn": torn, "fragments": fragments, "failed": len(failed_keys)}
+    return {
+        "lost": len(keys - set(seen) - failed_keys),
+        "duplicated": sum(v - 1 for v in seen.values() if v > 1),
+        "torn": torn,
+        "fragments": fragments,
+        "failed": len(failed_keys),
+    }
 
 
 def scenario(name: str, cycles: int, work: Path, rng: random.Random, model: str | None) -> dict:
@@ -85,22 +99,56 @@ def scenario(name: str, cycles: int, work: Path, rng: random.Random, model: str 
     data = work / "d.jsonl"
     data.write_text("".join(json.dumps({"query": f"What is {k} + {k}?", "k": k}) + "\n" for k in range(rows)))
     out = work / "out"
-    expected = {str(k): f"The answer is \\boxed{{{2 * k}}}." for k in range(rows)} if name.startswith("client") \
-        else None
+    expected = (
+        {str(k): f"The answer is \\boxed{{{2 * k}}}." for k in range(rows)} if name.startswith("client") else None
+    )
     server = FakeServer(latency=0.05, chaos=0.3, chaos_seed=rng.randrange(10**6))
     with server.running():
-        args = ["sample", "--dataset", str(data), "--output_dir", str(out), "--output_file", "o.jsonl",
-                "--output_format", "raw", "--progress", "false", "--seed", "1"]
+        args = [
+            "sample",
+            "--dataset",
+            str(data),
+            "--output_dir",
+            str(out),
+            "--output_file",
+            "o.jsonl",
+            "--output_format",
+            "raw",
+            "--progress",
+            "false",
+            "--seed",
+            "1",
+        ]
         if name.startswith("client"):
             engine = {"base_url": server.url, "retry_base_s": 0.01, "retry_max_s": 0.05}
-            args += ["--sampler_engine", "client", "--model", "fake", "--num_return_sequences", "2",
-                     "--max_concurrency", "16", "--max_retries", "5", "--engine_kwargs", json.dumps(engine)]
+            args += [
+                "--sampler_engine",
+                "client",
+                "--model",
+                "fake",
+                "--num_return_sequences",
+                "2",
+                "--max_concurrency",
+                "16",
+                "--max_retries",
+                "5",
+                "--engine_kwargs",
+                json.dumps(engine),
+            ]
             if name == "client-stream":
                 args += ["--stream", "true"]
             startup = 1.5
         else:
-            args += ["--model", model or "demo-tiny", "--num_return_sequences", "4", "--max_new_tokens", "32",
-                     "--num_sampling_batch_size", "2"]
+            args += [
+                "--model",
+                model or "demo-tiny",
+                "--num_return_sequences",
+                "4",
+                "--max_new_tokens",
+                "32",
+                "--num_sampling_batch_size",
+                "2",
+            ]
             startup = 6.0
         kills = finished_early = 0
         started = time.monotonic()
@@ -128,9 +176,17 @@ def scenario(name: str, cycles: int, work: Path, rng: random.Random, model: str 
         retry = winnow(args + ["--resume", "true"])
         retry.wait()
         counts = check(out, rows, expected)
-        return {"scenario": name, "rows": rows, "cycles": cycles, "kills": kills, "finished_before_kill":
-                finished_early, "exit_codes": [final.returncode, retry.returncode], **counts,
-                "faults_injected": sum(server.faults_hit.values()), "wall_s": round(time.monotonic() - started, 1)}
+        return {
+            "scenario": name,
+            "rows": rows,
+            "cycles": cycles,
+            "kills": kills,
+            "finished_before_kill": finished_early,
+            "exit_codes": [final.returncode, retry.returncode],
+            **counts,
+            "faults_injected": sum(server.faults_hit.values()),
+            "wall_s": round(time.monotonic() - started, 1),
+        }
 
 
 def main() -> None:
@@ -148,8 +204,10 @@ def main() -> None:
         results.append(result)
         print(json.dumps(result), flush=True)
     bad = sum(r[k] for r in results for k in ("lost", "duplicated", "torn", "fragments", "failed"))
-    print(f"chaos: {sum(r['kills'] for r in results)} kills over {len(results)} scenarios: "
-          + ("all counts 0" if bad == 0 else f"{bad} problems (see above)"))
+    print(
+        f"chaos: {sum(r['kills'] for r in results)} kills over {len(results)} scenarios: "
+        + ("all counts 0" if bad == 0 else f"{bad} problems (see above)")
+    )
     sys.exit(1 if bad else 0)
 
 

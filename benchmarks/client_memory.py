@@ -49,16 +49,22 @@ def main() -> None:
                     for i in range(n):
                         f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 7?"}]}) + "\n")
                 t0 = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-c", CHILD, url, str(data), str(Path(tmp) / f"out{n}"),
-                                       str(args.concurrency)], capture_output=True, text=True, timeout=7200)
+                proc = subprocess.run(
+                    [sys.executable, "-c", CHILD, url, str(data), str(Path(tmp) / f"out{n}"), str(args.concurrency)],
+                    capture_output=True,
+                    text=True,
+                    timeout=7200,
+                )
                 line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
                 if line is None:
                     raise RuntimeError(f"run of {n} rows failed:\n{proc.stderr[-3000:]}")
                 res = json.loads(line[7:])
                 results.append((n, res))
-                print(f"{n} rows: {res['rows']} written, {res['failed']} failed, {res['wall_s']:.1f}s "
-                      f"({time.perf_counter() - t0:.1f}s with start-up), peak RSS {res['peak_rss_mb']:.1f} MB",
-                      flush=True)
+                print(
+                    f"{n} rows: {res['rows']} written, {res['failed']} failed, {res['wall_s']:.1f}s "
+                    f"({time.perf_counter() - t0:.1f}s with start-up), peak RSS {res['peak_rss_mb']:.1f} MB",
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.wait(10)

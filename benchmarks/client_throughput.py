@@ -73,8 +73,11 @@ def http(url: str, method: str = "GET") -> dict:
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     url = proc.stdout.readline().strip()
     base = url.rsplit("/v1", 1)[0]
     deadline = time.monotonic() + 10
@@ -91,14 +94,27 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
 def write_data(path: Path, n: int) -> Path:
     with open(path, "w") as f:  # an assistant turn too: swift's distill path asserts one
         for i in range(n):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} + 1?"},
-                                             {"role": "assistant", "content": str(i + 1)}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {i} + 1?"},
+                            {"role": "assistant", "content": str(i + 1)},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
 def run_child(mode: str, url: str, data: Path, conc: int, out_dir: Path, stream: bool) -> dict:
-    proc = subprocess.run([sys.executable, "-c", CHILD, mode, url, str(data), str(conc), str(out_dir),
-                           "1" if stream else "0"], capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, mode, url, str(data), str(conc), str(out_dir), "1" if stream else "0"],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"{mode} at {conc} failed:\n{proc.stderr[-3000:]}")
@@ -108,12 +124,31 @@ def run_child(mode: str, url: str, data: Path, conc: int, out_dir: Path, stream:
 def run_swift(swift: str, url: str, data: Path, n: int, out_dir: Path, stream: bool) -> dict:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    cmd = [swift, "sample", "--sampler_type", "distill", "--sampler_engine", "client", "--model", "fake",
-           "--stream", "true" if stream else "false", "--dataset", f"{data}#{n}", "--dataset_shuffle", "false",
-           "--num_return_sequences", "1", "--engine_kwargs", json.dumps({"base_url": url}),
-           "--output_dir", str(out_dir)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600,
-                          env={**os.environ, "OPENAI_API_KEY": "EMPTY"})
+    cmd = [
+        swift,
+        "sample",
+        "--sampler_type",
+        "distill",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "fake",
+        "--stream",
+        "true" if stream else "false",
+        "--dataset",
+        f"{data}#{n}",
+        "--dataset_shuffle",
+        "false",
+        "--num_return_sequences",
+        "1",
+        "--engine_kwargs",
+        json.dumps({"base_url": url}),
+        "--output_dir",
+        str(out_dir),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=3600, env={**os.environ, "OPENAI_API_KEY": "EMPTY"}
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"swift failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -124,8 +159,9 @@ def run_swift(swift: str, url: str, data: Path, n: int, out_dir: Path, stream: b
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000)
-    parser.add_argument("--requests-at-1", type=int, default=None,
-                        help="requests at concurrency 1 (default: --requests)")
+    parser.add_argument(
+        "--requests-at-1", type=int, default=None, help="requests at concurrency 1 (default: --requests)"
+    )
     parser.add_argument("--latency", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64, 256])
     parser.add_argument("--modes", nargs="+", default=["winnow", "engine"], choices=("winnow", "engine"))
@@ -162,8 +198,10 @@ def main() -> None:
     print("\n| client | in flight | requests | req/s | ideal | ratio | CPU ms/request |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['rps']:.1f} | {r['ideal']:.0f} | "
-              f"{r['ratio']:.2f} | {r['cpu_ms']:.2f} |")
+        print(
+            f"| {r['mode']} | {r['concurrency']} | {r['requests']} | {r['rps']:.1f} | {r['ideal']:.0f} | "
+            f"{r['ratio']:.2f} | {r['cpu_ms']:.2f} |"
+        )
 
 
 def _row(mode: str, conc: int, stats: dict, res: dict, latency: float) -> dict:
@@ -171,15 +209,25 @@ def _row(mode: str, conc: int, stats: dict, res: dict, latency: float) -> dict:
     busy = stats["busy_s"] or res["wall_s"]
     rps = requests / busy if busy else 0.0
     ideal = min(conc, requests) / latency
-    return {"mode": mode, "concurrency": conc, "requests": requests, "rps": rps, "ideal": ideal,
-            "ratio": rps / ideal if ideal else 0.0, "cpu_ms": 1000 * res["cpu_s"] / max(requests, 1),
-            "max_in_flight": stats["max_in_flight"], "wall_s": res["wall_s"]}
+    return {
+        "mode": mode,
+        "concurrency": conc,
+        "requests": requests,
+        "rps": rps,
+        "ideal": ideal,
+        "ratio": rps / ideal if ideal else 0.0,
+        "cpu_ms": 1000 * res["cpu_s"] / max(requests, 1),
+        "max_in_flight": stats["max_in_flight"],
+        "wall_s": res["wall_s"],
+    }
 
 
 def _fmt(r: dict) -> str:
-    return (f"{r['mode']:<7} in flight {r['concurrency']:>4}: {r['requests']} requests, {r['rps']:.1f} req/s, "
-            f"ideal {r['ideal']:.0f}, ratio {r['ratio']:.2f}, CPU {r['cpu_ms']:.2f} ms/request, "
-            f"server saw at most {r['max_in_flight']} in flight")
+    return (
+        f"{r['mode']:<7} in flight {r['concurrency']:>4}: {r['requests']} requests, {r['rps']:.1f} req/s, "
+        f"ideal {r['ideal']:.0f}, ratio {r['ratio']:.2f}, CPU {r['cpu_ms']:.2f} ms/request, "
+        f"server saw at most {r['max_in_flight']} in flight"
+    )
 
 
 if __name__ == "__main__":

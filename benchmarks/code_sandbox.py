@@ -67,8 +67,10 @@ def humaneval(workers_list: list[int], rounds: int) -> bool:
         passed = sum(s.value == 1.0 for s in scores)
         ok &= passed == len(samples)
         label = "one at a time" if workers == 1 else f"pool of {workers}"
-        print(f"  {label:14s} {passed}/{len(samples)} passed in {seconds:5.1f}s = {len(samples) / seconds:5.1f} "
-              f"verifications/s")
+        print(
+            f"  {label:14s} {passed}/{len(samples)} passed in {seconds:5.1f}s = {len(samples) / seconds:5.1f} "
+            f"verifications/s"
+        )
     return ok
 
 
@@ -84,9 +86,11 @@ def examples() -> None:
 
 def hostile() -> bool:
     modes = ["namespaces", "none"] if sandbox.isolation() == "namespaces" else ["none"]
-    print(f"\nhostile programs (timeout {LIMITS.timeout_s:.0f} s, memory {LIMITS.memory_mb} MB, "
-          f"{LIMITS.max_processes} processes, file {LIMITS.file_size_mb} MB, output {LIMITS.max_output_bytes} B; "
-          f"euid {os.geteuid()}):")
+    print(
+        f"\nhostile programs (timeout {LIMITS.timeout_s:.0f} s, memory {LIMITS.memory_mb} MB, "
+        f"{LIMITS.max_processes} processes, file {LIMITS.file_size_mb} MB, output {LIMITS.max_output_bytes} B; "
+        f"euid {os.geteuid()}):"
+    )
     os.environ["WINNOW_BENCH_SECRET"] = secret = "s3cret-" + new_marker()
     server = socket.create_server(("127.0.0.1", 0))
     server.setblocking(False)
@@ -96,8 +100,9 @@ def hostile() -> bool:
             marker = new_marker()
             targets = outside_targets(marker)
             before = sandbox_folders()
-            r = sandbox.run_python(program(name, marker, port=server.getsockname()[1], targets=targets),
-                                   limits=LIMITS, isolation_mode=mode)
+            r = sandbox.run_python(
+                program(name, marker, port=server.getsockname()[1], targets=targets), limits=LIMITS, isolation_mode=mode
+            )
             left = processes_with(marker)
             files = [t for t in targets if os.path.exists(t)] + sorted(sandbox_folders() - before)
             try:
@@ -107,11 +112,20 @@ def hostile() -> bool:
                 note = ""
             verdict = r.limit or (f"exit {r.exit_code}" if r.exit_code is not None else f"signal {r.signal}")
             expected = EXPECTED_LIMIT.get(name, "exit 1" if name == "socket" and mode == "namespaces" else "exit 0")
-            fine = (r.error is None and r.duration_s < LIMITS.timeout_s + 3 and not left and not files
-                    and verdict == expected and secret not in r.stdout and (not note or mode == "none"))
+            fine = (
+                r.error is None
+                and r.duration_s < LIMITS.timeout_s + 3
+                and not left
+                and not files
+                and verdict == expected
+                and secret not in r.stdout
+                and (not note or mode == "none")
+            )
             ok &= fine
-            print(f"  {mode:10s} {name:14s} {verdict:8s} {r.duration_s:5.2f}s  processes left {len(left)}, "
-                  f"files left {len(files)}  {'ok' if fine else 'FAILED'} {note}")
+            print(
+                f"  {mode:10s} {name:14s} {verdict:8s} {r.duration_s:5.2f}s  processes left {len(left)}, "
+                f"files left {len(files)}  {'ok' if fine else 'FAILED'} {note}"
+            )
     server.close()
     return ok
 
@@ -122,8 +136,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="run the 164 solutions this many times")
     args = parser.parse_args()
     box = sandbox.Sandbox(workers=1)
-    print(f"isolation: {sandbox.isolation()}, interpreter {sandbox.default_python()}, "
-          f"per-run uid: {box.describe()['per_run_uid']}, {os.cpu_count()} CPUs\n")
+    print(
+        f"isolation: {sandbox.isolation()}, interpreter {sandbox.default_python()}, "
+        f"per-run uid: {box.describe()['per_run_uid']}, {os.cpu_count()} CPUs\n"
+    )
     box.close()
     ok = humaneval(args.workers, args.rounds)
     examples()

@@ -27,10 +27,16 @@ import tempfile
 import time
 from pathlib import Path
 
-SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 999},
-                                           "confidence": {"enum": ["low", "high"]},
-                                           "note": {"type": "string", "maxLength": 20}},
-          "required": ["answer", "confidence", "note"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "answer": {"type": "integer", "minimum": 0, "maximum": 999},
+        "confidence": {"enum": ["low", "high"]},
+        "note": {"type": "string", "maxLength": 20},
+    },
+    "required": ["answer", "confidence", "note"],
+    "additionalProperties": False,
+}
 LIBRARIES = ("none", "llguidance", "xgrammar", "outlines")
 
 
@@ -51,10 +57,22 @@ def build_model(folder: Path, vocab: int) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(lines(), trainers.BpeTrainer(vocab_size=vocab, special_tokens=SPECIAL, show_progress=False,
-                                                         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   additional_special_tokens=SPECIAL[1:], padding_side="left")
+    tok.train_from_iterator(
+        lines(),
+        trainers.BpeTrainer(
+            vocab_size=vocab,
+            special_tokens=SPECIAL,
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=SPECIAL[1:],
+        padding_side="left",
+    )
     fast.chat_template = CHATML
     fast.save_pretrained(str(folder / "tokenizer"))
     return build_tiny_model(folder / "model", tokenizer_dir=folder / "tokenizer")
@@ -70,12 +88,17 @@ def measure(library: str, model_dir: str) -> dict:
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     vocab = model.get_output_embeddings().weight.shape[0]
     eos = [model.generation_config.eos_token_id]
-    texts = [tok.apply_chat_template([{"role": "user", "content": f"What is {i} + {i + 3}?"}], tokenize=False,
-                                     add_generation_prompt=True) for i in range(8)]
+    texts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": f"What is {i} + {i + 3}?"}], tokenize=False, add_generation_prompt=True
+        )
+        for i in range(8)
+    ]
     enc = tok(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
     out: dict = {"library": library, "vocab": vocab}
     start = time.perf_counter()
     if library == "none":
+
         def make():
             return []
     elif library == "llguidance":
@@ -99,8 +122,9 @@ def measure(library: str, model_dir: str) -> dict:
 
         out["import_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        compiler = xgrammar.GrammarCompiler(xgrammar.TokenizerInfo.from_huggingface(tok, vocab_size=vocab,
-                                                                                     stop_token_ids=eos))
+        compiler = xgrammar.GrammarCompiler(
+            xgrammar.TokenizerInfo.from_huggingface(tok, vocab_size=vocab, stop_token_ids=eos)
+        )
         out["tokenizer_s"] = time.perf_counter() - start
         start = time.perf_counter()
         grammar = compiler.compile_json_schema(json.dumps(SCHEMA), any_whitespace=False)
@@ -117,8 +141,9 @@ def measure(library: str, model_dir: str) -> dict:
         wrapped = outlines.from_transformers(model, tok)
         out["tokenizer_s"] = time.perf_counter() - start
         start = time.perf_counter()
-        processor = get_json_schema_logits_processor("outlines_core", wrapped, json.dumps(SCHEMA),
-                                                     whitespace_pattern="")
+        processor = get_json_schema_logits_processor(
+            "outlines_core", wrapped, json.dumps(SCHEMA), whitespace_pattern=""
+        )
         out["compile_s"] = time.perf_counter() - start
 
         def make():
@@ -128,9 +153,17 @@ def measure(library: str, model_dir: str) -> dict:
     def generate() -> list[str]:
         torch.manual_seed(0)
         with torch.inference_mode():
-            ids = model.generate(**enc, do_sample=True, temperature=1.0, num_return_sequences=4, max_new_tokens=96,
-                                 logits_processor=make(), pad_token_id=tok.pad_token_id, eos_token_id=eos)
-        return [tok.decode(row[enc.input_ids.shape[1]:], skip_special_tokens=True) for row in ids]
+            ids = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                num_return_sequences=4,
+                max_new_tokens=96,
+                logits_processor=make(),
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=eos,
+            )
+        return [tok.decode(row[enc.input_ids.shape[1] :], skip_special_tokens=True) for row in ids]
 
     generate()  # warm up
     start = time.perf_counter()
@@ -162,8 +195,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(Path(tmp), args.vocab)
         for library in LIBRARIES:
-            proc = subprocess.run([sys.executable, __file__, "--one", library, "--model", str(model)],
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--one", library, "--model", str(model)], capture_output=True, text=True
+            )
             lines = [x for x in proc.stdout.splitlines() if x.startswith("{")]
             if lines:
                 print(lines[-1])

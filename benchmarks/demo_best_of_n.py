@@ -33,8 +33,10 @@ def main() -> int:
     k = 1
     while k <= args.samples:
         m = report.metrics([{**r, "completions": r["completions"][:k]} for r in records])
-        print(f"| {k} | {m['pass@1']:.1%} | {m['majority@n']:.1%} | {m['prm-best@n']:.1%} | {m['rm-best@n']:.1%} "
-              f"| {m['pass@n']:.1%} |")
+        print(
+            f"| {k} | {m['pass@1']:.1%} | {m['majority@n']:.1%} | {m['prm-best@n']:.1%} | {m['rm-best@n']:.1%} "
+            f"| {m['pass@n']:.1%} |"
+        )
         k *= 2
     return 0
 

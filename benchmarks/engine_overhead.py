@@ -38,8 +38,17 @@ def make_dataset(path: Path, n: int = 32) -> Path:
         for i in range(n):
             a, b = rng.randint(1, 20), rng.randint(1, 20)
             op = "+-*"[i % 3]
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {a}{op}{b}?"},
-                                             {"role": "assistant", "content": str(eval(f"{a}{op}{b}"))}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"What is {a}{op}{b}?"},
+                            {"role": "assistant", "content": str(eval(f"{a}{op}{b}"))},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     return path
 
 
@@ -48,16 +57,29 @@ def plain_generate(engine, rows: list[dict], n: int, max_new: int) -> tuple[int,
     import torch
 
     tok, model = engine.tokenizer, engine.model
-    texts = [tok.apply_chat_template([m for m in r["messages"] if m["role"] != "assistant"], tokenize=False,
-                                     add_generation_prompt=True) for r in rows]
+    texts = [
+        tok.apply_chat_template(
+            [m for m in r["messages"] if m["role"] != "assistant"], tokenize=False, add_generation_prompt=True
+        )
+        for r in rows
+    ]
     tok.padding_side = "left"
     enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
     t = time.perf_counter()
     with torch.inference_mode():
-        out = model.generate(**enc, do_sample=True, temperature=1.0, top_k=50, top_p=1.0, max_new_tokens=max_new,
-                             num_return_sequences=n, pad_token_id=tok.pad_token_id, eos_token_id=engine.eos_ids)
+        out = model.generate(
+            **enc,
+            do_sample=True,
+            temperature=1.0,
+            top_k=50,
+            top_p=1.0,
+            max_new_tokens=max_new,
+            num_return_sequences=n,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=engine.eos_ids,
+        )
     seconds = time.perf_counter() - t
-    new = out[:, enc["input_ids"].shape[1]:]
+    new = out[:, enc["input_ids"].shape[1] :]
     tokens = 0
     eos = set(engine.eos_ids)
     for row in new.tolist():  # count up to and including the first eos, like winnow does
@@ -95,8 +117,9 @@ def bench_model(model: str | None) -> str:
     return str(target)
 
 
-def long_prompt_case(engine, model: str, work: Path, repeats: int, prompts: int = 4, n: int = 16,
-                     max_new: int = 32, length: int = 1024) -> dict:
+def long_prompt_case(
+    engine, model: str, work: Path, repeats: int, prompts: int = 4, n: int = 16, max_new: int = 32, length: int = 1024
+) -> dict:
     """Wall time of winnow's engine vs plain generate on long prompts with many samples each."""
     import torch
 
@@ -119,19 +142,44 @@ def long_prompt_case(engine, model: str, work: Path, repeats: int, prompts: int 
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         t = time.perf_counter()
         with torch.inference_mode():
-            engine.model.generate(**enc, do_sample=True, temperature=1.0, top_k=50, max_new_tokens=max_new,
-                                  min_new_tokens=max_new, num_return_sequences=n, pad_token_id=tok.pad_token_id)
+            engine.model.generate(
+                **enc,
+                do_sample=True,
+                temperature=1.0,
+                top_k=50,
+                max_new_tokens=max_new,
+                min_new_tokens=max_new,
+                num_return_sequences=n,
+                pad_token_id=tok.pad_token_id,
+            )
         plain_s.append(time.perf_counter() - t)
-        config = SampleConfig(model=model, dataset=[str(data)], num_return_sequences=n, max_new_tokens=max_new,
-                              temperature=1.0, top_k=50, output_dir=str(work), output_file=f"long{r}.jsonl",
-                              progress=False, dataset_shuffle=False)
+        config = SampleConfig(
+            model=model,
+            dataset=[str(data)],
+            num_return_sequences=n,
+            max_new_tokens=max_new,
+            temperature=1.0,
+            top_k=50,
+            output_dir=str(work),
+            output_file=f"long{r}.jsonl",
+            progress=False,
+            dataset_shuffle=False,
+        )
         summary = winnow.sample(config, engine=engine)
         ours_s.append(summary.wall_s)
         print(f"long prompts, repeat {r}: plain generate {plain_s[-1]:.2f}s | winnow {ours_s[-1]:.2f}s", flush=True)
     ratio = statistics.median(ours_s) / statistics.median(plain_s)
-    return {"benchmark": "engine_overhead_long_prompts", "prompts": prompts, "prompt_tokens": length, "n": n,
-            "max_new_tokens": max_new, "plain_s": round(statistics.median(plain_s), 2),
-            "winnow_s": round(statistics.median(ours_s), 2), "ratio": round(ratio, 3), "goal": 0.35}
+    return {
+        "benchmark": "engine_overhead_long_prompts",
+        "prompts": prompts,
+        "prompt_tokens": length,
+        "n": n,
+        "max_new_tokens": max_new,
+        "plain_s": round(statistics.median(plain_s), 2),
+        "winnow_s": round(statistics.median(ours_s), 2),
+        "ratio": round(ratio, 3),
+        "goal": 0.35,
+    }
 
 
 def main() -> int:
@@ -157,20 +205,43 @@ def main() -> int:
         for r in range(args.repeats):
             tokens, seconds = plain_generate(engine, rows, args.n, args.max_new_tokens)
             base.append(tokens / seconds)
-            config = SampleConfig(model=model, dataset=[str(data)], num_return_sequences=args.n,
-                                  max_new_tokens=args.max_new_tokens, temperature=1.0, top_k=50, top_p=1.0,
-                                  output_dir=str(work), output_file=f"run{r}.jsonl", progress=False)
+            config = SampleConfig(
+                model=model,
+                dataset=[str(data)],
+                num_return_sequences=args.n,
+                max_new_tokens=args.max_new_tokens,
+                temperature=1.0,
+                top_k=50,
+                top_p=1.0,
+                output_dir=str(work),
+                output_file=f"run{r}.jsonl",
+                progress=False,
+            )
             summary = winnow.sample(config, engine=engine)
             ours.append(summary.completion_tokens / summary.wall_s)
-            print(f"repeat {r}: plain generate {tokens} tok in {seconds:.2f}s = {base[-1]:.0f} tok/s | winnow "
-                  f"{summary.completion_tokens} tok in {summary.wall_s:.2f}s = {ours[-1]:.0f} tok/s "
-                  f"({summary.records_written} lines)", flush=True)
+            print(
+                f"repeat {r}: plain generate {tokens} tok in {seconds:.2f}s = {base[-1]:.0f} tok/s | winnow "
+                f"{summary.completion_tokens} tok in {summary.wall_s:.2f}s = {ours[-1]:.0f} tok/s "
+                f"({summary.records_written} lines)",
+                flush=True,
+            )
         ratio = statistics.median(ours) / statistics.median(base)
-        print(json.dumps({"benchmark": "engine_overhead", "prompts": args.prompts, "n": args.n,
-                          "max_new_tokens": args.max_new_tokens, "params_m": round(n_params / 1e6, 1),
-                          "plain_tok_s": round(statistics.median(base), 1),
-                          "winnow_tok_s": round(statistics.median(ours), 1),
-                          "ratio": round(ratio, 3), "goal": 0.95}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "benchmark": "engine_overhead",
+                    "prompts": args.prompts,
+                    "n": args.n,
+                    "max_new_tokens": args.max_new_tokens,
+                    "params_m": round(n_params / 1e6, 1),
+                    "plain_tok_s": round(statistics.median(base), 1),
+                    "winnow_tok_s": round(statistics.median(ours), 1),
+                    "ratio": round(ratio, 3),
+                    "goal": 0.95,
+                }
+            ),
+            flush=True,
+        )
     if args.case in ("long", "both"):
         print(json.dumps(long_prompt_case(engine, model, work, args.repeats)), flush=True)
     return 0

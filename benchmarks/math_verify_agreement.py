@@ -56,12 +56,22 @@ def main() -> None:
     tp = sum(v > 0 and y for v, y in judged)
     fp = sum(v > 0 and not y for v, y in judged)
     fn = sum(v <= 0 and y for v, y in judged)
-    print(json.dumps({
-        "solutions": len(pairs), "judged": len(judged), "cannot_judge": len(pairs) - len(judged),
-        "agreement": round(agree / len(judged), 4), "false_accepts": fp, "false_rejects": fn, "true_accepts": tp,
-        "single_process_per_s": round(len(pairs) / t1, 1),
-        f"pool_{args.workers}_workers_per_s": round(len(pairs) / t2, 1),
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "solutions": len(pairs),
+                "judged": len(judged),
+                "cannot_judge": len(pairs) - len(judged),
+                "agreement": round(agree / len(judged), 4),
+                "false_accepts": fp,
+                "false_rejects": fn,
+                "true_accepts": tp,
+                "single_process_per_s": round(len(pairs) / t1, 1),
+                f"pool_{args.workers}_workers_per_s": round(len(pairs) / t2, 1),
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -62,8 +62,12 @@ def write_data(path: Path, n: int) -> Path:
 
 def run_child(url: str, data: Path, conc: int, out_dir: Path, tool: str, calls: int) -> dict:
     """One measurement in a fresh process; the server's agent script comes with the model name (fake?agent=K)."""
-    proc = subprocess.run([sys.executable, "-c", CHILD, url, str(data), str(conc), str(out_dir), tool, str(calls)],
-                          capture_output=True, text=True, timeout=3600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, url, str(data), str(conc), str(out_dir), tool, str(calls)],
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         raise RuntimeError(f"the run at {conc} in flight failed:\n{proc.stderr[-3000:]}")
@@ -77,8 +81,12 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=2, help="tool calls per trajectory (turns = calls + 1)")
     parser.add_argument("--tool", default="calculator", choices=("calculator", "python"))
     parser.add_argument("--seconds", type=float, default=6.0, help="ideal duration of each measurement")
-    parser.add_argument("--baseline", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run single-turn sampling with the same requests (the machine's ceiling)")
+    parser.add_argument(
+        "--baseline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run single-turn sampling with the same requests (the machine's ceiling)",
+    )
     args = parser.parse_args()
 
     server, url = start_server(args.latency)
@@ -95,10 +103,17 @@ def main() -> None:
                 res = run_child(url, data, conc, Path(tmp) / f"out{conc}", args.tool, args.calls)
                 stats = http(base + "/stats")
                 busy = stats["busy_s"] or res["wall_s"]
-                row = {"in_flight": conc, "trajectories": res["rows"], "failed": res["failed"],
-                       "requests": stats["chat_requests"], "tps": res["rows"] / busy, "ideal": ideal,
-                       "max_in_flight": stats["max_in_flight"], "cpu_ms": 1000 * res["cpu_s"] / max(res["rows"], 1),
-                       "engine_calls": res["compute"].get("engine_calls")}
+                row = {
+                    "in_flight": conc,
+                    "trajectories": res["rows"],
+                    "failed": res["failed"],
+                    "requests": stats["chat_requests"],
+                    "tps": res["rows"] / busy,
+                    "ideal": ideal,
+                    "max_in_flight": stats["max_in_flight"],
+                    "cpu_ms": 1000 * res["cpu_s"] / max(res["rows"], 1),
+                    "engine_calls": res["compute"].get("engine_calls"),
+                }
                 row["ratio"] = row["tps"] / ideal
                 row["rps"] = row["requests"] / busy
                 row["baseline_rps"] = None
@@ -109,26 +124,39 @@ def main() -> None:
                     stats = http(base + "/stats")
                     row["baseline_rps"] = stats["chat_requests"] / stats["busy_s"]
                 rows.append(row)
-                against = (f", {row['rps']:.0f} req/s = {row['rps'] / row['baseline_rps']:.2f} of single-turn's "
-                           f"{row['baseline_rps']:.0f}" if row["baseline_rps"] else "")
-                print(f"{conc:>4} in flight: {row['trajectories']} trajectories ({row['requests']} requests, "
-                      f"{row['failed']} failed), {row['tps']:.1f}/s, ideal {ideal:.1f}/s, ratio {row['ratio']:.2f}"
-                      f"{against}, server saw at most {row['max_in_flight']} in flight, CPU {row['cpu_ms']:.2f} "
-                      "ms/trajectory", flush=True)
+                against = (
+                    f", {row['rps']:.0f} req/s = {row['rps'] / row['baseline_rps']:.2f} of single-turn's "
+                    f"{row['baseline_rps']:.0f}"
+                    if row["baseline_rps"]
+                    else ""
+                )
+                print(
+                    f"{conc:>4} in flight: {row['trajectories']} trajectories ({row['requests']} requests, "
+                    f"{row['failed']} failed), {row['tps']:.1f}/s, ideal {ideal:.1f}/s, ratio {row['ratio']:.2f}"
+                    f"{against}, server saw at most {row['max_in_flight']} in flight, CPU {row['cpu_ms']:.2f} "
+                    "ms/trajectory",
+                    flush=True,
+                )
     finally:
         server.terminate()
         server.wait(10)
     print(f"\n{turns} turns per trajectory ({args.calls} {args.tool} calls), latency {args.latency * 1000:.0f} ms\n")
-    print("| in flight | trajectories | trajectories/s | ideal | of ideal | req/s | of single-turn req/s | "
-          "CPU ms/trajectory |")
+    print(
+        "| in flight | trajectories | trajectories/s | ideal | of ideal | req/s | of single-turn req/s | "
+        "CPU ms/trajectory |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         base_ratio = f"{r['rps'] / r['baseline_rps']:.2f} ({r['baseline_rps']:.0f})" if r["baseline_rps"] else "-"
-        print(f"| {r['in_flight']} | {r['trajectories']} | {r['tps']:.1f} | {r['ideal']:.1f} | {r['ratio']:.2f} | "
-              f"{r['rps']:.0f} | {base_ratio} | {r['cpu_ms']:.2f} |")
+        print(
+            f"| {r['in_flight']} | {r['trajectories']} | {r['tps']:.1f} | {r['ideal']:.1f} | {r['ratio']:.2f} | "
+            f"{r['rps']:.0f} | {base_ratio} | {r['cpu_ms']:.2f} |"
+        )
     speedup = rows[-1]["tps"] / rows[0]["tps"] if rows and rows[0]["tps"] else 0.0
-    print(f"\n{rows[-1]['in_flight']} vs {rows[0]['in_flight']} in flight: {speedup:.1f}x; "
-          f"goal >= 0.8 of ideal at every level: {'met' if all(r['ratio'] >= 0.8 for r in rows) else 'NOT met'}")
+    print(
+        f"\n{rows[-1]['in_flight']} vs {rows[0]['in_flight']} in flight: {speedup:.1f}x; "
+        f"goal >= 0.8 of ideal at every level: {'met' if all(r['ratio'] >= 0.8 for r in rows) else 'NOT met'}"
+    )
 
 
 if __name__ == "__main__":

@@ -51,8 +51,11 @@ def make_dataset(path: Path, n: int) -> Path:
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     url = proc.stdout.readline().strip()
     deadline = time.monotonic() + 10
     while True:  # its health route, not a sleep
@@ -81,9 +84,12 @@ print(n / (time.perf_counter() - t))
 
 def machine_ceiling(seconds: float = 5.0) -> float:
     """Matmul throughput of two one-thread processes together over one alone, now."""
+
     def run(k: int) -> float:
-        procs = [subprocess.Popen([sys.executable, "-c", MATMUL, str(seconds)], stdout=subprocess.PIPE, text=True)
-                 for _ in range(k)]
+        procs = [
+            subprocess.Popen([sys.executable, "-c", MATMUL, str(seconds)], stdout=subprocess.PIPE, text=True)
+            for _ in range(k)
+        ]
         return sum(float(p.communicate()[0]) for p in procs)
 
     return run(2) / run(1)
@@ -119,8 +125,12 @@ def measure(config, engine, pids: list[int]) -> dict:
     summary = winnow.sample(config, engine=engine)
     cores = sum(cpu_seconds(p) - b for p, b in zip(pids, before, strict=True)) / summary.wall_s
     assert summary.status == "finished" and summary.rows_failed == 0, summary.line()
-    return {"samples_s": summary.samples / summary.wall_s, "tok_s": summary.completion_tokens / summary.wall_s,
-            "wall_s": summary.wall_s, "cores": cores}
+    return {
+        "samples_s": summary.samples / summary.wall_s,
+        "tok_s": summary.completion_tokens / summary.wall_s,
+        "wall_s": summary.wall_s,
+        "cores": cores,
+    }
 
 
 def run_workload(name: str, base: dict, repeats: int, work: Path) -> dict:
@@ -133,8 +143,9 @@ def run_workload(name: str, base: dict, repeats: int, work: Path) -> dict:
     starts: dict[str, list[float]] = {m: [] for m in modes}
     for r in range(repeats):
         for mode, extra in modes.items():
-            config = SampleConfig(**base, **extra, output_dir=str(work / name), output_file=f"{mode[-2:]}-{r}.jsonl",
-                                  progress=False)
+            config = SampleConfig(
+                **base, **extra, output_dir=str(work / name), output_file=f"{mode[-2:]}-{r}.jsonl", progress=False
+            )
             engine, start_s, pids = build_engine(config)
             try:
                 results[mode].append(measure(config, engine, pids))
@@ -142,11 +153,13 @@ def run_workload(name: str, base: dict, repeats: int, work: Path) -> dict:
                 asyncio.run(engine.aclose())
             starts[mode].append(start_s)
             last = results[mode][-1]
-            print(f"{name} repeat {r} {mode:>6}: {last['samples_s']:8.1f} samples/s {last['tok_s']:9.0f} tok/s "
-                  f"({last['wall_s']:.1f}s; start-up {start_s:.1f}s; {last['cores']:.2f} cores; "
-                  f"load {os.getloadavg()[0]:.1f})", flush=True)
-    med = {m: {k: statistics.median(x[k] for x in results[m]) for k in ("samples_s", "tok_s", "cores")}
-           for m in modes}
+            print(
+                f"{name} repeat {r} {mode:>6}: {last['samples_s']:8.1f} samples/s {last['tok_s']:9.0f} tok/s "
+                f"({last['wall_s']:.1f}s; start-up {start_s:.1f}s; {last['cores']:.2f} cores; "
+                f"load {os.getloadavg()[0]:.1f})",
+                flush=True,
+            )
+    med = {m: {k: statistics.median(x[k] for x in results[m]) for k in ("samples_s", "tok_s", "cores")} for m in modes}
     out = {
         "workload": name,
         **{f"{m.replace(' ', '')}_samples_s": round(med[m]["samples_s"], 1) for m in modes},
@@ -155,12 +168,18 @@ def run_workload(name: str, base: dict, repeats: int, work: Path) -> dict:
         "speedup_2_vs_1": round(med["ray x2"]["samples_s"] / med["ray x1"]["samples_s"], 3),
         "ray1_vs_plain": round(med["ray x1"]["samples_s"] / med["plain"]["samples_s"], 3),
         # samples per core granted: how well two replicas use what the machine gives them
-        "per_core_2_vs_1": round(statistics.median(x["samples_s"] / x["cores"] for x in results["ray x2"])
-                                 / statistics.median(x["samples_s"] / x["cores"] for x in results["ray x1"]), 3),
+        "per_core_2_vs_1": round(
+            statistics.median(x["samples_s"] / x["cores"] for x in results["ray x2"])
+            / statistics.median(x["samples_s"] / x["cores"] for x in results["ray x1"]),
+            3,
+        ),
     }
-    print(f"{name}: ray x2 / ray x1 = {out['speedup_2_vs_1']:.2f} (goal >= 1.7) with {med['ray x2']['cores']:.2f} "
-          f"against {med['ray x1']['cores']:.2f} cores granted, {out['per_core_2_vs_1']:.2f} per core; ray x1 / "
-          f"plain = {out['ray1_vs_plain']:.3f} (goal >= 0.9)", flush=True)
+    print(
+        f"{name}: ray x2 / ray x1 = {out['speedup_2_vs_1']:.2f} (goal >= 1.7) with {med['ray x2']['cores']:.2f} "
+        f"against {med['ray x1']['cores']:.2f} cores granted, {out['per_core_2_vs_1']:.2f} per core; ray x1 / "
+        f"plain = {out['ray1_vs_plain']:.3f} (goal >= 0.9)",
+        flush=True,
+    )
     return out
 
 
@@ -182,8 +201,7 @@ def main() -> int:
 
     work = Path(tempfile.mkdtemp(prefix="winnow-ray-bench-"))
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    print(f"ray {ray.__version__}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}",
-          flush=True)
+    print(f"ray {ray.__version__}, {os.cpu_count()} cores, OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}", flush=True)
     report = []
     try:
         if args.only in (None, "transformers"):
@@ -199,8 +217,14 @@ def main() -> int:
             data = make_dataset(work / "math.jsonl", args.prompts)
             ceiling = machine_ceiling()
             print(f"machine x2 now: {ceiling:.2f} (two one-thread matmul loops together / one alone)", flush=True)
-            base = dict(model=model, dataset=[str(data)], num_return_sequences=args.n,
-                        max_new_tokens=args.max_new_tokens, num_sampling_batch_size=args.batch, top_k=50)
+            base = dict(
+                model=model,
+                dataset=[str(data)],
+                num_return_sequences=args.n,
+                max_new_tokens=args.max_new_tokens,
+                num_sampling_batch_size=args.batch,
+                top_k=50,
+            )
             out = run_workload("transformers", base, args.repeats, work)
             out["machine_x2_before"] = round(ceiling, 2)
             out["machine_x2_after"] = round(machine_ceiling(), 2)
@@ -209,8 +233,14 @@ def main() -> int:
             server, url = start_server(args.latency)
             try:
                 data = make_dataset(work / "sums.jsonl", args.client_prompts)
-                base = dict(model="fake", sampler_engine="client", dataset=[str(data)], num_return_sequences=1,
-                            max_concurrency=args.concurrency, engine_kwargs={"base_url": url})
+                base = dict(
+                    model="fake",
+                    sampler_engine="client",
+                    dataset=[str(data)],
+                    num_return_sequences=1,
+                    max_concurrency=args.concurrency,
+                    engine_kwargs={"base_url": url},
+                )
                 out = run_workload("client", base, args.repeats, work)
                 out["ideal_x1_samples_s"] = round(args.concurrency / args.latency, 1)
                 report.append(out)

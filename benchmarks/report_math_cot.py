@@ -35,9 +35,16 @@ def to_raw(src: Path, dst: Path) -> Path:
             for c in record["completions"]:
                 c.pop("answer")  # winnow extracts the answer from the text itself
             f.write(json.dumps(record) + "\n")
-    dst.with_name(dst.stem + ".manifest.json").write_text(json.dumps({
-        "output_file": dst.name, "config": {"model": "Qwen2.5-Math-7B-Instruct", "num_return_sequences": 8},
-        "rewards": [{"key": k, "role": role} for k, role in report.QWEN_ROLES.items()]}), encoding="utf-8")
+    dst.with_name(dst.stem + ".manifest.json").write_text(
+        json.dumps(
+            {
+                "output_file": dst.name,
+                "config": {"model": "Qwen2.5-Math-7B-Instruct", "num_return_sequences": 8},
+                "rewards": [{"key": k, "role": role} for k, role in report.QWEN_ROLES.items()],
+            }
+        ),
+        encoding="utf-8",
+    )
     return dst
 
 
@@ -58,15 +65,17 @@ def main() -> None:
     print(f"wall: {wall_labels:.1f}s\n")
     print("== 2. winnow's math verifier and answer extraction")
     raw = to_raw(DATA, work / "math_cot_100_raw.jsonl")
-    verified, wall_math = timed_report(ReportConfig(outputs=[str(raw)], verdict="math",
-                                                    output_dir=str(work / "math_verify")))
+    verified, wall_math = timed_report(
+        ReportConfig(outputs=[str(raw)], verdict="math", output_dir=str(work / "math_verify"))
+    )
     print(f"wall: {wall_math:.1f}s\n")
     summary = {}
     for name, results in (("file labels", labels), ("math verifier", verified)):
         run, rows = results[0]
         last = rows[-1]
-        summary[name] = {title: round(len(run.problems) * last.metrics[key].value, 2)
-                         for title, (key, _) in PUBLISHED.items()}
+        summary[name] = {
+            title: round(len(run.problems) * last.metrics[key].value, 2) for title, (key, _) in PUBLISHED.items()
+        }
     summary["published (file labels)"] = {title: value for title, (_, value) in PUBLISHED.items()}
     summary["wall_s"] = {"file labels": round(wall_labels, 2), "math verifier": round(wall_math, 2)}
     print("problems right of 100 at k = 8:")

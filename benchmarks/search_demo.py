@@ -71,13 +71,30 @@ class TimedEngine:
 def run(strategy: str, n: int, args: argparse.Namespace, engine, out: Path, **extra) -> tuple[Path, float]:
     """One ``winnow sample`` run; (its raw output, its wall seconds)."""
     name = f"{strategy}-{n}.jsonl"
-    options = dict(model="demo-policy", dataset=[f"{args.dataset}#{args.problems}"], sampler_type=strategy,
-                   num_return_sequences=n, temperature=1.0, max_new_tokens=64, orm_model=ORM, prm_model=PRM,
-                   output_format="raw", output_dir=str(out), output_file=name, override_exist_file=True,
-                   seed=args.seed, progress=False, reward_kwargs={"prm": {"batch_size": args.prm_batch}})
+    options = dict(
+        model="demo-policy",
+        dataset=[f"{args.dataset}#{args.problems}"],
+        sampler_type=strategy,
+        num_return_sequences=n,
+        temperature=1.0,
+        max_new_tokens=64,
+        orm_model=ORM,
+        prm_model=PRM,
+        output_format="raw",
+        output_dir=str(out),
+        output_file=name,
+        override_exist_file=True,
+        seed=args.seed,
+        progress=False,
+        reward_kwargs={"prm": {"batch_size": args.prm_batch}},
+    )
     if strategy in SEARCHES:
-        options.update(search_width=args.width, search_prm_agg=args.search_prm_agg,
-                       search_filter_duplicates=args.filter_duplicates, search_lookahead=args.lookahead)
+        options.update(
+            search_width=args.width,
+            search_prm_agg=args.search_prm_agg,
+            search_filter_duplicates=args.filter_duplicates,
+            search_lookahead=args.lookahead,
+        )
     if strategy == "mcts":
         options.update(mcts_exploration=args.mcts_c, mcts_rollout_depth=args.mcts_rollout)
     options.update(extra)
@@ -114,19 +131,24 @@ def overhead(args: argparse.Namespace, engine, out: Path) -> None:
     # plain samples of the same problems, N chosen so that their tokens match the search's
     probe, _ = run("sample", 4, args, engine, out / "probe", orm_model=None, prm_model=None)
     per_sample = json.loads(probe.with_name(probe.stem + ".manifest.json").read_text())["counts"][
-        "completion_tokens"] / (4 * problems)
+        "completion_tokens"
+    ] / (4 * problems)
     n = max(1, round(tokens / (per_sample * problems)))
     plain_timed = TimedEngine(engine)
     plain, plain_wall = run("sample", n, args, plain_timed, out / "plain", orm_model=None, prm_model=None)
     plain_tokens = json.loads(plain.with_name(plain.stem + ".manifest.json").read_text())["counts"]["completion_tokens"]
     per_token = {"search": wall / tokens, "search engine": timed.seconds / tokens, "plain": plain_wall / plain_tokens}
-    print(f"\noverhead (beam N={args.overhead}, {problems} problems): the search generated {tokens:,} tokens in "
-          f"{wall:.1f} s ({timed.seconds:.1f} s of it in {manifest['compute']['engine_calls']} engine calls, the rest "
-          f"{manifest['compute']['prm_evaluations']:,} PRM evaluations and the ORM); plain sampling N={n} "
-          f"(no rewards) generated {plain_tokens:,} tokens in {plain_wall:.1f} s")
-    print(f"  wall time per generated token, search / plain sampling: whole run "
-          f"{per_token['search'] / per_token['plain']:.2f}, generation alone "
-          f"{per_token['search engine'] / per_token['plain']:.2f} (goal <= 1.5)")
+    print(
+        f"\noverhead (beam N={args.overhead}, {problems} problems): the search generated {tokens:,} tokens in "
+        f"{wall:.1f} s ({timed.seconds:.1f} s of it in {manifest['compute']['engine_calls']} engine calls, the rest "
+        f"{manifest['compute']['prm_evaluations']:,} PRM evaluations and the ORM); plain sampling N={n} "
+        f"(no rewards) generated {plain_tokens:,} tokens in {plain_wall:.1f} s"
+    )
+    print(
+        f"  wall time per generated token, search / plain sampling: whole run "
+        f"{per_token['search'] / per_token['plain']:.2f}, generation alone "
+        f"{per_token['search engine'] / per_token['plain']:.2f} (goal <= 1.5)"
+    )
 
 
 def main() -> int:
@@ -165,18 +187,25 @@ def main() -> int:
             (row,) = rows(path, [n])
             results.setdefault(strategy, []).append((n, row, wall))
             paths.append((strategy, path))
-            print(f"{strategy} N={n}: {row.metrics[f'best:{PRM}'].value:.1%} at {row.tokens:,.0f} tokens/problem "
-                  f"({wall:.0f} s)", file=sys.stderr)
-    print(f"\n{args.problems} {args.split} problems; demo-policy T=1, demo-prm; M={args.width}, "
-          f"search_prm_agg={args.search_prm_agg}, filter_duplicates={args.filter_duplicates}, "
-          f"lookahead={args.lookahead}, mcts c={args.mcts_c}, rollout={args.mcts_rollout}\n")
+            print(
+                f"{strategy} N={n}: {row.metrics[f'best:{PRM}'].value:.1%} at {row.tokens:,.0f} tokens/problem "
+                f"({wall:.0f} s)",
+                file=sys.stderr,
+            )
+    print(
+        f"\n{args.problems} {args.split} problems; demo-policy T=1, demo-prm; M={args.width}, "
+        f"search_prm_agg={args.search_prm_agg}, filter_duplicates={args.filter_duplicates}, "
+        f"lookahead={args.lookahead}, mcts c={args.mcts_c}, rollout={args.mcts_rollout}\n"
+    )
     print("| strategy | N | tokens/problem | PRM-best | majority | PRM-weighted vote | pass@N | wall s |")
     print("|---|---|---|---|---|---|---|---|")
     for name, points in results.items():
         for n, row, wall in points:
             m = row.metrics
-            print(f"| {name} | {n} | {row.tokens:,.0f} | {m[f'best:{PRM}'].value:.1%} | {m['majority'].value:.1%} | "
-                  f"{m[f'vote:{PRM}'].value:.1%} | {m['pass'].value:.1%} | {wall:.0f} |")
+            print(
+                f"| {name} | {n} | {row.tokens:,.0f} | {m[f'best:{PRM}'].value:.1%} | {m['majority'].value:.1%} | "
+                f"{m[f'vote:{PRM}'].value:.1%} | {m['pass'].value:.1%} | {wall:.0f} |"
+            )
     if curve:
         bon = [(r.tokens, r.metrics[f"best:{PRM}"].value) for r in curve]
         maj = [(r.tokens, r.metrics["majority"].value) for r in curve]
@@ -187,13 +216,17 @@ def main() -> int:
             for n, row, _ in results[name]:
                 b, v = interpolate(bon, row.tokens), interpolate(maj, row.tokens)
                 cell = lambda x: "outside" if x is None else f"{x:.1%}"  # noqa: E731
-                print(f"| {name} | {n} | {row.tokens:,.0f} | {row.metrics[f'best:{PRM}'].value:.1%} | {cell(b)} | "
-                      f"{cell(v)} |")
+                print(
+                    f"| {name} | {n} | {row.tokens:,.0f} | {row.metrics[f'best:{PRM}'].value:.1%} | {cell(b)} | "
+                    f"{cell(v)} |"
+                )
     if args.overhead:
         overhead(args, engine, out)
     labels = " ".join(name for name, _ in paths)
-    print(f"\nplot: winnow report {' '.join(str(p) for _, p in paths)} --label {labels} --rewards {PRM} "
-          f"--answer_match exact --output_dir {out}")
+    print(
+        f"\nplot: winnow report {' '.join(str(p) for _, p in paths)} --label {labels} --rewards {PRM} "
+        f"--answer_match exact --output_dir {out}"
+    )
     return 0
 
 

@@ -100,19 +100,33 @@ def shaped_bodies(args) -> list[tuple[str, str, bytes]]:
     out = []
     for mb in args.sizes_mb:
         content = ("hello world " * (mb * 1024 * 1024 // 12 + 1))[: mb * 1024 * 1024]
-        out.append((f"{mb} MB message", "chat/completions",
-                    json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 4}).encode()))
+        out.append(
+            (
+                f"{mb} MB message",
+                "chat/completions",
+                json.dumps({"messages": [{"role": "user", "content": content}], "max_tokens": 4}).encode(),
+            )
+        )
     if args.shape_mb:
         size = args.shape_mb * 1024 * 1024
         message = json.dumps({"role": "user", "content": "a"})
         part = json.dumps({"type": "text", "text": "a"})
         out += [
-            (f"{args.shape_mb} MB of token ids", "completions",
-             f'{{"max_tokens": 4, "prompt": [{repeat("7", size)}]}}'.encode()),
-            (f"{args.shape_mb} MB of messages", "chat/completions",
-             f'{{"max_tokens": 4, "messages": [{repeat(message, size)}]}}'.encode()),
-            (f"{args.shape_mb} MB of content parts", "chat/completions",
-             f'{{"max_tokens": 4, "messages": [{{"role": "user", "content": [{repeat(part, size)}]}}]}}'.encode()),
+            (
+                f"{args.shape_mb} MB of token ids",
+                "completions",
+                f'{{"max_tokens": 4, "prompt": [{repeat("7", size)}]}}'.encode(),
+            ),
+            (
+                f"{args.shape_mb} MB of messages",
+                "chat/completions",
+                f'{{"max_tokens": 4, "messages": [{repeat(message, size)}]}}'.encode(),
+            ),
+            (
+                f"{args.shape_mb} MB of content parts",
+                "chat/completions",
+                f'{{"max_tokens": 4, "messages": [{{"role": "user", "content": [{repeat(part, size)}]}}]}}'.encode(),
+            ),
         ]
     out.sort(key=lambda item: len(item[2]))
     return out
@@ -129,8 +143,9 @@ def big_bodies(args) -> None:
             before = status_kb(pid, "VmRSS") or 0
             start = time.perf_counter()
             try:
-                resp = httpx.post(f"{server.url}/v1/{route}", content=body, timeout=600,
-                                  headers={"Content-Type": "application/json"})
+                resp = httpx.post(
+                    f"{server.url}/v1/{route}", content=body, timeout=600, headers={"Content-Type": "application/json"}
+                )
                 outcome = f"{resp.status_code} {resp.json()['error']['code'] if resp.status_code >= 400 else ''}"
             except (httpx.HTTPError, ValueError) as e:
                 outcome = f"no answer ({type(e).__name__})"
@@ -167,8 +182,11 @@ def stop_strings(args) -> None:
         time.sleep(0.5)  # let the hostile request reach the model thread first
         code, seconds = normal_request(server.url)
         thread.join()
-        print(f"{args.stop_strings} stop strings: {result['status']} in {result['seconds']:.2f} s; "
-              f"a normal request meanwhile: {code} in {seconds:.2f} s", flush=True)
+        print(
+            f"{args.stop_strings} stop strings: {result['status']} in {result['seconds']:.2f} s; "
+            f"a normal request meanwhile: {code} in {seconds:.2f} s",
+            flush=True,
+        )
     finally:
         server.stop()
 
@@ -184,8 +202,11 @@ def half_open(args) -> None:
             s.sendall(b"POST /v1/chat/completions HT")  # half a request line, never finished
             socks.append(s)
         code, seconds = normal_request(server.url)
-        print(f"{args.half_open} half-open sockets held: a normal request {code} in {seconds:.2f} s "
-              f"(alone: {baseline:.2f} s)", flush=True)
+        print(
+            f"{args.half_open} half-open sockets held: a normal request {code} in {seconds:.2f} s "
+            f"(alone: {baseline:.2f} s)",
+            flush=True,
+        )
         deadline = time.monotonic() + args.hold_s
         closed: set[int] = set()
         while time.monotonic() < deadline and len(closed) < len(socks):

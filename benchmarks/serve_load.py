@@ -52,8 +52,10 @@ class Result:
 
     def line(self) -> str:
         calls = f"  engine calls {self.engine_calls}" if self.engine_calls is not None else ""
-        return (f"{self.name:<34} {self.requests:>4} req  {self.errors} errors  {self.rps:7.2f} req/s  "
-                f"p50 {self.pct(0.5) * 1000:7.0f} ms  p99 {self.pct(0.99) * 1000:7.0f} ms{calls}")
+        return (
+            f"{self.name:<34} {self.requests:>4} req  {self.errors} errors  {self.rps:7.2f} req/s  "
+            f"p50 {self.pct(0.5) * 1000:7.0f} ms  p99 {self.pct(0.99) * 1000:7.0f} ms{calls}"
+        )
 
 
 class ServerProcess:
@@ -64,8 +66,12 @@ class ServerProcess:
         src = str(Path(__file__).resolve().parents[1] / "src")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src, os.environ.get("PYTHONPATH")]))}
         with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen([python, "-m", "winnow", "serve", "--model", model, "--port", "0",
-                                          *extra], stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                [python, "-m", "winnow", "serve", "--model", model, "--port", "0", *extra],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
         deadline = time.monotonic() + timeout
         self.url = None
         while time.monotonic() < deadline and self.proc.poll() is None:
@@ -97,21 +103,30 @@ class ServerProcess:
 async def _one(client: openai.AsyncOpenAI, model: str, i: int, max_tokens: int) -> float:
     start = time.perf_counter()
     resp = await client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"What is {i} + {i + 1}?"}], max_tokens=max_tokens,
-        temperature=1.0)
+        model=model,
+        messages=[{"role": "user", "content": f"What is {i} + {i + 1}?"}],
+        max_tokens=max_tokens,
+        temperature=1.0,
+    )
     assert resp.choices and resp.choices[0].message.content is not None
     return time.perf_counter() - start
 
 
 async def _load(url: str, model: str, n: int, max_tokens: int, concurrent: bool) -> tuple[int, float, list[float]]:
-    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=600,
-                                http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=n + 8)))
+    client = openai.AsyncOpenAI(
+        base_url=f"{url}/v1",
+        api_key="EMPTY",
+        max_retries=0,
+        timeout=600,
+        http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=n + 8)),
+    )
     async with client:
         await _one(client, model, -1, max_tokens)  # warm-up
         start = time.perf_counter()
         if concurrent:
-            outcomes = await asyncio.gather(*(_one(client, model, i, max_tokens) for i in range(n)),
-                                            return_exceptions=True)
+            outcomes = await asyncio.gather(
+                *(_one(client, model, i, max_tokens) for i in range(n)), return_exceptions=True
+            )
         else:
             outcomes = []
             for i in range(n):
@@ -140,8 +155,9 @@ def time_to_first_token(args, max_tokens: int = 256) -> tuple[float, float, int]
         client.chat.completions.create(model=model, messages=messages, max_tokens=8)  # warm-up
         start = time.perf_counter()
         first, chunks = None, 0
-        for chunk in client.chat.completions.create(model=model, messages=messages, max_tokens=max_tokens,
-                                                    temperature=0, stream=True):
+        for chunk in client.chat.completions.create(
+            model=model, messages=messages, max_tokens=max_tokens, temperature=0, stream=True
+        ):
             if chunk.choices and chunk.choices[0].delta.content:
                 chunks += 1
                 first = first if first is not None else time.perf_counter() - start
@@ -151,10 +167,19 @@ def time_to_first_token(args, max_tokens: int = 256) -> tuple[float, float, int]
 
 
 def run_mode(args, name: str, batching: bool, n: int, concurrent: bool) -> Result:
-    server = ServerProcess(args.model, "--dynamic_batching", str(batching).lower(), "--max_batch_size",
-                           str(args.max_batch_size), "--max_wait_ms", str(args.max_wait_ms), "--max_queue",
-                           str(max(args.requests, args.baseline_requests) * 2), *engine_args(args),
-                           python=args.python)
+    server = ServerProcess(
+        args.model,
+        "--dynamic_batching",
+        str(batching).lower(),
+        "--max_batch_size",
+        str(args.max_batch_size),
+        "--max_wait_ms",
+        str(args.max_wait_ms),
+        "--max_queue",
+        str(max(args.requests, args.baseline_requests) * 2),
+        *engine_args(args),
+        python=args.python,
+    )
     try:
         model = server.health()["model"]
         calls_before = server.health()["engine_calls"]
@@ -187,8 +212,10 @@ def main() -> int:
     print(one.line(), flush=True)
     print(f"batching on / off: {on.rps / off.rps:.2f}x req/s;  on / one-at-a-time: {on.rps / one.rps:.2f}x req/s")
     first, total, chunks = time_to_first_token(args)
-    print(f"streamed 256-token answer: first token after {first:.3f}s of {total:.3f}s ({first / total:.1%}; "
-          f"{chunks} chunks)")
+    print(
+        f"streamed 256-token answer: first token after {first:.3f}s of {total:.3f}s ({first / total:.1%}; "
+        f"{chunks} chunks)"
+    )
     ok = on.errors == 0 and off.errors == 0 and one.errors == 0
     print("0 errors: " + ("yes" if ok else "NO"))
     return 0 if ok else 1

@@ -50,8 +50,10 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines() if line.strip()]
     dataset = work / "math_cot_100_problems.jsonl"
-    dataset.write_text("".join(json.dumps({"id": r["idx"], "problem": r["question"], "answer": r["gt"]}) + "\n"
-                               for r in rows), encoding="utf-8")
+    dataset.write_text(
+        "".join(json.dumps({"id": r["idx"], "problem": r["question"], "answer": r["gt"]}) + "\n" for r in rows),
+        encoding="utf-8",
+    )
     plan = data.build_plan([str(dataset)], seed=42)
     ids = {}
     for pos in range(len(plan)):
@@ -66,9 +68,30 @@ def main() -> None:
                 f.write(json.dumps(line) + "\n")
     out_dir = work / "out"
     start = time.perf_counter()
-    base = [sys.executable, "-m", "winnow", "sample", "--sampler_engine", "no", "--cache_files", str(cache),
-            "--dataset", str(dataset), "--orm_model", "math", "--num_return_sequences", "8", "--n_best_to_keep", "1",
-            "--output_dir", str(out_dir), "--override_exist_file", "true", "--progress", "false"]
+    base = [
+        sys.executable,
+        "-m",
+        "winnow",
+        "sample",
+        "--sampler_engine",
+        "no",
+        "--cache_files",
+        str(cache),
+        "--dataset",
+        str(dataset),
+        "--orm_model",
+        "math",
+        "--num_return_sequences",
+        "8",
+        "--n_best_to_keep",
+        "1",
+        "--output_dir",
+        str(out_dir),
+        "--override_exist_file",
+        "true",
+        "--progress",
+        "false",
+    ]
     cmd = [*base, "--output_format", "raw", "--output_file", "raw.jsonl"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start
@@ -101,15 +124,25 @@ def main() -> None:
                 kept_correct += 1
             else:
                 missed.append(src["idx"])
-    print(json.dumps({
-        "problems": len(raw), "samples": total, "stage2_wall_s": round(wall, 1),
-        "sample_label_agreement": round(agree / total, 4),
-        "problems_with_a_correct_sample (file labels)": has_correct,
-        "kept_a_correct_sample": kept_correct, "missed": missed,
-        "pass@8": pass8 / len(raw), "majority@8": maj8 / len(raw), "best_of_8_by_pred_score": rm8 / len(raw),
-        "file_reported": {"rm@8": 0.94, "maj@8": 0.93, "pass@8": 0.96},
-        "summary_line": proc.stderr.strip().splitlines()[-1],
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "problems": len(raw),
+                "samples": total,
+                "stage2_wall_s": round(wall, 1),
+                "sample_label_agreement": round(agree / total, 4),
+                "problems_with_a_correct_sample (file labels)": has_correct,
+                "kept_a_correct_sample": kept_correct,
+                "missed": missed,
+                "pass@8": pass8 / len(raw),
+                "majority@8": maj8 / len(raw),
+                "best_of_8_by_pred_score": rm8 / len(raw),
+                "file_reported": {"rm@8": 0.94, "maj@8": 0.93, "pass@8": 0.96},
+                "summary_line": proc.stderr.strip().splitlines()[-1],
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

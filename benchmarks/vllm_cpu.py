@@ -34,9 +34,18 @@ def run(engine, model: str, data: Path, work: Path, args, tag: str) -> list[floa
     from winnow.config import SampleConfig
 
     def sample(out: str, n: int, max_new: int):
-        config = SampleConfig(model=model, dataset=[str(data)], num_return_sequences=n, max_new_tokens=max_new,
-                              temperature=1.0, top_k=50, top_p=1.0, output_dir=str(work), output_file=out,
-                              progress=False)
+        config = SampleConfig(
+            model=model,
+            dataset=[str(data)],
+            num_return_sequences=n,
+            max_new_tokens=max_new,
+            temperature=1.0,
+            top_k=50,
+            top_p=1.0,
+            output_dir=str(work),
+            output_file=out,
+            progress=False,
+        )
         return winnow.sample(config, engine=engine)
 
     sample(f"{tag}-warmup.jsonl", 2, 8)
@@ -44,8 +53,10 @@ def run(engine, model: str, data: Path, work: Path, args, tag: str) -> list[floa
     for r in range(args.repeats):
         summary = sample(f"{tag}{r}.jsonl", args.n, args.max_new_tokens)
         speeds.append(summary.completion_tokens / summary.wall_s)
-        print(f"{tag} repeat {r}: {summary.completion_tokens} tok in {summary.wall_s:.2f}s = {speeds[-1]:.0f} tok/s",
-              flush=True)
+        print(
+            f"{tag} repeat {r}: {summary.completion_tokens} tok in {summary.wall_s:.2f}s = {speeds[-1]:.0f} tok/s",
+            flush=True,
+        )
     return speeds
 
 
@@ -53,8 +64,11 @@ def main() -> int:
     ap = workload_parser(__doc__)
     ap.add_argument("--engine_kwargs", default="{}", help="vLLM engine kwargs as JSON (enforce_eager, ...)")
     ap.add_argument("--engines", default="transformers,vllm", help="which to run, comma-separated")
-    ap.add_argument("--torch_dtype", default="auto", help="both engines' dtype (auto: float32 for transformers on "
-                    "CPU, bfloat16 for vLLM)")
+    ap.add_argument(
+        "--torch_dtype",
+        default="auto",
+        help="both engines' dtype (auto: float32 for transformers on CPU, bfloat16 for vLLM)",
+    )
     args = ap.parse_args()
 
     import asyncio
@@ -66,10 +80,15 @@ def main() -> int:
     model = bench_model(args.model)
     work = Path(tempfile.mkdtemp(prefix="winnow-bench-vllm-"))
     data = make_dataset(work / "math.jsonl", args.prompts)
-    result: dict = {"benchmark": "vllm_cpu", "prompts": args.prompts, "n": args.n,
-                    "max_new_tokens": args.max_new_tokens, "cores": os.cpu_count(),
-                    "torch_threads": torch.get_num_threads(),
-                    "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")}
+    result: dict = {
+        "benchmark": "vllm_cpu",
+        "prompts": args.prompts,
+        "n": args.n,
+        "max_new_tokens": args.max_new_tokens,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto"),
+    }
 
     engines = args.engines.split(",")
     if "transformers" in engines:

@@ -71,10 +71,24 @@ CASES = {  # name -> extra flags (both tools)
     "orm n_best=2": ["--orm_model", "boxed_eq", "--n_best_to_keep", "2"],
     "orm + prm n_best=2": ["--orm_model", "boxed_eq", "--prm_model", "length_prm", "--n_best_to_keep", "2"],
     "seed prm + orm passes all": ["--orm_model", "pass_all", "--prm_model", "length_prm", "--n_best_to_keep", "2"],
-    "orm + prm, prm_threshold 0.45": ["--orm_model", "boxed_eq", "--prm_model", "length_prm", "--n_best_to_keep",
-                                      "3", "--prm_threshold", "0.45"],
-    "orm, easy_query_threshold 0.5": ["--orm_model", "boxed_eq", "--n_best_to_keep", "2", "--easy_query_threshold",
-                                      "0.5"],
+    "orm + prm, prm_threshold 0.45": [
+        "--orm_model",
+        "boxed_eq",
+        "--prm_model",
+        "length_prm",
+        "--n_best_to_keep",
+        "3",
+        "--prm_threshold",
+        "0.45",
+    ],
+    "orm, easy_query_threshold 0.5": [
+        "--orm_model",
+        "boxed_eq",
+        "--n_best_to_keep",
+        "2",
+        "--easy_query_threshold",
+        "0.5",
+    ],
 }
 
 
@@ -87,19 +101,31 @@ def make_inputs(work: Path, prompts: int = 20, samples: int = 5, seed: int = 0) 
     rows, cache = [], []
     for _ in range(prompts):
         a, b = rng.randint(1, 50), rng.randint(1, 50)
-        conversation = [{"role": "user", "content": f"What is {a} + {b}?"},
-                        {"role": "assistant", "content": f"{a} + {b} = {a + b}\n\\boxed{{{a + b}}}"}]
+        conversation = [
+            {"role": "user", "content": f"What is {a} + {b}?"},
+            {"role": "assistant", "content": f"{a} + {b} = {a + b}\n\\boxed{{{a + b}}}"},
+        ]
         rows.append({"messages": conversation})
         uid = swift_row_id(conversation, "data.jsonl")
         for _ in range(samples):
             shape = rng.random()
             answer = a + b if shape < 0.55 else a + b + rng.choice([-10, -1, 1, 2])
-            text = rng.choice([f"{a} + {b} = {answer}\n\\boxed{{{answer}}}", f"\\boxed{{{answer}}}",
-                               f"First {a}.\nThen add {b}.\nSo {answer}.\n\\boxed{{{answer}}}"])
+            text = rng.choice(
+                [
+                    f"{a} + {b} = {answer}\n\\boxed{{{answer}}}",
+                    f"\\boxed{{{answer}}}",
+                    f"First {a}.\nThen add {b}.\nSo {answer}.\n\\boxed{{{answer}}}",
+                ]
+            )
             if shape > 0.95:
                 text = f"I think it is {answer}."  # no boxed answer
-            cache.append({"messages": [conversation[0], {"role": "assistant", "content": text}],
-                          "dataset": "data.jsonl", "id": uid})
+            cache.append(
+                {
+                    "messages": [conversation[0], {"role": "assistant", "content": text}],
+                    "dataset": "data.jsonl",
+                    "id": uid,
+                }
+            )
     data = work / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     stage1 = work / "stage1.jsonl"
@@ -116,8 +142,15 @@ def run(cmd: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
 
 
 def lines(path: Path) -> list[str]:
-    return [json.dumps(json.loads(x), sort_keys=True, ensure_ascii=False)
-            for x in path.read_text(encoding="utf-8").splitlines() if x.strip()] if path.exists() else []
+    return (
+        [
+            json.dumps(json.loads(x), sort_keys=True, ensure_ascii=False)
+            for x in path.read_text(encoding="utf-8").splitlines()
+            if x.strip()
+        ]
+        if path.exists()
+        else []
+    )
 
 
 def main() -> None:
@@ -125,21 +158,63 @@ def main() -> None:
     ap.add_argument("--swift", default=str(DEFAULT_SWIFT))
     args = ap.parse_args()
     if not Path(args.swift).exists():
-        raise SystemExit(f"{args.swift} not found: install the peer with bash "
-                         "../shared/peers/ms-swift/run_peer_bench.sh (or point --swift at a `swift` command)")
+        raise SystemExit(
+            f"{args.swift} not found: install the peer with bash "
+            "../shared/peers/ms-swift/run_peer_bench.sh (or point --swift at a `swift` command)"
+        )
     work = Path(tempfile.mkdtemp(prefix="vs-swift-records-"))
     data, stage1 = make_inputs(work)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    common = ["--sampler_engine", "no", "--cache_files", stage1.name, "--dataset", data.name,
-              "--num_return_sequences", "5", "--external_plugins", "plugin.py", "--override_exist_file", "true"]
+    common = [
+        "--sampler_engine",
+        "no",
+        "--cache_files",
+        stage1.name,
+        "--dataset",
+        data.name,
+        "--num_return_sequences",
+        "5",
+        "--external_plugins",
+        "plugin.py",
+        "--override_exist_file",
+        "true",
+    ]
     print(f"{'case':<32} {'swift':>6} {'winnow':>7} {'winnow --selection swift':>24}  compat identical")
     all_identical = True
     for name, flags in CASES.items():
         tag = name.replace(" ", "_").replace(",", "").replace("+", "and").replace("=", "")
-        run([args.swift, "sample", "--model", str(MODEL), "--model_type", "qwen2", "--template", "qwen",
-             *common, *flags, "--output_dir", "swift_out", "--output_file", f"{tag}.jsonl"], work, env)
-        winnow = [sys.executable, "-m", "winnow", "sample", *common, *flags, "--progress", "false",
-                  "--output_dir", "winnow"]
+        run(
+            [
+                args.swift,
+                "sample",
+                "--model",
+                str(MODEL),
+                "--model_type",
+                "qwen2",
+                "--template",
+                "qwen",
+                *common,
+                *flags,
+                "--output_dir",
+                "swift_out",
+                "--output_file",
+                f"{tag}.jsonl",
+            ],
+            work,
+            env,
+        )
+        winnow = [
+            sys.executable,
+            "-m",
+            "winnow",
+            "sample",
+            *common,
+            *flags,
+            "--progress",
+            "false",
+            "--output_dir",
+            "winnow",
+        ]
         default = run([*winnow, "--output_file", f"{tag}.jsonl"], work, env)
         run([*winnow, "--selection", "swift", "--output_file", f"{tag}.compat.jsonl"], work, env)
         swift_lines = lines(work / "swift_out" / f"{tag}.jsonl")

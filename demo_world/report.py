@@ -34,10 +34,35 @@ PRM, RM, ORM = "demo-prm", "demo-rm", "math"
 
 def sample_command(n: int, samples: int, output_dir: str, seed: int = 42, output_file: str = "raw.jsonl") -> list[str]:
     """The ``winnow sample`` arguments of the demo run."""
-    return ["sample", "--model", "demo-policy", "--dataset", f"demo-arith#{n}", "--num_return_sequences",
-            str(samples), "--temperature", "1.0", "--max_new_tokens", "64", "--orm_model", ORM,
-            "--prm_model", PRM, "--reward_model", RM, "--output_format", "raw", "--output_dir", output_dir,
-            "--output_file", output_file, "--override_exist_file", "true", "--seed", str(seed)]
+    return [
+        "sample",
+        "--model",
+        "demo-policy",
+        "--dataset",
+        f"demo-arith#{n}",
+        "--num_return_sequences",
+        str(samples),
+        "--temperature",
+        "1.0",
+        "--max_new_tokens",
+        "64",
+        "--orm_model",
+        ORM,
+        "--prm_model",
+        PRM,
+        "--reward_model",
+        RM,
+        "--output_format",
+        "raw",
+        "--output_dir",
+        output_dir,
+        "--output_file",
+        output_file,
+        "--override_exist_file",
+        "true",
+        "--seed",
+        str(seed),
+    ]
 
 
 def correct(completion: dict, reference: str | None) -> bool:
@@ -55,8 +80,14 @@ def problem(record: dict) -> report.Problem | None:
     if not comps:
         return None
     ref = record.get("reference")
-    samples = [report.Sample(correct(c, ref), arith.boxed_answer(c.get("text", "")),
-                             {k: report.score_values(c).get(k) for k in (PRM, RM)}) for c in comps]
+    samples = [
+        report.Sample(
+            correct(c, ref),
+            arith.boxed_answer(c.get("text", "")),
+            {k: report.score_values(c).get(k) for k in (PRM, RM)},
+        )
+        for c in comps
+    ]
     return report.Problem(str(record.get("id")), samples)
 
 
@@ -69,8 +100,13 @@ def metrics(records: list[dict]) -> dict[str, float]:
         n = len(p.samples)
         at_n = report.problem_scores(p, n, rewards=(PRM, RM), vote_rewards=(PRM,), ties="first")
         totals["pass@1"] += report.pass_at_k(n, sum(s.correct for s in p.samples), 1)
-        for name, key in (("majority@n", "majority"), ("prm-best@n", f"best:{PRM}"), ("prm-vote@n", f"vote:{PRM}"),
-                          ("rm-best@n", f"best:{RM}"), ("pass@n", "pass")):
+        for name, key in (
+            ("majority@n", "majority"),
+            ("prm-best@n", f"best:{PRM}"),
+            ("prm-vote@n", f"vote:{PRM}"),
+            ("rm-best@n", f"best:{RM}"),
+            ("pass@n", "pass"),
+        ):
             totals[name] += at_n[key]
     n = max(1, len(problems))
     names = ("pass@1", "majority@n", "prm-best@n", "prm-vote@n", "rm-best@n", "pass@n")
@@ -79,10 +115,14 @@ def metrics(records: list[dict]) -> dict[str, float]:
 
 def table(m: dict[str, float], samples: int) -> str:
     """The metrics as a Markdown table."""
-    rows = [("pass@1 (one sample, T=1)", m["pass@1"]), (f"majority@{samples}", m["majority@n"]),
-            (f"PRM-best@{samples} (demo-prm, min over steps)", m["prm-best@n"]),
-            (f"PRM-weighted vote@{samples} (answer with the largest summed PRM score)", m["prm-vote@n"]),
-            (f"RM-best@{samples} (demo-rm)", m["rm-best@n"]), (f"pass@{samples} (oracle)", m["pass@n"])]
+    rows = [
+        ("pass@1 (one sample, T=1)", m["pass@1"]),
+        (f"majority@{samples}", m["majority@n"]),
+        (f"PRM-best@{samples} (demo-prm, min over steps)", m["prm-best@n"]),
+        (f"PRM-weighted vote@{samples} (answer with the largest summed PRM score)", m["prm-vote@n"]),
+        (f"RM-best@{samples} (demo-rm)", m["rm-best@n"]),
+        (f"pass@{samples} (oracle)", m["pass@n"]),
+    ]
     lines = [f"| {m['problems']} test problems, N={samples} | accuracy |", "|---|---|"]
     lines += [f"| {name} | {value:.1%} |" for name, value in rows]
     return "\n".join(lines)

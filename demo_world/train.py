@@ -44,9 +44,17 @@ STEP_TAG = "<step>"
 GOOD, BAD = "+", "-"
 # config.json's "winnow_prm": step_sep/chat are the names winnow.rewards reads; step_separator/input the
 # names the contract spelled out; both say the same (input = chat template over [user, tagged assistant])
-PRM_HINT = {"style": "math_shepherd", "step_tag": STEP_TAG, "good_token": GOOD, "bad_token": BAD,
-            "step_sep": arith.STEP_SEPARATOR, "step_separator": arith.STEP_SEPARATOR, "chat": True,
-            "input": "chat", "tag_format": "{step} <step>"}
+PRM_HINT = {
+    "style": "math_shepherd",
+    "step_tag": STEP_TAG,
+    "good_token": GOOD,
+    "bad_token": BAD,
+    "step_sep": arith.STEP_SEPARATOR,
+    "step_separator": arith.STEP_SEPARATOR,
+    "chat": True,
+    "input": "chat",
+    "tag_format": "{step} <step>",
+}
 POLICY_SIZE = dict(hidden=128, layers=3, heads=4, kv_heads=2, inter=384, max_positions=256)
 
 
@@ -75,9 +83,22 @@ class WorldConfig:
 
     @classmethod
     def quick(cls) -> WorldConfig:
-        return cls(n_train=400, n_test=50, policy_steps=6, policy_batch=8, eval_every=2, eval_problems=8,
-                   target_pass1=(0.0, 1.0), label_problems=6, label_samples=2, line_steps=3, line_batch=8, prm_steps=3,
-                   rm_steps=3, reward_batch=4)
+        return cls(
+            n_train=400,
+            n_test=50,
+            policy_steps=6,
+            policy_batch=8,
+            eval_every=2,
+            eval_problems=8,
+            target_pass1=(0.0, 1.0),
+            label_problems=6,
+            label_samples=2,
+            line_steps=3,
+            line_batch=8,
+            prm_steps=3,
+            rm_steps=3,
+            reward_batch=4,
+        )
 
 
 def log(msg: str) -> None:
@@ -85,6 +106,7 @@ def log(msg: str) -> None:
 
 
 # ----------------------------------------------------------------------------- text
+
 
 def chat_text(tok, question: str, solution: str | None = None) -> str:
     """The ChatML text of [user: question, assistant: solution] (or the generation prompt)."""
@@ -108,12 +130,13 @@ def lm_example(tok, question: str, solution: str) -> tuple[list[int], list[int]]
 
 # ----------------------------------------------------------------------------- training loops
 
+
 def _batches(n: int, size: int, rng: random.Random):
     while True:
         order = list(range(n))
         rng.shuffle(order)
         for i in range(0, n - size + 1, size):
-            yield order[i:i + size]
+            yield order[i : i + size]
 
 
 def _pad(rows: list[list[int]], value: int):
@@ -164,8 +187,18 @@ def train_policy(model, tok, examples, cfg: WorldConfig, evaluate=None):
 
 # ----------------------------------------------------------------------------- sampling and scoring
 
-def generate(model, tok, questions: list[str], n: int, *, temperature: float = 1.0, max_new_tokens: int = 64,
-             batch: int = 256, seed: int = 0) -> list[list[str]]:
+
+def generate(
+    model,
+    tok,
+    questions: list[str],
+    n: int,
+    *,
+    temperature: float = 1.0,
+    max_new_tokens: int = 64,
+    batch: int = 256,
+    seed: int = 0,
+) -> list[list[str]]:
     """``n`` sampled solutions per question (greedy when temperature is 0), batched ``generate``."""
     import torch
 
@@ -175,19 +208,27 @@ def generate(model, tok, questions: list[str], n: int, *, temperature: float = 1
     out: list[list[str]] = []
     prompts = [tok(chat_text(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
     for i in range(0, len(prompts), per_call):
-        chunk = prompts[i:i + per_call]
+        chunk = prompts[i : i + per_call]
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
         attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
         sample = temperature > 0
         with torch.inference_mode():
-            gen = model.generate(input_ids=ids, attention_mask=attention, max_new_tokens=max_new_tokens,
-                                 do_sample=sample, temperature=temperature if sample else None, top_p=None,
-                                 top_k=0 if sample else None, num_return_sequences=n if sample else 1,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=attention,
+                max_new_tokens=max_new_tokens,
+                do_sample=sample,
+                temperature=temperature if sample else None,
+                top_p=None,
+                top_k=0 if sample else None,
+                num_return_sequences=n if sample else 1,
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id,
+            )
         texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
         k = n if sample else 1
-        out += [texts[j * k:(j + 1) * k] * (1 if sample else n) for j in range(len(chunk))]
+        out += [texts[j * k : (j + 1) * k] * (1 if sample else n) for j in range(len(chunk))]
     return out
 
 
@@ -200,6 +241,7 @@ def accuracy(problems: list[arith.Problem], samples: list[list[str]]) -> tuple[f
 
 
 # ----------------------------------------------------------------------------- reward models
+
 
 @dataclass
 class Labelled:
@@ -258,8 +300,9 @@ def _in_text(text: str, part: str, start: int) -> list[int]:
     return out
 
 
-def verifier_example(tok, problem: arith.Problem, question: str | None, item: Labelled, *,
-                     tagged: bool) -> VerifierExample | None:
+def verifier_example(
+    tok, problem: arith.Problem, question: str | None, item: Labelled, *, tagged: bool
+) -> VerifierExample | None:
     """The PRM input (``tagged``: the chat over the solution with ``<step>`` after each step; the
     targets at the tags are each step's own check) or the classifier's (the plain chat; targets:
     at the end of each step whether every step so far is right, and the outcome at the last token).
@@ -344,7 +387,8 @@ def deepened(auto_cls, base_dir: Path, extra_layers: int, **config_overrides):
     config.num_hidden_layers = base_layers + extra_layers
     if getattr(config, "layer_types", None):
         config.layer_types = (list(config.layer_types) + [config.layer_types[-1]] * extra_layers)[
-            :config.num_hidden_layers]
+            : config.num_hidden_layers
+        ]
     torch.manual_seed(0)
     model = auto_cls.from_config(config)
     base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).model.state_dict()
@@ -410,8 +454,9 @@ class Verifier:
         return loss, accuracy
 
 
-def train_verifier(verifier: Verifier, batches, steps: int, lr: float, name: str, *, tagged: bool,
-                   dense_weight: float = 1.0) -> Verifier:
+def train_verifier(
+    verifier: Verifier, batches, steps: int, lr: float, name: str, *, tagged: bool, dense_weight: float = 1.0
+) -> Verifier:
     """AdamW with warm-up and cosine decay; logs the loss and the accuracy of the head's verdicts."""
     import torch
 
@@ -422,8 +467,11 @@ def train_verifier(verifier: Verifier, batches, steps: int, lr: float, name: str
     for step in range(steps):
         for g in opt.param_groups:
             g["lr"] = lr * _schedule(step, steps, 50)
-        examples = [e for e in (verifier_example(verifier.tok, p, q, d, tagged=tagged) for p, q, d in next(batches))
-                    if e is not None and e.steps]
+        examples = [
+            e
+            for e in (verifier_example(verifier.tok, p, q, d, tagged=tagged) for p, q, d in next(batches))
+            if e is not None and e.steps
+        ]
         loss, accuracy = verifier.loss(examples, dense_weight)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -437,8 +485,7 @@ def train_verifier(verifier: Verifier, batches, steps: int, lr: float, name: str
     return verifier
 
 
-def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: list[arith.Problem],
-                        cfg: WorldConfig):
+def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: list[arith.Problem], cfg: WorldConfig):
     """The line phase, then the PRM and the classifier from it (returns both models).
 
     1. Lines: the verifier base deepened by identity layers learns to check one step ``a op b = c``
@@ -453,22 +500,25 @@ def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: lis
 
     rng = random.Random(cfg.seed + 1)
     lines = Verifier(deepened(AutoModelForCausalLM, base_dir, cfg.verifier_extra_layers), tok)
-    train_verifier(lines, line_batches(problems, data, cfg.line_batch, rng), cfg.line_steps, cfg.reward_lr,
-                   "lines", tagged=True)
+    train_verifier(
+        lines, line_batches(problems, data, cfg.line_batch, rng), cfg.line_steps, cfg.reward_lr, "lines", tagged=True
+    )
     # each Verifier() draws a head from torch's generator even when it is replaced: the seeded run
     # that made the shipped weights drew them in this order
     prm = Verifier(lines.model, tok)
     prm.aux = lines.aux
-    train_verifier(prm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.prm_steps, cfg.reward_lr,
-                   "prm", tagged=True)
+    train_verifier(
+        prm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.prm_steps, cfg.reward_lr, "prm", tagged=True
+    )
     config = copy.deepcopy(prm.model.config)
     config.num_labels = 1
     config.pad_token_id = tok.pad_token_id
     rm = Verifier(AutoModelForSequenceClassification.from_config(config), tok)
     rm.model.model.load_state_dict(prm.model.model.state_dict())  # copies
     rm.aux = prm.aux
-    train_verifier(rm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.rm_steps, cfg.reward_lr,
-                   "rm", tagged=False)
+    train_verifier(
+        rm, reward_batches(data, problems, cfg.reward_batch, rng), cfg.rm_steps, cfg.reward_lr, "rm", tagged=False
+    )
     return prm.model, rm.model
 
 
@@ -502,21 +552,30 @@ def rm_scores(model, tok, question: str, solutions: list[str]) -> list[float]:
 
 # ----------------------------------------------------------------------------- the whole world
 
+
 def _save_tokenizer_and_generation(tok, model, path: Path) -> None:
     from transformers import GenerationConfig
 
     tok.save_pretrained(str(path))
     cfg = model.config
-    GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
-                     do_sample=True, temperature=1.0, top_p=1.0, top_k=0).save_pretrained(str(path))
+    GenerationConfig(
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        do_sample=True,
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+    ).save_pretrained(str(path))
 
 
 def _write_json(path: Path, data: dict) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
 
 
-def build_world(out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: bool = False,
-                policy_only: bool = False) -> dict:
+def build_world(
+    out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: bool = False, policy_only: bool = False
+) -> dict:
     """Run every step; returns the measured figures (also written to ``assets/train_report.json``).
     ``reuse_policy`` keeps the policy already in ``out`` and retrains only the reward models."""
     import torch
@@ -534,7 +593,7 @@ def build_world(out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: 
     train_p, test_p = arith.make_splits(cfg.n_train, cfg.n_test, cfg.seed)
     arith.write_split(train_p, data_dir / "arith_train.jsonl", "train")
     arith.write_split(test_p, data_dir / "arith_test.jsonl", "test")
-    val_p, fit_p = train_p[-cfg.eval_problems:], train_p[:-cfg.eval_problems]
+    val_p, fit_p = train_p[-cfg.eval_problems :], train_p[: -cfg.eval_problems]
     log(f"data: {len(train_p)} train, {len(test_p)} test problems")
 
     # 2. tokenizer: saved beside the policy's config and read back the way every loader reads it
@@ -581,9 +640,13 @@ def build_world(out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: 
             model.load_state_dict(snapshot["state"])
         model.save_pretrained(str(policy_dir))
         _save_tokenizer_and_generation(tok, model, policy_dir)
-        report["policy"] = {"params": sum(p.numel() for p in model.parameters()),
-                            "step": snapshot.get("step", cfg.policy_steps), "evals": history,
-                            "verifier_base_step": cfg.policy_steps, "seconds": round(time.time() - t0)}
+        report["policy"] = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "step": snapshot.get("step", cfg.policy_steps),
+            "evals": history,
+            "verifier_base_step": cfg.policy_steps,
+            "seconds": round(time.time() - t0),
+        }
         _write_json(policy_dir / "winnow_model.json", {"role": "policy", "task": "demo-arith", **report["policy"]})
     model = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     if policy_only:
@@ -592,13 +655,18 @@ def build_world(out: Path, cfg: WorldConfig, threads: int = 2, *, reuse_policy: 
     # 4. labelled data: policy samples of train problems (every distinct one, its steps re-checked);
     # the training batches add fresh synthetic right/wrong pairs (see reward_batches)
     t0 = time.time()
-    label_p = fit_p[:cfg.label_problems]
+    label_p = fit_p[: cfg.label_problems]
     samples = generate(model, tok, [p.question() for p in label_p], cfg.label_samples, seed=cfg.seed + 7)
     model = None  # the reward models start from the saved policy
     data = label_samples(label_p, samples)
-    report["labels"] = {"problems": len(label_p), "policy_samples": len(data),
-                        "policy_right": sum(d.correct for d in data), "steps": sum(len(d.steps) for d in data),
-                        "good_steps": sum(sum(d.checks) for d in data), "seconds": round(time.time() - t0)}
+    report["labels"] = {
+        "problems": len(label_p),
+        "policy_samples": len(data),
+        "policy_right": sum(d.correct for d in data),
+        "steps": sum(len(d.steps) for d in data),
+        "good_steps": sum(sum(d.checks) for d in data),
+        "seconds": round(time.time() - t0),
+    }
     log(f"labelled samples: {report['labels']}")
 
     # 5. reward models: the line phase, then the PRM and the classifier from it
@@ -646,8 +714,7 @@ def build_dir(out: Path) -> Path:
 
 def chat_text_raw(question: str, solution: str) -> str:
     """ChatML text without a tokenizer (the corpus the tokenizer is trained on)."""
-    return (f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{solution} {STEP_TAG}"
-            f"<|im_end|>\n")
+    return f"<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n{solution} {STEP_TAG}<|im_end|>\n"
 
 
 def _replace_dir(path: Path) -> None:
@@ -659,21 +726,28 @@ def _replace_dir(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m demo_world.train", description="Reproduce the demo world.")
     ap.add_argument("--all", action="store_true", help="build data, tokenizer, policy, PRM and RM")
-    ap.add_argument("--out", default=str(PACKAGE), help="where data/ and assets/ go (default: the installed "
-                    "package's src/winnow/demo)")
+    ap.add_argument(
+        "--out",
+        default=str(PACKAGE),
+        help="where data/ and assets/ go (default: the installed package's src/winnow/demo)",
+    )
     ap.add_argument("--quick", action="store_true", help="a shortened run that only checks the scripts work")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--reuse_policy", action="store_true",
-                    help="keep the trained policy (and its verifier base in $WINNOW_CACHE); retrain PRM and RM")
+    ap.add_argument(
+        "--reuse_policy",
+        action="store_true",
+        help="keep the trained policy (and its verifier base in $WINNOW_CACHE); retrain PRM and RM",
+    )
     ap.add_argument("--policy_only", action="store_true", help="stop after training the policy")
     args = ap.parse_args(argv)
     if not args.all:
         ap.error("nothing to do: pass --all")
     cfg = WorldConfig.quick() if args.quick else WorldConfig()
     cfg.seed = args.seed
-    report = build_world(Path(args.out), cfg, threads=args.threads, reuse_policy=args.reuse_policy,
-                         policy_only=args.policy_only)
+    report = build_world(
+        Path(args.out), cfg, threads=args.threads, reuse_policy=args.reuse_policy, policy_only=args.policy_only
+    )
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return 0
 

@@ -27,9 +27,20 @@ from winnow.demo import resolve_model  # noqa: E402
 
 def sample(model: str, dataset: str, n: int, out: Path, name: str, seed: int) -> list[dict]:
     """One winnow run scored by the math ORM; its raw records (one per problem, every sample)."""
-    winnow.sample(model=model, dataset=[dataset], num_return_sequences=n, temperature=1.0, max_new_tokens=64,
-                  orm_model="math", output_format="raw", output_dir=str(out), output_file=name,
-                  override_exist_file=True, seed=seed, progress=False)
+    winnow.sample(
+        model=model,
+        dataset=[dataset],
+        num_return_sequences=n,
+        temperature=1.0,
+        max_new_tokens=64,
+        orm_model="math",
+        output_format="raw",
+        output_dir=str(out),
+        output_file=name,
+        override_exist_file=True,
+        seed=seed,
+        progress=False,
+    )
     return report.read_raw(out / name)
 
 
@@ -96,11 +107,15 @@ def main() -> int:
     print(f"iteration 0 (demo-policy): test pass@1 {p1:.1%}", flush=True)
     for it in range(1, args.iterations + 1):
         # fresh train problems each iteration (the dataset is shuffled with a different seed)
-        records = sample(model, f"demo-arith-train#{args.train_problems}", args.samples, out, f"train-{it}.jsonl",
-                         args.seed + it)
+        records = sample(
+            model, f"demo-arith-train#{args.train_problems}", args.samples, out, f"train-{it}.jsonl", args.seed + it
+        )
         pairs = keep_right(records, per_problem=2)
-        print(f"iteration {it}: sampled {len(records) * args.samples}, kept {len(pairs)} right (train pass@1 "
-              f"{pass_at_1(records):.1%})", flush=True)
+        print(
+            f"iteration {it}: sampled {len(records) * args.samples}, kept {len(pairs)} right (train pass@1 "
+            f"{pass_at_1(records):.1%})",
+            flush=True,
+        )
         target = out / f"policy-{it}"
         finetune(model, pairs, target, args.steps, args.lr, args.seed + it)
         model = str(target)

@@ -47,8 +47,9 @@ def tiny_model(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny random-weight Qwen2-architecture chat model (ChatML template, eos and pad set)."""
     from winnow.demo.build import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2",
-                            tokenizer_dir=tiny_tokenizer_dir, seed=0)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-qwen2", arch="qwen2", tokenizer_dir=tiny_tokenizer_dir, seed=0
+    )
 
 
 @pytest.fixture(scope="session")
@@ -56,8 +57,9 @@ def tiny_llama(tmp_path_factory, tiny_tokenizer_dir):
     """The same, in the Llama architecture."""
     from winnow.demo.build import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama",
-                            tokenizer_dir=tiny_tokenizer_dir, seed=1)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-llama", arch="llama", tokenizer_dir=tiny_tokenizer_dir, seed=1
+    )
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -72,23 +74,33 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.fixture
 def math_jsonl(tmp_path):
     """Eight messages-format arithmetic rows."""
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i + 1}?"},
-                          {"role": "assistant", "content": str(2 * i + 1)}]} for i in range(8)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i + 1}?"},
+                {"role": "assistant", "content": str(2 * i + 1)},
+            ]
+        }
+        for i in range(8)
+    ]
     return write_jsonl(tmp_path / "math.jsonl", rows)
 
 
-def run_winnow(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None,
-               check: bool = False) -> subprocess.CompletedProcess:
+def run_winnow(
+    *args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None, check: bool = False
+) -> subprocess.CompletedProcess:
     """Run the real ``winnow`` command in a subprocess."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "winnow", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "winnow", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"winnow {' '.join(args)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return proc
 
 
 # --- reward models (rewards issue)
+
 
 @pytest.fixture(scope="session")
 def tiny_classifier_rm(tmp_path_factory, tiny_tokenizer_dir):
@@ -103,8 +115,9 @@ def tiny_prm(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny Math-Shepherd-style PRM: causal LM, ``<step>`` tag token, '+'/'-' labels, config hint."""
     from rm_builders import build_tiny_prm
 
-    return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-shepherd", tiny_tokenizer_dir,
-                          style="math_shepherd", seed=4)
+    return build_tiny_prm(
+        tmp_path_factory.mktemp("rms") / "prm-shepherd", tiny_tokenizer_dir, style="math_shepherd", seed=4
+    )
 
 
 @pytest.fixture(scope="session")
@@ -120,8 +133,9 @@ def tiny_token_prm(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny token-classification PRM (2 labels, read at each step's last token)."""
     from rm_builders import build_tiny_prm
 
-    return build_tiny_prm(tmp_path_factory.mktemp("rms") / "prm-token", tiny_tokenizer_dir,
-                          style="token_classification", seed=6)
+    return build_tiny_prm(
+        tmp_path_factory.mktemp("rms") / "prm-token", tiny_tokenizer_dir, style="token_classification", seed=6
+    )
 
 
 # --- `winnow serve` subprocesses (shared by the server tests)
@@ -132,14 +146,22 @@ READY = re.compile(r"ready at (http://\S+)/v1 ")
 class Server:
     """A ``winnow serve`` subprocess whose output goes to a file (a pipe left unread could block it)."""
 
-    def __init__(self, log: Path, *args: str, command: str = "serve", startup_timeout: float = 120.0,
-                 python: str = sys.executable, env: dict | None = None):
+    def __init__(
+        self,
+        log: Path,
+        *args: str,
+        command: str = "serve",
+        startup_timeout: float = 120.0,
+        python: str = sys.executable,
+        env: dict | None = None,
+    ):
         self.log = log
         self.args = args
         env = {**(env or os.environ), "PYTHONUNBUFFERED": "1"}
         with open(log, "wb") as out:
-            self.proc = subprocess.Popen([python, "-m", "winnow", command, *args, "--port", "0"],
-                                         stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.proc = subprocess.Popen(
+                [python, "-m", "winnow", command, *args, "--port", "0"], stdout=out, stderr=subprocess.STDOUT, env=env
+            )
         self.url = self._wait_ready(startup_timeout)
 
     def output(self) -> str:

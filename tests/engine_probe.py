@@ -41,10 +41,15 @@ def descendants(root: int) -> list[dict]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:  # exited while being read
             continue
-        name = stat[stat.index("(") + 1: stat.rindex(")")]
-        state, ppid = stat[stat.rindex(")") + 2:].split()[:2]
-        procs[int(entry.name)] = {"pid": int(entry.name), "ppid": int(ppid), "name": name, "state": state,
-                                  "cmdline": cmdline[:200]}
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+        procs[int(entry.name)] = {
+            "pid": int(entry.name),
+            "ppid": int(ppid),
+            "name": name,
+            "state": state,
+            "cmdline": cmdline[:200],
+        }
     found, frontier = [], [root]
     while frontier:
         parent = frontier.pop()
@@ -60,8 +65,8 @@ def stop_word(text: str) -> str | None:
     there leaves a non-empty answer; None when there is none (``"\\n\\n\\n..."``)."""
     middle = len(text) // 2
     for at in [*range(middle, len(text) - 1), *range(1, middle)]:
-        if text.find(text[at: at + 2]) == at:
-            return text[at: at + 2]
+        if text.find(text[at : at + 2]) == at:
+            return text[at : at + 2]
     return None
 
 
@@ -85,24 +90,24 @@ def probe(engine_name: str, model: str, kwargs: dict) -> dict:
     sampled = [prompt(0), prompt(1, words=5)]
     out["sampled"] = {
         "prompt_tokens": [len(engine.encoder.encode([p], SamplingParams())[0][0].ids) for p in sampled],
-        "out": completions(generate_sync(engine, sampled, SamplingParams(n=3, max_new_tokens=8, temperature=1.0,
-                                                                         seed=0))),
+        "out": completions(
+            generate_sync(engine, sampled, SamplingParams(n=3, max_new_tokens=8, temperature=1.0, seed=0))
+        ),
     }
     # the middle prompt is longer than the engine's context: the backend itself must reject it
     batch = [prompt(0), prompt(1, words=LONG_WORDS), prompt(2)]
-    out["too_long"] = completions(generate_sync(engine, batch, SamplingParams(n=2, max_new_tokens=4,
-                                                                               temperature=1.0)))
+    out["too_long"] = completions(generate_sync(engine, batch, SamplingParams(n=2, max_new_tokens=4, temperature=1.0)))
     greedy = generate_sync(engine, [prompt(0)], SamplingParams(n=3, max_new_tokens=24, temperature=0.0))
     out["greedy"] = completions(greedy)
     stop = stop_word(greedy[0][0].text)
     if stop is not None:  # stop on a piece of the model's own greedy answer
-        again = generate_sync(engine, [prompt(0)], SamplingParams(n=1, max_new_tokens=24, temperature=0.0,
-                                                                  stop=[stop]))
+        again = generate_sync(engine, [prompt(0)], SamplingParams(n=1, max_new_tokens=24, temperature=0.0, stop=[stop]))
         out["stop"] = {"word": stop, "out": completions(again)}
     # room to finish: a trained model (the demo policy) ends its answer itself, well under the budget
     task = Prompt(id="task", messages=[{"role": "user", "content": "Compute 15 - 1 - 7."}])
-    out["open_budget"] = completions(generate_sync(engine, [task], SamplingParams(n=2, max_new_tokens=64,
-                                                                                  temperature=1.0)))
+    out["open_budget"] = completions(
+        generate_sync(engine, [task], SamplingParams(n=2, max_new_tokens=64, temperature=1.0))
+    )
     out["generate_s"] = round(time.monotonic() - started, 2)
 
     out["processes_running"] = descendants(os.getpid())

@@ -83,8 +83,15 @@ MARKER = re.compile(r"\[\[([^\]]+)\]\]")
 SUM = re.compile(r"What is (-?\d+) \+ (-?\d+)\?")
 COUNTS = {"once": 1, "twice": 2, "always": 10**9}
 CHAOS_FAULTS = ("429", "500", "503", "drop", "malformed", "cut", "cutdrop", "empty")
-REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
-           500: "Internal Server Error", 503: "Service Unavailable"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 @dataclass
@@ -134,15 +141,36 @@ class Options:
 class FakeServer:
     """The server: ``await start()`` / ``await stop()`` in a loop, or ``with running()`` from sync code."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, latency: float = 0.0,
-                 reasoning: str | None = None, n: str = "honour", retry_after: float = 0.05,
-                 hang: float = 3600.0, fault: list[str] | None = None, chaos: float = 0.0, chaos_seed: int = 0,
-                 batch_step: float = 0.05, agent: int = 0, wrong_turns: int = 0):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        latency: float = 0.0,
+        reasoning: str | None = None,
+        n: str = "honour",
+        retry_after: float = 0.05,
+        hang: float = 3600.0,
+        fault: list[str] | None = None,
+        chaos: float = 0.0,
+        chaos_seed: int = 0,
+        batch_step: float = 0.05,
+        agent: int = 0,
+        wrong_turns: int = 0,
+    ):
         import random
 
         self.host, self.port = host, port
-        self.defaults = dict(latency=latency, reasoning=reasoning, n=n, retry_after=retry_after, hang=hang,
-                             chaos=chaos, agent=agent, wrong_turns=wrong_turns)
+        self.defaults = dict(
+            latency=latency,
+            reasoning=reasoning,
+            n=n,
+            retry_after=retry_after,
+            hang=hang,
+            chaos=chaos,
+            agent=agent,
+            wrong_turns=wrong_turns,
+        )
         self.rng = random.Random(chaos_seed)
         self.faults_hit: Counter = Counter()  # fault kind -> requests it hit
         self.default_faults = list(fault or [])
@@ -253,18 +281,33 @@ class FakeServer:
             writer.close()
 
     @staticmethod
-    def _send(writer: asyncio.StreamWriter, status: int, body: bytes, headers: dict | None = None,
-              content_type: str = "application/json") -> None:
+    def _send(
+        writer: asyncio.StreamWriter,
+        status: int,
+        body: bytes,
+        headers: dict | None = None,
+        content_type: str = "application/json",
+    ) -> None:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
-        writer.write(f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
-                     f"Content-Length: {len(body)}\r\n{extra}\r\n".encode() + body)
+        writer.write(
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\nContent-Type: {content_type}\r\n"
+            f"Content-Length: {len(body)}\r\n{extra}\r\n".encode()
+            + body
+        )
 
     def _json(self, writer, status: int, data: dict, headers: dict | None = None) -> bool:
         self._send(writer, status, json.dumps(data).encode(), headers)
         return True
 
-    async def _route(self, method: str, path: str, headers: dict, body: bytes, writer: asyncio.StreamWriter,
-                     query: dict | None = None) -> bool:
+    async def _route(
+        self,
+        method: str,
+        path: str,
+        headers: dict,
+        body: bytes,
+        writer: asyncio.StreamWriter,
+        query: dict | None = None,
+    ) -> bool:
         if method == "GET" and path == "/health":
             return self._json(writer, 200, {"status": "ok"})
         if method == "GET" and path == "/v1/models":
@@ -290,12 +333,18 @@ class FakeServer:
         return self._json(writer, 404, {"error": {"message": f"no route {method} {path}", "type": "not_found"}})
 
     def stats(self) -> dict:
-        return {"requests": self.requests, "chat_requests": self.chat_requests, "in_flight": self.in_flight,
-                "batches": len(self.batches), "batch_submitted": sum(self.batch_submitted.values()),
-                "batch_answered": sum(self.batch_answered.values()),
-                "faults": dict(self.faults_hit),
-                "max_in_flight": self.max_in_flight, "models": dict(self.models),
-                "busy_s": (self.last_at - self.first_at) if self.first_at and self.last_at else 0.0}
+        return {
+            "requests": self.requests,
+            "chat_requests": self.chat_requests,
+            "in_flight": self.in_flight,
+            "batches": len(self.batches),
+            "batch_submitted": sum(self.batch_submitted.values()),
+            "batch_answered": sum(self.batch_answered.values()),
+            "faults": dict(self.faults_hit),
+            "max_in_flight": self.max_in_flight,
+            "models": dict(self.models),
+            "busy_s": (self.last_at - self.first_at) if self.first_at and self.last_at else 0.0,
+        }
 
     def reset(self) -> None:
         self.batch_submitted.clear()
@@ -362,8 +411,11 @@ class FakeServer:
             return self._json(writer, status, {"error": {"message": f"injected {status}", "type": "fault"}}, headers)
         if fault == "401":  # echoes the key, as some servers do: the client must not log it
             key = headers.get("authorization", "").removeprefix("Bearer ")
-            return self._json(writer, 401, {"error": {"message": f"Incorrect API key provided: {key}",
-                                                      "type": "invalid_request_error"}})
+            return self._json(
+                writer,
+                401,
+                {"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}},
+            )
         if fault == "timeout":
             await asyncio.sleep(opts.hang)
         if fault == "drop":
@@ -386,35 +438,56 @@ class FakeServer:
             n = 1
         max_tokens = req.get("max_completion_tokens") or req.get("max_tokens")
         messages = req.get("messages") or []
-        choices = [self._choice(i, prompt, opts, fault, max_tokens, req.get("tools"), req.get("response_format"),
-                                messages) for i in range(n)]
+        choices = [
+            self._choice(i, prompt, opts, fault, max_tokens, req.get("tools"), req.get("response_format"), messages)
+            for i in range(n)
+        ]
         prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
         completion_tokens = sum(c.pop("_tokens") for c in choices)
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
         self._ids += 1
-        return {"id": f"chatcmpl-{self._ids}", "created": int(time.time()), "model": str(req.get("model", "")),
-                "object": "chat.completion", "choices": choices, "usage": usage}
+        return {
+            "id": f"chatcmpl-{self._ids}",
+            "created": int(time.time()),
+            "model": str(req.get("model", "")),
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": usage,
+        }
 
     @staticmethod
-    def _choice(index: int, prompt: str, opts: Options, fault: str | None, max_tokens, tools=None,
-                response_format=None, messages: list | None = None) -> dict:
+    def _choice(
+        index: int,
+        prompt: str,
+        opts: Options,
+        fault: str | None,
+        max_tokens,
+        tools=None,
+        response_format=None,
+        messages: list | None = None,
+    ) -> dict:
         m = SUM.search(prompt)
         messages = messages or []
         total = int(m.group(1)) + int(m.group(2)) if m else 0
         if opts.wrong_turns and sum(1 for x in messages if x.get("role") == "assistant") < opts.wrong_turns:
             total += 1
-        content: str | None = (f"The answer is \\boxed{{{total}}}." if m
-                               else f"Answer {index}: {MARKER.sub('', prompt).strip()[:200]}")
+        content: str | None = (
+            f"The answer is \\boxed{{{total}}}." if m else f"Answer {index}: {MARKER.sub('', prompt).strip()[:200]}"
+        )
         if response_format and response_format.get("type") in ("json_schema", "json_object"):
             # a JSON answer: {"answer": A+B} for sums, else {"answer": <echo>}; [[badjson]] breaks it
-            content = json.dumps({"answer": int(m.group(1)) + int(m.group(2)) if m
-                                  else MARKER.sub("", prompt).strip()[:200]})
+            content = json.dumps(
+                {"answer": int(m.group(1)) + int(m.group(2)) if m else MARKER.sub("", prompt).strip()[:200]}
+            )
             if fault == "badjson":  # cut short: not valid JSON
                 content = content[:-1]
         elif opts.agent and tools:  # the scripted agent: call the first tool, then answer with what it said
             users = [i for i, x in enumerate(messages) if x.get("role") == "user"]
-            results = [x for x in messages[(users[-1] if users else 0):] if x.get("role") == "tool"]
+            results = [x for x in messages[(users[-1] if users else 0) :] if x.get("role") == "tool"]
             if len(results) < opts.agent:
                 return FakeServer._call(index, tools[0], m, len(results), index if opts.agent_vary else 0)
             content = f"The answer is \\boxed{{{str(results[-1].get('content', '')).strip()}}}."
@@ -436,9 +509,17 @@ class FakeServer:
         message: dict = {"role": "assistant", "content": content}
         if fault == "toolcall" and tools:
             name = tools[0]["function"]["name"]
-            message = {"role": "assistant", "content": None, "tool_calls": [
-                {"id": f"call_{index}", "type": "function",
-                 "function": {"name": name, "arguments": json.dumps({"a": index, "b": 2})}}]}
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": f"call_{index}",
+                        "type": "function",
+                        "function": {"name": name, "arguments": json.dumps({"a": index, "b": 2})},
+                    }
+                ],
+            }
             finish = "tool_calls"
         if reasoning is not None:
             message[opts.reasoning] = reasoning
@@ -451,16 +532,35 @@ class FakeServer:
         a, b = (int(m.group(1)), int(m.group(2)) + slip) if m else (1, 1)
         function = tool.get("function") or {}
         params = (function.get("parameters") or {}).get("properties") or {}
-        arguments = ({"expression": f"{a} + {b}"} if "expression" in params else
-                     {"code": f"print({a} + {b})"} if "code" in params else {"a": a, "b": b})
-        message = {"role": "assistant", "content": None, "tool_calls": [
-            {"id": f"call_{k}_{index}", "type": "function",
-             "function": {"name": function.get("name", ""), "arguments": json.dumps(arguments)}}]}
-        return {"index": index, "message": message, "finish_reason": "tool_calls", "logprobs": None,
-                "_tokens": len(json.dumps(arguments).split())}
+        arguments = (
+            {"expression": f"{a} + {b}"}
+            if "expression" in params
+            else {"code": f"print({a} + {b})"}
+            if "code" in params
+            else {"a": a, "b": b}
+        )
+        message = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": f"call_{k}_{index}",
+                    "type": "function",
+                    "function": {"name": function.get("name", ""), "arguments": json.dumps(arguments)},
+                }
+            ],
+        }
+        return {
+            "index": index,
+            "message": message,
+            "finish_reason": "tool_calls",
+            "logprobs": None,
+            "_tokens": len(json.dumps(arguments).split()),
+        }
 
-    async def _stream(self, writer: asyncio.StreamWriter, base: dict, choices: list[dict], usage: dict | None,
-                      cut: str | None = None) -> None:
+    async def _stream(
+        self, writer: asyncio.StreamWriter, base: dict, choices: list[dict], usage: dict | None, cut: str | None = None
+    ) -> None:
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
 
         def event(data: str) -> None:
@@ -468,8 +568,15 @@ class FakeServer:
             writer.write(f"{len(payload):x}\r\n".encode() + payload + b"\r\n")
 
         def chunk(index: int, delta: dict, finish: str | None = None) -> None:
-            event(json.dumps({**base, "object": "chat.completion.chunk",
-                              "choices": [{"index": index, "delta": delta, "finish_reason": finish}]}))
+            event(
+                json.dumps(
+                    {
+                        **base,
+                        "object": "chat.completion.chunk",
+                        "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+                    }
+                )
+            )
 
         for c in choices:
             msg = c["message"]
@@ -490,10 +597,20 @@ class FakeServer:
                 chunk(c["index"], {"content": piece})
             for k, call in enumerate(msg.get("tool_calls") or ()):  # a call in two deltas, as servers send them
                 args = call["function"]["arguments"]
-                chunk(c["index"], {"tool_calls": [{"index": k, "id": call["id"], "type": "function",
-                                                   "function": {"name": call["function"]["name"],
-                                                                "arguments": args[: len(args) // 2]}}]})
-                chunk(c["index"], {"tool_calls": [{"index": k, "function": {"arguments": args[len(args) // 2:]}}]})
+                chunk(
+                    c["index"],
+                    {
+                        "tool_calls": [
+                            {
+                                "index": k,
+                                "id": call["id"],
+                                "type": "function",
+                                "function": {"name": call["function"]["name"], "arguments": args[: len(args) // 2]},
+                            }
+                        ]
+                    },
+                )
+                chunk(c["index"], {"tool_calls": [{"index": k, "function": {"arguments": args[len(args) // 2 :]}}]})
             chunk(c["index"], {}, c["finish_reason"])
             await writer.drain()
         if usage is not None:
@@ -501,7 +618,6 @@ class FakeServer:
         event("[DONE]")
         writer.write(b"0\r\n\r\n")
         await writer.drain()
-
 
     # ------------------------------------------------------------------ batch API
 
@@ -525,8 +641,11 @@ class FakeServer:
             if parts[0] == "files" and len(parts) >= 2 and method == "GET":
                 f = self.files.get(parts[1])
                 if f is None:
-                    return self._json(writer, 404, {"error": {"message": f"No such File object: {parts[1]}",
-                                                              "type": "invalid_request_error"}})
+                    return self._json(
+                        writer,
+                        404,
+                        {"error": {"message": f"No such File object: {parts[1]}", "type": "invalid_request_error"}},
+                    )
                 if parts[2:] == ["content"]:
                     if f["purpose"] == "batch_output":
                         self._kill("download")
@@ -543,8 +662,11 @@ class FakeServer:
                 return self._json(writer, 200, self._list_batches(query))
             batch = self.batches.get(parts[1]) if len(parts) >= 2 else None
             if batch is None:
-                return self._json(writer, 404, {"error": {"message": f"No batch found with id '{parts[-1]}'",
-                                                          "type": "invalid_request_error"}})
+                return self._json(
+                    writer,
+                    404,
+                    {"error": {"message": f"No batch found with id '{parts[-1]}'", "type": "invalid_request_error"}},
+                )
             if parts[2:] == ["cancel"] and method == "POST":
                 self._advance(batch)
                 if batch["status"] in ("validating", "in_progress"):
@@ -586,8 +708,17 @@ class FakeServer:
 
     def _store_file(self, data: bytes, purpose: str, filename: str) -> dict:
         fid = self._new_id("file")
-        obj = {"id": fid, "object": "file", "bytes": len(data), "created_at": int(time.time()), "filename": filename,
-               "purpose": purpose, "status": "processed", "expires_at": None, "status_details": None}
+        obj = {
+            "id": fid,
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename,
+            "purpose": purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
         self.files[fid] = {"bytes": data, "purpose": purpose, "object": obj}
         return obj
 
@@ -597,25 +728,57 @@ class FakeServer:
             raise ValueError(f"no file {req['input_file_id']}")
         now = int(time.time())
         bid = self._new_id("batch")
-        batch = {"id": bid, "object": "batch", "endpoint": req["endpoint"], "errors": None,
-                 "input_file_id": req["input_file_id"], "completion_window": req["completion_window"],
-                 "status": "validating", "output_file_id": None, "error_file_id": None, "created_at": now,
-                 "in_progress_at": None, "expires_at": now + 86400, "finalizing_at": None, "completed_at": None,
-                 "failed_at": None, "expired_at": None, "cancelling_at": None, "cancelled_at": None,
-                 "request_counts": {"total": 0, "completed": 0, "failed": 0}, "metadata": req.get("metadata"),
-                 "_t0": time.monotonic(), "_lines": [], "_fault": None}
+        batch = {
+            "id": bid,
+            "object": "batch",
+            "endpoint": req["endpoint"],
+            "errors": None,
+            "input_file_id": req["input_file_id"],
+            "completion_window": req["completion_window"],
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": req.get("metadata"),
+            "_t0": time.monotonic(),
+            "_lines": [],
+            "_fault": None,
+        }
         for number, raw in enumerate(f["bytes"].decode("utf-8").splitlines(), start=1):
             if not raw.strip():
                 continue
             line = json.loads(raw)
             if line.get("url") != req["endpoint"] or line.get("method") != "POST":
-                batch["_fault"] = ("failed", {"code": "invalid_url", "line": number, "param": "url",
-                                              "message": f"the line's url must be {req['endpoint']}"})
+                batch["_fault"] = (
+                    "failed",
+                    {
+                        "code": "invalid_url",
+                        "line": number,
+                        "param": "url",
+                        "message": f"the line's url must be {req['endpoint']}",
+                    },
+                )
             batch["_lines"].append(line)
         ids = [line["custom_id"] for line in batch["_lines"]]
         if len(set(ids)) != len(ids):
-            batch["_fault"] = ("failed", {"code": "duplicate_custom_id", "line": None, "param": "custom_id",
-                                          "message": "custom_id values must be unique within a batch"})
+            batch["_fault"] = (
+                "failed",
+                {
+                    "code": "duplicate_custom_id",
+                    "line": None,
+                    "param": "custom_id",
+                    "message": "custom_id values must be unique within a batch",
+                },
+            )
         for line in batch["_lines"]:
             prompt = _last_user(line["body"].get("messages") or [])
             for marker, status in (("batchfail", "failed"), ("expire", "expired")):
@@ -644,8 +807,13 @@ class FakeServer:
             newest = [b for b in newest if b["id"] < query["after"]]
         limit = int(query.get("limit") or 20)
         page = newest[:limit]
-        return {"object": "list", "data": [self._public(b) for b in page], "first_id": page[0]["id"] if page else None,
-                "last_id": page[-1]["id"] if page else None, "has_more": len(newest) > limit}
+        return {
+            "object": "list",
+            "data": [self._public(b) for b in page],
+            "first_id": page[0]["id"] if page else None,
+            "last_id": page[-1]["id"] if page else None,
+            "has_more": len(newest) > limit,
+        }
 
     @staticmethod
     def _public(batch: dict) -> dict:
@@ -663,9 +831,16 @@ class FakeServer:
         steps = int((time.monotonic() - batch["_t0"]) / self.batch_step) if self.batch_step > 0 else 3
         fault = batch["_fault"]
         if steps >= 1 and fault is not None and fault[0] == "failed":
-            detail = fault[1] if isinstance(fault[1], dict) else {
-                "code": "token_limit_exceeded", "line": None, "param": None,
-                "message": "Enqueued token limit reached for this model. Try again later."}
+            detail = (
+                fault[1]
+                if isinstance(fault[1], dict)
+                else {
+                    "code": "token_limit_exceeded",
+                    "line": None,
+                    "param": None,
+                    "message": "Enqueued token limit reached for this model. Try again later.",
+                }
+            )
             batch.update(status="failed", failed_at=now, errors={"object": "list", "data": [detail]})
             return
         if steps >= 1 and batch["in_progress_at"] is None:
@@ -688,14 +863,27 @@ class FakeServer:
             rid = self._new_id("batch_req")
             if k >= answered:
                 code = "batch_expired" if status == "expired" else "batch_cancelled"
-                errors.append({"id": rid, "custom_id": line["custom_id"], "response": None, "error": {
-                    "code": code, "message": "This request could not be executed before the completion window "
-                                             "expired." if status == "expired" else "The batch was cancelled."}})
+                errors.append(
+                    {
+                        "id": rid,
+                        "custom_id": line["custom_id"],
+                        "response": None,
+                        "error": {
+                            "code": code,
+                            "message": "This request could not be executed before the completion window expired."
+                            if status == "expired"
+                            else "The batch was cancelled.",
+                        },
+                    }
+                )
                 continue
             code, body = self._batch_answer(line["body"])
-            entry = {"id": rid, "custom_id": line["custom_id"],
-                     "response": {"status_code": code, "request_id": self._new_id("req"), "body": body},
-                     "error": None}
+            entry = {
+                "id": rid,
+                "custom_id": line["custom_id"],
+                "response": {"status_code": code, "request_id": self._new_id("req"), "body": body},
+                "error": None,
+            }
             (out if code == 200 else errors).append(entry)
             if code == 200:
                 self.batch_answered[line["custom_id"]] += 1
@@ -744,7 +932,7 @@ def _pieces(text: str, parts: int = 3) -> list[str]:
     if not text:
         return []
     step = max(1, -(-len(text) // parts))
-    return [text[i:i + step] for i in range(0, len(text), step)]
+    return [text[i : i + step] for i in range(0, len(text), step)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -763,10 +951,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--agent", type=int, default=0, help="tool calls before the answer (multi-turn scripting)")
     parser.add_argument("--wrong-turns", type=int, default=0, help="wrong answers before a right one")
     args = parser.parse_args(argv)
-    server = FakeServer(args.host, args.port, latency=args.latency, reasoning=args.reasoning, n=args.n,
-                        retry_after=args.retry_after, hang=args.hang, fault=args.fault, chaos=args.chaos,
-                        chaos_seed=args.chaos_seed, batch_step=args.batch_step, agent=args.agent,
-                        wrong_turns=args.wrong_turns)
+    server = FakeServer(
+        args.host,
+        args.port,
+        latency=args.latency,
+        reasoning=args.reasoning,
+        n=args.n,
+        retry_after=args.retry_after,
+        hang=args.hang,
+        fault=args.fault,
+        chaos=args.chaos,
+        chaos_seed=args.chaos_seed,
+        batch_step=args.batch_step,
+        agent=args.agent,
+        wrong_turns=args.wrong_turns,
+    )
 
     async def serve() -> None:
         url = await server.start()

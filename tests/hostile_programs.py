@@ -22,14 +22,7 @@ _SLEEPER = 'os.execv(sys.executable, [sys.executable, "-c", "import time; time.s
 
 HOSTILE = {
     "infinite_loop": "while True:\n    pass\n",
-    "fork_bomb": (
-        "import os, sys\n"
-        "while True:\n"
-        "    try:\n"
-        "        os.fork()\n"
-        "    except OSError:\n"
-        "        pass\n"
-    ),
+    "fork_bomb": ("import os, sys\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"),
     "memory_bomb": "chunks = []\nwhile True:\n    chunks.append(bytearray(16 * 2**20))\n",
     "write_outside": (
         "for path in {targets}:\n"
@@ -81,8 +74,13 @@ HOSTILE = {
 }
 
 # what ends each run: a limit it hits, or an exit code (the program's own verdict)
-EXPECTED_LIMIT = {"infinite_loop": "timeout", "fork_bomb": "timeout", "memory_bomb": "memory",
-                  "output_flood": "output", "big_file": "file_size"}
+EXPECTED_LIMIT = {
+    "infinite_loop": "timeout",
+    "fork_bomb": "timeout",
+    "memory_bomb": "memory",
+    "output_flood": "output",
+    "big_file": "file_size",
+}
 
 
 def new_marker() -> str:

@@ -29,8 +29,14 @@ def _tokenizer(tokenizer_dir, extra: list[str]):
     return tok
 
 
-def build_tiny_classifier_rm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, arch: str = "qwen2",
-                             seed: int = 0, size: str = "tiny") -> Path:
+def build_tiny_classifier_rm(
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    *,
+    arch: str = "qwen2",
+    seed: int = 0,
+    size: str = "tiny",
+) -> Path:
     """A one-label sequence-classification reward model (random weights) with the given tokenizer."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -45,8 +51,14 @@ def build_tiny_classifier_rm(out_dir: str | os.PathLike, tokenizer_dir: str | os
     return build_atomically(out_dir, build)
 
 
-def build_tiny_prm(out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike, *, style: str = "math_shepherd",
-                   seed: int = 0, size: str = "tiny") -> Path:
+def build_tiny_prm(
+    out_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    *,
+    style: str = "math_shepherd",
+    seed: int = 0,
+    size: str = "tiny",
+) -> Path:
     """A process reward model of ``style`` (math_shepherd, qwen_prm, token_classification)."""
     import torch
     import transformers

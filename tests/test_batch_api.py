@@ -36,10 +36,32 @@ def math_rows(n: int, marker=lambda i: "") -> list[dict]:
 
 def distill_args(server, data: Path, *more: str) -> list[str]:
     """The seed's distill command, pointed at the fake server."""
-    return ["sample", "--sampler_type", "distill", "--sampler_engine", "client", "--model", "deepseek-r1",
-            "--stream", "true", "--dataset", str(data), "--num_return_sequences", "1", "--temperature", "0.6",
-            "--top_p", "0.95", "--engine_kwargs", json.dumps({"base_url": server.url, "retry_base_s": 0.01}),
-            "--output_file", "o.jsonl", "--dataset_shuffle", "false", *more]
+    return [
+        "sample",
+        "--sampler_type",
+        "distill",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "deepseek-r1",
+        "--stream",
+        "true",
+        "--dataset",
+        str(data),
+        "--num_return_sequences",
+        "1",
+        "--temperature",
+        "0.6",
+        "--top_p",
+        "0.95",
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url, "retry_base_s": 0.01}),
+        "--output_file",
+        "o.jsonl",
+        "--dataset_shuffle",
+        "false",
+        *more,
+    ]
 
 
 BATCH = ("--batch_api", "true", "--batch_poll_s", "0.02")
@@ -60,11 +82,19 @@ def test_seed_distill_command_gives_the_same_records_with_and_without_the_batch_
     direct.mkdir()
     batched.mkdir()
     prices = ("--price_per_mtok_in", "1", "--price_per_mtok_out", "2")
-    run_winnow(*distill_args(server, data), *prices, cwd=direct, env={"OPENAI_API_KEY": SECRET}, timeout=120,
-               check=True)
+    run_winnow(
+        *distill_args(server, data), *prices, cwd=direct, env={"OPENAI_API_KEY": SECRET}, timeout=120, check=True
+    )
     assert server.batches == {}
-    proc = run_winnow(*distill_args(server, data), *prices, *BATCH, cwd=batched, env={"OPENAI_API_KEY": SECRET},
-                      timeout=120, check=True)
+    proc = run_winnow(
+        *distill_args(server, data),
+        *prices,
+        *BATCH,
+        cwd=batched,
+        env={"OPENAI_API_KEY": SECRET},
+        timeout=120,
+        check=True,
+    )
     want = read_jsonl(direct / "sample_output" / "o.jsonl")
     got = read_jsonl(batched / "sample_output" / "o.jsonl")
     assert len(got) == 8 and by_question(got) == by_question(want)  # the direct run writes in finishing order
@@ -84,12 +114,20 @@ def test_seed_distill_command_gives_the_same_records_with_and_without_the_batch_
 
 def test_requests_are_cut_into_provider_sized_batches(tmp_path, server):
     data = write_jsonl(tmp_path / "math.jsonl", math_rows(7))
-    run_winnow(*distill_args(server, data), *BATCH, "--batch_max_requests", "3", cwd=tmp_path, timeout=120,
-               check=True)
+    run_winnow(*distill_args(server, data), *BATCH, "--batch_max_requests", "3", cwd=tmp_path, timeout=120, check=True)
     sizes = sorted(b["request_counts"]["total"] for b in server.batches.values())
     assert sizes == [1, 3, 3]
-    run_winnow(*distill_args(server, data), *BATCH, "--batch_max_bytes", "500", "--output_file", "b.jsonl",
-               cwd=tmp_path, timeout=120, check=True)
+    run_winnow(
+        *distill_args(server, data),
+        *BATCH,
+        "--batch_max_bytes",
+        "500",
+        "--output_file",
+        "b.jsonl",
+        cwd=tmp_path,
+        timeout=120,
+        check=True,
+    )
     uploads = [f for f in server.files.values() if f["purpose"] == "batch"][3:]
     assert len(uploads) == 4 and all(len(f["bytes"]) <= 500 for f in uploads)
     assert len(read_jsonl(tmp_path / "sample_output" / "b.jsonl")) == 7
@@ -101,8 +139,13 @@ def test_kill_9_at_every_stage_then_resume_never_submits_or_pays_twice(tmp_path,
     args = [*distill_args(server, data), *BATCH, "--batch_max_requests", "3"]
     want = by_question(read_jsonl_from_direct_run(tmp_path, server, data))
     server.reset()
-    proc = subprocess.Popen([sys.executable, "-m", "winnow", *args], cwd=tmp_path, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "OPENAI_API_KEY": SECRET})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winnow", *args],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OPENAI_API_KEY": SECRET},
+    )
     server.kill_at[stage] = proc.pid
     server.hold_batches = stage == "poll"  # in progress until the kill, however slow the machine
     _, err = proc.communicate(timeout=120)
@@ -110,8 +153,7 @@ def test_kill_9_at_every_stage_then_resume_never_submits_or_pays_twice(tmp_path,
     server.hold_batches = False
     state = tmp_path / "sample_output" / ".o.batches.jsonl"
     assert state.exists()
-    again = run_winnow(*args, "--resume", "true", cwd=tmp_path, env={"OPENAI_API_KEY": SECRET}, timeout=120,
-                       check=True)
+    again = run_winnow(*args, "--resume", "true", cwd=tmp_path, env={"OPENAI_API_KEY": SECRET}, timeout=120, check=True)
     got = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     assert by_question(got) == want and len(got) == 9  # each row once
     assert_each_sent_and_paid_once(server)
@@ -164,8 +206,9 @@ def test_partial_failures_and_a_failed_batch(tmp_path, server):
     run_winnow(*args, cwd=tmp_path, timeout=120, check=True)
     written = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     assert len(written) == 3
-    failed = {f["source"].rsplit(":", 1)[1]: f["reason"] for f in read_jsonl(tmp_path / "sample_output" /
-                                                                               "o.failed.jsonl")}
+    failed = {
+        f["source"].rsplit(":", 1)[1]: f["reason"] for f in read_jsonl(tmp_path / "sample_output" / "o.failed.jsonl")
+    }
     assert "HTTP 500: injected 500" in failed["2"] and "HTTP 429" in failed["3"] and "empty content" in failed["5"]
     # a batch the provider fails as a whole: every row logged with its reason, and submitted again on resume
     other = write_jsonl(tmp_path / "other.jsonl", math_rows(3, lambda i: "[[batchfail-once]] " if i == 0 else ""))
@@ -201,6 +244,17 @@ def test_ctrl_c_stops_polling_and_resume_reattaches(tmp_path, server):
 
 def test_batch_api_needs_the_client_engine(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "hi"}])
-    proc = run_winnow("sample", "--model", "m", "--sampler_engine", "vllm", "--dataset", str(data), "--batch_api",
-                      "true", cwd=tmp_path, timeout=60)
+    proc = run_winnow(
+        "sample",
+        "--model",
+        "m",
+        "--sampler_engine",
+        "vllm",
+        "--dataset",
+        str(data),
+        "--batch_api",
+        "true",
+        cwd=tmp_path,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "--batch_api" in proc.stderr and "client" in proc.stderr

@@ -72,6 +72,7 @@ def generate(eng, prompts, **params):
 
 # ----------------------------------------------------------------------------- engine
 
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
 def test_reasoning_read_from_either_field_streaming_or_not(server, stream, field):
@@ -112,8 +113,9 @@ def test_429_with_retry_after_is_honoured(server):
     assert eng.counts["retries"] == 1 and eng.counts["failed:HTTP 429"] == 1
 
 
-@pytest.mark.parametrize("fault", ["500-twice", "503-once", "malformed-once", "drop-once", "empty-twice",
-                                   "null-once", "timeout-once"])
+@pytest.mark.parametrize(
+    "fault", ["500-twice", "503-once", "malformed-once", "drop-once", "empty-twice", "null-once", "timeout-once"]
+)
 def test_transient_faults_are_retried_until_an_answer(server, fault):
     eng = engine(server, request_timeout=0.5, stream=fault.startswith("malformed"))
     [[c]] = generate(eng, [prompt(f"[[{fault}]] What is 3 + 4?")])
@@ -233,19 +235,46 @@ def test_no_key_and_no_base_url_is_a_clear_error(monkeypatch):
 
 # ----------------------------------------------------------------------------- end to end (CLI)
 
+
 def files_text(folder: Path) -> str:
     return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in folder.rglob("*") if p.is_file())
 
 
 def test_seed_distill_command(tmp_path, server):
-    data = write_jsonl(tmp_path / "math.jsonl",
-                       [{"problem": f"What is {i} + {i + 1}?", "solution": str(2 * i + 1)} for i in range(8)])
+    data = write_jsonl(
+        tmp_path / "math.jsonl", [{"problem": f"What is {i} + {i + 1}?", "solution": str(2 * i + 1)} for i in range(8)]
+    )
     proc = run_winnow(
-        "sample", "--sampler_type", "distill", "--sampler_engine", "client", "--model", "deepseek-r1",
-        "--stream", "true", "--dataset", f"{data}#5", "--num_return_sequences", "1", "--temperature", "0.6",
-        "--top_p", "0.95", "--engine_kwargs", json.dumps({"base_url": server.url}),
-        "--price_per_mtok_in", "1", "--price_per_mtok_out", "2", "--output_file", "o.jsonl",
-        cwd=tmp_path, env={"OPENAI_API_KEY": SECRET}, timeout=120, check=True)
+        "sample",
+        "--sampler_type",
+        "distill",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "deepseek-r1",
+        "--stream",
+        "true",
+        "--dataset",
+        f"{data}#5",
+        "--num_return_sequences",
+        "1",
+        "--temperature",
+        "0.6",
+        "--top_p",
+        "0.95",
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url}),
+        "--price_per_mtok_in",
+        "1",
+        "--price_per_mtok_out",
+        "2",
+        "--output_file",
+        "o.jsonl",
+        cwd=tmp_path,
+        env={"OPENAI_API_KEY": SECRET},
+        timeout=120,
+        check=True,
+    )
     out = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     assert len(out) == 5
     for rec in out:
@@ -254,7 +283,8 @@ def test_seed_distill_command(tmp_path, server):
         assert rec["messages"][-1] == {
             "role": "assistant",
             "content": f"<think>Let me think step by step about: {q}</think>\n\n"
-                       f"<answer>The answer is \\boxed{{{a + b}}}.</answer>"}
+            f"<answer>The answer is \\boxed{{{a + b}}}.</answer>",
+        }
     manifest = json.loads((tmp_path / "sample_output" / "o.manifest.json").read_text())
     counts = manifest["counts"]
     assert counts["prompt_tokens"] == 5 * 5 and counts["completion_tokens"] == 5 * 16
@@ -267,29 +297,75 @@ def test_seed_distill_command(tmp_path, server):
 @pytest.mark.parametrize("fmt", ["separate", "none"])
 def test_reasoning_formats(tmp_path, server, fmt):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "What is 1 + 1?"}])
-    run_winnow("sample", "--sampler_type", "distill", "--sampler_engine", "client", "--model", "r1",
-               "--dataset", str(data), "--num_return_sequences", "1", "--reasoning_format", fmt,
-               "--engine_kwargs", json.dumps({"base_url": server.url}), "--output_file", "o.jsonl",
-               cwd=tmp_path, timeout=120, check=True)
+    run_winnow(
+        "sample",
+        "--sampler_type",
+        "distill",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "r1",
+        "--dataset",
+        str(data),
+        "--num_return_sequences",
+        "1",
+        "--reasoning_format",
+        fmt,
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url}),
+        "--output_file",
+        "o.jsonl",
+        cwd=tmp_path,
+        timeout=120,
+        check=True,
+    )
     [rec] = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     assert rec["messages"][-1]["content"] == "The answer is \\boxed{2}."
     assert ("reasoning" in rec) is (fmt == "separate")
 
 
 FAULTS = {  # marker -> what the row must end as: None = written, else a fragment of its failed reason
-    "": None, "[[429-once]]": None, "[[malformed-once]]": None, "[[timeout-once]]": None, "[[drop-once]]": None,
-    "[[empty-once]]": None, "[[500-always]]": "HTTP 500", "[[empty-always]]": "empty content",
-    "[[length-always]]": "truncated", "[[filter-always]]": "content filter",
+    "": None,
+    "[[429-once]]": None,
+    "[[malformed-once]]": None,
+    "[[timeout-once]]": None,
+    "[[drop-once]]": None,
+    "[[empty-once]]": None,
+    "[[500-always]]": "HTTP 500",
+    "[[empty-always]]": "empty content",
+    "[[length-always]]": "truncated",
+    "[[filter-always]]": "content filter",
 }
 
 
 def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_nothing(tmp_path, server):
     rows = [{"query": f"{marker} What is {i} + {j}?"} for i, marker in enumerate(FAULTS) for j in range(3)]
     data = write_jsonl(tmp_path / "faults.jsonl", rows)
-    common = ["sample", "--sampler_type", "sample", "--sampler_engine", "client", "--model", "fake",
-              "--dataset", str(data), "--num_return_sequences", "2", "--max_retries", "2",
-              "--request_timeout", "0.5", "--max_concurrency", "8", "--output_file", "o.jsonl", "--keep_truncated",
-              "false", "--engine_kwargs", json.dumps({"base_url": server.url, "retry_base_s": 0.01, "api_key": SECRET})]
+    common = [
+        "sample",
+        "--sampler_type",
+        "sample",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "fake",
+        "--dataset",
+        str(data),
+        "--num_return_sequences",
+        "2",
+        "--max_retries",
+        "2",
+        "--request_timeout",
+        "0.5",
+        "--max_concurrency",
+        "8",
+        "--output_file",
+        "o.jsonl",
+        "--keep_truncated",
+        "false",
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url, "retry_base_s": 0.01, "api_key": SECRET}),
+    ]
     proc = run_winnow(*common, cwd=tmp_path, timeout=120, check=True)
     out = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     failed = read_jsonl(tmp_path / "sample_output" / "o.failed.jsonl")
@@ -323,9 +399,26 @@ def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_not
 
 def test_answers_cut_at_the_token_limit_are_kept_and_counted_by_default(tmp_path, server):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": f"[[length-always]] What is {i} + 1?"} for i in range(3)])
-    proc = run_winnow("sample", "--sampler_engine", "client", "--model", "fake", "--dataset", str(data),
-                      "--num_return_sequences", "2", "--output_file", "o.jsonl", "--output_format", "raw",
-                      "--engine_kwargs", json.dumps({"base_url": server.url}), cwd=tmp_path, timeout=120, check=True)
+    proc = run_winnow(
+        "sample",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "fake",
+        "--dataset",
+        str(data),
+        "--num_return_sequences",
+        "2",
+        "--output_file",
+        "o.jsonl",
+        "--output_format",
+        "raw",
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url}),
+        cwd=tmp_path,
+        timeout=120,
+        check=True,
+    )
     records = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     assert len(records) == 3 and all(c["finish_reason"] == "length" for r in records for c in r["completions"])
     assert "6 samples cut at the token limit" in proc.stderr
@@ -338,16 +431,32 @@ def test_unset_sampling_options_are_not_sent(tmp_path, server):
     from winnow.pipeline import sampling_params
 
     params = sampling_params(SampleConfig(model="m", dataset=["d"], sampler_engine="client", num_return_sequences=1))
-    body = OpenAIEngine("m", base_url=server.url)._body(Prompt(id="x", messages=[{"role": "user", "content": "q"}]),
-                                                         params, 1)
+    body = OpenAIEngine("m", base_url=server.url)._body(
+        Prompt(id="x", messages=[{"role": "user", "content": "q"}]), params, 1
+    )
     assert body == {"model": "m", "messages": [{"role": "user", "content": "q"}]}
 
 
 def test_sample_with_n_against_a_server_that_ignores_n(tmp_path, server):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": f"What is {i} + 2?"} for i in range(4)])
-    run_winnow("sample", "--sampler_engine", "client", "--model", "fake?n=ignore", "--dataset", str(data),
-               "--num_return_sequences", "3", "--engine_kwargs", json.dumps({"base_url": server.url}),
-               "--output_file", "o.jsonl", cwd=tmp_path, timeout=120, check=True)
+    run_winnow(
+        "sample",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "fake?n=ignore",
+        "--dataset",
+        str(data),
+        "--num_return_sequences",
+        "3",
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url}),
+        "--output_file",
+        "o.jsonl",
+        cwd=tmp_path,
+        timeout=120,
+        check=True,
+    )
     out = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     assert len(out) == 4 * 3
     manifest = json.loads((tmp_path / "sample_output" / "o.manifest.json").read_text())
@@ -356,9 +465,22 @@ def test_sample_with_n_against_a_server_that_ignores_n(tmp_path, server):
 
 def test_bad_key_is_one_line_error_without_the_key(tmp_path, server):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "[[401-always]] hi"}])
-    proc = run_winnow("sample", "--sampler_engine", "client", "--model", "fake", "--dataset", str(data),
-                      "--engine_kwargs", json.dumps({"base_url": server.url}), "--num_return_sequences", "1",
-                      cwd=tmp_path, env={"OPENAI_API_KEY": SECRET}, timeout=120)
+    proc = run_winnow(
+        "sample",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "fake",
+        "--dataset",
+        str(data),
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url}),
+        "--num_return_sequences",
+        "1",
+        cwd=tmp_path,
+        env={"OPENAI_API_KEY": SECRET},
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert "rejected the API key" in proc.stderr and "Traceback" not in proc.stderr
     assert SECRET not in files_text(tmp_path) + proc.stderr + proc.stdout
@@ -366,16 +488,31 @@ def test_bad_key_is_one_line_error_without_the_key(tmp_path, server):
 
 def test_sigint_stops_within_seconds_and_resume_completes(tmp_path, server):
     # row 2 hangs (a request the grace deadline must cancel); the others take 0.2 s each, 2 at a time
-    rows = [{"id": f"r{i}", "query": ("[[timeout-once]] " if i == 2 else "") + f"What is {i} + 0?"}
-            for i in range(40)]
+    rows = [{"id": f"r{i}", "query": ("[[timeout-once]] " if i == 2 else "") + f"What is {i} + 0?"} for i in range(40)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
-    common = ["sample", "--sampler_engine", "client", "--model", "fake?latency=0.2", "--dataset", str(data),
-              "--dataset_shuffle", "false", "--num_return_sequences", "1", "--max_concurrency", "2",
-              "--output_file", "o.jsonl", "--engine_kwargs",
-              json.dumps({"base_url": server.url, "shutdown_grace_s": 1.0})]
+    common = [
+        "sample",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "fake?latency=0.2",
+        "--dataset",
+        str(data),
+        "--dataset_shuffle",
+        "false",
+        "--num_return_sequences",
+        "1",
+        "--max_concurrency",
+        "2",
+        "--output_file",
+        "o.jsonl",
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url, "shutdown_grace_s": 1.0}),
+    ]
     out_path = tmp_path / "sample_output" / "o.jsonl"
-    proc = subprocess.Popen([sys.executable, "-m", "winnow", *common], cwd=tmp_path, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winnow", *common], cwd=tmp_path, stderr=subprocess.PIPE, text=True, env={**os.environ}
+    )
     deadline = time.monotonic() + 60
     while not (out_path.exists() and len(out_path.read_text().splitlines()) >= 3):
         assert time.monotonic() < deadline and proc.poll() is None

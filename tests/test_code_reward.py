@@ -61,10 +61,11 @@ def test_humaneval_canonical_solutions_pass_and_wrong_ones_fail(code_reward):
         "os._exit(0) before the tests": lambda row: "    import os\n    os._exit(0)\n",
         "syntax error": lambda row: "    return (\n",
     }
-    samples = [Sample(p, Completion(text=make(row))) for p, row in zip(prompts, ROWS, strict=True)
-               for make in texts.values()]
+    samples = [
+        Sample(p, Completion(text=make(row))) for p, row in zip(prompts, ROWS, strict=True) for make in texts.values()
+    ]
     scores = asyncio.run(code_reward.score(samples))
-    by_kind = {kind: [s.value for s in scores[i::len(texts)]] for i, kind in enumerate(texts)}
+    by_kind = {kind: [s.value for s in scores[i :: len(texts)]] for i, kind in enumerate(texts)}
     assert by_kind["canonical"] == [1.0] * 10
     assert by_kind["full program in a fence"] == [1.0] * 10
     for kind in ("wrong", "exit(0) before the tests", "os._exit(0) before the tests", "syntax error"):
@@ -84,8 +85,11 @@ def test_hanging_and_hostile_samples_fail_within_the_timeout():
     reward = CodeReward(timeout_s=2, workers=2)
     try:
         prompt = prompts_from(HUMANEVAL)[2]  # truncate_number
-        hostile = ["    while True:\n        pass\n", "    import os\n    while True:\n        os.fork()\n",
-                   "    x = bytearray(2 ** 40)\n"]
+        hostile = [
+            "    while True:\n        pass\n",
+            "    import os\n    while True:\n        os.fork()\n",
+            "    x = bytearray(2 ** 40)\n",
+        ]
         scores = score(reward, prompt, [*hostile, ROWS[2]["canonical_solution"]])
         assert [s.value for s in scores] == [0.0, 0.0, 0.0, 1.0]
         assert scores[0].info["verdict"] == "limit: timeout"
@@ -95,8 +99,11 @@ def test_hanging_and_hostile_samples_fail_within_the_timeout():
 
 
 def test_mbpp_asserts_pass_fraction_and_all_or_nothing():
-    columns = {"test_setup_code": "OFFSET = 0", "test_imports": ["import math"],
-               "test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(2, 2) == 5"]}
+    columns = {
+        "test_setup_code": "OFFSET = 0",
+        "test_imports": ["import math"],
+        "test_list": ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(2, 2) == 5"],
+    }
     prompt = row_prompt(**columns)
     fraction = CodeReward(mode="pass_fraction", workers=1)
     strict = CodeReward(workers=1)
@@ -113,12 +120,19 @@ def test_mbpp_asserts_pass_fraction_and_all_or_nothing():
         asyncio.run(strict.aclose())
 
 
-@pytest.mark.parametrize("columns", [
-    {"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12"]},
-    {"input_output": json.dumps({"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12\n"]})},
-    {"input_output": {"inputs": [["1 2"], ["5 7"]], "outputs": [["3"], ["12"]]}},
-    {"public_tests": {"input": ["1 2\n"], "output": ["3\n"]}, "private_tests": {"input": ["5 7\n"], "output": ["12"]}},
-], ids=["inputs-outputs", "apps-json", "apps-lists", "codecontests"])
+@pytest.mark.parametrize(
+    "columns",
+    [
+        {"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12"]},
+        {"input_output": json.dumps({"inputs": ["1 2\n", "5 7\n"], "outputs": ["3\n", "12\n"]})},
+        {"input_output": {"inputs": [["1 2"], ["5 7"]], "outputs": [["3"], ["12"]]}},
+        {
+            "public_tests": {"input": ["1 2\n"], "output": ["3\n"]},
+            "private_tests": {"input": ["5 7\n"], "output": ["12"]},
+        },
+    ],
+    ids=["inputs-outputs", "apps-json", "apps-lists", "codecontests"],
+)
 def test_stdin_stdout_pairs(columns):
     reward = CodeReward(mode="pass_fraction", workers=2)
     try:
@@ -134,8 +148,12 @@ def test_stdin_stdout_pairs(columns):
 
 
 def test_rows_it_cannot_judge_are_none(code_reward):
-    cases = [row_prompt(), row_prompt(input_output=json.dumps({"fn_name": "f", "inputs": [[1]], "outputs": [[2]]})),
-             row_prompt(inputs=["1"], outputs=["1", "2"]), row_prompt(input_output="{not json")]
+    cases = [
+        row_prompt(),
+        row_prompt(input_output=json.dumps({"fn_name": "f", "inputs": [[1]], "outputs": [[2]]})),
+        row_prompt(inputs=["1"], outputs=["1", "2"]),
+        row_prompt(input_output="{not json"),
+    ]
     scores = asyncio.run(code_reward.score([Sample(p, Completion(text="print(1)")) for p in cases]))
     assert [s.value for s in scores] == [None] * 4
     assert "no tests" in scores[0].info["verdict"] and "call-based" in scores[1].info["verdict"]
@@ -160,26 +178,53 @@ def test_code_as_the_orm_of_a_two_stage_run(tmp_path):
     prompts = {p.columns["task_id"]: p for p in prompts_from(Path(dataset))}
     canonical = {row["task_id"]: row["canonical_solution"] for row in ROWS}
     samples = {
-        "HumanEval/0": [canonical["HumanEval/0"], "    return None\n",
-                        f"```python\n{ROWS[0]['prompt']}{canonical['HumanEval/0']}```"],
+        "HumanEval/0": [
+            canonical["HumanEval/0"],
+            "    return None\n",
+            f"```python\n{ROWS[0]['prompt']}{canonical['HumanEval/0']}```",
+        ],
         "HumanEval/1": ["    return []\n", "    while True:\n        pass\n", "    import sys\n    sys.exit(0)\n"],
         "HumanEval/2": ["    return number\n", canonical["HumanEval/2"], "    return 0.5\n"],
     }
-    lines = [{"id": prompts[task].id, "messages": [*prompts[task].messages, {"role": "assistant", "content": t}]}
-             for task, texts in samples.items() for t in texts]
+    lines = [
+        {"id": prompts[task].id, "messages": [*prompts[task].messages, {"role": "assistant", "content": t}]}
+        for task, texts in samples.items()
+        for t in texts
+    ]
     cache = write_jsonl(tmp_path / "stage1.jsonl", lines)
-    proc = run_winnow("sample", "--sampler_engine", "no", "--cache_files", str(cache), "--dataset", str(dataset),
-                      "--orm_model", "code", "--reward_kwargs", '{"code": {"timeout_s": 2, "workers": 2}}',
-                      "--num_return_sequences", "3", "--n_best_to_keep", "2", "--output_dir", str(tmp_path / "out"),
-                      "--output_file", "code.jsonl", "--progress", "false")
+    proc = run_winnow(
+        "sample",
+        "--sampler_engine",
+        "no",
+        "--cache_files",
+        str(cache),
+        "--dataset",
+        str(dataset),
+        "--orm_model",
+        "code",
+        "--reward_kwargs",
+        '{"code": {"timeout_s": 2, "workers": 2}}',
+        "--num_return_sequences",
+        "3",
+        "--n_best_to_keep",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--output_file",
+        "code.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(tmp_path / "out" / "code.jsonl")
     got = {}
     for r in records:
         got.setdefault(r["task_id"], []).append((r["messages"][-1]["content"], r["rejected_response"]))
     assert got == {
-        "HumanEval/0": [(samples["HumanEval/0"][0], "    return None\n"),
-                        (samples["HumanEval/0"][2], "    return None\n")],
+        "HumanEval/0": [
+            (samples["HumanEval/0"][0], "    return None\n"),
+            (samples["HumanEval/0"][2], "    return None\n"),
+        ],
         "HumanEval/2": [(canonical["HumanEval/2"], "    return number\n")],
     }
     assert "rows filtered (all samples failed the ORM: 1)" in proc.stderr  # HumanEval/1; 7 rows had no samples

@@ -18,10 +18,29 @@ def parse(*argv):
 
 
 def test_swift_style_flags():
-    c = parse("--model", "m", "--dataset", "a.jsonl#5", "b.jsonl", "--num-return-sequences", "5",
-              "--engine_kwargs", '{"max_batch_sequences": 8}', "--dataset_shuffle", "false",
-              "--stop_words", "</s>", "Observation:", "--data_range", "1", "3", "--temperature", "0.5",
-              "--top_k", "none")
+    c = parse(
+        "--model",
+        "m",
+        "--dataset",
+        "a.jsonl#5",
+        "b.jsonl",
+        "--num-return-sequences",
+        "5",
+        "--engine_kwargs",
+        '{"max_batch_sequences": 8}',
+        "--dataset_shuffle",
+        "false",
+        "--stop_words",
+        "</s>",
+        "Observation:",
+        "--data_range",
+        "1",
+        "3",
+        "--temperature",
+        "0.5",
+        "--top_k",
+        "none",
+    )
     assert c.dataset == ["a.jsonl#5", "b.jsonl"]
     assert c.num_return_sequences == 5
     assert c.engine_kwargs == {"max_batch_sequences": 8}
@@ -34,8 +53,10 @@ def test_swift_style_flags():
 
 def test_yaml_then_flags_override(tmp_path):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text("model: m\ndataset: [a.jsonl]\nnum_return_sequences: 3\ntemperature: 0.2\n"
-                   "engine-kwargs: {max_batch_sequences: 4}\n")
+    cfg.write_text(
+        "model: m\ndataset: [a.jsonl]\nnum_return_sequences: 3\ntemperature: 0.2\n"
+        "engine-kwargs: {max_batch_sequences: 4}\n"
+    )
     c = parse("--config", str(cfg), "--temperature", "0.9")
     assert (c.model, c.dataset, c.num_return_sequences, c.temperature) == ("m", ["a.jsonl"], 3, 0.9)
     assert c.engine_kwargs == {"max_batch_sequences": 4}
@@ -56,13 +77,27 @@ def test_python_api_validates_like_the_cli():
         make_config(SampleConfig, {"model": "m", "dataset": ["a"], "num_return_sequences": "many"})
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--modle", "m"], "unrecognized arguments: --modle"),
-    (["--model", "m", "--dataset", "a", "--num_return_sequences", "x"], "invalid int value"),
-    (["--model", "m", "--dataset", "a", "--resume", "maybe"], "expected true or false"),
-    (["--model", "m", "--dataset", "a", "--engine_kwargs", "{bad"], "expected a JSON object"),
-    (["--model", "m", "--dataset", "a", "--sampler_engine", "tgi"], "--sampler_engine 'tgi': not one of"),
-])
+def test_adapters_without_a_base_model_are_one_clear_error(tmp_path):
+    from winnow.pipeline import build_engine
+
+    adapter = tmp_path / "adapter"  # no args.json naming the base model
+    adapter.mkdir()
+    config = SampleConfig(adapters=[str(adapter)], dataset=["a.jsonl"])
+    assert config.apply_saved_args() == []
+    with pytest.raises(ConfigError, match="--model is required"):
+        build_engine(config)
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--modle", "m"], "unrecognized arguments: --modle"),
+        (["--model", "m", "--dataset", "a", "--num_return_sequences", "x"], "invalid int value"),
+        (["--model", "m", "--dataset", "a", "--resume", "maybe"], "expected true or false"),
+        (["--model", "m", "--dataset", "a", "--engine_kwargs", "{bad"], "expected a JSON object"),
+        (["--model", "m", "--dataset", "a", "--sampler_engine", "tgi"], "--sampler_engine 'tgi': not one of"),
+    ],
+)
 def test_bad_flags_are_one_line_and_exit_2(argv, needle):
     proc = run_winnow("sample", *argv)
     assert proc.returncode == 2, proc.stderr
@@ -72,11 +107,13 @@ def test_bad_flags_are_one_line_and_exit_2(argv, needle):
 
 
 def test_help_does_not_import_torch():
-    code = ("import sys; from winnow.cli import main\n"
-            "try:\n    main(['sample', '--help'])\nexcept SystemExit:\n    pass\n"
-            "main(['--help'])\n"
-            "heavy = [m for m in ('torch', 'transformers', 'datasets', 'math_verify') if m in sys.modules]\n"
-            "print('HEAVY', heavy)")
+    code = (
+        "import sys; from winnow.cli import main\n"
+        "try:\n    main(['sample', '--help'])\nexcept SystemExit:\n    pass\n"
+        "main(['--help'])\n"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'math_verify') if m in sys.modules]\n"
+        "print('HEAVY', heavy)"
+    )
     import subprocess
 
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
@@ -84,16 +121,19 @@ def test_help_does_not_import_torch():
     assert "--num_return_sequences" in out
 
 
-@pytest.mark.parametrize("values, needle", [
-    ({"temperature": -1}, "--temperature -1: must be at least 0"),
-    ({"top_p": 0}, "--top_p 0: must be greater than 0"),
-    ({"num_return_sequences": 4, "n_best_to_keep": 9}, "--n_best_to_keep 9: more than the 4 samples"),
-    ({"output_format": "jsonl"}, "--output_format 'jsonl': not one of dpo, grpo"),
-    ({"prm_agg": "max"}, "--prm_agg 'max': not one of"),
-    ({"torch_dtype": "int8"}, "--torch_dtype 'int8': not one of"),
-    ({"sampler_type": "mcts_v0"}, "--sampler_type 'mcts_v0': not one of"),
-    ({"easy_query_threshold": 1.5}, "--easy_query_threshold 1.5: must be at most 1"),
-])
+@pytest.mark.parametrize(
+    "values, needle",
+    [
+        ({"temperature": -1}, "--temperature -1: must be at least 0"),
+        ({"top_p": 0}, "--top_p 0: must be greater than 0"),
+        ({"num_return_sequences": 4, "n_best_to_keep": 9}, "--n_best_to_keep 9: more than the 4 samples"),
+        ({"output_format": "jsonl"}, "--output_format 'jsonl': not one of dpo, grpo"),
+        ({"prm_agg": "max"}, "--prm_agg 'max': not one of"),
+        ({"torch_dtype": "int8"}, "--torch_dtype 'int8': not one of"),
+        ({"sampler_type": "mcts_v0"}, "--sampler_type 'mcts_v0': not one of"),
+        ({"easy_query_threshold": 1.5}, "--easy_query_threshold 1.5: must be at most 1"),
+    ],
+)
 def test_choices_and_ranges_hold_for_python_yaml_and_cli(tmp_path, values, needle):
     from winnow.config import SampleConfig, make_config, parse_args
 

@@ -33,15 +33,29 @@ def _prompts(plan):
 @pytest.mark.parametrize(
     "row, user, response, reference",
     [
-        ({"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
-                       {"role": "assistant", "content": "A"}]}, "Q", "A", "A"),
+        (
+            {
+                "messages": [
+                    {"role": "system", "content": "S"},
+                    {"role": "user", "content": "Q"},
+                    {"role": "assistant", "content": "A"},
+                ]
+            },
+            "Q",
+            "A",
+            "A",
+        ),
         ({"instruction": "Add.", "input": "1 and 2", "output": "3"}, "Add.\n1 and 2", "3", "3"),
         ({"instruction": "Say hi", "input": "", "output": "hi"}, "Say hi", "hi", "hi"),
         ({"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}, "Q", "A", "A"),
         ({"query": "Q", "response": "A", "history": [["q0", "a0"]]}, "Q", "A", "A"),
         ({"prompt": "Q", "completion": "A"}, "Q", "A", "A"),
-        ({"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]},
-         "Q", "A", "A"),
+        (
+            {"prompt": [{"role": "user", "content": "Q"}], "completion": [{"role": "assistant", "content": "A"}]},
+            "Q",
+            "A",
+            "A",
+        ),
         ({"problem": "Q", "solution": "so \\boxed{4}", "answer": "4"}, "Q", "so \\boxed{4}", "4"),
         ({"question": "Q", "answer": "7"}, "Q", "7", "7"),
         ({"messages": [{"role": "user", "content": "Q"}]}, "Q", None, None),
@@ -59,17 +73,21 @@ def test_formats(tmp_path, row, user, response, reference):
 
 
 def test_history_and_system_become_turns(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [{"query": "Q", "response": "A", "system": "S",
-                                               "history": [["q0", "a0"]]}])
+    path = write_jsonl(
+        tmp_path / "d.jsonl", [{"query": "Q", "response": "A", "system": "S", "history": [["q0", "a0"]]}]
+    )
     (prompt,) = _prompts(data.build_plan([str(path)], shuffle=False))
     assert [m["role"] for m in prompt.messages] == ["system", "user", "assistant", "user"]
 
 
 def test_system_flag_replaces_the_datasets_system_message_as_swift_does(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": [{"role": "user", "content": "Q"}]},
-        {"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "Q2"}]},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "Q"}]},
+            {"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "Q2"}]},
+        ],
+    )
     a, b = _prompts(data.build_plan([str(path)], shuffle=False, system="SYS"))
     assert a.messages[0] == {"role": "system", "content": "SYS"}
     assert b.messages[:2] == [{"role": "system", "content": "SYS"}, {"role": "user", "content": "Q2"}]
@@ -79,15 +97,27 @@ def test_ids_are_swifts_md5_of_the_preprocessed_row(tmp_path, monkeypatch):
     """Values computed by ms-swift 4.6.0 (swift.pipelines.sampling.utils.get_messages_md5 on the rows its
     load_dataset made of these lines, the dataset given as 'msgs.jsonl' / 'query.jsonl')."""
     monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "msgs.jsonl", [
-        {"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"}]},
-        {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 + 2?"},
-                      {"role": "assistant", "content": "4"}], "level": 3},
-    ])
+    write_jsonl(
+        tmp_path / "msgs.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"}]},
+            {
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "user", "content": "What is 2 + 2?"},
+                    {"role": "assistant", "content": "4"},
+                ],
+                "level": 3,
+            },
+        ],
+    )
     write_jsonl(tmp_path / "query.jsonl", [{"query": "hi", "response": "hello", "history": [["a", "b"]]}])
     ids = [p.id for p in _prompts(data.build_plan(["msgs.jsonl", "query.jsonl"], shuffle=False))]
-    assert ids == ["2651e6d40c08ab58bccb53de1d8fbc29", "71ebf10fab7a8229fa5459c0d685e7b7",
-                   "537da318fbb6bb98c8bb9fd24fb6426d"]
+    assert ids == [
+        "2651e6d40c08ab58bccb53de1d8fbc29",
+        "71ebf10fab7a8229fa5459c0d685e7b7",
+        "537da318fbb6bb98c8bb9fd24fb6426d",
+    ]
 
 
 def test_csv_json_parquet_and_folders(tmp_path):
@@ -108,15 +138,18 @@ def test_csv_json_parquet_and_folders(tmp_path):
 
 
 def test_bad_rows_name_file_line_and_reason(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": [{"role": "user", "content": "ok"}]},
-        "{not json",
-        {"messages": [{"role": "robot", "content": "x"}]},
-        {"messages": [{"role": "user", "content": "   "}]},
-        {"messages": [{"role": "assistant", "content": "no prompt"}]},
-        {"messages": "nope"},
-        {"something": "else"},
-    ])
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "ok"}]},
+            "{not json",
+            {"messages": [{"role": "robot", "content": "x"}]},
+            {"messages": [{"role": "user", "content": "   "}]},
+            {"messages": [{"role": "assistant", "content": "no prompt"}]},
+            {"messages": "nope"},
+            {"something": "else"},
+        ],
+    )
     items = _prompts(data.build_plan([str(path)], shuffle=False))
     assert isinstance(items[0], Prompt)
     bad = items[1:]
@@ -152,8 +185,7 @@ def test_shards_cover_every_row_exactly_once(tmp_path):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(23)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     whole = [p.id for p in _prompts(data.build_plan([str(path)], seed=3))]
-    shards = [[p.id for p in _prompts(data.build_plan([str(path)], seed=3, data_range=[i, 5]))]
-              for i in range(5)]
+    shards = [[p.id for p in _prompts(data.build_plan([str(path)], seed=3, data_range=[i, 5]))] for i in range(5)]
     assert sum(shards, []) == whole
     assert [len(s) for s in shards] == [4, 5, 4, 5, 5]
 
@@ -163,8 +195,10 @@ def test_ids_are_stable_content_hashes(tmp_path):
     rows.append(rows[0])  # a duplicate row still gets its own id
     rows.append({"id": "mine-7", "messages": [{"role": "user", "content": "q7"}]})
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    plain = {p.messages[-1]["content"] + str(i): p.id
-             for i, p in enumerate(_prompts(data.build_plan([str(path)], shuffle=False)))}
+    plain = {
+        p.messages[-1]["content"] + str(i): p.id
+        for i, p in enumerate(_prompts(data.build_plan([str(path)], shuffle=False)))
+    }
     shuffled = _prompts(data.build_plan([str(path)], seed=7))
     assert len({p.id for p in shuffled}) == 8
     assert sorted(p.id for p in shuffled) == sorted(plain.values())
@@ -190,7 +224,7 @@ def test_plan_is_compact(tmp_path):
         for i in range(20000):
             f.write(json.dumps({"messages": [{"role": "user", "content": f"question number {i}"}]}) + "\n")
     plan = data.build_plan([str(path)])
-    per_row = (plan.src.itemsize + plan.idx.itemsize + plan.copy.itemsize)
+    per_row = plan.src.itemsize + plan.idx.itemsize + plan.copy.itemsize
     assert per_row <= 12  # a few bytes a row: the plan never holds the rows themselves
     assert len(plan) == 20000
     assert isinstance(plan.read(19999), Prompt)
@@ -204,8 +238,10 @@ def test_hub_loading_code_on_a_local_hub_layout(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
     repo = tmp_path / "hub" / "org" / "arith"
     (repo / "data").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pylist([{"problem": f"P{i}", "answer": str(i)} for i in range(5)]),
-                   repo / "data" / "train-00000-of-00001.parquet")
+    pq.write_table(
+        pa.Table.from_pylist([{"problem": f"P{i}", "answer": str(i)} for i in range(5)]),
+        repo / "data" / "train-00000-of-00001.parquet",
+    )
     (source,) = [data._open_hub(data.DatasetSpec(path=str(repo), text=str(repo)))]
     assert len(source) == 5 and source.row(3) == {"problem": "P3", "answer": "3"}
     assert source.where(3) == f"{repo} row 3"

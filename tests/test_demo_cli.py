@@ -57,8 +57,11 @@ def rewards_of_good_and_bad(server, kind: str) -> list[dict]:
 
 def test_serve_demo_policy_and_prm(tmp_path):
     with served(tmp_path, "demo-policy") as policy:
-        resp = httpx.post(f"{policy.url}/v1/chat/completions", timeout=60, json={
-            "model": policy.health()["model"], "messages": [QUESTION], "max_tokens": 48, "temperature": 0})
+        resp = httpx.post(
+            f"{policy.url}/v1/chat/completions",
+            timeout=60,
+            json={"model": policy.health()["model"], "messages": [QUESTION], "max_tokens": 48, "temperature": 0},
+        )
         assert resp.status_code == 200, resp.text
         assert "\\boxed{" in resp.json()["choices"][0]["message"]["content"]
     with served(tmp_path, "demo-prm") as prm:
@@ -74,7 +77,8 @@ def test_serve_demo_rm(tmp_path):
     with served(tmp_path, "demo-rm") as rm:
         good, bad = (d["score"] for d in rewards_of_good_and_bad(rm, "classifier"))
         assert good > bad
-        chat = httpx.post(f"{rm.url}/v1/chat/completions", json={"model": rm.health()["model"], "messages": GOOD},
-                          timeout=60)
+        chat = httpx.post(
+            f"{rm.url}/v1/chat/completions", json={"model": rm.health()["model"], "messages": GOOD}, timeout=60
+        )
         assert chat.status_code == 200, chat.text
         assert float(chat.json()["choices"][0]["message"]["content"]) == pytest.approx(good, abs=1e-4)

@@ -80,7 +80,6 @@ def test_report_metrics_from_raw_records():
     assert m["prm-vote@n"] == 0.5  # answer 5 sums 0.9, answer 4 only 0.1 + 0.2
 
 
-
 @pytest.mark.slow
 def test_shortened_reproduction_runs(tmp_path):
     rep = train.build_world(tmp_path, train.WorldConfig.quick(), threads=1)
@@ -138,6 +137,11 @@ def test_verifier_examples_put_targets_on_the_right_tokens():
     names = tok.convert_ids_to_tokens(rm.ids)
     assert [(names[t], ok) for t, ok in rm.steps] == [("\u010a", False), ("\u010a", False)]
     assert rm.outcome is False and len(rm.dense) == len(prm.dense)
-    bare = train.verifier_example(tok, arith.Problem(42, (arith.Op("*", 2),)), None,
-                                  train.labelled(arith.Problem(42, (arith.Op("*", 2),)), "42 * 2 = 84"), tagged=True)
+    bare = train.verifier_example(
+        tok,
+        arith.Problem(42, (arith.Op("*", 2),)),
+        None,
+        train.labelled(arith.Problem(42, (arith.Op("*", 2),)), "42 * 2 = 84"),
+        tagged=True,
+    )
     assert tok.decode(bare.ids) == "42 * 2 = 84 <step>" and bare.steps == [(len(bare.ids) - 1, True)]

@@ -32,9 +32,26 @@ def server():
 
 def client_args(server, out: Path, dataset: Path, *extra: str, **engine: object) -> list[str]:
     kwargs = {"base_url": server.url, "retry_base_s": 0.01, "api_key": SECRET, **engine}
-    return ["sample", "--sampler_engine", "client", "--model", "fake", "--dataset", str(dataset),
-            "--num_return_sequences", "1", "--output_dir", str(out), "--output_file", "o.jsonl", "--progress", "false",
-            "--engine_kwargs", json.dumps(kwargs), *extra]
+    return [
+        "sample",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "fake",
+        "--dataset",
+        str(dataset),
+        "--num_return_sequences",
+        "1",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+        "--engine_kwargs",
+        json.dumps(kwargs),
+        *extra,
+    ]
 
 
 def sums(tmp_path: Path, n: int, marked: dict[int, str] | None = None) -> Path:
@@ -56,6 +73,7 @@ def wait_for(predicate, timeout: float = 60.0, what: str = "the condition") -> N
 
 # ----------------------------------------------------------------------------- 1. retries and kills
 
+
 def test_rows_waiting_for_a_retry_survive_a_resumed_run_that_is_killed(tmp_path, server):
     dataset = sums(tmp_path, 60, {i: "[[503-1]]" for i in range(14)})
     out = tmp_path / "out"
@@ -65,8 +83,11 @@ def test_rows_waiting_for_a_retry_survive_a_resumed_run_that_is_killed(tmp_path,
     # resumed, then killed while the retries are in flight (the server holds them)
     server.defaults["latency"] = 120.0
     before = server.chat_requests
-    proc = subprocess.Popen([sys.executable, "-m", "winnow", *client_args(server, out, dataset, "--resume", "true")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winnow", *client_args(server, out, dataset, "--resume", "true")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_for(lambda: server.chat_requests >= before + 14, what="the resumed run's retries")
     finally:
@@ -88,6 +109,7 @@ def test_rows_waiting_for_a_retry_survive_a_resumed_run_that_is_killed(tmp_path,
 
 # ----------------------------------------------------------------------------- 2. cut streams
 
+
 def test_a_stream_cut_off_mid_answer_is_retried_never_written(tmp_path, server):
     marks = {**{i: "[[cut-1]]" for i in range(6)}, 6: "[[cutdrop-1]]", 7: "[[cut-always]]", 8: "[[cutdrop-always]]"}
     dataset = sums(tmp_path, 12, marks)
@@ -105,6 +127,7 @@ def test_a_stream_cut_off_mid_answer_is_retried_never_written(tmp_path, server):
 
 
 # ----------------------------------------------------------------------------- 3. secrets
+
 
 def test_no_secret_reaches_the_disk_or_the_terminal(tmp_path, server):
     dataset = sums(tmp_path, 4)
@@ -134,6 +157,7 @@ def test_credentials_in_the_base_url_are_refused_in_one_line(tmp_path, server):
 
 # ----------------------------------------------------------------------------- 7. fatal errors
 
+
 def test_a_401_fails_the_run_and_the_manifest_says_so(tmp_path, server):
     dataset = sums(tmp_path, 3, {0: "[[401-always]]", 1: "[[401-always]]", 2: "[[401-always]]"})
     out = tmp_path / "out"
@@ -148,12 +172,15 @@ def test_a_401_fails_the_run_and_the_manifest_says_so(tmp_path, server):
 
 def test_a_reward_that_raises_fails_the_run(tmp_path, server):
     plugin = tmp_path / "broken.py"
-    plugin.write_text("def explode(completions, **kw):\n    raise RuntimeError('the reward broke')\n\n"
-                      "rewards = {'explode': explode}\n")
+    plugin.write_text(
+        "def explode(completions, **kw):\n    raise RuntimeError('the reward broke')\n\n"
+        "rewards = {'explode': explode}\n"
+    )
     dataset = sums(tmp_path, 3)
     out = tmp_path / "out"
-    proc = run_winnow(*client_args(server, out, dataset, "--external_plugins", str(plugin),
-                                   "--reward_funcs", "explode"))
+    proc = run_winnow(
+        *client_args(server, out, dataset, "--external_plugins", str(plugin), "--reward_funcs", "explode")
+    )
     assert proc.returncode == 1 and "the reward broke" in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
     manifest = json.loads((out / "o.manifest.json").read_text())
@@ -162,9 +189,10 @@ def test_a_reward_that_raises_fails_the_run(tmp_path, server):
 
 # ----------------------------------------------------------------------------- 6. bad files, full disks
 
+
 def test_bad_files_are_one_line_or_a_bad_row_never_a_traceback(tmp_path, server):
     ragged = tmp_path / "ragged.csv"
-    ragged.write_text("query,k\nWhat is 1 + 1?,1\nWhat is 2 + 2?,2,extra\n\"What is 3 + 3?\",3\n")
+    ragged.write_text('query,k\nWhat is 1 + 1?,1\nWhat is 2 + 2?,2,extra\n"What is 3 + 3?",3\n')
     latin = tmp_path / "latin.json"
     latin.write_bytes('[{"query": "caf\xe9"}]'.encode("latin-1"))
     proc = run_winnow(*client_args(server, tmp_path / "a", ragged))
@@ -197,8 +225,14 @@ def test_a_full_disk_is_one_line_and_resumes_without_loss(tmp_path, server):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (16000, 16000))
 
-    proc = subprocess.run([sys.executable, "-m", "winnow", *args], capture_output=True, text=True, timeout=300,
-                          preexec_fn=small_files, env=os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-m", "winnow", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+        env=os.environ,
+    )
     assert proc.returncode == 1, proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and "cannot write" in errors[0] and "--resume true" in errors[0], proc.stderr
@@ -214,22 +248,43 @@ def test_a_full_disk_is_one_line_and_resumes_without_loss(tmp_path, server):
 
 # ----------------------------------------------------------------------------- 8. the second Ctrl-C
 
+
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_a_local_engine_at_once_and_the_output_resumes(tmp_path, tiny_model):
     rows = [{"query": f"Tell me a long story about the number {i}."} for i in range(12)]
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "out"
     # batches of 4 prompts x 8 samples x 1,500 tokens: each engine call takes many seconds
-    args = ["sample", "--model", str(tiny_model), "--dataset", str(dataset), "--num_return_sequences", "8",
-            "--temperature", "1.0", "--output_dir", str(out), "--output_file", "o.jsonl", "--progress", "false",
-            "--num_sampling_batch_size", "4", "--engine_kwargs", json.dumps({"max_batch_sequences": 32})]
+    args = [
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(dataset),
+        "--num_return_sequences",
+        "8",
+        "--temperature",
+        "1.0",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+        "--num_sampling_batch_size",
+        "4",
+        "--engine_kwargs",
+        json.dumps({"max_batch_sequences": 32}),
+    ]
     started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "winnow", *args, "--max_new_tokens", "1500"],
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winnow", *args, "--max_new_tokens", "1500"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
-        wait_for(lambda: (out / "o.jsonl").exists() and (out / "o.jsonl").stat().st_size > 0, 300,
-                 "the first batch")
+        wait_for(lambda: (out / "o.jsonl").exists() and (out / "o.jsonl").stat().st_size > 0, 300, "the first batch")
         first_batch = time.monotonic() - started
         proc.send_signal(signal.SIGINT)
         time.sleep(0.2)

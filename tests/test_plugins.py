@@ -12,11 +12,38 @@ PLUGIN = Path(__file__).parent / "plugins" / "seed_prm.py"
 
 def test_seed_plugin_prm_and_model_rewards_in_one_run(tmp_path, tiny_model, tiny_prm, tiny_classifier_rm, math_jsonl):
     proc = run_winnow(
-        "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#2", "--num_return_sequences", "3",
-        "--max_new_tokens", "6", "--external_plugins", str(PLUGIN), "--prm_model", "custom",
-        "--reward_funcs", "async_const", "--reward_model", str(tiny_classifier_rm), str(tiny_prm),
-        "--reward_weights", "1", "2", "0.5", "0.25", "--output_format", "raw",
-        "--output_dir", str(tmp_path / "out"), "--output_file", "g.jsonl", "--progress", "false")
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        f"{math_jsonl}#2",
+        "--num_return_sequences",
+        "3",
+        "--max_new_tokens",
+        "6",
+        "--external_plugins",
+        str(PLUGIN),
+        "--prm_model",
+        "custom",
+        "--reward_funcs",
+        "async_const",
+        "--reward_model",
+        str(tiny_classifier_rm),
+        str(tiny_prm),
+        "--reward_weights",
+        "1",
+        "2",
+        "0.5",
+        "0.25",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--output_file",
+        "g.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(tmp_path / "out" / "g.jsonl")
     assert len(records) == 2
@@ -28,31 +55,71 @@ def test_seed_plugin_prm_and_model_rewards_in_one_run(tmp_path, tiny_model, tiny
             steps = [s for s in c["text"].split("\n\n") if s.strip()]
             assert len(scores["custom"].get("steps", [])) == len(steps)
             assert len(scores["prm-shepherd"].get("steps", [])) == len(steps)
-            known = [(w, scores[k]["value"]) for w, k in ((1, "custom"), (2, "async_const"), (0.5, "classifier"),
-                                                           (0.25, "prm-shepherd"))]
+            known = [
+                (w, scores[k]["value"])
+                for w, k in ((1, "custom"), (2, "async_const"), (0.5, "classifier"), (0.25, "prm-shepherd"))
+            ]
             expected = sum(w * v for w, v in known if v is not None)
             assert abs(c["reward"] - expected) < 1e-6
 
 
 def test_seed_orm_decides_what_is_kept(tmp_path, tiny_model, math_jsonl):
     proc = run_winnow(
-        "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#3", "--num_return_sequences", "3",
-        "--max_new_tokens", "6", "--external_plugins", str(PLUGIN), "--orm_model", "contains",
-        "--prm_model", "custom", "--include_reference", "true", "--keep_unpaired", "true",
-        "--output_dir", str(tmp_path / "out"), "--output_file", "s.jsonl", "--progress", "false")
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        f"{math_jsonl}#3",
+        "--num_return_sequences",
+        "3",
+        "--max_new_tokens",
+        "6",
+        "--external_plugins",
+        str(PLUGIN),
+        "--orm_model",
+        "contains",
+        "--prm_model",
+        "custom",
+        "--include_reference",
+        "true",
+        "--keep_unpaired",
+        "true",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--output_file",
+        "s.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(tmp_path / "out" / "s.jsonl")
     # the random policy almost never writes the answer; the reference always contains it, so it passes and is kept
     assert records and all(r["id"] for r in records)
-    assert any(r["messages"][-1]["content"] == str(int(r["messages"][0]["content"].split()[2]) * 2 + 1)
-               for r in records)
+    assert any(
+        r["messages"][-1]["content"] == str(int(r["messages"][0]["content"].split()[2]) * 2 + 1) for r in records
+    )
 
 
 def test_wrong_count_plugin_names_the_reward(tmp_path, tiny_model, math_jsonl):
     proc = run_winnow(
-        "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#1", "--num_return_sequences", "2",
-        "--max_new_tokens", "4", "--external_plugins", str(PLUGIN), "--reward_funcs", "short_by_one",
-        "--output_dir", str(tmp_path / "out"), "--progress", "false")
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        f"{math_jsonl}#1",
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--external_plugins",
+        str(PLUGIN),
+        "--reward_funcs",
+        "short_by_one",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--progress",
+        "false",
+    )
     assert proc.returncode != 0
     assert "reward short_by_one returned 1 scores for 2 samples" in proc.stderr
 
@@ -62,10 +129,30 @@ def test_swift_plugin_file_loads_unchanged(tmp_path, tiny_model, math_jsonl):
     plugin = Path(__file__).parent / "plugins" / "swift_style.py"
     listing = run_winnow("list", "rewards", "--external_plugins", str(plugin))
     proc = run_winnow(
-        "sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#2", "--num_return_sequences", "2",
-        "--max_new_tokens", "6", "--external_plugins", str(plugin), "--reward_funcs", "has_digit",
-        "--prm_model", "step_len", "--output_format", "raw", "--output_dir", str(tmp_path), "--output_file",
-        "s.jsonl", "--progress", "false")
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        f"{math_jsonl}#2",
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "6",
+        "--external_plugins",
+        str(plugin),
+        "--reward_funcs",
+        "has_digit",
+        "--prm_model",
+        "step_len",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(tmp_path),
+        "--output_file",
+        "s.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     for rec in read_jsonl(tmp_path / "s.jsonl"):
         for c in rec["completions"]:
@@ -119,8 +206,9 @@ def test_an_installed_packages_engine_and_reward_come_from_its_entry_points(tmp_
     dist = site / "winnow_shout-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: winnow-shout\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[winnow.engine]\nshout = winnow_shout:ShoutEngine\n\n"
-                                           "[winnow.reward]\nloud = winnow_shout:loud\n")
+    (dist / "entry_points.txt").write_text(
+        "[winnow.engine]\nshout = winnow_shout:ShoutEngine\n\n[winnow.reward]\nloud = winnow_shout:loud\n"
+    )
     env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
     listed = run_winnow("list", "engines", env=env)
     assert listed.returncode == 0 and "shout" in listed.stdout and "winnow-shout" in listed.stdout
@@ -129,9 +217,28 @@ def test_an_installed_packages_engine_and_reward_come_from_its_entry_points(tmp_
     dataset = tmp_path / "d.jsonl"
     dataset.write_text('{"query": "hello"}\n{"query": "again"}\n')
     out = tmp_path / "out"
-    proc = run_winnow("sample", "--sampler_engine", "shout", "--model", "any", "--dataset", str(dataset),
-                      "--num_return_sequences", "2", "--orm_model", "loud", "--output_format", "raw",
-                      "--output_dir", str(out), "--output_file", "o.jsonl", "--progress", "false", env=env)
+    proc = run_winnow(
+        "sample",
+        "--sampler_engine",
+        "shout",
+        "--model",
+        "any",
+        "--dataset",
+        str(dataset),
+        "--num_return_sequences",
+        "2",
+        "--orm_model",
+        "loud",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(out / "o.jsonl")
     assert sorted(c["text"] for r in records for c in r["completions"]) == ["AGAIN", "AGAIN", "HELLO", "HELLO"]

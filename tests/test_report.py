@@ -26,11 +26,14 @@ HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 def samples(correct: list[bool], answers: list | None = None, **rewards: list) -> list[Sample]:
     answers = answers or [None] * len(correct)
-    return [Sample(c, a, {k: v[i] for k, v in rewards.items()})
-            for i, (c, a) in enumerate(zip(correct, answers, strict=True))]
+    return [
+        Sample(c, a, {k: v[i] for k, v in rewards.items()})
+        for i, (c, a) in enumerate(zip(correct, answers, strict=True))
+    ]
 
 
 # ----------------------------------------------------------------------------- estimators, by hand
+
 
 def test_pass_at_k_is_the_unbiased_estimator():
     assert pass_at_k(4, 2, 1) == 0.5
@@ -85,8 +88,9 @@ def test_majority_with_ties_by_hand():
 
 def test_weighted_majority_by_hand():
     # b has 3 votes, a 2; by PRM weight a has 1.7 and b 0.6; the last sample has no PRM score and does not vote
-    s = samples([True, False, False, False, True, False], ["a", "b", "b", "b", "a", "c"],
-                prm=[0.9, 0.1, 0.2, 0.3, 0.8, None])
+    s = samples(
+        [True, False, False, False, True, False], ["a", "b", "b", "b", "a", "c"], prm=[0.9, 0.1, 0.2, 0.3, 0.8, None]
+    )
     assert vote(s) == 0.0
     assert vote(s, "prm") == 1.0
     at_1 = votes_at_k(s, 1, [None, "prm"])
@@ -95,8 +99,11 @@ def test_weighted_majority_by_hand():
 
 def test_monte_carlo_subsets_match_exact_enumeration():
     rng = random.Random(3)
-    s = samples([rng.random() < 0.4 for _ in range(12)], [rng.choice("abcd") for _ in range(12)],
-                prm=[rng.random() for _ in range(12)])
+    s = samples(
+        [rng.random() < 0.4 for _ in range(12)],
+        [rng.choice("abcd") for _ in range(12)],
+        prm=[rng.random() for _ in range(12)],
+    )
     exact = votes_at_k(s, 6, [None, "prm"], draws=1000)  # C(12,6) = 924: every subset
     drawn = votes_at_k(s, 6, [None, "prm"], draws=20000, rng=random.Random(0))
     assert math.comb(12, 6) < 1000
@@ -129,11 +136,17 @@ def test_tokens_at_k():
 
 # ----------------------------------------------------------------------------- reading
 
+
 def test_score_values_and_group_tokens_shapes():
-    assert report.score_values({"scores": {"m": {"value": 1}, "p": {"value": None, "steps": [1]}}, "reward": 2}) \
-        == {"m": 1.0, "p": None, "reward": 2.0}
-    assert report.score_values({"scores": [{"name": "m", "value": 0.5}, {"name": "p", "value": 1}]}) \
-        == {"m": 0.5, "p": 1.0}
+    assert report.score_values({"scores": {"m": {"value": 1}, "p": {"value": None, "steps": [1]}}, "reward": 2}) == {
+        "m": 1.0,
+        "p": None,
+        "reward": 2.0,
+    }
+    assert report.score_values({"scores": [{"name": "m", "value": 0.5}, {"name": "p", "value": 1}]}) == {
+        "m": 0.5,
+        "p": 1.0,
+    }
     assert report.score_values({"scores": {"m": 3}}) == {"m": 3.0}
     assert report.group_tokens({"compute": {"completion_tokens": 1200, "engine_calls": 9}}) == 1200
     assert report.group_tokens({"search": {"tokens": 7}}) == 7
@@ -141,8 +154,9 @@ def test_score_values_and_group_tokens_shapes():
 
 
 def test_answer_classes_merge_equivalent_forms_with_few_verifications(monkeypatch):
-    classes = mathverify.answer_classes(["\\boxed{0.5}", "\\boxed{\\frac{1}{2}}", "\\boxed{3}", None, "\\boxed{1/2}",
-                                         "", "\\boxed{3}"])
+    classes = mathverify.answer_classes(
+        ["\\boxed{0.5}", "\\boxed{\\frac{1}{2}}", "\\boxed{3}", None, "\\boxed{1/2}", "", "\\boxed{3}"]
+    )
     assert classes == [0, 0, 1, None, 0, None, 1]
     calls = []
     real = mathverify._equivalent
@@ -154,31 +168,52 @@ def test_answer_classes_merge_equivalent_forms_with_few_verifications(monkeypatc
 
 
 def completion(answer, right: bool, tokens: int, **scores) -> dict:
-    return {"text": f"so the answer is \\boxed{{{answer}}}", "finish_reason": "stop", "prompt_tokens": 5,
-            "completion_tokens": tokens, "scores": {"math": {"value": 1.0 if right else 0.0},
-                                                    **{k: {"value": v} for k, v in scores.items()}}}
+    return {
+        "text": f"so the answer is \\boxed{{{answer}}}",
+        "finish_reason": "stop",
+        "prompt_tokens": 5,
+        "completion_tokens": tokens,
+        "scores": {"math": {"value": 1.0 if right else 0.0}, **{k: {"value": v} for k, v in scores.items()}},
+    }
 
 
 def write_raw(path: Path, records: list[dict], manifest: bool = True) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     if manifest:
-        path.with_name(path.stem + ".manifest.json").write_text(json.dumps({
-            "output_file": path.name,
-            "config": {"model": "/models/tiny-policy", "sampler_type": "sample", "num_return_sequences": 4},
-            "rewards": [{"key": "math", "role": "orm", "spec": "math", "weight": 1.0},
+        path.with_name(path.stem + ".manifest.json").write_text(
+            json.dumps(
+                {
+                    "output_file": path.name,
+                    "config": {"model": "/models/tiny-policy", "sampler_type": "sample", "num_return_sequences": 4},
+                    "rewards": [
+                        {"key": "math", "role": "orm", "spec": "math", "weight": 1.0},
                         {"key": "prm", "role": "prm", "spec": "p", "weight": 1.0},
-                        {"key": "rm", "role": "rm", "spec": "r", "weight": 1.0}]}))
+                        {"key": "rm", "role": "rm", "spec": "r", "weight": 1.0},
+                    ],
+                }
+            )
+        )
     return path
 
 
 def tiny_records(group_tokens: int | None = None) -> list[dict]:
     """Two problems of 4 samples; figures worked out by hand in test_report_command_end_to_end."""
-    p1 = [completion(7, True, 10, prm=0.9, rm=-1.0), completion(5, False, 20, prm=0.2, rm=2.0),
-          completion(7, True, 30, prm=0.4, rm=0.5), completion(9, False, 40, prm=0.8, rm=0.1)]
-    p2 = [completion(3, False, 10, prm=0.3, rm=0.5), completion(3, False, 10, prm=0.3, rm=0.2),
-          completion(4, True, 10, prm=0.9, rm=0.1), completion(6, False, 10, prm=0.1, rm=0.9)]
-    records = [{"id": "p1", "messages": [], "reference": "7", "completions": p1},
-               {"id": "p2", "messages": [], "reference": "4", "completions": p2}]
+    p1 = [
+        completion(7, True, 10, prm=0.9, rm=-1.0),
+        completion(5, False, 20, prm=0.2, rm=2.0),
+        completion(7, True, 30, prm=0.4, rm=0.5),
+        completion(9, False, 40, prm=0.8, rm=0.1),
+    ]
+    p2 = [
+        completion(3, False, 10, prm=0.3, rm=0.5),
+        completion(3, False, 10, prm=0.3, rm=0.2),
+        completion(4, True, 10, prm=0.9, rm=0.1),
+        completion(6, False, 10, prm=0.1, rm=0.9),
+    ]
+    records = [
+        {"id": "p1", "messages": [], "reference": "7", "completions": p1},
+        {"id": "p2", "messages": [], "reference": "4", "completions": p2},
+    ]
     if group_tokens is not None:
         for r in records:
             r["compute"] = {"completion_tokens": group_tokens}
@@ -208,8 +243,7 @@ def test_report_command_end_to_end(tmp_path):
     assert value[2]["best:prm"] == pytest.approx((4 / 6 + 3 / 6) / 2)
     # all 4: p1 votes 7 (right), p2 votes 3 (wrong); prm-weighted: 7 (1.3) and 4 (0.9) both right;
     # best prm 0.9 right in both; best rm 2.0 and 0.9 both wrong
-    assert value[4] == pytest.approx({"pass": 1.0, "majority": 0.5, "best:prm": 1.0, "best:rm": 0.0,
-                                      "vote:prm": 1.0})
+    assert value[4] == pytest.approx({"pass": 1.0, "majority": 0.5, "best:prm": 1.0, "best:rm": 0.0, "vote:prm": 1.0})
     assert [rows[k]["tokens"] for k in (1, 2, 4)] == [17.5, 35.0, 70.0]  # (25 + 10) / 2 per sample
     assert [r["tokens"] for r in data["runs"][1]["rows"]] == [250.0, 500.0, 1000.0]  # the group's own count
     for m in rows[4]["metrics"].values():
@@ -228,8 +262,9 @@ def test_report_errors_name_the_file_and_the_fix(tmp_path):
     bare = write_raw(tmp_path / "bare.jsonl", tiny_records(), manifest=False)
     proc = run_winnow("report", str(bare), "--output_dir", str(tmp_path))
     assert proc.returncode == 2 and "--orm KEY" in proc.stderr and "math, prm, rm" in proc.stderr
-    proc = run_winnow("report", str(bare), "--orm", "math", "--rewards", "prm", "--output_dir", str(tmp_path),
-                      "--plots", "false")
+    proc = run_winnow(
+        "report", str(bare), "--orm", "math", "--rewards", "prm", "--output_dir", str(tmp_path), "--plots", "false"
+    )
     assert proc.returncode == 0, proc.stderr
     assert "best-of-k prm" in proc.stdout and "best-of-k rm" not in proc.stdout
     broken = tmp_path / "broken.jsonl"
@@ -241,8 +276,9 @@ def test_report_errors_name_the_file_and_the_fix(tmp_path):
     with pytest.raises(ConfigError, match="--ties"):
         ReportConfig(outputs=["x"], ties="random")
     with pytest.raises(DataError, match="no 'completions' list"):
-        report.load_run(write_raw(tmp_path / "c.jsonl", [{"id": 1}], manifest=False), ReportConfig(outputs=["x"],
-                                                                                                     orm="m"))
+        report.load_run(
+            write_raw(tmp_path / "c.jsonl", [{"id": 1}], manifest=False), ReportConfig(outputs=["x"], orm="m")
+        )
 
 
 def test_failed_samples_are_left_out(tmp_path):
@@ -255,6 +291,7 @@ def test_failed_samples_are_left_out(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the Qwen2.5-Math eval adapter
+
 
 def test_qwen_eval_slice_matches_the_files_own_figures(tmp_path):
     rows = [json.loads(line) for line in QWEN_SLICE.read_text().splitlines()]
@@ -274,28 +311,48 @@ def test_qwen_eval_slice_matches_the_files_own_figures(tmp_path):
     assert rows_by_k[1]["pass"].value == pytest.approx(sum(sum(r["score"]) / 8 for r in rows) / 6)
     # the same answers grouped by exact text give the same votes here (the preds are already normalised)
     exact = report.load_run(QWEN_SLICE, ReportConfig(outputs=["x"], answer_match="exact"))
-    assert [s.answer is None for p in exact.problems for s in p.samples] == \
-        [s.answer is None for p in run.problems for s in p.samples]
+    assert [s.answer is None for p in exact.problems for s in p.samples] == [
+        s.answer is None for p in run.problems for s in p.samples
+    ]
 
 
 # ----------------------------------------------------------------------------- the demo's table
 
+
 def test_demo_metrics_go_through_the_report_estimators():
     def comp(answer: int, right: bool, prm: float, rm: float) -> dict:
-        return {"text": f"\\boxed{{{answer}}}", "finish_reason": "stop",
-                "scores": {"math": {"value": float(right)}, "demo-prm": {"value": prm}, "demo-rm": {"value": rm}}}
+        return {
+            "text": f"\\boxed{{{answer}}}",
+            "finish_reason": "stop",
+            "scores": {"math": {"value": float(right)}, "demo-prm": {"value": prm}, "demo-rm": {"value": rm}},
+        }
 
     # votes 5 (right) and 6 tie 2-2: the first seen (5) wins; PRM picks 6, RM picks 5; PRM-weighted: 6 (1.0 vs 0.5)
-    record = {"reference": "5", "completions": [comp(5, True, 0.2, 0.9), comp(6, False, 0.5, 0.1),
-                                                comp(5, True, 0.3, 0.2), comp(6, False, 0.5, 0.3)]}
+    record = {
+        "reference": "5",
+        "completions": [
+            comp(5, True, 0.2, 0.9),
+            comp(6, False, 0.5, 0.1),
+            comp(5, True, 0.3, 0.2),
+            comp(6, False, 0.5, 0.3),
+        ],
+    }
     m = demo_report.metrics([record])
-    assert m == {"problems": 1, "pass@1": 0.5, "majority@n": 1.0, "prm-best@n": 0.0, "prm-vote@n": 0.0,
-                 "rm-best@n": 1.0, "pass@n": 1.0}
+    assert m == {
+        "problems": 1,
+        "pass@1": 0.5,
+        "majority@n": 1.0,
+        "prm-best@n": 0.0,
+        "prm-vote@n": 0.0,
+        "rm-best@n": 1.0,
+        "pass@n": 1.0,
+    }
 
 
 def test_a_search_output_is_one_point_per_run_on_its_own_line(tmp_path):
     """Beam search's group is one result: reported at k = N only, with the group's own token count; runs of
     one search at several N share one line of the plot, apart from best-of-N's."""
+
     def search_run(name: str, n: int, group_tokens: int) -> Path:
         path = write_raw(tmp_path / name, tiny_records(group_tokens=group_tokens))
         manifest = json.loads(path.with_name(path.stem + ".manifest.json").read_text())
@@ -306,8 +363,9 @@ def test_a_search_output_is_one_point_per_run_on_its_own_line(tmp_path):
 
     bon = write_raw(tmp_path / "bon.jsonl", tiny_records())
     beam4, beam8 = search_run("beam4.jsonl", 4, 120), search_run("beam8.jsonl", 8, 300)
-    config = ReportConfig(outputs=[str(bon), str(beam4), str(beam8)], bootstrap=0, output_dir=str(tmp_path / "out"),
-                          plots=HAS_MATPLOTLIB)
+    config = ReportConfig(
+        outputs=[str(bon), str(beam4), str(beam8)], bootstrap=0, output_dir=str(tmp_path / "out"), plots=HAS_MATPLOTLIB
+    )
     results = report.report(config, out=lambda _: None, log=lambda _: None)
     (bon_run, bon_rows), (run4, rows4), (run8, rows8) = results
     assert [r.k for r in bon_rows] == [1, 2, 4] and bon_run.independent

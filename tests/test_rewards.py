@@ -40,17 +40,20 @@ def test_answer_extraction():
     assert answer_text("<think>x = 3</think><answer>4</answer>") == "4"
 
 
-@pytest.mark.parametrize("text,reference,expected", [
-    ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0),
-    ("first \\boxed{3}, no wait: \\boxed{4}", "4", 1.0),
-    ("first \\boxed{3}, no wait: \\boxed{4}", "3", 0.0),
-    ("<think>hmm</think><answer>42</answer>", "#### 42", 1.0),
-    ("Adding them we get 18", "Janet makes 9 * 2 = 18 dollars.\n#### 18", 1.0),
-    ("The final answer is 17", "We get \\boxed{18}.", 0.0),
-    ("I do not know", "7", 0.0),
-    ("\\boxed{7}", "no number here at all", None),
-    ("\\boxed{7}", None, None),
-])
+@pytest.mark.parametrize(
+    "text,reference,expected",
+    [
+        ("so the answer is \\boxed{\\frac{1}{2}}", "0.5", 1.0),
+        ("first \\boxed{3}, no wait: \\boxed{4}", "4", 1.0),
+        ("first \\boxed{3}, no wait: \\boxed{4}", "3", 0.0),
+        ("<think>hmm</think><answer>42</answer>", "#### 42", 1.0),
+        ("Adding them we get 18", "Janet makes 9 * 2 = 18 dollars.\n#### 18", 1.0),
+        ("The final answer is 17", "We get \\boxed{18}.", 0.0),
+        ("I do not know", "7", 0.0),
+        ("\\boxed{7}", "no number here at all", None),
+        ("\\boxed{7}", None, None),
+    ],
+)
 def test_verify_answer(text, reference, expected):
     value, _ = verify_answer(text, reference)
     assert value == expected
@@ -90,19 +93,29 @@ def test_verifier_pool_matches_in_process():
 
 
 def test_format_repetition_soft_overlong():
-    assert format_reward(["<think>a</think>\n<answer>b</answer>", "<answer>b</answer>",
-                          "<think>a</think><answer>b</answer> extra"]) == [1.0, 0.0, 0.0]
+    assert format_reward(
+        ["<think>a</think>\n<answer>b</answer>", "<answer>b</answer>", "<think>a</think><answer>b</answer> extra"]
+    ) == [1.0, 0.0, 0.0]
     rep = repetition_reward(["a b c a b c a b c", "one two three four", "hi"], n_grams=3)
     assert rep[0] == pytest.approx(-(1 - 3 / 7)) and rep[1] == 0.0 and rep[2] == 0.0
-    assert soft_overlong_reward(["x", "y", "z"], soft_max_length=100, soft_cache_length=20,
-                                completion_tokens=[70, 90, 100]) == [0.0, -0.5, -1.0]
+    assert soft_overlong_reward(
+        ["x", "y", "z"], soft_max_length=100, soft_cache_length=20, completion_tokens=[70, 90, 100]
+    ) == [0.0, -0.5, -1.0]
 
 
 def test_cosine_follows_length_and_correctness():
     r = CosineReward(max_len=100, workers=0)
-    scores = asyncio.run(r.score([sample("\\boxed{5}", tokens=0 + 1), sample("\\boxed{5}", tokens=100),
-                                  sample("\\boxed{6}", tokens=1), sample("\\boxed{6}", tokens=100),
-                                  sample("\\boxed{5}", reference=None)]))
+    scores = asyncio.run(
+        r.score(
+            [
+                sample("\\boxed{5}", tokens=0 + 1),
+                sample("\\boxed{5}", tokens=100),
+                sample("\\boxed{6}", tokens=1),
+                sample("\\boxed{6}", tokens=100),
+                sample("\\boxed{5}", reference=None),
+            ]
+        )
+    )
     values = [s.value for s in scores]
     assert values[0] == pytest.approx(CosineReward.cosfn(1, 100, 0.5, 1.0)) and values[0] > values[1]
     assert values[1] == pytest.approx(0.5)
@@ -137,7 +150,9 @@ def test_seed_and_trl_plugins_are_adapted():
     swift_style = adapt("length_bonus", registry.build(registry.get_entry("length_bonus"), {}), swift_registered=True)
     assert swift_style.style == "swift"
     assert [s.value for s in asyncio.run(swift_style.score(samples))] == [
-        pytest.approx(len("Step 1\n\n2 + 3 = 5") / 50), None]
+        pytest.approx(len("Step 1\n\n2 + 3 = 5") / 50),
+        None,
+    ]
 
     aconst = FunctionReward("async_const", registry.get_entry("async_const").target)
     assert [s.value for s in asyncio.run(aconst.score(samples))] == [0.5, 0.5]
@@ -164,11 +179,18 @@ def test_reward_options_and_weights():
     with pytest.raises(ConfigError, match="unknown option"):
         build_scorer(cfg)
     # per-reward options and swift's flat names; weights combine the scores
-    cfg = SampleConfig(model="m", dataset=["d"], reward_funcs=["repetition", "format"], reward_weights=[2.0, 0.5],
-                       reward_kwargs={"repetition": {"max_penalty": -0.5}, "repetition_n_grams": 2})
+    cfg = SampleConfig(
+        model="m",
+        dataset=["d"],
+        reward_funcs=["repetition", "format"],
+        reward_weights=[2.0, 0.5],
+        reward_kwargs={"repetition": {"max_penalty": -0.5}, "repetition_n_grams": 2},
+    )
     scorer = build_scorer(cfg)
-    g = Group(Prompt(id="r", messages=[{"role": "user", "content": "q"}]),
-              [Completion(text="a b a b a b"), Completion(text="<think>t</think><answer>a</answer>")])
+    g = Group(
+        Prompt(id="r", messages=[{"role": "user", "content": "q"}]),
+        [Completion(text="a b a b a b"), Completion(text="<think>t</think><answer>a</answer>")],
+    )
     asyncio.run(scorer.score([g]))
     rep = -(1 - 2 / 5) * 0.5  # bigrams: ab ba ab ba ab -> 2 unique of 5
     assert g.completions[0].scores["repetition"].value == pytest.approx(rep)

@@ -65,9 +65,12 @@ def test_qwen_prm_layout_reads_head_at_extra_0(tiny_qwen_prm):
     weights = load_file(str(tiny_qwen_prm / "model.safetensors"))
     base = Qwen2Model.from_pretrained(str(tiny_qwen_prm)).eval()
     head = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 2))
-    head.load_state_dict({k[len("score."):]: v for k, v in weights.items() if k.startswith("score.")})
-    msgs = [{"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
-            CONV[0], {"role": "assistant", "content": "".join(s + "<extra_0>" for s in STEPS)}]
+    head.load_state_dict({k[len("score.") :]: v for k, v in weights.items() if k.startswith("score.")})
+    msgs = [
+        {"role": "system", "content": "Please reason step by step, and put your final answer within \\boxed{}."},
+        CONV[0],
+        {"role": "assistant", "content": "".join(s + "<extra_0>" for s in STEPS)},
+    ]
     text = tok.apply_chat_template(msgs, tokenize=False)
     ids = tok(text, add_special_tokens=False)["input_ids"]
     sep = tok.convert_tokens_to_ids("<extra_0>")

@@ -68,9 +68,17 @@ def sums(path: Path, n: int) -> Path:
 def client_options(server, dataset: Path, latency: float, n: int = 1, **more) -> dict:
     """A client-engine run against the loopback fake server, answers taking ``latency`` seconds, two
     requests in flight per engine (so a few replicas stay busy for a while)."""
-    return dict(model=f"fake?latency={latency}", sampler_engine="client", dataset=[str(dataset)],
-                num_return_sequences=n, engine_kwargs={"base_url": server.url}, max_concurrency=2,
-                output_file="o.jsonl", progress=False, **more)
+    return dict(
+        model=f"fake?latency={latency}",
+        sampler_engine="client",
+        dataset=[str(dataset)],
+        num_return_sequences=n,
+        engine_kwargs={"base_url": server.url},
+        max_concurrency=2,
+        output_file="o.jsonl",
+        progress=False,
+        **more,
+    )
 
 
 def outputs(folder: Path, name: str = "o.jsonl") -> tuple[list[dict], dict]:
@@ -142,6 +150,7 @@ def busy_replica(engine, at_least: int = 1, where: str | None = None):
 
 # ----------------------------------------------------------------------------- options
 
+
 def test_options_are_checked_and_use_ray_is_an_alias(tmp_path):
     base = dict(model="m", dataset=["d.jsonl"])
     assert SampleConfig(**base, use_ray=True).ray is True
@@ -157,29 +166,44 @@ def test_options_are_checked_and_use_ray_is_an_alias(tmp_path):
 
 def test_without_ray_one_line_names_the_extra_and_help_imports_no_ray(tmp_path):
     dataset = sums(tmp_path / "d.jsonl", 2)
-    blocked = ("import sys; sys.modules['ray'] = None\nfrom winnow.cli import main\n"
-               f"sys.exit(main(['sample', '--model', 'm', '--sampler_engine', 'client', '--dataset', '{dataset}', "
-               f"'--output_dir', '{tmp_path / 'out'}', '--ray', 'true', '--num_workers', '2']))")
+    blocked = (
+        "import sys; sys.modules['ray'] = None\nfrom winnow.cli import main\n"
+        f"sys.exit(main(['sample', '--model', 'm', '--sampler_engine', 'client', '--dataset', '{dataset}', "
+        f"'--output_dir', '{tmp_path / 'out'}', '--ray', 'true', '--num_workers', '2']))"
+    )
     proc = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 3, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert lines == ["winnow sample: error: ray is needed for --ray true but is not installed; install it with: "
-                     "pip install 'winnow[ray]'"]
-    light = ("import sys; from winnow.cli import main\ntry:\n    main(['sample', '--help'])\nexcept SystemExit:\n"
-             "    pass\nprint('HEAVY', [m for m in ('ray', 'torch') if m in sys.modules])")
+    assert lines == [
+        "winnow sample: error: ray is needed for --ray true but is not installed; install it with: "
+        "pip install 'winnow[ray]'"
+    ]
+    light = (
+        "import sys; from winnow.cli import main\ntry:\n    main(['sample', '--help'])\nexcept SystemExit:\n"
+        "    pass\nprint('HEAVY', [m for m in ('ray', 'torch') if m in sys.modules])"
+    )
     out = subprocess.run([sys.executable, "-c", light], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out and "--num_workers" in out and "--ray_address" in out
 
 
 # ----------------------------------------------------------------------------- same output as one process
 
+
 def test_transformers_replicas_on_both_nodes_write_what_one_process_writes(tmp_path, cluster, tiny_model):
     dataset = sums(tmp_path / "d.jsonl", 16)
-    common = dict(model=str(tiny_model), dataset=[str(dataset)], num_return_sequences=2, max_new_tokens=8,
-                  num_sampling_batch_size=1, output_file="o.jsonl", progress=False)
+    common = dict(
+        model=str(tiny_model),
+        dataset=[str(dataset)],
+        num_return_sequences=2,
+        max_new_tokens=8,
+        num_sampling_batch_size=1,
+        output_file="o.jsonl",
+        progress=False,
+    )
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
-    summary, _ = run_watched(SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
-                                          ray_address=cluster.address))
+    summary, _ = run_watched(
+        SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2, ray_address=cluster.address)
+    )
     plain, _ = outputs(tmp_path / "plain")
     records, manifest = outputs(tmp_path / "ray")
     assert shape(records) == shape(plain)
@@ -196,8 +220,9 @@ def test_client_replicas_on_both_nodes_write_what_one_process_writes(tmp_path, c
     dataset = sums(tmp_path / "d.jsonl", 40)
     common = client_options(server, dataset, latency=0.02, n=2)
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
-    _, stats = run_watched(SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
-                                        ray_address=cluster.address))
+    _, stats = run_watched(
+        SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2, ray_address=cluster.address)
+    )
     plain, _ = outputs(tmp_path / "plain")
     records, _ = outputs(tmp_path / "ray")
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
@@ -208,11 +233,37 @@ def test_client_replicas_on_both_nodes_write_what_one_process_writes(tmp_path, c
 
 def test_a_driver_elsewhere_joins_through_ray_client(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 12)
-    proc = subprocess.run([sys.executable, "-m", "winnow", "sample", "--sampler_engine", "client", "--model", "fake",
-                           "--dataset", str(dataset), "--num_return_sequences", "2", "--engine_kwargs",
-                           json.dumps({"base_url": server.url}), "--output_dir", str(tmp_path), "--output_file",
-                           "o.jsonl", "--progress", "false", "--ray", "true", "--ray_address",
-                           f"ray://127.0.0.1:{cluster.client_port}"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "winnow",
+            "sample",
+            "--sampler_engine",
+            "client",
+            "--model",
+            "fake",
+            "--dataset",
+            str(dataset),
+            "--num_return_sequences",
+            "2",
+            "--engine_kwargs",
+            json.dumps({"base_url": server.url}),
+            "--output_dir",
+            str(tmp_path),
+            "--output_file",
+            "o.jsonl",
+            "--progress",
+            "false",
+            "--ray",
+            "true",
+            "--ray_address",
+            f"ray://127.0.0.1:{cluster.client_port}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     records, manifest = outputs(tmp_path)
     ids, _ = shape(records)
@@ -223,13 +274,30 @@ def test_a_driver_elsewhere_joins_through_ray_client(tmp_path, cluster, server):
 
 def test_reward_model_replicas_score_as_the_driver_does(tmp_path, cluster, tiny_model, tiny_classifier_rm):
     dataset = sums(tmp_path / "d.jsonl", 6)
-    common = dict(model=str(tiny_model), dataset=[str(dataset)], num_return_sequences=2, max_new_tokens=6,
-                  temperature=0.0, num_sampling_batch_size=2, reward_model=[str(tiny_classifier_rm)],
-                  output_format="raw", output_file="o.jsonl", progress=False)
+    common = dict(
+        model=str(tiny_model),
+        dataset=[str(dataset)],
+        num_return_sequences=2,
+        max_new_tokens=6,
+        temperature=0.0,
+        num_sampling_batch_size=2,
+        reward_model=[str(tiny_classifier_rm)],
+        output_format="raw",
+        output_file="o.jsonl",
+        progress=False,
+    )
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
-    winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, ray_address=cluster.address,
-                               ray_num_cpus_per_worker=0.5, ray_reward_workers=2,
-                               ray_num_cpus_per_reward_worker=0.5))
+    winnow.sample(
+        SampleConfig(
+            **common,
+            output_dir=str(tmp_path / "ray"),
+            ray=True,
+            ray_address=cluster.address,
+            ray_num_cpus_per_worker=0.5,
+            ray_reward_workers=2,
+            ray_num_cpus_per_reward_worker=0.5,
+        )
+    )
     plain, _ = outputs(tmp_path / "plain")
     records, manifest = outputs(tmp_path / "ray")
 
@@ -247,11 +315,22 @@ def test_reward_model_replicas_score_as_the_driver_does(tmp_path, cluster, tiny_
 
 # ----------------------------------------------------------------------------- faults
 
+
 def test_a_replica_killed_mid_run_costs_only_its_calls(tmp_path, cluster, tiny_model):
     dataset = sums(tmp_path / "d.jsonl", 30)
-    config = SampleConfig(model=str(tiny_model), dataset=[str(dataset)], num_return_sequences=2, max_new_tokens=24,
-                          num_sampling_batch_size=1, output_dir=str(tmp_path), output_file="o.jsonl", progress=False,
-                          ray=True, num_workers=2, ray_address=cluster.address)
+    config = SampleConfig(
+        model=str(tiny_model),
+        dataset=[str(dataset)],
+        num_return_sequences=2,
+        max_new_tokens=24,
+        num_sampling_batch_size=1,
+        output_dir=str(tmp_path),
+        output_file="o.jsonl",
+        progress=False,
+        ray=True,
+        num_workers=2,
+        ray_address=cluster.address,
+    )
     killed = []
 
     def kill(engine) -> None:
@@ -272,8 +351,13 @@ def test_a_replica_killed_mid_run_costs_only_its_calls(tmp_path, cluster, tiny_m
 
 def test_a_killed_replica_is_restarted_and_takes_calls_again(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 100)
-    config = SampleConfig(**client_options(server, dataset, latency=0.2), output_dir=str(tmp_path), ray=True,
-                          num_workers=2, ray_address=cluster.address)
+    config = SampleConfig(
+        **client_options(server, dataset, latency=0.2),
+        output_dir=str(tmp_path),
+        ray=True,
+        num_workers=2,
+        ray_address=cluster.address,
+    )
     seen = {}
 
     def kill_and_wait(engine) -> None:
@@ -319,13 +403,15 @@ def test_a_node_removed_mid_run_costs_only_its_calls(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 60)
     common = client_options(server, dataset, latency=0.05)
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
-    config = SampleConfig(**common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2,
-                          ray_address=cluster.address, ray_wait_s=60)
+    config = SampleConfig(
+        **common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2, ray_address=cluster.address, ray_wait_s=60
+    )
     second = next(n for n in cluster.worker_nodes)
 
     def remove(engine) -> None:
-        wait_for(lambda: busy_replica(engine, where=second.node_id) is not None,
-                 what="work on the second node's replica")
+        wait_for(
+            lambda: busy_replica(engine, where=second.node_id) is not None, what="work on the second node's replica"
+        )
         cluster.remove_node(second, allow_graceful=False)
 
     try:
@@ -345,15 +431,41 @@ def test_a_node_removed_mid_run_costs_only_its_calls(tmp_path, cluster, server):
 def test_a_killed_driver_resumes_with_nothing_lost_or_doubled(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 80)
     out = tmp_path / "out"
-    args = ["sample", "--sampler_engine", "client", "--model", "fake?latency=0.1", "--dataset", str(dataset),
-            "--num_return_sequences", "1", "--engine_kwargs", json.dumps({"base_url": server.url}),
-            "--max_concurrency", "2", "--output_dir", str(out), "--output_file", "o.jsonl", "--progress", "false",
-            "--ray", "true", "--num_workers", "2", "--ray_address", cluster.address]
-    driver = subprocess.Popen([sys.executable, "-m", "winnow", *args], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    args = [
+        "sample",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "fake?latency=0.1",
+        "--dataset",
+        str(dataset),
+        "--num_return_sequences",
+        "1",
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url}),
+        "--max_concurrency",
+        "2",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+        "--ray",
+        "true",
+        "--num_workers",
+        "2",
+        "--ray_address",
+        cluster.address,
+    ]
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "winnow", *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     try:
-        wait_for(lambda: (out / "o.jsonl").exists() and len(read_jsonl(out / "o.jsonl")) >= 10 or
-                 driver.poll() is not None, what="the first lines")
+        wait_for(
+            lambda: (out / "o.jsonl").exists() and len(read_jsonl(out / "o.jsonl")) >= 10 or driver.poll() is not None,
+            what="the first lines",
+        )
         assert driver.poll() is None, driver.stderr.read()
         driver.send_signal(signal.SIGKILL)
     finally:
@@ -361,11 +473,11 @@ def test_a_killed_driver_resumes_with_nothing_lost_or_doubled(tmp_path, cluster,
         driver.wait(30)
     first = len(read_jsonl(out / "o.jsonl"))
     assert 10 <= first < 80
-    again = subprocess.run([sys.executable, "-m", "winnow", *args, "--resume", "true"], capture_output=True,
-                           text=True, timeout=300)
+    again = subprocess.run(
+        [sys.executable, "-m", "winnow", *args, "--resume", "true"], capture_output=True, text=True, timeout=300
+    )
     assert again.returncode == 0, again.stderr
     records = read_jsonl(out / "o.jsonl")
     assert sorted(r["k"] for r in records) == list(range(80))  # nothing lost, nothing twice
     done = int(re.search(r"(\d+) rows already done", again.stderr)[1])
     assert 0 < done <= first and "ray: 2 replicas" in again.stderr
-

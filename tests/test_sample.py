@@ -23,8 +23,21 @@ def _outputs(folder: Path) -> list[Path]:
 
 
 def test_seed_example_writes_25_conversations(tmp_path, tiny_model, math_jsonl):
-    proc = run_winnow("sample", "--model", str(tiny_model), "--sampler_engine", "pt", "--num_return_sequences", "5",
-                      "--dataset", f"{math_jsonl}#5", "--max_new_tokens", "12", cwd=tmp_path, check=True)
+    proc = run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--sampler_engine",
+        "pt",
+        "--num_return_sequences",
+        "5",
+        "--dataset",
+        f"{math_jsonl}#5",
+        "--max_new_tokens",
+        "12",
+        cwd=tmp_path,
+        check=True,
+    )
     (out,) = _outputs(tmp_path / "sample_output")
     records = read_jsonl(out)
     assert len(records) == 25
@@ -45,27 +58,74 @@ def test_seed_example_writes_25_conversations(tmp_path, tiny_model, math_jsonl):
 
 
 def test_python_api_matches_cli(tmp_path, tiny_model, math_jsonl):
-    args = dict(model=str(tiny_model), dataset=[f"{math_jsonl}#4"], num_return_sequences=3, max_new_tokens=8,
-                temperature=0.0, output_dir=str(tmp_path / "api"), output_file="o.jsonl", progress=False)
+    args = dict(
+        model=str(tiny_model),
+        dataset=[f"{math_jsonl}#4"],
+        num_return_sequences=3,
+        max_new_tokens=8,
+        temperature=0.0,
+        output_dir=str(tmp_path / "api"),
+        output_file="o.jsonl",
+        progress=False,
+    )
     summary = winnow.sample(SampleConfig(**args))
     assert summary.groups_written == 4 and summary.records_written == 12
-    run_winnow("sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#4", "--num_return_sequences", "3",
-               "--max_new_tokens", "8", "--temperature", "0", "--output_dir", str(tmp_path / "cli"),
-               "--output_file", "o.jsonl", check=True)
+    run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        f"{math_jsonl}#4",
+        "--num_return_sequences",
+        "3",
+        "--max_new_tokens",
+        "8",
+        "--temperature",
+        "0",
+        "--output_dir",
+        str(tmp_path / "cli"),
+        "--output_file",
+        "o.jsonl",
+        check=True,
+    )
     api = read_jsonl(tmp_path / "api" / "o.jsonl")
     cli = read_jsonl(tmp_path / "cli" / "o.jsonl")
     key = lambda r: (r["id"], r["messages"][-1]["content"])  # noqa: E731
     assert sorted(api, key=key) == sorted(cli, key=key)  # greedy: identical records
     # sampling_main takes the swift-shaped entry too
-    summary = winnow.sampling_main(["--model", str(tiny_model), "--dataset", f"{math_jsonl}#2",
-                                    "--num_return_sequences", "2", "--max_new_tokens", "4", "--output_dir",
-                                    str(tmp_path / "main"), "--progress", "false"])
+    summary = winnow.sampling_main(
+        [
+            "--model",
+            str(tiny_model),
+            "--dataset",
+            f"{math_jsonl}#2",
+            "--num_return_sequences",
+            "2",
+            "--max_new_tokens",
+            "4",
+            "--output_dir",
+            str(tmp_path / "main"),
+            "--progress",
+            "false",
+        ]
+    )
     assert summary.records_written == 4
 
 
 def test_existing_output_is_never_silently_overwritten(tmp_path, tiny_model, math_jsonl):
-    common = ["sample", "--model", str(tiny_model), "--dataset", f"{math_jsonl}#2", "--num_return_sequences", "2",
-              "--max_new_tokens", "4", "--output_file", "x.jsonl"]
+    common = [
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        f"{math_jsonl}#2",
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--output_file",
+        "x.jsonl",
+    ]
     run_winnow(*common, cwd=tmp_path, check=True)
     before = (tmp_path / "sample_output" / "x.jsonl").read_text()
     proc = run_winnow(*common, cwd=tmp_path)
@@ -77,14 +137,30 @@ def test_existing_output_is_never_silently_overwritten(tmp_path, tiny_model, mat
 
 
 def test_bad_rows_are_logged_or_stop_the_run_with_strict(tmp_path, tiny_model):
-    path = write_jsonl(tmp_path / "d.jsonl", [
-        {"messages": [{"role": "user", "content": "good one"}]},
-        "{broken",
-        {"messages": [{"role": "user", "content": "good two"}]},
-        {"instruction": ""},
-    ])
-    common = ["sample", "--model", str(tiny_model), "--dataset", str(path), "--num_return_sequences", "2",
-              "--max_new_tokens", "4", "--output_file", "o.jsonl", "--dataset_shuffle", "false"]
+    path = write_jsonl(
+        tmp_path / "d.jsonl",
+        [
+            {"messages": [{"role": "user", "content": "good one"}]},
+            "{broken",
+            {"messages": [{"role": "user", "content": "good two"}]},
+            {"instruction": ""},
+        ],
+    )
+    common = [
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(path),
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--output_file",
+        "o.jsonl",
+        "--dataset_shuffle",
+        "false",
+    ]
     proc = run_winnow(*common, "--strict", "true", cwd=tmp_path)
     assert proc.returncode == 2
     assert f"{path}:2" in proc.stderr and "invalid JSON" in proc.stderr
@@ -102,8 +178,16 @@ def test_data_range_shards_union_is_the_whole_run(tmp_path, tiny_model):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     ids = []
     for i in range(3):
-        winnow.sample(model=str(tiny_model), dataset=[str(path)], num_return_sequences=1, max_new_tokens=2,
-                      data_range=[i, 3], output_dir=str(tmp_path), output_file=f"s{i}.jsonl", progress=False)
+        winnow.sample(
+            model=str(tiny_model),
+            dataset=[str(path)],
+            num_return_sequences=1,
+            max_new_tokens=2,
+            data_range=[i, 3],
+            output_dir=str(tmp_path),
+            output_file=f"s{i}.jsonl",
+            progress=False,
+        )
         ids += [r["id"] for r in read_jsonl(tmp_path / f"s{i}.jsonl")]
     assert len(ids) == 7 and len(set(ids)) == 7
 
@@ -140,9 +224,17 @@ def test_stop_words_and_finish_reasons(tiny_model):
 def test_llama_architecture_and_template_file(tmp_path, tiny_llama, math_jsonl):
     template = tmp_path / "t.jinja"
     template.write_text("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] ")
-    summary = winnow.sample(model=str(tiny_llama), dataset=[f"{math_jsonl}#2"], num_return_sequences=2,
-                            max_new_tokens=4, template=str(template), system="Be brief.",
-                            output_dir=str(tmp_path), output_file="l.jsonl", progress=False)
+    summary = winnow.sample(
+        model=str(tiny_llama),
+        dataset=[f"{math_jsonl}#2"],
+        num_return_sequences=2,
+        max_new_tokens=4,
+        template=str(template),
+        system="Be brief.",
+        output_dir=str(tmp_path),
+        output_file="l.jsonl",
+        progress=False,
+    )
     assert summary.records_written == 4
     records = read_jsonl(tmp_path / "l.jsonl")
     assert records[0]["messages"][0] == {"role": "system", "content": "Be brief."}
@@ -163,17 +255,34 @@ def _wait_lines(path: Path, n: int, proc: subprocess.Popen, deadline_s: float = 
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
     rows = [{"messages": [{"role": "user", "content": f"question {i}: what is {i} + {i}?"}]} for i in range(40)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    common = ["--model", str(tiny_model), "--dataset", str(path), "--num_return_sequences", "3",
-              "--max_new_tokens", "24", "--num_sampling_batch_size", "1", "--output_dir", str(tmp_path),
-              "--progress", "false"]
+    common = [
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(path),
+        "--num_return_sequences",
+        "3",
+        "--max_new_tokens",
+        "24",
+        "--num_sampling_batch_size",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+        "--progress",
+        "false",
+    ]
     run_winnow("sample", *common, "--output_file", "full.jsonl", check=True)
     full = read_jsonl(tmp_path / "full.jsonl")
 
     for attempt, kill_after in enumerate((9, 60)):
         name = f"killed{attempt}.jsonl"
         out = tmp_path / name
-        proc = subprocess.Popen([sys.executable, "-m", "winnow", "sample", *common, "--output_file", name],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "winnow", "sample", *common, "--output_file", name],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         _wait_lines(out, kill_after, proc)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -192,11 +301,30 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path, tiny_model):
 def test_sigint_stops_cleanly_and_resumes(tmp_path, tiny_model):
     rows = [{"messages": [{"role": "user", "content": f"q {i}"}]} for i in range(60)]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    common = ["--model", str(tiny_model), "--dataset", str(path), "--num_return_sequences", "2",
-              "--max_new_tokens", "24", "--num_sampling_batch_size", "1", "--output_dir", str(tmp_path),
-              "--output_file", "i.jsonl", "--progress", "false"]
-    proc = subprocess.Popen([sys.executable, "-m", "winnow", "sample", *common], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    common = [
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(path),
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "24",
+        "--num_sampling_batch_size",
+        "1",
+        "--output_dir",
+        str(tmp_path),
+        "--output_file",
+        "i.jsonl",
+        "--progress",
+        "false",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winnow", "sample", *common],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait_lines(tmp_path / "i.jsonl", 6, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
@@ -220,15 +348,19 @@ def test_samples_share_their_prompts_prefill_and_come_out_the_same(tiny_model):
     from winnow.engines.transformers import TransformersEngine
     from winnow.schema import Prompt, SamplingParams
 
-    prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": f"Count to {i} and say why."}])
-               for i in range(3)]
+    prompts = [
+        Prompt(id=str(i), messages=[{"role": "user", "content": f"Count to {i} and say why."}]) for i in range(3)
+    ]
     texts, first_batches = {}, {}
     for shared in (True, False):
         engine = TransformersEngine(str(tiny_model), shared_prefill=shared)
         seen: list[tuple[int, int]] = []
         hook = engine.model.register_forward_hook(
-            lambda module, args, kwargs, out, seen=seen: seen.append(tuple(kwargs["input_ids"].shape))
-            if kwargs.get("input_ids") is not None else None, with_kwargs=True)
+            lambda module, args, kwargs, out, seen=seen: (
+                seen.append(tuple(kwargs["input_ids"].shape)) if kwargs.get("input_ids") is not None else None
+            ),
+            with_kwargs=True,
+        )
         torch.manual_seed(7)
         out = generate_sync(engine, prompts, SamplingParams(n=4, max_new_tokens=12, temperature=1.0))
         hook.remove()

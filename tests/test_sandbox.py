@@ -34,10 +34,20 @@ SLACK_S = 3.0  # start-up and teardown on two busy cores
 
 def modes():
     """Every isolation mode to test here: the fallback always (its hostile cases need root), namespaces if available."""
-    return [pytest.param("namespaces", marks=pytest.mark.skipif(
-        sandbox.isolation() != "namespaces", reason="no namespaces here: not root, or unshare is forbidden")),
-        pytest.param("none", marks=pytest.mark.skipif(
-            not ROOT, reason="without root the fallback has no per-run uid: hostile programs are not contained"))]
+    return [
+        pytest.param(
+            "namespaces",
+            marks=pytest.mark.skipif(
+                sandbox.isolation() != "namespaces", reason="no namespaces here: not root, or unshare is forbidden"
+            ),
+        ),
+        pytest.param(
+            "none",
+            marks=pytest.mark.skipif(
+                not ROOT, reason="without root the fallback has no per-run uid: hostile programs are not contained"
+            ),
+        ),
+    ]
 
 
 @pytest.fixture(autouse=True)
@@ -56,8 +66,9 @@ def hostile(name: str, mode: str, marker: str, **kwargs):
 
 
 def test_ordinary_run_reports_output_stdin_and_exit_code():
-    result = run_python("import sys\nname = input()\nprint('hello', name)\nsys.stderr.write('warn')\nsys.exit(3)",
-                        stdin="world\n")
+    result = run_python(
+        "import sys\nname = input()\nprint('hello', name)\nsys.stderr.write('warn')\nsys.exit(3)", stdin="world\n"
+    )
     assert (result.stdout, result.stderr, result.exit_code) == ("hello world\n", "warn", 3)
     assert not result.timed_out and result.limit is None and not result.ok
     assert result.cpu_s is not None and result.max_rss_mb > 1
@@ -72,11 +83,13 @@ def test_no_stdin_means_end_of_file():
 @pytest.mark.parametrize("mode", modes())
 def test_environment_is_scrubbed_and_work_dir_fresh(mode, monkeypatch):
     monkeypatch.setenv("WINNOW_TEST_SECRET", "hunter2-secret")
-    result = run_python("import os\nprint(sorted(os.environ))\nprint(os.listdir('.'))\nprint(os.getcwd())",
-                        isolation_mode=mode)
+    result = run_python(
+        "import os\nprint(sorted(os.environ))\nprint(os.listdir('.'))\nprint(os.getcwd())", isolation_mode=mode
+    )
     names, files, cwd = result.stdout.splitlines()
     assert "WINNOW_TEST_SECRET" not in names and ast.literal_eval(names) == sorted(
-        ["PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"])
+        ["PATH", "LANG", "LC_ALL", "HOME", "TMPDIR", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"]
+    )
     assert ast.literal_eval(files) == ["main.py"]
     assert (cwd == "/tmp") if mode == "namespaces" else ("winnow-sandbox-" in cwd)
 
@@ -135,8 +148,11 @@ def test_no_network_in_namespaces(network):
     server.setblocking(False)
     try:
         marker = new_marker()
-        result = run_python(program("socket", marker, port=server.getsockname()[1]),
-                            limits=Limits(timeout_s=5, network=network), isolation_mode="namespaces")
+        result = run_python(
+            program("socket", marker, port=server.getsockname()[1]),
+            limits=Limits(timeout_s=5, network=network),
+            isolation_mode="namespaces",
+        )
         if network:
             assert result.ok and result.stdout == "connected\n"
             conn, _ = server.accept()
@@ -152,8 +168,9 @@ def test_no_network_in_namespaces(network):
 def test_namespaces_give_a_private_process_table():
     if sandbox.isolation() != "namespaces":
         pytest.skip("no namespaces here")
-    result = run_python("import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\n"
-                        "print(os.getuid())")
+    result = run_python(
+        "import os\nprint(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))\nprint(os.getuid())"
+    )
     pids, uid = result.stdout.splitlines()
     assert ast.literal_eval(pids) == [1, 2]  # the launcher (PID 1) and the program
     assert int(uid) >= sandbox.UID_BASE
@@ -176,8 +193,9 @@ def test_pool_runs_concurrently_and_keeps_order():
 
 def test_large_stdin_and_output_pass_through():
     data = "".join(f"{i}\n" for i in range(100_000))
-    result = run_python("import sys\nsys.stdout.write(sys.stdin.read())", stdin=data,
-                        limits=Limits(max_output_bytes=1 << 21))
+    result = run_python(
+        "import sys\nsys.stdout.write(sys.stdin.read())", stdin=data, limits=Limits(max_output_bytes=1 << 21)
+    )
     assert result.ok and result.stdout == data
 
 
@@ -197,8 +215,13 @@ print(json.dumps(out))
 @pytest.mark.skipif(not ROOT or not shutil.which("setpriv"), reason="needs root and setpriv to become another user")
 def test_fallback_run_by_an_unprivileged_user_still_clears_what_programs_leave():
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{SRC}:{TESTS}", "LANG": "C.UTF-8"}
-    proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sandbox.default_python(),
-                           "-c", NON_ROOT_CHECK], env=env, capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sandbox.default_python(), "-c", NON_ROOT_CHECK],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out == {"isolation": "none", "daemon": [0, []], "orphan_child": [0, []], "infinite_loop": ["timeout", []]}

@@ -29,6 +29,7 @@ SEP = "\n"
 
 # ----------------------------------------------------------------------------- scripted engine and PRM
 
+
 class ScriptedEngine:
     """Writes steps from a script: ``script(prefix, n, call) -> [step texts]``; a step ends the answer when
     the separator is not among the stop strings (the last allowed depth), or when the script marks it
@@ -47,9 +48,15 @@ class ScriptedEngine:
             completions = []
             for text in self.script(p.prefix or "", params.n, len(self.calls)):
                 ends = text.endswith("$") or SEP not in params.stop
-                completions.append(Completion(text=text.rstrip("$"), finish_reason=FINISH_STOP, prompt_tokens=5,
-                                              completion_tokens=len(text.rstrip("$")),
-                                              stop_string=None if ends else SEP))
+                completions.append(
+                    Completion(
+                        text=text.rstrip("$"),
+                        finish_reason=FINISH_STOP,
+                        prompt_tokens=5,
+                        completion_tokens=len(text.rstrip("$")),
+                        stop_string=None if ends else SEP,
+                    )
+                )
             out.append(completions)
         return out
 
@@ -120,6 +127,7 @@ def by_id(group):
 
 # ----------------------------------------------------------------------------- beam search
 
+
 def test_beam_search_keeps_exactly_the_n_over_m_best_prefixes_at_every_step():
     values = values_for(400)
     engine = ScriptedEngine(counter_script(depth=4))
@@ -139,8 +147,9 @@ def test_beam_search_keeps_exactly_the_n_over_m_best_prefixes_at_every_step():
                 assert all(nodes[n["parent"]].get("kept") for n in level)
         finals = [n for n in nodes.values() if n["depth"] == 4]
         assert len(finals) == 8 and all(n["end"] == "stop" for n in finals)
-        assert [c.trace["node"] for c in group.completions] == \
-            [n["id"] for n in sorted(finals, key=lambda n: -n["value"])]
+        assert [c.trace["node"] for c in group.completions] == [
+            n["id"] for n in sorted(finals, key=lambda n: -n["value"])
+        ]
         best = group.completions[0]  # its PRM score is the search's, kept for the run's scorer
         assert best.text.count(SEP) == 3 and best.scores["prm"].steps[-1] == max(values[n["text"]] for n in finals)
     # one engine call per step for every live beam of both prompts, one PRM call per step
@@ -159,8 +168,11 @@ def test_beam_search_finished_answers_leave_the_beam_and_the_best_n_are_the_grou
         return ["a", "b$", "a", "b$"][:n] if prefix.count(SEP) < 2 else ["c$"] * n
 
     engine = ScriptedEngine(script)
-    (group,) = asyncio.run(BeamSearch(step_separator=SEP, n=4, search_width=2, search_max_steps=10).run(
-        prompts(1), context(engine, {"a": 0.9, "b": 0.2, "c": 0.7}, 4)))
+    (group,) = asyncio.run(
+        BeamSearch(step_separator=SEP, n=4, search_width=2, search_max_steps=10).run(
+            prompts(1), context(engine, {"a": 0.9, "b": 0.2, "c": 0.7}, 4)
+        )
+    )
     nodes = by_id(group)
     ended_early = [n for n in nodes.values() if n["text"] == "b"]
     assert len(ended_early) == 4 and all(n["end"] == "stop" for n in ended_early)
@@ -180,6 +192,7 @@ def test_beam_and_dvts_need_n_a_multiple_of_m_and_a_prm():
 
 
 # ----------------------------------------------------------------------------- DVTS
+
 
 def test_dvts_grows_independent_greedy_subtrees():
     values = values_for(400, seed=3)
@@ -208,8 +221,11 @@ def test_filter_duplicates_drops_repeated_partial_answers():
         return ["x"] * n if not prefix else ["y$"] * n
 
     engine = ScriptedEngine(script)
-    groups = asyncio.run(BeamSearch(step_separator=SEP, n=4, search_width=2, search_filter_duplicates=True).run(
-        prompts(1), context(engine, {}, 4)))
+    groups = asyncio.run(
+        BeamSearch(step_separator=SEP, n=4, search_width=2, search_filter_duplicates=True).run(
+            prompts(1), context(engine, {}, 4)
+        )
+    )
     ends = [n.get("end") for n in groups[0].trace["nodes"]]
     assert ends.count("duplicate") == 3 + 1  # 3 copies of "x", then 1 of "x\ny"
     assert [c.text for c in groups[0].completions] == ["x\ny"]
@@ -218,10 +234,31 @@ def test_filter_duplicates_drops_repeated_partial_answers():
 
 # ----------------------------------------------------------------------------- MCTS
 
-TREE = {"": ["A", "B"], "A\n": ["AA", "AB"], "B\n": ["BA", "BB"], "B\nBA\n": ["BAA", "BAB"],
-        "A\nAA\n": ["AAA", "AAB"], "A\nAB\n": ["ABA", "ABB"], "B\nBB\n": ["BBA", "BBB"]}
-TREE_VALUES = {"A": 0.9, "B": 0.5, "AA": 0.2, "AB": 0.4, "BA": 0.8, "BB": 0.7, "BAA": 0.95, "BAB": 0.3,
-               "AAA": 0.1, "AAB": 0.1, "ABA": 0.6, "ABB": 0.6, "BBA": 0.5, "BBB": 0.5}
+TREE = {
+    "": ["A", "B"],
+    "A\n": ["AA", "AB"],
+    "B\n": ["BA", "BB"],
+    "B\nBA\n": ["BAA", "BAB"],
+    "A\nAA\n": ["AAA", "AAB"],
+    "A\nAB\n": ["ABA", "ABB"],
+    "B\nBB\n": ["BBA", "BBB"],
+}
+TREE_VALUES = {
+    "A": 0.9,
+    "B": 0.5,
+    "AA": 0.2,
+    "AB": 0.4,
+    "BA": 0.8,
+    "BB": 0.7,
+    "BAA": 0.95,
+    "BAB": 0.3,
+    "AAA": 0.1,
+    "AAB": 0.1,
+    "ABA": 0.6,
+    "ABB": 0.6,
+    "BBA": 0.5,
+    "BBB": 0.5,
+}
 
 
 def reference_mcts(iterations: int, c: float) -> dict[str, int]:
@@ -233,8 +270,10 @@ def reference_mcts(iterations: int, c: float) -> dict[str, int]:
         path, node = [""], ""
         while node in children:
             parent = node
-            node = max(children[parent], key=lambda ch: total[ch] / visits[ch]
-                       + c * math.sqrt(math.log(visits[parent]) / visits[ch]))
+            node = max(
+                children[parent],
+                key=lambda ch: total[ch] / visits[ch] + c * math.sqrt(math.log(visits[parent]) / visits[ch]),
+            )
             path.append(node)
         key = "".join(name + SEP for name in path[1:])
         kids = TREE.get(key)
@@ -309,24 +348,45 @@ def test_mcts_rollouts_value_a_node_by_a_sampled_continuation():
 
 # ----------------------------------------------------------------------------- options
 
+
 def test_strategies_are_built_from_the_config_and_escapes_are_read():
     from winnow.config import SampleConfig
 
-    config = SampleConfig(model="m", dataset=["d.jsonl"], sampler_type="dvts", num_return_sequences=8,
-                          search_width=2, step_separator="\\n", search_kwargs={"unknown_option": 1})
+    config = SampleConfig(
+        model="m",
+        dataset=["d.jsonl"],
+        sampler_type="dvts",
+        num_return_sequences=8,
+        search_width=2,
+        step_separator="\\n",
+        search_kwargs={"unknown_option": 1},
+    )
     strategy = build_strategy(config)
     assert isinstance(strategy, DVTS) and strategy.n == 8 and strategy.width == 2 and strategy.separator == "\n"
     assert decode_escapes("a\\n\\tb\\\\n") == "a\n\tb\\n"
-    assert build_strategy(SampleConfig(model="m", dataset=["d"], num_return_sequences=6)).describe() == \
-        {"name": "sample"}
+    assert build_strategy(SampleConfig(model="m", dataset=["d"], num_return_sequences=6)).describe() == {
+        "name": "sample"
+    }
     with pytest.raises(ConfigError, match="multiple of M"):
         build_strategy(SampleConfig(model="m", dataset=["d"], sampler_type="beam", num_return_sequences=6))
 
 
 # ----------------------------------------------------------------------------- the demo world
 
-DEMO = ["--model", "demo-policy", "--temperature", "1.0", "--max_new_tokens", "64", "--orm_model", "math",
-        "--prm_model", "demo-prm", "--progress", "false"]
+DEMO = [
+    "--model",
+    "demo-policy",
+    "--temperature",
+    "1.0",
+    "--max_new_tokens",
+    "64",
+    "--orm_model",
+    "math",
+    "--prm_model",
+    "demo-prm",
+    "--progress",
+    "false",
+]
 
 
 @pytest.mark.parametrize("strategy", ["beam", "dvts", "mcts"])
@@ -335,10 +395,21 @@ def test_each_strategy_on_the_demo_world_ends_in_ordinary_groups(tmp_path, strat
     from winnow.pipeline import sample
 
     out = tmp_path / "out"
-    config = SampleConfig(model="demo-policy", dataset=["demo-arith#6"], sampler_type=strategy,
-                          num_return_sequences=4, search_width=2, temperature=1.0, max_new_tokens=64,
-                          orm_model="math", prm_model="demo-prm", output_format="raw", output_dir=str(out),
-                          output_file="raw.jsonl", progress=False)
+    config = SampleConfig(
+        model="demo-policy",
+        dataset=["demo-arith#6"],
+        sampler_type=strategy,
+        num_return_sequences=4,
+        search_width=2,
+        temperature=1.0,
+        max_new_tokens=64,
+        orm_model="math",
+        prm_model="demo-prm",
+        output_format="raw",
+        output_dir=str(out),
+        output_file="raw.jsonl",
+        progress=False,
+    )
     summary = sample(config)
     records = read_jsonl(out / "raw.jsonl")
     manifest = json.loads((out / "raw.manifest.json").read_text())
@@ -355,16 +426,34 @@ def test_each_strategy_on_the_demo_world_ends_in_ordinary_groups(tmp_path, strat
             assert c["completion_tokens"] == sum(n["tokens"] for n in path)
             assert c["scores"]["demo-prm"]["steps"] and "math" in c["scores"]
             assert len(c["scores"]["demo-prm"]["steps"]) == c["text"].strip().count("\n") + 1
-    assert sum(r["compute"]["completion_tokens"] for r in records) == summary.completion_tokens == \
-        manifest["compute"]["completion_tokens"]
+    assert (
+        sum(r["compute"]["completion_tokens"] for r in records)
+        == summary.completion_tokens
+        == manifest["compute"]["completion_tokens"]
+    )
     assert manifest["compute"]["prm_evaluations"] == sum(r["compute"]["prm_evaluations"] for r in records)
 
 
 def test_a_search_run_writes_swift_records_with_rejected_responses(tmp_path):
     out = tmp_path / "out"
-    proc = run_winnow("sample", *DEMO, "--dataset", "demo-arith#4", "--sampler_type", "beam",
-                      "--num_return_sequences", "4", "--search_width", "2", "--n_best_to_keep", "1",
-                      "--output_dir", str(out), "--output_file", "s.jsonl")
+    proc = run_winnow(
+        "sample",
+        *DEMO,
+        "--dataset",
+        "demo-arith#4",
+        "--sampler_type",
+        "beam",
+        "--num_return_sequences",
+        "4",
+        "--search_width",
+        "2",
+        "--n_best_to_keep",
+        "1",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "s.jsonl",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(out / "s.jsonl")
     assert records and len({r["id"] for r in records}) == len(records)  # n_best_to_keep 1: one line a prompt
@@ -374,15 +463,42 @@ def test_a_search_run_writes_swift_records_with_rejected_responses(tmp_path):
 
 @pytest.mark.slow
 def test_kill_9_during_a_search_run_then_resume_loses_and_repeats_no_group(tmp_path):
-    rows = [json.loads(line) for line in (
-        __import__("winnow.demo", fromlist=["DATA"]).DATA / "arith_test.jsonl").read_text().splitlines()[:40]]
+    rows = [
+        json.loads(line)
+        for line in (__import__("winnow.demo", fromlist=["DATA"]).DATA / "arith_test.jsonl")
+        .read_text()
+        .splitlines()[:40]
+    ]
     dataset = write_jsonl(tmp_path / "d.jsonl", rows)
     out = tmp_path / "out"
-    args = ["sample", *DEMO, "--dataset", str(dataset), "--sampler_type", "beam", "--num_return_sequences", "4",
-            "--search_width", "2", "--num_sampling_batch_size", "2", "--output_format", "raw",
-            "--output_dir", str(out), "--output_file", "o.jsonl", "--dataset_shuffle", "false"]
-    proc = subprocess.Popen([sys.executable, "-m", "winnow", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    args = [
+        "sample",
+        *DEMO,
+        "--dataset",
+        str(dataset),
+        "--sampler_type",
+        "beam",
+        "--num_return_sequences",
+        "4",
+        "--search_width",
+        "2",
+        "--num_sampling_batch_size",
+        "2",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--dataset_shuffle",
+        "false",
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "winnow", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         deadline = time.monotonic() + 300
         while not ((out / "o.jsonl").exists() and len((out / "o.jsonl").read_bytes().splitlines()) >= 6):
@@ -396,13 +512,13 @@ def test_kill_9_during_a_search_run_then_resume_loses_and_repeats_no_group(tmp_p
             proc.kill()
             proc.wait()
     written = (out / "o.jsonl").read_bytes()
-    before = [json.loads(line) for line in written[:written.rfind(b"\n") + 1].splitlines()]  # whole lines
+    before = [json.loads(line) for line in written[: written.rfind(b"\n") + 1].splitlines()]  # whole lines
     assert 6 <= len(before) < 40
     again = run_winnow(*args, "--resume", "true", timeout=600)
     assert again.returncode == 0, again.stderr
     after = read_jsonl(out / "o.jsonl")
     assert sorted(r["id"] for r in after) == sorted(r["id"] for r in rows)  # none lost, none twice
-    assert after[:len(before)] == before  # what was written stays as it was
+    assert after[: len(before)] == before  # what was written stays as it was
     assert all(r["compute"]["completion_tokens"] > 0 for r in after)
 
 
@@ -440,22 +556,53 @@ def test_a_strategy_from_a_plugin_file_runs_with_the_usual_command(tmp_path, tin
     plugin.write_text(PLUGIN)
     dataset = write_jsonl(tmp_path / "d.jsonl", [{"query": f"Count to {i}."} for i in range(3)])
     out = tmp_path / "out"
-    proc = run_winnow("sample", "--model", str(tiny_model), "--dataset", str(dataset), "--sampler_type",
-                      "greedy_then_sample", "--external_plugins", str(plugin), "--num_return_sequences", "3",
-                      "--max_new_tokens", "4", "--output_format", "raw", "--output_dir", str(out),
-                      "--output_file", "o.jsonl", "--progress", "false")
+    proc = run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(dataset),
+        "--sampler_type",
+        "greedy_then_sample",
+        "--external_plugins",
+        str(plugin),
+        "--num_return_sequences",
+        "3",
+        "--max_new_tokens",
+        "4",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(out),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(out / "o.jsonl")
     assert len(records) == 3 and all(len(r["completions"]) == 3 for r in records)
     manifest = json.loads((out / "o.manifest.json").read_text())
     assert manifest["strategy"] == {"name": "greedy_then_sample", "n": 3} and manifest["compute"]["engine_calls"] == 2
-    unknown = run_winnow("sample", "--model", str(tiny_model), "--dataset", str(dataset), "--sampler_type", "nope",
-                         "--external_plugins", str(plugin), "--output_dir", str(out))
+    unknown = run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(dataset),
+        "--sampler_type",
+        "nope",
+        "--external_plugins",
+        str(plugin),
+        "--output_dir",
+        str(out),
+    )
     assert unknown.returncode != 0 and "Unknown strategy 'nope'" in unknown.stderr
     assert "greedy_then_sample" in unknown.stderr and "Traceback" not in unknown.stderr
 
 
 # ----------------------------------------------------------------------------- engines: a step and an answer
+
 
 def test_engines_say_which_stop_string_ended_a_step():
     from winnow.engines import _local, generate_sync, get_engine
@@ -463,8 +610,9 @@ def test_engines_say_which_stop_string_ended_a_step():
 
     engine = get_engine("transformers", "demo-policy", device="cpu", seed=1)
     problem = [{"role": "user", "content": "Compute (17 + 25) * 2 - 8."}]
-    (steps,) = generate_sync(engine, [Prompt(id="a", messages=problem)],
-                             SamplingParams(n=4, max_new_tokens=40, temperature=1.0, stop=[SEP]))
+    (steps,) = generate_sync(
+        engine, [Prompt(id="a", messages=problem)], SamplingParams(n=4, max_new_tokens=40, temperature=1.0, stop=[SEP])
+    )
     for c in steps:  # a first step: it stopped at the separator, which is cut from the text
         assert c.stop_string == SEP and SEP not in c.text and c.text.startswith("17 + 25 = ")
         # the tokens generated, up to and including the separator: not the padding of a batch that ran longer
@@ -494,34 +642,72 @@ def test_search_through_winnow_serve_with_continue_final_message(tmp_path):
         problem = [{"role": "user", "content": "Compute (17 + 25) * 2 - 8."}]
         partial = {"role": "assistant", "content": "17 + 25 = 42\n"}
         extra = {"continue_final_message": True, "add_generation_prompt": False}
-        resp = client.chat.completions.create(model="demo", messages=[*problem, partial], max_tokens=30,
-                                              temperature=0, stop=[SEP], extra_body=extra)
+        resp = client.chat.completions.create(
+            model="demo", messages=[*problem, partial], max_tokens=30, temperature=0, stop=[SEP], extra_body=extra
+        )
         choice = resp.choices[0].model_dump()
         assert choice["message"]["content"] == "42 * 2 = 84" and choice["stop_reason"] == SEP
         # the same continuation as the local engine's, which renders a partial answer the same way
         from winnow.engines import generate_sync, get_engine
 
         local = get_engine("transformers", "demo-policy", device="cpu")
-        (mine,) = generate_sync(local, [Prompt(id="a", messages=problem, prefix=partial["content"])],
-                                SamplingParams(n=1, max_new_tokens=30, temperature=0.0, stop=[SEP]))
+        (mine,) = generate_sync(
+            local,
+            [Prompt(id="a", messages=problem, prefix=partial["content"])],
+            SamplingParams(n=1, max_new_tokens=30, temperature=0.0, stop=[SEP]),
+        )
         assert mine[0].text == choice["message"]["content"]
-        ended = client.chat.completions.create(
-            model="demo", messages=[*problem, {"role": "assistant", "content": "17 + 25 = 42\n42 * 2 = 84\n"
-                                                                                 "84 - 8 = 76\n"}],
-            max_tokens=30, temperature=0, stop=[SEP], extra_body=extra).choices[0].model_dump()
+        ended = (
+            client.chat.completions.create(
+                model="demo",
+                messages=[*problem, {"role": "assistant", "content": "17 + 25 = 42\n42 * 2 = 84\n84 - 8 = 76\n"}],
+                max_tokens=30,
+                temperature=0,
+                stop=[SEP],
+                extra_body=extra,
+            )
+            .choices[0]
+            .model_dump()
+        )
         assert ended["message"]["content"] == "The answer is \\boxed{76}." and ended["stop_reason"] is None
         bad = httpx.post(f"{srv.url}/v1/chat/completions", json={"model": "demo", "messages": problem, **extra})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "messages"
-        both = httpx.post(f"{srv.url}/v1/chat/completions", json={
-            "model": "demo", "messages": [*problem, partial], "continue_final_message": True,
-            "add_generation_prompt": True})
+        both = httpx.post(
+            f"{srv.url}/v1/chat/completions",
+            json={
+                "model": "demo",
+                "messages": [*problem, partial],
+                "continue_final_message": True,
+                "add_generation_prompt": True,
+            },
+        )
         assert both.status_code == 400 and both.json()["error"]["param"] == "add_generation_prompt"
         # a beam search with the client engine against the server
         out = tmp_path / "out"
-        proc = run_winnow("sample", *DEMO, "--sampler_engine", "client", "--model", "demo",
-                          "--engine_kwargs", json.dumps({"base_url": f"{srv.url}/v1"}), "--dataset", "demo-arith#4",
-                          "--sampler_type", "beam", "--num_return_sequences", "4", "--search_width", "2",
-                          "--output_format", "raw", "--output_dir", str(out), "--output_file", "o.jsonl")
+        proc = run_winnow(
+            "sample",
+            *DEMO,
+            "--sampler_engine",
+            "client",
+            "--model",
+            "demo",
+            "--engine_kwargs",
+            json.dumps({"base_url": f"{srv.url}/v1"}),
+            "--dataset",
+            "demo-arith#4",
+            "--sampler_type",
+            "beam",
+            "--num_return_sequences",
+            "4",
+            "--search_width",
+            "2",
+            "--output_format",
+            "raw",
+            "--output_dir",
+            str(out),
+            "--output_file",
+            "o.jsonl",
+        )
         assert proc.returncode == 0, proc.stderr
         records = read_jsonl(out / "o.jsonl")
         assert len(records) == 4

@@ -18,8 +18,13 @@ def group(*samples: tuple[str, float | None, float | None], response: str | None
         known = [v for v in (orm, prm) if v is not None]
         c.reward = sum(known) if known else None
         cs.append(c)
-    prompt = Prompt(id="row1", messages=[{"role": "user", "content": "q?"}], response=response,
-                    reference=response, columns={"level": 3})
+    prompt = Prompt(
+        id="row1",
+        messages=[{"role": "user", "content": "q?"}],
+        response=response,
+        reference=response,
+        columns={"level": 3},
+    )
     return Group(prompt, cs)
 
 
@@ -169,8 +174,10 @@ def test_dpo_sft_raw_grpo_formats():
     assert grpo["winnow_reward_mean"] == pytest.approx(mean) and grpo["winnow_reward_std"] == pytest.approx(std)
     pc, _ = select(g, opts(output_format="prompt_completion"))
     assert pc[0]["prompt"] == [{"role": "user", "content": "q?"}]
-    assert [r["completion"] for r in pc] == [[{"role": "assistant", "content": "a"}],
-                                             [{"role": "assistant", "content": "c"}]]
+    assert [r["completion"] for r in pc] == [
+        [{"role": "assistant", "content": "a"}],
+        [{"role": "assistant", "content": "c"}],
+    ]
 
 
 def test_reasoning_goes_where_asked():
@@ -178,8 +185,10 @@ def test_reasoning_goes_where_asked():
     for c in g.completions:
         c.reasoning = "think " + c.text
     for fmt, check in [
-        ("message", lambda r: r["messages"][-1] == {"role": "assistant", "content": "a",
-                                                    "reasoning_content": "think a"}),
+        (
+            "message",
+            lambda r: r["messages"][-1] == {"role": "assistant", "content": "a", "reasoning_content": "think a"},
+        ),
         ("think_answer", lambda r: r["messages"][-1]["content"] == "<think>think a</think>\n\n<answer>a</answer>"),
         ("think", lambda r: r["messages"][-1]["content"] == "<think>\nthink a\n</think>\n\na"),
         ("separate", lambda r: r["reasoning"] == "think a" and r["messages"][-1]["content"] == "a"),
@@ -197,6 +206,7 @@ def test_unscored_keeps_every_sample():
 
 # ----------------------------------------------------------------------------- swift mode
 
+
 def swift_group(*samples, response="ref answer"):
     g = group(*samples, response=response)
     g.prompt.dataset, g.prompt.swift_id = "d.jsonl", "md5-of-the-row"
@@ -213,9 +223,12 @@ def test_swift_mode_reproduces_swifts_algorithm():
     # order: ref (11.0), c (10.75), a (10.5), b (1.0), d (0.0): top 2 = ref, c; rejected = d
     assert [r["messages"][-1]["content"] for r in out.records] == ["ref answer", "c"]
     assert all(r["rejected_response"] == "d" for r in out.records)
-    assert out.records[0] == {"messages": [{"role": "user", "content": "q?"}, {"role": "assistant",
-                                                                             "content": "ref answer"}],
-                              "dataset": "d.jsonl", "rejected_response": "d", "id": "md5-of-the-row"}
+    assert out.records[0] == {
+        "messages": [{"role": "user", "content": "q?"}, {"role": "assistant", "content": "ref answer"}],
+        "dataset": "d.jsonl",
+        "rejected_response": "d",
+        "id": "md5-of-the-row",
+    }
     assert out.notes == {"dataset answers written as chosen (swift)": 1}
 
 
@@ -225,7 +238,9 @@ def test_swift_mode_keeps_its_ties_and_correct_rejected_responses():
     out = select_group(g, opts(selection="swift", num_return_sequences=2, n_best_to_keep=2))
     # all equal: argsort keeps index order, reversed: [2, 1, 0]; negative = 0 ("a"), kept 2 (ref) and 1 ("a")
     assert [(r["messages"][-1]["content"], r["rejected_response"]) for r in out.records] == [
-        ("ref answer", "a"), ("a", "a")]
+        ("ref answer", "a"),
+        ("a", "a"),
+    ]
 
 
 def test_swift_mode_easy_formula():

@@ -19,10 +19,23 @@ import pytest
 from conftest import Server
 
 KEY = "sk-winnow-test"
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("serve") / "policy.log", "--model", str(tiny_model),
-                 "--served_model_name", "tiny", "--api_key", KEY, "--max_new_tokens", "8", "--max_wait_ms", "50")
+    srv = Server(
+        tmp_path_factory.mktemp("serve") / "policy.log",
+        "--model",
+        str(tiny_model),
+        "--served_model_name",
+        "tiny",
+        "--api_key",
+        KEY,
+        "--max_new_tokens",
+        "8",
+        "--max_wait_ms",
+        "50",
+    )
     yield srv
     code = srv.stop(signal.SIGINT)
     assert code == 0, srv.output()[-2000:]
@@ -45,8 +58,9 @@ def test_ready_line_health_and_models(server, client):
 
 
 def test_chat_n_and_usage(client):
-    resp = client.chat.completions.create(model="tiny", messages=CHAT, n=3, max_tokens=5, temperature=0.8,
-                                          top_p=0.9, extra_body={"top_k": 20})
+    resp = client.chat.completions.create(
+        model="tiny", messages=CHAT, n=3, max_tokens=5, temperature=0.8, top_p=0.9, extra_body={"top_k": 20}
+    )
     assert resp.object == "chat.completion" and resp.model == "tiny"
     assert [c.index for c in resp.choices] == [0, 1, 2]
     for choice in resp.choices:
@@ -120,9 +134,14 @@ def test_async_client_concurrent_requests_are_batched(server):
     async def run():
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0, timeout=60)
         async with client:
-            return await asyncio.gather(*(
-                client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": f"Q{i}"}],
-                                               max_tokens=4) for i in range(8)))
+            return await asyncio.gather(
+                *(
+                    client.chat.completions.create(
+                        model="tiny", messages=[{"role": "user", "content": f"Q{i}"}], max_tokens=4
+                    )
+                    for i in range(8)
+                )
+            )
 
     results = asyncio.run(run())
     assert len(results) == 8 and all(len(r.choices) == 1 for r in results)
@@ -151,17 +170,20 @@ def test_unknown_model_is_404(client):
         client.models.retrieve("gpt-4o")
 
 
-@pytest.mark.parametrize("kwargs, param", [
-    ({"temperature": 5}, "temperature"),
-    ({"n": 0}, "n"),
-    ({"top_p": 0}, "top_p"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"extra_body": {"top_k": -7}}, "top_k"),
-    ({"presence_penalty": 0.5}, "presence_penalty"),
-    ({"logprobs": True}, "logprobs"),
-    ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
-    ({"messages": []}, "messages"),
-])
+@pytest.mark.parametrize(
+    "kwargs, param",
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"extra_body": {"top_k": -7}}, "top_k"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": []}, "messages"),
+    ],
+)
 def test_bad_parameters_are_400_and_named(client, kwargs, param):
     kwargs = {"model": "tiny", "messages": CHAT, "max_tokens": 2, **kwargs}
     with pytest.raises(openai.BadRequestError) as err:
@@ -196,17 +218,21 @@ def test_malformed_bodies_never_crash(server):
 
 
 def test_rewards_route_on_a_policy_is_400(server):
-    resp = httpx.post(f"{server.url}/v1/rewards", json={"messages": [CHAT]},
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=10)
+    resp = httpx.post(
+        f"{server.url}/v1/rewards", json={"messages": [CHAT]}, headers={"Authorization": f"Bearer {KEY}"}, timeout=10
+    )
     assert resp.status_code == 400 and resp.json()["error"]["param"] == "model"
 
 
 # ----------------------------------------------------------------------------- overload and shutdown
 
+
 def test_overload_is_503_with_retry_after_then_sigterm_exits_0(tiny_model, tmp_path):
-    srv = Server(tmp_path / "busy.log", "--model", str(tiny_model), "--max_queue", "1", "--max_batch_size", "1",
-                 command="deploy")  # swift's name for the same command
+    srv = Server(
+        tmp_path / "busy.log", "--model", str(tiny_model), "--max_queue", "1", "--max_batch_size", "1", command="deploy"
+    )  # swift's name for the same command
     try:
+
         async def fire():
             async with httpx.AsyncClient(base_url=srv.url, timeout=120) as http:
                 body = {"messages": CHAT, "max_tokens": 64}  # long enough for the others to pile up
@@ -225,8 +251,9 @@ def test_overload_is_503_with_retry_after_then_sigterm_exits_0(tiny_model, tmp_p
         # SIGTERM while a request is in flight: it is answered, then the server exits 0
         seen = srv.health()["requests"]
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(httpx.post, f"{srv.url}/v1/chat/completions",
-                                  json={"messages": CHAT, "max_tokens": 48}, timeout=120)
+            pending = pool.submit(
+                httpx.post, f"{srv.url}/v1/chat/completions", json={"messages": CHAT, "max_tokens": 48}, timeout=120
+            )
             deadline = time.monotonic() + 60
             while srv.health()["requests"] == seen and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -247,19 +274,21 @@ def test_raw_bodies_validate_against_the_sdk_types(server):
     body = {"model": "tiny", "messages": CHAT, "max_tokens": 3, "n": 2}
     resp = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
     ChatCompletion.model_validate(resp.json(), strict=True)
-    resp = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 3}, headers=headers,
-                      timeout=60)
+    resp = httpx.post(
+        f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 3}, headers=headers, timeout=60
+    )
     Completion.model_validate(resp.json(), strict=True)
     stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=stream, headers=headers, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        events = [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in r.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [ChatCompletionChunk.model_validate_json(e, strict=True) for e in events[:-1]]
     assert {c.choices[0].index for c in chunks if c.choices} == {0, 1}
 
 
 # ----------------------------------------------------------------------------- the batcher alone
+
 
 def test_batcher_groups_by_key_and_keeps_order():
     from winnow.serve.serving import Batcher
@@ -313,8 +342,9 @@ def test_a_streamed_answer_arrives_as_it_is_generated(server):
     plain = client.chat.completions.create(model="tiny", messages=messages, max_tokens=300, temperature=0)
     arrivals, pieces = [], []
     started = time.perf_counter()
-    for chunk in client.chat.completions.create(model="tiny", messages=messages, max_tokens=300, temperature=0,
-                                                stream=True):
+    for chunk in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=300, temperature=0, stream=True
+    ):
         if chunk.choices and chunk.choices[0].delta.content:
             arrivals.append(time.perf_counter() - started)
             pieces.append(chunk.choices[0].delta.content)

@@ -42,19 +42,44 @@ def server(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve-limits")
     template = folder / "thinking.jinja"
     template.write_text(THINKING_TEMPLATE)
-    srv = Server(folder / "server.log", "--model", str(tiny_model), "--served_model_name", "tiny",
-                 "--max_new_tokens", "4", "--max_wait_ms", "50", "--template", str(template),
-                 "--max_request_bytes", str(MAX_BYTES), "--max_stop", "4", "--max_stop_chars", "32",
-                 "--max_messages", "8", "--max_prompts", "4", "--max_connections", str(MAX_CONNECTIONS),
-                 "--timeout_headers", str(TIMEOUT_HEADERS), "--timeout_body", str(TIMEOUT_BODY))
+    srv = Server(
+        folder / "server.log",
+        "--model",
+        str(tiny_model),
+        "--served_model_name",
+        "tiny",
+        "--max_new_tokens",
+        "4",
+        "--max_wait_ms",
+        "50",
+        "--template",
+        str(template),
+        "--max_request_bytes",
+        str(MAX_BYTES),
+        "--max_stop",
+        "4",
+        "--max_stop_chars",
+        "32",
+        "--max_messages",
+        "8",
+        "--max_prompts",
+        "4",
+        "--max_connections",
+        str(MAX_CONNECTIONS),
+        "--timeout_headers",
+        str(TIMEOUT_HEADERS),
+        "--timeout_body",
+        str(TIMEOUT_BODY),
+    )
     yield srv
     assert srv.stop(signal.SIGTERM) == 0, srv.output()[-2000:]
 
 
 def post(server, route: str, body: dict | bytes, timeout: float = 60) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()  # ASCII: lone surrogates escaped
-    return httpx.post(f"{server.url}/v1/{route}", content=content, timeout=timeout,
-                      headers={"Content-Type": "application/json"})
+    return httpx.post(
+        f"{server.url}/v1/{route}", content=content, timeout=timeout, headers={"Content-Type": "application/json"}
+    )
 
 
 def error(resp: httpx.Response, status: int) -> dict:
@@ -104,7 +129,7 @@ def http_status(raw: bytes) -> int:
 def first_response(raw: bytes) -> tuple[int, dict]:
     """Status and JSON body of the first HTTP response in ``raw``."""
     head, _, rest = raw.partition(b"\r\n\r\n")
-    return http_status(raw), json.loads(rest[:_content_length(head)])
+    return http_status(raw), json.loads(rest[: _content_length(head)])
 
 
 def read_response(sock: socket.socket, timeout: float = 10) -> bytes:
@@ -122,16 +147,20 @@ def read_response(sock: socket.socket, timeout: float = 10) -> bytes:
 
 
 def _content_length(head: bytes) -> int:
-    return next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                 if line.lower().startswith(b"content-length")), 0)
+    return next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")), 0
+    )
 
 
 # ----------------------------------------------------------------------------- body size and time
 
+
 def test_declared_body_over_the_cap_is_413_before_it_is_sent(server):
     with connect(server) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100000000\r\n\r\n")  # 100 MB announced, not a byte of it sent
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 100000000\r\n\r\n"
+        )  # 100 MB announced, not a byte of it sent
         raw = read_response(sock, timeout=5)  # the answer comes at once, though the body never does
     status, body = first_response(raw)
     assert status == 413, raw[:300]
@@ -145,16 +174,19 @@ def test_chunked_body_over_the_cap_is_413(server):
         for _ in range(30):  # 300 kB, chunked: no Content-Length to refuse up front
             yield b" " * 10_000
 
-    resp = httpx.post(f"{server.url}/v1/chat/completions", content=chunks(), timeout=30,
-                      headers={"Content-Type": "application/json"})
+    resp = httpx.post(
+        f"{server.url}/v1/chat/completions", content=chunks(), timeout=30, headers={"Content-Type": "application/json"}
+    )
     assert error(resp, 413)["code"] == "request_too_large"
     assert post(server, "chat/completions", {"messages": CHAT, "max_tokens": 2}).status_code == 200
 
 
 def test_body_sent_too_slowly_is_408(server):
     with connect(server) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 100\r\n\r\n{\"messages\"")  # then nothing more
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"messages"'
+        )  # then nothing more
         start = time.monotonic()
         raw = read_until_closed(sock, timeout=TIMEOUT_BODY + 15)
     assert http_status(raw) == 408, raw[:300]
@@ -163,6 +195,7 @@ def test_body_sent_too_slowly_is_408(server):
 
 
 # ----------------------------------------------------------------------------- connections
+
 
 def test_request_head_trickled_byte_by_byte_is_408(server):
     with connect(server) as sock:
@@ -207,8 +240,9 @@ def test_past_the_cap_with_every_connection_busy_a_new_one_is_refused_with_503(s
     try:
         for _ in range(MAX_CONNECTIONS + 4):  # each busy reading its body, until --timeout_body
             sock = connect(server)
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\n"
-                         b"Expect: 100-continue\r\n\r\n")
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\nExpect: 100-continue\r\n\r\n"
+            )
             busy.append(sock)
             if sock.recv(65536).startswith(b"HTTP/1.1 100"):  # the server holds its head and reads its body
                 sock.sendall(b"{")
@@ -234,18 +268,37 @@ def test_idle_keep_alive_connection_with_half_a_next_request_is_closed(server):
 
 # ----------------------------------------------------------------------------- list sizes
 
-@pytest.mark.parametrize("route, body, param, code, flag", [
-    ("chat/completions", {"messages": CHAT, "stop": [f"s{i}" for i in range(10_000)]}, "stop",
-     "array_above_max_length", "--max_stop"),
-    ("chat/completions", {"messages": CHAT, "stop": ["ok", "x" * 33]}, "stop[1]", "string_above_max_length",
-     "--max_stop_chars"),
-    ("completions", {"prompt": "a", "stop": "x" * 33}, "stop", "string_above_max_length", "--max_stop_chars"),
-    ("chat/completions", {"messages": CHAT * 9}, "messages", "array_above_max_length", "--max_messages"),
-    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 9}]},
-     "messages[0].content", "array_above_max_length", "--max_messages"),
-    ("completions", {"prompt": ["a"] * 5}, "prompt", "array_above_max_length", "--max_prompts"),
-    ("completions", {"prompt": [[1, 2]] * 5}, "prompt", "array_above_max_length", "--max_prompts"),
-])
+
+@pytest.mark.parametrize(
+    "route, body, param, code, flag",
+    [
+        (
+            "chat/completions",
+            {"messages": CHAT, "stop": [f"s{i}" for i in range(10_000)]},
+            "stop",
+            "array_above_max_length",
+            "--max_stop",
+        ),
+        (
+            "chat/completions",
+            {"messages": CHAT, "stop": ["ok", "x" * 33]},
+            "stop[1]",
+            "string_above_max_length",
+            "--max_stop_chars",
+        ),
+        ("completions", {"prompt": "a", "stop": "x" * 33}, "stop", "string_above_max_length", "--max_stop_chars"),
+        ("chat/completions", {"messages": CHAT * 9}, "messages", "array_above_max_length", "--max_messages"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}] * 9}]},
+            "messages[0].content",
+            "array_above_max_length",
+            "--max_messages",
+        ),
+        ("completions", {"prompt": ["a"] * 5}, "prompt", "array_above_max_length", "--max_prompts"),
+        ("completions", {"prompt": [[1, 2]] * 5}, "prompt", "array_above_max_length", "--max_prompts"),
+    ],
+)
 def test_lists_over_their_limit_are_400_naming_the_parameter(server, route, body, param, code, flag):
     start = time.monotonic()
     err = error(post(server, route, body), 400)
@@ -255,10 +308,13 @@ def test_lists_over_their_limit_are_400_naming_the_parameter(server, route, body
 
 # ----------------------------------------------------------------------------- prompts too long
 
+
 def test_prompt_surely_too_long_is_refused_without_tokenizing(server):
     long_text = "hello world " * 2500  # 30,000 characters: over 2048 tokens of at most 13 characters
-    for route, body, param in (("chat/completions", {"messages": [{"role": "user", "content": long_text}]}, "messages"),
-                               ("completions", {"prompt": ["a", long_text]}, "prompt[1]")):
+    for route, body, param in (
+        ("chat/completions", {"messages": [{"role": "user", "content": long_text}]}, "messages"),
+        ("completions", {"prompt": ["a", long_text]}, "prompt[1]"),
+    ):
         err = error(post(server, route, body), 400)
         assert err["code"] == "context_length_exceeded" and err["param"] == param
         assert "at least" in err["message"] and "2048" in err["message"], err  # judged from its length
@@ -303,8 +359,9 @@ def test_longest_token_chars_knows_which_tokenizers_it_cannot_bound():
     bpe = models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "ab")])
     assert hf.longest_token_chars(fast(bpe, pre_tokenizer=pre_tokenizers.ByteLevel())) == hf.TokenChars(5, 5)
     # NFC may fold up to 4 characters of non-ASCII text into one before the tokens are found
-    assert hf.longest_token_chars(fast(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "ab")]),
-                                       normalizers.NFC())) == hf.TokenChars(5, 20)
+    assert hf.longest_token_chars(
+        fast(models.BPE(vocab=vocab, merges=[("a", "b"), ("ab", "ab")]), normalizers.NFC())
+    ) == hf.TokenChars(5, 20)
     lowered = normalizers.Sequence([normalizers.Replace("  ", " "), normalizers.Lowercase()])
     assert hf.longest_token_chars(fast(models.BPE(vocab=vocab, merges=[]), lowered)) == hf.TokenChars(10, 10)
     # a long word is one [UNK] for WordPiece; stripping accents and dropping whitespace shrink text without bound
@@ -316,21 +373,31 @@ def test_longest_token_chars_knows_which_tokenizers_it_cannot_bound():
 
 # ----------------------------------------------------------------------------- 400, not 500
 
-@pytest.mark.parametrize("route, body, param", [
-    ("chat/completions", {"messages": CHAT, "seed": 2**64}, "seed"),
-    ("chat/completions", {"messages": CHAT, "seed": -(2**63) - 1}, "seed"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
-    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]},
-     "messages[0].content[0].text"),
-    ("chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}, "messages[0].name"),
-    ("chat/completions", {"messages": CHAT, "stop": ["\ud800"]}, "stop[0]"),
-    ("chat/completions", {"messages": CHAT, "model": "\ud800"}, "model"),
-    ("chat/completions", {"messages": CHAT, "chat_template_kwargs": {"x": ["\ud800"]}}, "chat_template_kwargs"),
-    ("completions", {"prompt": ["ok", "\ud800"]}, "prompt[1]"),
-    ("chat/completions", {"messages": CHAT, "repetition_penalty": 1e-308}, "repetition_penalty"),
-    ("chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
-     "messages[0].content[0].text"),
-])
+
+@pytest.mark.parametrize(
+    "route, body, param",
+    [
+        ("chat/completions", {"messages": CHAT, "seed": 2**64}, "seed"),
+        ("chat/completions", {"messages": CHAT, "seed": -(2**63) - 1}, "seed"),
+        ("chat/completions", {"messages": [{"role": "user", "content": "\ud800"}]}, "messages[0].content"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "a\udfff"}]}]},
+            "messages[0].content[0].text",
+        ),
+        ("chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "\ud800"}]}, "messages[0].name"),
+        ("chat/completions", {"messages": CHAT, "stop": ["\ud800"]}, "stop[0]"),
+        ("chat/completions", {"messages": CHAT, "model": "\ud800"}, "model"),
+        ("chat/completions", {"messages": CHAT, "chat_template_kwargs": {"x": ["\ud800"]}}, "chat_template_kwargs"),
+        ("completions", {"prompt": ["ok", "\ud800"]}, "prompt[1]"),
+        ("chat/completions", {"messages": CHAT, "repetition_penalty": 1e-308}, "repetition_penalty"),
+        (
+            "chat/completions",
+            {"messages": [{"role": "user", "content": [{"type": "text"}]}]},
+            "messages[0].content[0].text",
+        ),
+    ],
+)
 def test_bad_input_is_400_naming_the_parameter_not_500(server, route, body, param):
     err = error(post(server, route, body), 400)
     assert err["param"] == param, err
@@ -339,13 +406,20 @@ def test_bad_input_is_400_naming_the_parameter_not_500(server, route, body, para
 
 
 def test_edge_values_are_served(server):
-    for extra in ({"seed": 2**64 - 1}, {"seed": -(2**63)}, {"temperature": 1e-300}, {"top_k": 10**30},
-                  {"stop": ["", ""]}, {"n": 2, "stream": True}):
+    for extra in (
+        {"seed": 2**64 - 1},
+        {"seed": -(2**63)},
+        {"temperature": 1e-300},
+        {"top_k": 10**30},
+        {"stop": ["", ""]},
+        {"n": 2, "stream": True},
+    ):
         resp = post(server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **extra})
         assert resp.status_code == 200, (extra, resp.text[:300])
 
 
 # ----------------------------------------------------------------------------- fields that change the answer
+
 
 def test_min_p_one_keeps_only_the_top_token(server):
     greedy = {"messages": CHAT, "max_tokens": 8, "temperature": 0}
@@ -366,14 +440,25 @@ def test_chat_template_kwargs_reach_the_template_and_batch_correctly(server):
         return resp.json()["usage"]["prompt_tokens"]
 
     base = prompt_tokens(post(server, "chat/completions", {"messages": CHAT, "max_tokens": 1}))
-    off = prompt_tokens(post(server, "chat/completions", {"messages": CHAT, "max_tokens": 1,
-                                                          "chat_template_kwargs": {"enable_thinking": False}}))
+    off = prompt_tokens(
+        post(
+            server,
+            "chat/completions",
+            {"messages": CHAT, "max_tokens": 1, "chat_template_kwargs": {"enable_thinking": False}},
+        )
+    )
     assert off > base  # the empty think block was rendered
 
     async def mixed():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
-            bodies = [{"messages": CHAT, "max_tokens": 2,
-                       **({"chat_template_kwargs": {"enable_thinking": False}} if i % 2 else {})} for i in range(6)]
+            bodies = [
+                {
+                    "messages": CHAT,
+                    "max_tokens": 2,
+                    **({"chat_template_kwargs": {"enable_thinking": False}} if i % 2 else {}),
+                }
+                for i in range(6)
+            ]
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=b) for b in bodies))
 
     before = server.health()["engine_calls"]
@@ -382,14 +467,17 @@ def test_chat_template_kwargs_reach_the_template_and_batch_correctly(server):
     assert server.health()["engine_calls"] - before < 6  # still batched together
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"min_tokens": 5}, "min_tokens"),
-    ({"ignore_eos": True}, "ignore_eos"),
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"guided_json": {"type": "object"}}, "guided_json"),
-    ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs.add_generation_prompt"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"min_tokens": 5}, "min_tokens"),
+        ({"ignore_eos": True}, "ignore_eos"),
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"top_logprobs": 2}, "top_logprobs"),
+        ({"guided_json": {"type": "object"}}, "guided_json"),
+        ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs.add_generation_prompt"),
+    ],
+)
 def test_fields_that_would_change_the_answer_are_refused(server, extra, param):
     err = error(post(server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **extra}), 400)
     assert err["param"] == param, err

@@ -57,8 +57,9 @@ def test_classifier_detected_and_scores_match_the_model(classifier_server, tiny_
 
     from winnow.rewards.models import load_reward_model
 
-    local = [s.value for s in load_reward_model(str(tiny_classifier_rm), device="cpu").score_conversations(
-        CONVERSATIONS)]
+    local = [
+        s.value for s in load_reward_model(str(tiny_classifier_rm), device="cpu").score_conversations(CONVERSATIONS)
+    ]
     assert served == pytest.approx(local, abs=1e-4)
     assert len(set(round(x, 6) for x in served)) > 1  # different answers, different scores
 
@@ -80,8 +81,7 @@ def test_concurrent_reward_requests_share_calls(classifier_server):
 
     async def fire():
         async with httpx.AsyncClient(base_url=classifier_server.url, timeout=60) as http:
-            return await asyncio.gather(*(http.post("/v1/rewards", json={"messages": [c]})
-                                          for c in CONVERSATIONS * 4))
+            return await asyncio.gather(*(http.post("/v1/rewards", json={"messages": [c]}) for c in CONVERSATIONS * 4))
 
     responses = asyncio.run(fire())
     assert all(r.status_code == 200 for r in responses)
@@ -111,8 +111,11 @@ def test_reward_request_limits(classifier_server):
     assert long.status_code == 400, long.text[:300]
     assert long.json()["error"]["param"] == "messages[1]"
     assert long.json()["error"]["code"] == "context_length_exceeded"
-    kwargs = httpx.post(f"{classifier_server.url}/v1/chat/completions", timeout=60,
-                        json={"messages": CONVERSATIONS[0], "chat_template_kwargs": {"enable_thinking": False}})
+    kwargs = httpx.post(
+        f"{classifier_server.url}/v1/chat/completions",
+        timeout=60,
+        json={"messages": CONVERSATIONS[0], "chat_template_kwargs": {"enable_thinking": False}},
+    )
     assert kwargs.status_code == 400 and kwargs.json()["error"]["param"] == "chat_template_kwargs"
 
 
@@ -134,10 +137,27 @@ def test_remote_reward_model_in_a_sampling_run(classifier_server, tiny_classifie
     from conftest import read_jsonl, run_winnow, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [QUESTION]}, {"query": "What is 4 + 4?"}])
-    proc = run_winnow("sample", "--model", str(tiny_model), "--dataset", str(data), "--num_return_sequences", "3",
-                      "--max_new_tokens", "8", "--reward_model", f"{classifier_server.url}/v1",
-                      "--output_format", "raw", "--output_dir", str(tmp_path), "--output_file", "r.jsonl",
-                      "--progress", "false")
+    proc = run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(data),
+        "--num_return_sequences",
+        "3",
+        "--max_new_tokens",
+        "8",
+        "--reward_model",
+        f"{classifier_server.url}/v1",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(tmp_path),
+        "--output_file",
+        "r.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     from winnow.rewards.models import load_reward_model
 

@@ -34,8 +34,13 @@ def write_cache(tmp_path, dataset, raw: bool = False):
     for answer, texts in SAMPLES.items():
         row_id, messages = ids[answer]
         if raw:
-            lines.append({"id": row_id, "messages": messages,
-                          "completions": [{"text": t, "finish_reason": "stop", "completion_tokens": 3} for t in texts]})
+            lines.append(
+                {
+                    "id": row_id,
+                    "messages": messages,
+                    "completions": [{"text": t, "finish_reason": "stop", "completion_tokens": 3} for t in texts],
+                }
+            )
         else:
             lines += [{"messages": [*messages, {"role": "assistant", "content": t}], "id": row_id} for t in texts]
     return write_jsonl(tmp_path / ("stage1-raw.jsonl" if raw else "stage1.jsonl"), lines), ids
@@ -44,10 +49,29 @@ def write_cache(tmp_path, dataset, raw: bool = False):
 def test_stage2_scores_cache_without_a_policy(tmp_path):
     dataset = write_jsonl(tmp_path / "math.jsonl", ROWS)
     cache, ids = write_cache(tmp_path, dataset)
-    proc = run_winnow("sample", "--sampler_engine", "no", "--cache_files", str(cache), "--dataset", str(dataset),
-                      "--orm_model", "math", "--reward_kwargs", '{"math": {"workers": 1}}',
-                      "--num_return_sequences", "4", "--n_best_to_keep", "2", "--output_dir", str(tmp_path / "out"),
-                      "--output_file", "s2.jsonl", "--progress", "false")
+    proc = run_winnow(
+        "sample",
+        "--sampler_engine",
+        "no",
+        "--cache_files",
+        str(cache),
+        "--dataset",
+        str(dataset),
+        "--orm_model",
+        "math",
+        "--reward_kwargs",
+        '{"math": {"workers": 1}}',
+        "--num_return_sequences",
+        "4",
+        "--n_best_to_keep",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--output_file",
+        "s2.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(tmp_path / "out" / "s2.jsonl")
     by_id = {}
@@ -59,12 +83,16 @@ def test_stage2_scores_cache_without_a_policy(tmp_path):
     assert five[0]["rejected_response"] == "\\boxed{6}" and five[0]["level"] == 1 and five[0]["answer"] == "5"
     assert ids["8"][0] not in by_id  # every sample failed the ORM
     nine = by_id[ids["9"][0]]
-    assert [(r["messages"][-1]["content"], r["rejected_response"]) for r in nine] == [("3 * 3 = \\boxed{9}",
-                                                                                       "\\boxed{1}")]
+    assert [(r["messages"][-1]["content"], r["rejected_response"]) for r in nine] == [
+        ("3 * 3 = \\boxed{9}", "\\boxed{1}")
+    ]
     assert "1 rows filtered (all samples failed the ORM: 1)" in proc.stderr
     assert "1 cached rows short of samples (2 missing)" in proc.stderr
-    manifest = json.loads((tmp_path / "out" / "s2.manifest.json").read_text()) \
-        if (tmp_path / "out" / "s2.manifest.json").exists() else None
+    manifest = (
+        json.loads((tmp_path / "out" / "s2.manifest.json").read_text())
+        if (tmp_path / "out" / "s2.manifest.json").exists()
+        else None
+    )
     if manifest is not None:
         assert manifest["rewards"][0]["key"] == "math"
 
@@ -72,10 +100,31 @@ def test_stage2_scores_cache_without_a_policy(tmp_path):
 def test_stage2_reads_raw_cache_and_writes_dpo(tmp_path):
     dataset = write_jsonl(tmp_path / "math.jsonl", ROWS)
     cache, ids = write_cache(tmp_path, dataset, raw=True)
-    proc = run_winnow("sample", "--sampler_engine", "no", "--cache_files", str(cache), "--dataset", str(dataset),
-                      "--orm_model", "accuracy", "--reward_kwargs", '{"accuracy": {"workers": 0}}',
-                      "--num_return_sequences", "4", "--output_format", "dpo", "--num_rejected", "2",
-                      "--output_dir", str(tmp_path / "out"), "--output_file", "dpo.jsonl", "--progress", "false")
+    proc = run_winnow(
+        "sample",
+        "--sampler_engine",
+        "no",
+        "--cache_files",
+        str(cache),
+        "--dataset",
+        str(dataset),
+        "--orm_model",
+        "accuracy",
+        "--reward_kwargs",
+        '{"accuracy": {"workers": 0}}',
+        "--num_return_sequences",
+        "4",
+        "--output_format",
+        "dpo",
+        "--num_rejected",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--output_file",
+        "dpo.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(tmp_path / "out" / "dpo.jsonl")
     five = [r for r in records if r["id"] == ids["5"][0]]
@@ -87,9 +136,27 @@ def test_stage2_reads_raw_cache_and_writes_dpo(tmp_path):
 def test_short_groups_are_completed_by_the_engine(tmp_path, tiny_model):
     dataset = write_jsonl(tmp_path / "math.jsonl", ROWS)
     cache, ids = write_cache(tmp_path, dataset)
-    proc = run_winnow("sample", "--model", str(tiny_model), "--cache_files", str(cache), "--dataset", str(dataset),
-                      "--num_return_sequences", "4", "--max_new_tokens", "4", "--output_format", "raw",
-                      "--output_dir", str(tmp_path / "out"), "--output_file", "raw.jsonl", "--progress", "false")
+    proc = run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--cache_files",
+        str(cache),
+        "--dataset",
+        str(dataset),
+        "--num_return_sequences",
+        "4",
+        "--max_new_tokens",
+        "4",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--output_file",
+        "raw.jsonl",
+        "--progress",
+        "false",
+    )
     assert proc.returncode == 0, proc.stderr
     records = {r["id"]: r for r in read_jsonl(tmp_path / "out" / "raw.jsonl")}
     nine = records[ids["9"][0]]["completions"]

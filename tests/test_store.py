@@ -195,8 +195,9 @@ def test_counts_add_up_after_any_sequence_of_kills(tmp_path):
                 pass  # killed: nothing is closed
         check = OutputStore(str(folder), "o.jsonl", fingerprint="fp", resume=True, reorder_window=4)
         written = [r["id"] for r in _lines(folder / "o.jsonl")]
-        failed = [e["position"] for e in _lines(folder / "o.failed.jsonl")] \
-            if (folder / "o.failed.jsonl").exists() else []
+        failed = (
+            [e["position"] for e in _lines(folder / "o.failed.jsonl")] if (folder / "o.failed.jsonl").exists() else []
+        )
         assert len(written) == len(set(written)) and len(failed) == len(set(failed))
         assert not set(written) & set(failed)
         settled = [p for p in range(rows) if check.state.finished(p)]

@@ -35,25 +35,57 @@ def outputs(tmp_path_factory, tiny_model):
     """Sampled and scored once: sft, prompt_completion, dpo and grpo files from the tiny model."""
     work = tmp_path_factory.mktemp("trainers")
     (work / "rewards.py").write_text(REWARDS)
-    data = write_jsonl(work / "d.jsonl", [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"}],
-                                           "answer": str(2 * i)} for i in range(6)])
+    data = write_jsonl(
+        work / "d.jsonl",
+        [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"}], "answer": str(2 * i)} for i in range(6)],
+    )
     out = {}
     for fmt in ("sft", "prompt_completion", "dpo", "grpo"):
-        run_winnow("sample", "--model", str(tiny_model), "--dataset", str(data), "--num_return_sequences", "4",
-                   "--max_new_tokens", "8", "--external_plugins", str(work / "rewards.py"), "--reward_funcs",
-                   "ends_with_digit", "repetition", "--output_format", fmt, "--output_dir", str(work),
-                   "--output_file", f"{fmt}.jsonl", "--progress", "false", "--keep_unpaired", "false", check=True)
+        run_winnow(
+            "sample",
+            "--model",
+            str(tiny_model),
+            "--dataset",
+            str(data),
+            "--num_return_sequences",
+            "4",
+            "--max_new_tokens",
+            "8",
+            "--external_plugins",
+            str(work / "rewards.py"),
+            "--reward_funcs",
+            "ends_with_digit",
+            "repetition",
+            "--output_format",
+            fmt,
+            "--output_dir",
+            str(work),
+            "--output_file",
+            f"{fmt}.jsonl",
+            "--progress",
+            "false",
+            "--keep_unpaired",
+            "false",
+            check=True,
+        )
         out[fmt] = work / f"{fmt}.jsonl"
     return work, out
 
 
 def _args(cls, tmp_path, **kw):
-    return cls(output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=2, report_to="none",
-               logging_steps=1, save_strategy="no", use_cpu=True, **kw)
+    return cls(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        **kw,
+    )
 
 
-def test_trl_trains_sft_on_messages_and_prompt_completion_without_the_prompt_in_the_loss(tmp_path, tiny_model,
-                                                                                          outputs):
+def test_trl_trains_sft_on_messages_and_prompt_completion_without_the_prompt_in_the_loss(tmp_path, tiny_model, outputs):
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -61,8 +93,12 @@ def test_trl_trains_sft_on_messages_and_prompt_completion_without_the_prompt_in_
     tok = AutoTokenizer.from_pretrained(str(tiny_model))
     for fmt in ("sft", "prompt_completion"):
         ds = load_dataset("json", data_files=str(files[fmt]), split="train")
-        trainer = trl.SFTTrainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model)), processing_class=tok,
-                                 train_dataset=ds, args=_args(trl.SFTConfig, tmp_path, max_length=128))
+        trainer = trl.SFTTrainer(
+            model=AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+            processing_class=tok,
+            train_dataset=ds,
+            args=_args(trl.SFTConfig, tmp_path, max_length=128),
+        )
         assert trainer.train().training_loss > 0, fmt
     # prompt/completion: TRL's collator keeps only the completion's tokens in the loss
     example = trainer.train_dataset[0]
@@ -78,9 +114,12 @@ def test_trl_trains_dpo_on_the_dpo_file(tmp_path, tiny_model, outputs):
     _, files = outputs
     ds = load_dataset("json", data_files=str(files["dpo"]), split="train")
     assert len(ds) > 0
-    trainer = trl.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model)),
-                             processing_class=AutoTokenizer.from_pretrained(str(tiny_model)), train_dataset=ds,
-                             args=_args(trl.DPOConfig, tmp_path, max_length=128))
+    trainer = trl.DPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+        processing_class=AutoTokenizer.from_pretrained(str(tiny_model)),
+        train_dataset=ds,
+        args=_args(trl.DPOConfig, tmp_path, max_length=128),
+    )
     assert trainer.train().training_loss > 0
 
 
@@ -97,41 +136,83 @@ def test_trl_grpo_trains_on_the_grpo_file_with_the_reward_file_winnow_used(tmp_p
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     ds = load_dataset("json", data_files=str(files["grpo"]), split="train")
-    trainer = trl.GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(str(tiny_model)),
-                              processing_class=AutoTokenizer.from_pretrained(str(tiny_model)),
-                              reward_funcs=[module.ends_with_digit], train_dataset=ds,
-                              args=_args(trl.GRPOConfig, tmp_path, num_generations=2, max_completion_length=8))
+    trainer = trl.GRPOTrainer(
+        model=AutoModelForCausalLM.from_pretrained(str(tiny_model)),
+        processing_class=AutoTokenizer.from_pretrained(str(tiny_model)),
+        reward_funcs=[module.ends_with_digit],
+        train_dataset=ds,
+        args=_args(trl.GRPOConfig, tmp_path, num_generations=2, max_completion_length=8),
+    )
     trainer.train()
 
 
 def test_trls_own_reward_functions_score_in_winnow(tmp_path, outputs):
     work, _ = outputs
-    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": [{"role": "user", "content": "What is 1/3 + 0?"}],
-                                               "solution": "\\frac{1}{3}"}])
-    cache = write_jsonl(tmp_path / "c.jsonl", [{"prompt": [{"role": "user", "content": "What is 1/3 + 0?"}],
-                                                "messages": [{"role": "user", "content": "What is 1/3 + 0?"},
-                                                             {"role": "assistant", "content": c}]}
-                                               for c in ("<think>\nhm\n</think>\nMy answer is \\boxed{\\frac{1}{3}}",
-                                                         "My answer is \\boxed{\\frac{1}{2}}")])
-    run_winnow("sample", "--sampler_engine", "no", "--cache_files", str(cache), "--dataset", str(data),
-               "--num_return_sequences", "2", "--external_plugins", str(work / "rewards.py"), "--reward_funcs",
-               "accuracy_reward", "think_format_reward", "--output_format", "raw", "--output_dir", str(tmp_path),
-               "--output_file", "o.jsonl", "--progress", "false", check=True)
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"prompt": [{"role": "user", "content": "What is 1/3 + 0?"}], "solution": "\\frac{1}{3}"}],
+    )
+    cache = write_jsonl(
+        tmp_path / "c.jsonl",
+        [
+            {
+                "prompt": [{"role": "user", "content": "What is 1/3 + 0?"}],
+                "messages": [{"role": "user", "content": "What is 1/3 + 0?"}, {"role": "assistant", "content": c}],
+            }
+            for c in ("<think>\nhm\n</think>\nMy answer is \\boxed{\\frac{1}{3}}", "My answer is \\boxed{\\frac{1}{2}}")
+        ],
+    )
+    run_winnow(
+        "sample",
+        "--sampler_engine",
+        "no",
+        "--cache_files",
+        str(cache),
+        "--dataset",
+        str(data),
+        "--num_return_sequences",
+        "2",
+        "--external_plugins",
+        str(work / "rewards.py"),
+        "--reward_funcs",
+        "accuracy_reward",
+        "think_format_reward",
+        "--output_format",
+        "raw",
+        "--output_dir",
+        str(tmp_path),
+        "--output_file",
+        "o.jsonl",
+        "--progress",
+        "false",
+        check=True,
+    )
     [record] = read_jsonl(tmp_path / "o.jsonl")
-    scores = [(c["scores"]["accuracy_reward"]["value"], c["scores"]["think_format_reward"]["value"])
-              for c in record["completions"]]
+    scores = [
+        (c["scores"]["accuracy_reward"]["value"], c["scores"]["think_format_reward"]["value"])
+        for c in record["completions"]
+    ]
     assert scores == [(1.0, 1.0), (0.0, 0.0)]
 
 
-@pytest.mark.skipif(not SWIFT_PYTHON.exists(), reason="ms-swift is not installed beside (bash "
-                    "../shared/peers/ms-swift/run_peer_bench.sh installs it)")
+@pytest.mark.skipif(
+    not SWIFT_PYTHON.exists(),
+    reason="ms-swift is not installed beside (bash ../shared/peers/ms-swift/run_peer_bench.sh installs it)",
+)
 def test_ms_swift_loads_the_grpo_file(outputs):
     _, files = outputs
-    code = ("import json, sys\nfrom swift.dataset import load_dataset\n"
-            "ds, _ = load_dataset([sys.argv[1]], remove_unused_columns=False)\n"
-            "print(json.dumps({'n': len(ds), 'row': ds[0]}, default=str))")
-    proc = subprocess.run([str(SWIFT_PYTHON), "-c", code, str(files["grpo"])], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    code = (
+        "import json, sys\nfrom swift.dataset import load_dataset\n"
+        "ds, _ = load_dataset([sys.argv[1]], remove_unused_columns=False)\n"
+        "print(json.dumps({'n': len(ds), 'row': ds[0]}, default=str))"
+    )
+    proc = subprocess.run(
+        [str(SWIFT_PYTHON), "-c", code, str(files["grpo"])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = json.loads(proc.stdout.strip().splitlines()[-1])
     assert loaded["n"] == len(read_jsonl(files["grpo"]))
@@ -139,22 +220,53 @@ def test_ms_swift_loads_the_grpo_file(outputs):
 
 
 def test_tool_calling_conversations_round_trip(tmp_path):
-    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers.",
-                                               "parameters": {"type": "object", "properties": {
-                                                   "a": {"type": "number"}, "b": {"type": "number"}}}}}]
-    history = [{"role": "user", "content": "What is 1 + 2? [[toolcall]]"},
-               {"role": "assistant", "content": None, "tool_calls": [
-                   {"id": "call_a", "type": "function",
-                    "function": {"name": "add", "arguments": "{\"a\": 1, \"b\": 2}"}}]},
-               {"role": "tool", "tool_call_id": "call_a", "name": "add", "content": "3"},
-               {"role": "user", "content": "Now add 2 to it. [[toolcall]]"}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "description": "Add two numbers.",
+                "parameters": {"type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}},
+            },
+        }
+    ]
+    history = [
+        {"role": "user", "content": "What is 1 + 2? [[toolcall]]"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "call_a", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_a", "name": "add", "content": "3"},
+        {"role": "user", "content": "Now add 2 to it. [[toolcall]]"},
+    ]
     data = write_jsonl(tmp_path / "tools.jsonl", [{"messages": history, "tools": tools, "topic": "math"}])
     with FakeServer().running() as server:
         for stream in ("false", "true"):
-            run_winnow("sample", "--sampler_engine", "client", "--model", "fake", "--dataset", str(data),
-                       "--num_return_sequences", "2", "--stream", stream, "--engine_kwargs",
-                       json.dumps({"base_url": server.url}), "--output_dir", str(tmp_path), "--output_file",
-                       f"out-{stream}.jsonl", "--progress", "false", check=True)
+            run_winnow(
+                "sample",
+                "--sampler_engine",
+                "client",
+                "--model",
+                "fake",
+                "--dataset",
+                str(data),
+                "--num_return_sequences",
+                "2",
+                "--stream",
+                stream,
+                "--engine_kwargs",
+                json.dumps({"base_url": server.url}),
+                "--output_dir",
+                str(tmp_path),
+                "--output_file",
+                f"out-{stream}.jsonl",
+                "--progress",
+                "false",
+                check=True,
+            )
             assert server.last_body["tools"] == tools and server.last_body["messages"] == history
             records = read_jsonl(tmp_path / f"out-{stream}.jsonl")
             assert len(records) == 2

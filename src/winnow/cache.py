@@ -40,8 +40,9 @@ class SampleCache:
 
     def _read(self, path: Path) -> None:
         if not path.is_file():
-            raise DataError(f"--cache_files {path}: no such file (with --sampler_engine no there is nothing to "
-                            "sample it with)")
+            raise DataError(
+                f"--cache_files {path}: no such file (with --sampler_engine no there is nothing to sample it with)"
+            )
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, start=1):
                 if not line.strip():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from winnow import __version__
 from winnow.config import ReportConfig, SampleConfig, ServeConfig, build_parser, parse_args
@@ -26,7 +26,7 @@ COMMANDS = {
 class _OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits with 2."""
 
-    def error(self, message: str) -> None:  # noqa: D401 - argparse's name
+    def error(self, message: str) -> NoReturn:  # noqa: D401 - argparse's name
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
@@ -36,8 +36,13 @@ def _one_line(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _usage() -> str:
-    lines = [f"winnow {__version__}: sample, score and select LLM completions at scale.", "",
-             "usage: winnow <command> [options]", "", "commands:"]
+    lines = [
+        f"winnow {__version__}: sample, score and select LLM completions at scale.",
+        "",
+        "usage: winnow <command> [options]",
+        "",
+        "commands:",
+    ]
     lines += [f"  {name:<8} {text}" for name, text in COMMANDS.items()]
     lines += ["", "winnow <command> --help shows a command's options."]
     return "\n".join(lines)
@@ -49,8 +54,9 @@ def sampling_main(args: SampleConfig | list[str] | None = None):
 
     if isinstance(args, SampleConfig):
         return sample(args)
-    config = parse_args(SampleConfig, list(sys.argv[1:] if args is None else args), "winnow sample",
-                        SampleConfig.__doc__ or "")
+    config = parse_args(
+        SampleConfig, list(sys.argv[1:] if args is None else args), "winnow sample", SampleConfig.__doc__ or ""
+    )
     return sample(config)
 
 
@@ -74,8 +80,11 @@ def cmd_sample(argv: list[str]) -> int:
         return 130
     if summary.rows_total and not summary.totals.get("lines"):
         where = f" and in {summary.failed_file}" if summary.totals.get("failed") else ""
-        print(f"winnow sample: WARNING: the output has no lines: every row failed or was filtered; the reasons are "
-              f"in the summary above{where}", file=sys.stderr)
+        print(
+            f"winnow sample: WARNING: the output has no lines: every row failed or was filtered; the reasons are "
+            f"in the summary above{where}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -97,16 +106,25 @@ def cmd_report(argv: list[str]) -> int:
     return 0
 
 
-LIST_KINDS = {"engines": "engine", "rewards": "reward", "rm_styles": "rm_style", "formats": "format",
-              "strategies": "strategy", "schedulers": "scheduler", "tools": "tool", "environments": "environment",
-              "models": "model", "datasets": "dataset"}
+LIST_KINDS = {
+    "engines": "engine",
+    "rewards": "reward",
+    "rm_styles": "rm_style",
+    "formats": "format",
+    "strategies": "strategy",
+    "schedulers": "scheduler",
+    "tools": "tool",
+    "environments": "environment",
+    "models": "model",
+    "datasets": "dataset",
+}
 
 
 def cmd_list(argv: list[str]) -> int:
     """``winnow list [KIND] [--external_plugins F.py ...]``: every registered component, with its one-line doc."""
     from winnow.registry import KINDS, REGISTRY
 
-    plugins = argv[argv.index("--external_plugins") + 1:] if "--external_plugins" in argv else []
+    plugins = argv[argv.index("--external_plugins") + 1 :] if "--external_plugins" in argv else []
     wanted = [a for a in argv[: argv.index("--external_plugins")] if a] if plugins else argv
     for path in plugins:
         REGISTRY.load_file(path)
@@ -121,8 +139,10 @@ def cmd_list(argv: list[str]) -> int:
         for entry in entries:
             print(f"  {entry.name:<22} {entry.summary}" if len(kinds) > 1 else f"{entry.name:<22} {entry.summary}")
         if kind == "reward":
-            hint = ("<classifier RM or PRM>", "a reward model's directory, hub id or http(s) URL: "
-                                              "--orm_model/--prm_model/--reward_model PATH")
+            hint = (
+                "<classifier RM or PRM>",
+                "a reward model's directory, hub id or http(s) URL: --orm_model/--prm_model/--reward_model PATH",
+            )
             print(f"  {hint[0]:<22} {hint[1]}" if len(kinds) > 1 else f"{hint[0]:<22} {hint[1]}")
     return 0
 
@@ -140,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in HANDLERS:
-        print(f"winnow: error: unknown command {command!r}; use one of {', '.join(HANDLERS)} (see winnow --help)",
-              file=sys.stderr)
+        print(
+            f"winnow: error: unknown command {command!r}; use one of {', '.join(HANDLERS)} (see winnow --help)",
+            file=sys.stderr,
+        )
         return 2
     debug = "--debug" in rest and _flag_value(rest, "--debug") or os.environ.get("WINNOW_DEBUG") == "1"
     try:

@@ -20,9 +20,22 @@ from winnow.errors import ConfigError
 from winnow.registry import REGISTRY
 
 
-def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True,
-        ge: float | None = None, gt: float | None = None, le: float | None = None, positional: bool = False,
-        swift: str | None = None, registry: str | None = None, extra_choices: tuple = (), fingerprint: bool = False):
+def opt(
+    default: Any = None,
+    help: str = "",
+    *,
+    choices: tuple | None = None,
+    factory=None,
+    cli: bool = True,
+    ge: float | None = None,
+    gt: float | None = None,
+    le: float | None = None,
+    positional: bool = False,
+    swift: str | None = None,
+    registry: str | None = None,
+    extra_choices: tuple = (),
+    fingerprint: bool = False,
+):
     """A config field with its help text, choices and range recorded once, for --help, YAML, docs and
     the checks every entry point (CLI, YAML, Python) goes through.
 
@@ -32,8 +45,19 @@ def opt(default: Any = None, help: str = "", *, choices: tuple | None = None, fa
     any value but the default is an error naming it). ``registry`` names the registry kind whose names
     (plus ``extra_choices``) are the choices: plugins add to them. ``fingerprint`` marks an option that decides
     which rows a position holds or what is written for it: a resumed run must share it."""
-    meta = {"help": help, "choices": choices, "cli": cli, "ge": ge, "gt": gt, "le": le, "positional": positional,
-            "swift": swift, "registry": registry, "extra_choices": extra_choices, "fingerprint": fingerprint}
+    meta = {
+        "help": help,
+        "choices": choices,
+        "cli": cli,
+        "ge": ge,
+        "gt": gt,
+        "le": le,
+        "positional": positional,
+        "swift": swift,
+        "registry": registry,
+        "extra_choices": extra_choices,
+        "fingerprint": fingerprint,
+    }
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -55,11 +79,16 @@ def check_fields(config) -> None:
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         meta = f.metadata
-        for item in (value if isinstance(value, list) else [value]):
+        for item in value if isinstance(value, list) else [value]:
             if item is None or isinstance(item, bool):
                 continue
-            flag = f"--{f.name} {item!r}" if isinstance(item, str) else \
-                f"--{f.name} {item:g}" if isinstance(item, float) else f"--{f.name} {item}"
+            flag = (
+                f"--{f.name} {item!r}"
+                if isinstance(item, str)
+                else f"--{f.name} {item:g}"
+                if isinstance(item, float)
+                else f"--{f.name} {item}"
+            )
             choices = meta.get("choices")
             if meta.get("registry"):
                 choices = (*REGISTRY.names(meta["registry"]), *meta.get("extra_choices", ()))
@@ -82,92 +111,152 @@ class SampleConfig:
     """Options of ``winnow sample`` (the same names as ``swift sample``)."""
 
     # --- model and engine
-    model: str | None = opt(None, "Model: a local directory, a hub id, or (client engine) a served model name.",
-                            fingerprint=True)
+    model: str | None = opt(
+        None, "Model: a local directory, a hub id, or (client engine) a served model name.", fingerprint=True
+    )
     model_type: str | None = opt(None, "Accepted for swift compatibility; the model's own config decides.")
     model_revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
-    use_hf: bool = opt(False, "Hub ids are read from the Hugging Face hub (true) or ModelScope (false, swift's "
-                              "default; USE_HF=1 also selects Hugging Face).")
-    hub_token: str | None = opt(None, "Token for private hub models and datasets.")
-    adapters: list[str] = opt(None, "LoRA adapters (dirs or hub ids) applied to --model (transformers: merged at load; "
-                                    "vllm: LoRA requests).", factory=list, fingerprint=True)
-    load_args: bool = opt(True, "When --model or an adapter is a swift training output with args.json, take the "
-                                "base model, template and system from it (unless given).")
-    template: str | None = opt(
-        None, "Chat template: a swift template name (qwen, chatml, llama3, deepseek, ...), a Jinja string, or a file "
-              "holding one. Default: the tokenizer's template."
+    use_hf: bool = opt(
+        False,
+        "Hub ids are read from the Hugging Face hub (true) or ModelScope (false, swift's "
+        "default; USE_HF=1 also selects Hugging Face).",
     )
-    system: str | None = opt(None, "System prompt (text, or a file holding it): replaces the dataset's system message "
-                                   "or comes first, as in swift.", fingerprint=True)
-    enable_thinking: bool | None = opt(None, "Passed to the chat template as enable_thinking (Qwen3 and friends), and "
-                                             "to APIs as chat_template_kwargs.")
-    chat_template_kwargs: dict = opt(None, "More variables for the chat template as JSON, e.g. '{\"enable_thinking\": "
-                                           "false}'.", factory=dict)
-    response_prefix: str | None = opt(None, "Text the answer starts with (the model continues it; it is part of the "
-                                            "written answer). Local engines only.", fingerprint=True)
+    hub_token: str | None = opt(None, "Token for private hub models and datasets.")
+    adapters: list[str] = opt(
+        None,
+        "LoRA adapters (dirs or hub ids) applied to --model (transformers: merged at load; vllm: LoRA requests).",
+        factory=list,
+        fingerprint=True,
+    )
+    load_args: bool = opt(
+        True,
+        "When --model or an adapter is a swift training output with args.json, take the "
+        "base model, template and system from it (unless given).",
+    )
+    template: str | None = opt(
+        None,
+        "Chat template: a swift template name (qwen, chatml, llama3, deepseek, ...), a Jinja string, or a file "
+        "holding one. Default: the tokenizer's template.",
+    )
+    system: str | None = opt(
+        None,
+        "System prompt (text, or a file holding it): replaces the dataset's system message "
+        "or comes first, as in swift.",
+        fingerprint=True,
+    )
+    enable_thinking: bool | None = opt(
+        None, "Passed to the chat template as enable_thinking (Qwen3 and friends), and to APIs as chat_template_kwargs."
+    )
+    chat_template_kwargs: dict = opt(
+        None, "More variables for the chat template as JSON, e.g. '{\"enable_thinking\": false}'.", factory=dict
+    )
+    response_prefix: str | None = opt(
+        None,
+        "Text the answer starts with (the model continues it; it is part of the written answer). Local engines only.",
+        fingerprint=True,
+    )
     use_chat_template: bool | None = opt(None, "false: prompts are the conversation's text without a chat template.")
-    attn_impl: str | None = opt(None, "Attention implementation of the transformers engine (sdpa, eager, "
-                                      "flash_attention_2, ...).")
-    device_map: str | None = opt(None, "transformers device_map (auto, balanced, a JSON map) for models over several "
-                                       "GPUs.")
+    attn_impl: str | None = opt(
+        None, "Attention implementation of the transformers engine (sdpa, eager, flash_attention_2, ...)."
+    )
+    device_map: str | None = opt(
+        None, "transformers device_map (auto, balanced, a JSON map) for models over several GPUs."
+    )
     max_memory: dict = opt(None, "transformers max_memory per device as JSON, with --device_map.", factory=dict)
-    max_model_len: int | None = opt(None, "Context length of the engine (vLLM's max_model_len); also the default "
-                                          "--max_length.", ge=1)
-    quant_method: str | None = opt(None, "Quantize --model at load (transformers): bnb or hqq.",
-                                   choices=("bnb", "hqq", "eetq", "quanto", "fp8"))
-    quant_bits: str | None = opt(None, "Bits of --quant_method (bnb: 4 or 8).", choices=("1", "2", "3", "4", "8",
-                                                                                          "float8"))
-    bnb_4bit_compute_dtype: str | None = opt(None, "bitsandbytes 4-bit compute dtype.",
-                                             choices=("float16", "bfloat16", "float32"))
+    max_model_len: int | None = opt(
+        None, "Context length of the engine (vLLM's max_model_len); also the default --max_length.", ge=1
+    )
+    quant_method: str | None = opt(
+        None, "Quantize --model at load (transformers): bnb or hqq.", choices=("bnb", "hqq", "eetq", "quanto", "fp8")
+    )
+    quant_bits: str | None = opt(
+        None, "Bits of --quant_method (bnb: 4 or 8).", choices=("1", "2", "3", "4", "8", "float8")
+    )
+    bnb_4bit_compute_dtype: str | None = opt(
+        None, "bitsandbytes 4-bit compute dtype.", choices=("float16", "bfloat16", "float32")
+    )
     bnb_4bit_quant_type: str = opt("nf4", "bitsandbytes 4-bit quant type.", choices=("fp4", "nf4"))
     bnb_4bit_use_double_quant: bool = opt(True, "bitsandbytes double quantization.")
     bnb_4bit_quant_storage: str | None = opt(None, "bitsandbytes 4-bit storage dtype.")
     hqq_axis: int | None = opt(None, "HQQ quantization axis.")
-    sampler_type: str = opt("sample", "Strategy: sample (N samples per prompt), distill (API distillation, "
-                                      "reasoning kept), or a search strategy; `winnow list strategies`.",
-                            registry="strategy", fingerprint=True)
-    sampler_engine: str = opt("pt", "Inference engine (pt is transformers; no = score cached samples only); "
-                                    "`winnow list engines`.", registry="engine", extra_choices=("no",))
-    engine_kwargs: dict = opt(None, "Extra engine options as JSON, e.g. '{\"max_batch_sequences\": 256}'.",
-                              factory=dict)
-    torch_dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16, float16.",
-                           choices=TORCH_DTYPES)
-    max_length: int | None = opt(None, "Longest prompt+completion in tokens; longer prompts are failed rows. Default: "
-                                       "the model's context length.", ge=1)
-    truncation_strategy: str | None = opt(None, "A prompt over --max_length: delete (the row fails, the default) or "
-                                                "left (its oldest tokens are cut).", choices=("delete", "left"))
+    sampler_type: str = opt(
+        "sample",
+        "Strategy: sample (N samples per prompt), distill (API distillation, "
+        "reasoning kept), or a search strategy; `winnow list strategies`.",
+        registry="strategy",
+        fingerprint=True,
+    )
+    sampler_engine: str = opt(
+        "pt",
+        "Inference engine (pt is transformers; no = score cached samples only); `winnow list engines`.",
+        registry="engine",
+        extra_choices=("no",),
+    )
+    engine_kwargs: dict = opt(
+        None, "Extra engine options as JSON, e.g. '{\"max_batch_sequences\": 256}'.", factory=dict
+    )
+    torch_dtype: str = opt("auto", "Model dtype: auto, float32, bfloat16, float16.", choices=TORCH_DTYPES)
+    max_length: int | None = opt(
+        None,
+        "Longest prompt+completion in tokens; longer prompts are failed rows. Default: the model's context length.",
+        ge=1,
+    )
+    truncation_strategy: str | None = opt(
+        None,
+        "A prompt over --max_length: delete (the row fails, the default) or left (its oldest tokens are cut).",
+        choices=("delete", "left"),
+    )
     device: str = opt("auto", "Device for local engines: auto (CUDA if present, else CPU), cpu, cuda, cuda:1.")
 
     # --- data
-    dataset: list[str] = opt(None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list,
-                             fingerprint=True)
+    dataset: list[str] = opt(
+        None, "Datasets: path_or_id[:subset][#N], several separated by spaces.", factory=list, fingerprint=True
+    )
     dataset_shuffle: bool = opt(True, "Shuffle the rows (seeded by --data_seed) before sampling.", fingerprint=True)
     seed: int = opt(42, "Random seed of generation.", ge=0, le=2**63 - 1, fingerprint=True)
     data_seed: int = opt(42, "Random seed of the data order and of #N sampling.", ge=0, le=2**63 - 1, fingerprint=True)
-    data_range: list[int] = opt(None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list,
-                                fingerprint=True)
+    data_range: list[int] = opt(
+        None, "Shard 'i n': process the i-th of n exact contiguous shards.", factory=list, fingerprint=True
+    )
     strict: bool = opt(False, "Stop before generating anything if any row is bad (default: log and skip it).")
-    columns: dict = opt(None, "Rename dataset columns first, as JSON: '{\"instruction\": \"query\"}'.", factory=dict,
-                        fingerprint=True)
-    split_dataset_ratio: float = opt(0.0, "Hold out this share of the rows (seeded) and sample the rest. (swift 4.6's "
-                                          "sampler ignores it.)", ge=0, le=1, fingerprint=True)
-    remove_unused_columns: bool | None = opt(None, "true: write only the standard fields, as swift does; default: "
-                                                   "a row's other columns travel into every output line.",
-                                                   fingerprint=True)
+    columns: dict = opt(
+        None, 'Rename dataset columns first, as JSON: \'{"instruction": "query"}\'.', factory=dict, fingerprint=True
+    )
+    split_dataset_ratio: float = opt(
+        0.0,
+        "Hold out this share of the rows (seeded) and sample the rest. (swift 4.6's sampler ignores it.)",
+        ge=0,
+        le=1,
+        fingerprint=True,
+    )
+    remove_unused_columns: bool | None = opt(
+        None,
+        "true: write only the standard fields, as swift does; default: "
+        "a row's other columns travel into every output line.",
+        fingerprint=True,
+    )
     streaming: bool = opt(False, "Accepted: winnow always reads datasets lazily.")
 
     # --- sampling
     num_return_sequences: int = opt(64, "Samples per prompt.", ge=1, fingerprint=True)
-    max_new_tokens: int | None = opt(None, "Most tokens to generate per sample; unset: the rest of the model's context "
-                                           "(the client engine sends no limit).", ge=1)
-    temperature: float | None = opt(None, "Sampling temperature (0 = greedy); unset: the model's "
-                                          "generation_config.json, else 1.0.", ge=0)
-    top_p: float | None = opt(None, "Nucleus sampling probability; unset: the model's generation_config.json, "
-                                    "else 1.0.", gt=0, le=1)
-    top_k: int | None = opt(None, "Top-k sampling (0 = off); unset: the model's generation_config.json, else off.",
-                            ge=0)
-    repetition_penalty: float | None = opt(None, "Repetition penalty (1.0 = off); unset: the model's "
-                                                 "generation_config.json, else off.", gt=0)
+    max_new_tokens: int | None = opt(
+        None,
+        "Most tokens to generate per sample; unset: the rest of the model's context "
+        "(the client engine sends no limit).",
+        ge=1,
+    )
+    temperature: float | None = opt(
+        None, "Sampling temperature (0 = greedy); unset: the model's generation_config.json, else 1.0.", ge=0
+    )
+    top_p: float | None = opt(
+        None, "Nucleus sampling probability; unset: the model's generation_config.json, else 1.0.", gt=0, le=1
+    )
+    top_k: int | None = opt(
+        None, "Top-k sampling (0 = off); unset: the model's generation_config.json, else off.", ge=0
+    )
+    repetition_penalty: float | None = opt(
+        None, "Repetition penalty (1.0 = off); unset: the model's generation_config.json, else off.", gt=0
+    )
     num_beams: int = opt(1, "Beam search (transformers engine): the N best of this many beams, no sampling.", ge=1)
     stop_words: list[str] = opt(None, "Stop generation at any of these strings.", factory=list)
     num_sampling_batch_size: int | None = opt(
@@ -180,59 +269,96 @@ class SampleConfig:
     output_file: str | None = opt(None, "Output file name (no directory, .jsonl). Default: a timestamp.")
     override_exist_file: bool = opt(False, "Overwrite an existing output file.")
     resume: bool = opt(False, "Continue an interrupted run: skip groups already written.")
-    output_parquet: bool = opt(False, "Also write the output as Parquet (<name>.parquet, one schema for every run: "
-                                      "scores as a list of {name, value, steps}) when the run finishes.")
-    output_format: str = opt("swift", "Record format: swift (messages, id, rejected_response), sft (messages), "
-                                      "prompt_completion (TRL's prompt/completion SFT form), dpo (TRL's prompt/"
-                                      "chosen/rejected), raw (every sample with its scores), grpo (prompts a GRPO "
-                                      "trainer loads, with the group's statistics).", registry="format",
-                                      fingerprint=True)
+    output_parquet: bool = opt(
+        False,
+        "Also write the output as Parquet (<name>.parquet, one schema for every run: "
+        "scores as a list of {name, value, steps}) when the run finishes.",
+    )
+    output_format: str = opt(
+        "swift",
+        "Record format: swift (messages, id, rejected_response), sft (messages), "
+        "prompt_completion (TRL's prompt/completion SFT form), dpo (TRL's prompt/"
+        "chosen/rejected), raw (every sample with its scores), grpo (prompts a GRPO "
+        "trainer loads, with the group's statistics).",
+        registry="format",
+        fingerprint=True,
+    )
 
     # --- rewards and selection
     orm_model: str | None = opt(
         None, "Outcome reward: a built-in name (math, accuracy, ...), a plugin name or a model.", fingerprint=True
     )
     prm_model: str | None = opt(None, "Process reward: a model dir/hub id, or a plugin name.", fingerprint=True)
-    reward_funcs: list[str] = opt(None, "More rewards by name, combined with --reward_weights.", factory=list,
-                                  fingerprint=True)
-    reward_weights: list[float] = opt(None, "Weights of the rewards, in order [orm, prm, reward_funcs...].",
-                                      factory=list, fingerprint=True)
-    reward_kwargs: dict = opt(None, "Options for rewards as JSON: {\"reward_name\": {...}} .", factory=dict,
-                              fingerprint=True)
+    reward_funcs: list[str] = opt(
+        None, "More rewards by name, combined with --reward_weights.", factory=list, fingerprint=True
+    )
+    reward_weights: list[float] = opt(
+        None, "Weights of the rewards, in order [orm, prm, reward_funcs...].", factory=list, fingerprint=True
+    )
+    reward_kwargs: dict = opt(
+        None, 'Options for rewards as JSON: {"reward_name": {...}} .', factory=dict, fingerprint=True
+    )
     reward_model: list[str] = opt(None, "Classifier reward models (dirs or hub ids).", factory=list, fingerprint=True)
-    external_plugins: list[str] = opt(None, "Python files defining orms/prms/reward functions.", factory=list,
-                                      fingerprint=True)
-    n_best_to_keep: int | None = opt(None, "Samples kept per prompt (default: 5, as swift, or N if fewer); at most "
-                                      "--num_return_sequences.", ge=1, fingerprint=True)
-    selection: str = opt("winnow", "winnow: swift's records with swift's bugs fixed (docs/rewards.md); swift: ms-swift "
-                                   "4.6's selection, line for line.", choices=("winnow", "swift"), fingerprint=True)
-    prm_threshold: float | None = opt(0.0, "With a PRM: samples whose PRM score is at or below this are not kept "
-                                           "(as swift; none: no threshold).", fingerprint=True)
-    prm_agg: str = opt("min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"),
-                       fingerprint=True)
-    easy_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is above this.", ge=0, le=1,
-                                             fingerprint=True)
-    hard_query_threshold: float | None = opt(None, "Drop prompts whose ORM pass rate is below this.", ge=0, le=1,
-                                             fingerprint=True)
+    external_plugins: list[str] = opt(
+        None, "Python files defining orms/prms/reward functions.", factory=list, fingerprint=True
+    )
+    n_best_to_keep: int | None = opt(
+        None,
+        "Samples kept per prompt (default: 5, as swift, or N if fewer); at most --num_return_sequences.",
+        ge=1,
+        fingerprint=True,
+    )
+    selection: str = opt(
+        "winnow",
+        "winnow: swift's records with swift's bugs fixed (docs/rewards.md); swift: ms-swift "
+        "4.6's selection, line for line.",
+        choices=("winnow", "swift"),
+        fingerprint=True,
+    )
+    prm_threshold: float | None = opt(
+        0.0,
+        "With a PRM: samples whose PRM score is at or below this are not kept (as swift; none: no threshold).",
+        fingerprint=True,
+    )
+    prm_agg: str = opt(
+        "min", "How step scores become one PRM score.", choices=("min", "last", "prod", "mean"), fingerprint=True
+    )
+    easy_query_threshold: float | None = opt(
+        None, "Drop prompts whose ORM pass rate is above this.", ge=0, le=1, fingerprint=True
+    )
+    hard_query_threshold: float | None = opt(
+        None, "Drop prompts whose ORM pass rate is below this.", ge=0, le=1, fingerprint=True
+    )
     num_rejected: int = opt(1, "Rejected responses paired with each kept sample.", ge=1, fingerprint=True)
     min_margin: float = opt(0.0, "Smallest score gap between a chosen and a rejected sample.", ge=0, fingerprint=True)
     include_reference: bool = opt(False, "Let the dataset's reference answer be a candidate.", fingerprint=True)
-    keep_unpaired: bool = opt(True, "Write kept samples that have no rejected partner (no sample scores below them) "
-                                    "without rejected_response; false drops them (counted).", fingerprint=True)
-    keep_truncated: bool = opt(True, "Keep answers cut at the token limit (their finish_reason says length; the "
-                                     "summary counts them); false fails them.", fingerprint=True)
-    cache_files: list[str] = opt(None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list,
-                                 fingerprint=True)
+    keep_unpaired: bool = opt(
+        True,
+        "Write kept samples that have no rejected partner (no sample scores below them) "
+        "without rejected_response; false drops them (counted).",
+        fingerprint=True,
+    )
+    keep_truncated: bool = opt(
+        True,
+        "Keep answers cut at the token limit (their finish_reason says length; the "
+        "summary counts them); false fails them.",
+        fingerprint=True,
+    )
+    cache_files: list[str] = opt(
+        None, "Stage-1 outputs to score instead of (or before) sampling.", factory=list, fingerprint=True
+    )
 
     # --- API client
     stream: bool = opt(False, "Stream API responses.")
     # a plain str with an "auto" default: "none" is one of the choices, not the absence of a value
     reasoning_format: str = opt(
-        "auto", "Where a reasoning model's reasoning goes: message (reasoning_content on the assistant message, what "
+        "auto",
+        "Where a reasoning model's reasoning goes: message (reasoning_content on the assistant message, what "
         "chat templates read; the default for sample), think_answer (<think>...</think><answer>...</answer>, the "
         "default for distill, as swift), think (<think>...</think> then the answer), separate (a 'reasoning' "
         "column), none (dropped).",
-        choices=("auto", "message", "think_answer", "think", "separate", "none"), fingerprint=True,
+        choices=("auto", "message", "think_answer", "think", "separate", "none"),
+        fingerprint=True,
     )
     max_concurrency: int = opt(64, "API requests in flight.", ge=1)
     rpm: int | None = opt(None, "Most API requests per minute.", ge=1)
@@ -243,70 +369,135 @@ class SampleConfig:
     price_per_mtok_out: float | None = opt(None, "Price per million completion tokens, for the cost report.", ge=0)
 
     # --- provider batch API and structured output (docs/client.md)
-    batch_api: bool = opt(False, "Client engine: send the requests through the provider's Batch API (/v1/files, "
-                                 "/v1/batches): half the price, far higher limits, answers within hours; resumable.")
+    batch_api: bool = opt(
+        False,
+        "Client engine: send the requests through the provider's Batch API (/v1/files, "
+        "/v1/batches): half the price, far higher limits, answers within hours; resumable.",
+    )
     batch_max_requests: int = opt(50000, "Most requests in one provider batch.", ge=1)
     batch_max_bytes: int = opt(200 * 1024 * 1024, "Largest batch input file in bytes.", ge=1)
-    batch_poll_s: float = opt(30.0, "Seconds between the first status polls of a batch (then backing off to 10 "
-                                    "minutes).", gt=0)
-    batch_completion_window: str = opt("24h", "The batch's completion_window (OpenAI takes 24h; some providers "
-                                              "longer).")
-    batch_discount: float = opt(0.5, "With --batch_api: the share taken off --price_per_mtok_in/out for the cost "
-                                     "report (0.5: half price).", ge=0, le=1)
-    response_format: str | None = opt(None, "Structured output: a JSON schema (file or inline JSON), OpenAI's "
-                                            "response_format object, or a pydantic model (file.py:Model). Sent to "
-                                            "APIs, constrained decoding on local engines; every answer is checked.")
+    batch_poll_s: float = opt(
+        30.0, "Seconds between the first status polls of a batch (then backing off to 10 minutes).", gt=0
+    )
+    batch_completion_window: str = opt(
+        "24h", "The batch's completion_window (OpenAI takes 24h; some providers longer)."
+    )
+    batch_discount: float = opt(
+        0.5,
+        "With --batch_api: the share taken off --price_per_mtok_in/out for the cost report (0.5: half price).",
+        ge=0,
+        le=1,
+    )
+    response_format: str | None = opt(
+        None,
+        "Structured output: a JSON schema (file or inline JSON), OpenAI's "
+        "response_format object, or a pydantic model (file.py:Model). Sent to "
+        "APIs, constrained decoding on local engines; every answer is checked.",
+    )
     # --- multi-turn
     multi_turn_scheduler: str | None = opt(
-        None, "Sample trajectories, not single answers: between turns this scheduler runs tools, steps an environment "
-              "or decides the trajectory is finished (tools, gym, or a plugin's, ms-swift's MultiTurnScheduler "
-              "subclasses included); `winnow list schedulers`.", registry="scheduler")
+        None,
+        "Sample trajectories, not single answers: between turns this scheduler runs tools, steps an environment "
+        "or decides the trajectory is finished (tools, gym, or a plugin's, ms-swift's MultiTurnScheduler "
+        "subclasses included); `winnow list schedulers`.",
+        registry="scheduler",
+    )
     max_turns: int = opt(10, "Most model turns per trajectory (with --multi_turn_scheduler).", ge=1)
-    tools: list[str] = opt(None, "Tools the model may call (the tools scheduler): python (sandboxed), calculator, or "
-                                 "a plugin's; `winnow list tools`. The row's own tools are offered too.", factory=list,
-                           registry="tool")
-    gym_env: str | None = opt(None, "Environment of the gym scheduler (math_retry, or a plugin's); a row's env_config "
-                                    "may name its own. `winnow list environments`.", registry="environment")
-    multi_turn_kwargs: dict = opt(None, "Options of the scheduler as JSON, e.g. '{\"timeout_s\": 5}' for tools, "
-                                        "'{\"env_config\": {...}}' for gym (docs/multiturn.md).", factory=dict)
+    tools: list[str] = opt(
+        None,
+        "Tools the model may call (the tools scheduler): python (sandboxed), calculator, or "
+        "a plugin's; `winnow list tools`. The row's own tools are offered too.",
+        factory=list,
+        registry="tool",
+    )
+    gym_env: str | None = opt(
+        None,
+        "Environment of the gym scheduler (math_retry, or a plugin's); a row's env_config "
+        "may name its own. `winnow list environments`.",
+        registry="environment",
+    )
+    multi_turn_kwargs: dict = opt(
+        None,
+        "Options of the scheduler as JSON, e.g. '{\"timeout_s\": 5}' for tools, "
+        "'{\"env_config\": {...}}' for gym (docs/multiturn.md).",
+        factory=dict,
+    )
     # --- search (--sampler_type beam, dvts or mcts; docs/search.md). N is --num_return_sequences.
-    search_width: int = opt(4, "Search: M. Beam search keeps the N/M best partial answers and samples M next steps "
-                               "from each; DVTS grows N/M independent subtrees, each keeping its best of M next "
-                               "steps; MCTS samples M children when it expands a node. (search-and-learn's "
-                               "beam_width.)", ge=1)
-    search_max_steps: int = opt(40, "Search: most steps of an answer; the last one is generated to the end of the "
-                                    "answer. (search-and-learn's num_iterations.)", ge=1)
-    step_separator: str | None = opt(None, "Search: where a step ends (\\n and \\t are read as newline and tab); "
-                                           "unset: the PRM's own step separator (demo-prm: a line), else a blank "
-                                           "line.")
-    search_lookahead: int = opt(0, "Beam search and DVTS: value a candidate step by the PRM after this many more "
-                                   "greedy steps (search-and-learn's lookahead; each costs a step per candidate).",
-                                ge=0)
-    search_prm_agg: str = opt("last", "Search: how the PRM's step scores of a partial answer become the value the "
-                                      "search ranks by (search-and-learn's agg_strategy); the final answers' "
-                                      "scores use --prm_agg.", choices=("last", "min", "prod", "mean"))
-    search_filter_duplicates: bool = opt(False, "Search: a step that repeats a partial answer the search holds "
-                                                "already is dropped (it is not valued, kept or expanded), so the "
-                                                "group's answers are distinct. (search-and-learn's "
-                                                "filter_duplicates.)")
-    mcts_iterations: int | None = opt(None, "MCTS: simulations per prompt (each selects a leaf by UCT, expands it "
-                                            "with M next steps and backs their PRM values up); unset: N.", ge=1)
-    mcts_exploration: float = opt(1.414, "MCTS: c of UCT, Q + c * sqrt(ln N(parent) / N(child)) (sqrt 2, as "
-                                         "Kocsis and Szepesvari; PRM values lie in 0..1).", ge=0)
-    mcts_rollout_depth: int = opt(0, "MCTS: value a new node by the PRM after sampling this many more steps from "
-                                     "it (0: the node itself; --search_max_steps or more: to the end of the answer, "
-                                     "which also yields a finished answer).", ge=0)
+    search_width: int = opt(
+        4,
+        "Search: M. Beam search keeps the N/M best partial answers and samples M next steps "
+        "from each; DVTS grows N/M independent subtrees, each keeping its best of M next "
+        "steps; MCTS samples M children when it expands a node. (search-and-learn's "
+        "beam_width.)",
+        ge=1,
+    )
+    search_max_steps: int = opt(
+        40,
+        "Search: most steps of an answer; the last one is generated to the end of the "
+        "answer. (search-and-learn's num_iterations.)",
+        ge=1,
+    )
+    step_separator: str | None = opt(
+        None,
+        "Search: where a step ends (\\n and \\t are read as newline and tab); "
+        "unset: the PRM's own step separator (demo-prm: a line), else a blank "
+        "line.",
+    )
+    search_lookahead: int = opt(
+        0,
+        "Beam search and DVTS: value a candidate step by the PRM after this many more "
+        "greedy steps (search-and-learn's lookahead; each costs a step per candidate).",
+        ge=0,
+    )
+    search_prm_agg: str = opt(
+        "last",
+        "Search: how the PRM's step scores of a partial answer become the value the "
+        "search ranks by (search-and-learn's agg_strategy); the final answers' "
+        "scores use --prm_agg.",
+        choices=("last", "min", "prod", "mean"),
+    )
+    search_filter_duplicates: bool = opt(
+        False,
+        "Search: a step that repeats a partial answer the search holds "
+        "already is dropped (it is not valued, kept or expanded), so the "
+        "group's answers are distinct. (search-and-learn's "
+        "filter_duplicates.)",
+    )
+    mcts_iterations: int | None = opt(
+        None,
+        "MCTS: simulations per prompt (each selects a leaf by UCT, expands it "
+        "with M next steps and backs their PRM values up); unset: N.",
+        ge=1,
+    )
+    mcts_exploration: float = opt(
+        1.414,
+        "MCTS: c of UCT, Q + c * sqrt(ln N(parent) / N(child)) (sqrt 2, as "
+        "Kocsis and Szepesvari; PRM values lie in 0..1).",
+        ge=0,
+    )
+    mcts_rollout_depth: int = opt(
+        0,
+        "MCTS: value a new node by the PRM after sampling this many more steps from "
+        "it (0: the node itself; --search_max_steps or more: to the end of the answer, "
+        "which also yields a finished answer).",
+        ge=0,
+    )
     search_kwargs: dict = opt(None, "Search: options for a plugin strategy, as JSON.", factory=dict)
 
     # --- swift compatibility: settings of swift's SamplingArguments that do not apply to sampling
-    custom_register_path: list[str] = opt(None, "swift registration files (custom models, templates, datasets): "
-                                                "loaded like --external_plugins.", factory=list)
+    custom_register_path: list[str] = opt(
+        None,
+        "swift registration files (custom models, templates, datasets): loaded like --external_plugins.",
+        factory=list,
+    )
     logprobs: bool = opt(False, "Not supported yet: per-token log-probabilities.", swift="unsupported")
     top_logprobs: int | None = opt(None, "Not supported yet.", swift="unsupported")
-    structured_outputs_regex: str | None = opt(None, "Not supported yet: regex-constrained decoding.",
-                                               swift="unsupported")
-    interleave_prob: list[float] = opt(None, "Not supported: datasets are concatenated.", factory=list,
-                                       swift="unsupported")
+    structured_outputs_regex: str | None = opt(
+        None, "Not supported yet: regex-constrained decoding.", swift="unsupported"
+    )
+    interleave_prob: list[float] = opt(
+        None, "Not supported: datasets are concatenated.", factory=list, swift="unsupported"
+    )
     stopping_strategy: str = opt("first_exhausted", "Only with --interleave_prob.", swift="noop")
     ray_exp_name: str | None = opt(None, "swift's Ray experiment name.", swift="noop")
     device_groups: Any = opt(None, "swift's Ray device groups (winnow places Ray replicas itself).", swift="noop")
@@ -330,8 +521,9 @@ class SampleConfig:
     preserve_thinking: bool | None = opt(None, "swift training setting.", swift="noop")
     add_non_thinking_prefix: bool = opt(True, "swift training setting.", swift="noop")
     disable_ignore_empty_think: bool = opt(False, "swift training setting.", swift="noop")
-    val_dataset: list[str] = opt(None, "swift training setting (sampling has no validation set).", factory=list,
-                                 swift="noop")
+    val_dataset: list[str] = opt(
+        None, "swift training setting (sampling has no validation set).", factory=list, swift="noop"
+    )
     cached_dataset: list[str] = opt(None, "swift preprocessing cache.", factory=list, swift="noop")
     cached_val_dataset: list[str] = opt(None, "swift preprocessing cache.", factory=list, swift="noop")
     dataset_num_proc: int = opt(1, "swift preprocessing workers (winnow reads lazily).", swift="noop")
@@ -366,30 +558,53 @@ class SampleConfig:
     ray: bool = opt(False, "Run the engine as --num_workers replicas on a Ray cluster (pip install 'winnow[ray]').")
     use_ray: bool = opt(False, "swift's name for --ray.")
     ray_address: str | None = opt(
-        None, "Ray cluster to join: auto (the one `ray start` runs on this machine), HOST:6379, or ray://HOST:10001 "
-        "(Ray Client). Unset: RAY_ADDRESS, else a new local Ray on this machine.")
+        None,
+        "Ray cluster to join: auto (the one `ray start` runs on this machine), HOST:6379, or ray://HOST:10001 "
+        "(Ray Client). Unset: RAY_ADDRESS, else a new local Ray on this machine.",
+    )
     num_workers: int = opt(1, "Engine replicas on Ray (--ray true); each loads the model once.", ge=1)
     ray_num_gpus_per_worker: float = opt(
-        0.0, "GPUs each engine replica holds (4 for vLLM with tensor_parallel_size 4 in --engine_kwargs).", ge=0)
+        0.0, "GPUs each engine replica holds (4 for vLLM with tensor_parallel_size 4 in --engine_kwargs).", ge=0
+    )
     ray_num_cpus_per_worker: float = opt(1.0, "CPUs each engine replica holds.", ge=0)
     ray_resources_per_worker: dict = opt(
-        None, "Custom Ray resources each engine replica needs, as JSON: '{\"policy\": 1}' puts replicas on nodes "
-        "started with --resources '{\"policy\": 8}'.", factory=dict)
-    ray_scheduling: str = opt("spread", "Where replicas go: spread over the nodes, or pack onto as few as fit.",
-                              choices=("spread", "pack"))
-    ray_max_restarts: int = opt(3, "Times Ray restarts a dead replica (-1: no limit); the calls it had in flight "
-                                   "are redone on the other replicas either way.", ge=-1)
-    ray_runtime_env: dict = opt(None, "Ray runtime_env of every replica as JSON (env_vars, pip, py_modules, "
-                                      "working_dir...).", factory=dict)
-    ray_wait_s: float = opt(600.0, "Longest wait with no replica alive (all starting, or all restarting) before "
-                                   "the run stops with an error; what was written is kept.", gt=0)
-    ray_reward_workers: int = opt(0, "Replicas of each reward model (--reward_model, --prm_model, --orm_model "
-                                     "directories) on Ray; 0: reward models run in the driver.", ge=0)
+        None,
+        "Custom Ray resources each engine replica needs, as JSON: '{\"policy\": 1}' puts replicas on nodes "
+        "started with --resources '{\"policy\": 8}'.",
+        factory=dict,
+    )
+    ray_scheduling: str = opt(
+        "spread", "Where replicas go: spread over the nodes, or pack onto as few as fit.", choices=("spread", "pack")
+    )
+    ray_max_restarts: int = opt(
+        3,
+        "Times Ray restarts a dead replica (-1: no limit); the calls it had in flight "
+        "are redone on the other replicas either way.",
+        ge=-1,
+    )
+    ray_runtime_env: dict = opt(
+        None, "Ray runtime_env of every replica as JSON (env_vars, pip, py_modules, working_dir...).", factory=dict
+    )
+    ray_wait_s: float = opt(
+        600.0,
+        "Longest wait with no replica alive (all starting, or all restarting) before "
+        "the run stops with an error; what was written is kept.",
+        gt=0,
+    )
+    ray_reward_workers: int = opt(
+        0,
+        "Replicas of each reward model (--reward_model, --prm_model, --orm_model "
+        "directories) on Ray; 0: reward models run in the driver.",
+        ge=0,
+    )
     ray_num_gpus_per_reward_worker: float = opt(0.0, "GPUs each reward-model replica holds.", ge=0)
     ray_num_cpus_per_reward_worker: float = opt(1.0, "CPUs each reward-model replica holds.", ge=0)
     ray_resources_per_reward_worker: dict = opt(
-        None, "Custom Ray resources each reward-model replica needs, as JSON: '{\"prm\": 1}' keeps the reward "
-        "models on their own nodes.", factory=dict)
+        None,
+        "Custom Ray resources each reward-model replica needs, as JSON: '{\"prm\": 1}' keeps the reward "
+        "models on their own nodes.",
+        factory=dict,
+    )
 
     # --- misc
     progress: bool = opt(True, "Show a progress bar.")
@@ -399,16 +614,21 @@ class SampleConfig:
         check_fields(self)
         for f in dataclasses.fields(self):
             if f.metadata.get("swift") == "unsupported" and getattr(self, f.name) not in (None, False, [], {}):
-                raise ConfigError(f"--{f.name}: accepted for swift compatibility but not supported by winnow sample "
-                                  "yet; drop it")
+                raise ConfigError(
+                    f"--{f.name}: accepted for swift compatibility but not supported by winnow sample yet; drop it"
+                )
         self.sampler_engine = REGISTRY.canonical("engine", self.sampler_engine)
         if self.n_best_to_keep is not None and self.n_best_to_keep > self.num_return_sequences:
-            raise ConfigError(f"--n_best_to_keep {self.n_best_to_keep}: more than the {self.num_return_sequences} "
-                              "samples per prompt (--num_return_sequences); keep at most that many")
+            raise ConfigError(
+                f"--n_best_to_keep {self.n_best_to_keep}: more than the {self.num_return_sequences} "
+                "samples per prompt (--num_return_sequences); keep at most that many"
+            )
         if self.output_file is not None:
             if "/" in self.output_file or "\\" in self.output_file:
-                raise ConfigError(f"--output_file takes a file name without a directory, got {self.output_file!r}; "
-                                  "put the directory in --output_dir")
+                raise ConfigError(
+                    f"--output_file takes a file name without a directory, got {self.output_file!r}; "
+                    "put the directory in --output_dir"
+                )
             if not self.output_file.endswith(".jsonl"):
                 raise ConfigError(f"--output_file must end with .jsonl, got {self.output_file!r}")
         if self.data_range and (len(self.data_range) != 2 or not 0 <= self.data_range[0] < self.data_range[1]):
@@ -446,16 +666,19 @@ class SampleConfig:
                 saved = json_module.loads(saved_file.read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 raise ConfigError(f"{saved_file}: not valid JSON; fix it or pass --load_args false") from None
-            if self.adapters and folder in self.adapters and saved.get("model") and \
-                    (self.model is None or self.model in self.adapters):
+            if (
+                self.adapters
+                and folder in self.adapters
+                and saved.get("model")
+                and (self.model is None or self.model in self.adapters)
+            ):
                 self.model = str(saved["model"])
                 taken.append(f"model={self.model}")
             from winnow.templates import TEMPLATES
 
             for key in ("model_type", "model_revision", "system", "max_length", "template"):
                 value = saved.get(key)
-                if value is None or getattr(self, key) is not None or \
-                        (key == "template" and value not in TEMPLATES):
+                if value is None or getattr(self, key) is not None or (key == "template" and value not in TEMPLATES):
                     continue
                 setattr(self, key, value)
                 taken.append(f"{key}={value}")
@@ -467,7 +690,11 @@ class SampleConfig:
         out = []
         for f in dataclasses.fields(self):
             if f.metadata.get("swift") == "noop":
-                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                if f.default is not dataclasses.MISSING:
+                    default = f.default
+                else:
+                    assert f.default_factory is not dataclasses.MISSING  # every option has a default
+                    default = f.default_factory()
                 if getattr(self, f.name) != default:
                     out.append(f"--{f.name}")
         return out
@@ -479,11 +706,17 @@ class ServeConfig:
 
     model: str | None = opt(None, "Model to serve: a local directory or a hub id (a policy or a reward model).")
     model_revision: str | None = opt(None, "Hub revision (branch, tag or commit) of --model.")
-    use_hf: bool = opt(False, "Hub ids are read from the Hugging Face hub (true) or ModelScope (false, swift's "
-                              "default; USE_HF=1 also selects Hugging Face).")
+    use_hf: bool = opt(
+        False,
+        "Hub ids are read from the Hugging Face hub (true) or ModelScope (false, swift's "
+        "default; USE_HF=1 also selects Hugging Face).",
+    )
     hub_token: str | None = opt(None, "Token for a private hub model.")
-    engine: str = opt("transformers", "Engine for a policy model (a local one: transformers, vllm, sglang, lmdeploy).",
-                      registry="engine")
+    engine: str = opt(
+        "transformers",
+        "Engine for a policy model (a local one: transformers, vllm, sglang, lmdeploy).",
+        registry="engine",
+    )
     host: str = opt("127.0.0.1", "Address to bind (loopback unless told otherwise).")
     port: int = opt(8000, "Port to bind (0 picks a free one).", ge=0, le=65535)
     api_key: str | None = opt(None, "Require this bearer key on every request.")
@@ -496,23 +729,35 @@ class ServeConfig:
     max_queue: int = opt(256, "Queued requests before the server answers 503.", ge=1)
     dynamic_batching: bool = opt(True, "Batch concurrent requests into one engine call.")
     template: str | None = opt(None, "Chat template (Jinja string or file).")
-    max_new_tokens: int | None = opt(None, "max_tokens of requests that set none; unset: the rest of the context.",
-                                      ge=1)
-    seed: int = opt(42, "Seed of the server's random stream; a request's own seed gets an engine call of its own.",
-                     ge=0, le=2**63 - 1)
+    max_new_tokens: int | None = opt(
+        None, "max_tokens of requests that set none; unset: the rest of the context.", ge=1
+    )
+    seed: int = opt(
+        42,
+        "Seed of the server's random stream; a request's own seed gets an engine call of its own.",
+        ge=0,
+        le=2**63 - 1,
+    )
     # --- limits against hostile or broken clients (docs/serve.md, "Limits")
-    max_request_bytes: int = opt(32 * 1024 * 1024, "Largest request body in bytes; a larger one is answered 413 "
-                                                   "before it is read.", ge=1)
+    max_request_bytes: int = opt(
+        32 * 1024 * 1024, "Largest request body in bytes; a larger one is answered 413 before it is read.", ge=1
+    )
     max_messages: int = opt(2048, "Most messages in one conversation, and content parts in one message.", ge=1)
-    max_prompts: int = opt(256, "Most prompts in one /v1/completions request and conversations in one "
-                                "/v1/rewards request.", ge=1)
+    max_prompts: int = opt(
+        256, "Most prompts in one /v1/completions request and conversations in one /v1/rewards request.", ge=1
+    )
     max_stop: int = opt(16, "Most stop strings in one request.", ge=1)
     max_stop_chars: int = opt(256, "Longest stop string, in characters.", ge=1)
-    max_connections: int = opt(1024, "Most open client connections; beyond it the oldest connection that has not "
-                                     "sent a whole request head is closed, or the new one refused with 503.", ge=1)
+    max_connections: int = opt(
+        1024,
+        "Most open client connections; beyond it the oldest connection that has not "
+        "sent a whole request head is closed, or the new one refused with 503.",
+        ge=1,
+    )
     timeout_headers: float = opt(10.0, "Seconds a connection has to send a whole request head (408 after).", gt=0)
-    timeout_body: float = opt(60.0, "Seconds a request has to send its whole body once its head is in (408 after).",
-                              gt=0)
+    timeout_body: float = opt(
+        60.0, "Seconds a request has to send its whole body once its head is in (408 after).", gt=0
+    )
     timeout_keep_alive: float = opt(5.0, "Seconds an idle keep-alive connection stays open.", gt=0)
     debug: bool = opt(False, "Show tracebacks on errors.")
 
@@ -528,29 +773,56 @@ class ReportConfig:
     """Options of ``winnow report``: the test-time scaling table and plots from outputs."""
 
     outputs: list[str] = opt(
-        None, "Outputs to report on: raw JSONL (or Parquet) from `winnow sample --output_format raw`, any strategy, "
-        "or a Qwen2.5-Math evaluation JSONL. Several: one strategy or run each.", factory=list, positional=True)
-    output_dir: str | None = opt(None, "Where report.png, report.html and report.json go; unset: beside the first "
-                                       "output.")
-    label: list[str] = opt(None, "A label per output; unset: model, sampler and N from its manifest, else the "
-                                 "file name.", factory=list)
-    orm: str | None = opt(None, "Score key of the correctness verdict, value > 0 passes; unset: the manifest's "
-                                "ORM.")
-    rewards: list[str] = opt(None, "Score keys to rank (best-of-k) and weight votes by; unset: every PRM, RM and "
-                                   "function reward of the manifest, or every non-ORM score.", factory=list)
-    verdict: str = opt("orm", "Correctness from the ORM score (orm), or from winnow's math verifier against each "
-                              "record's reference, run now (math).", choices=("orm", "math"))
-    answer_match: str = opt("math", "How votes group final answers: math (math-verify equivalence) or exact (the "
-                                    "same answer text).", choices=("math", "exact"))
-    ties: str = opt("first", "A tied vote or tied best score goes to the sample seen first (first), or counts as "
-                             "the mean of the tied ones (average).", choices=("first", "average"))
+        None,
+        "Outputs to report on: raw JSONL (or Parquet) from `winnow sample --output_format raw`, any strategy, "
+        "or a Qwen2.5-Math evaluation JSONL. Several: one strategy or run each.",
+        factory=list,
+        positional=True,
+    )
+    output_dir: str | None = opt(
+        None, "Where report.png, report.html and report.json go; unset: beside the first output."
+    )
+    label: list[str] = opt(
+        None, "A label per output; unset: model, sampler and N from its manifest, else the file name.", factory=list
+    )
+    orm: str | None = opt(None, "Score key of the correctness verdict, value > 0 passes; unset: the manifest's ORM.")
+    rewards: list[str] = opt(
+        None,
+        "Score keys to rank (best-of-k) and weight votes by; unset: every PRM, RM and "
+        "function reward of the manifest, or every non-ORM score.",
+        factory=list,
+    )
+    verdict: str = opt(
+        "orm",
+        "Correctness from the ORM score (orm), or from winnow's math verifier against each "
+        "record's reference, run now (math).",
+        choices=("orm", "math"),
+    )
+    answer_match: str = opt(
+        "math",
+        "How votes group final answers: math (math-verify equivalence) or exact (the same answer text).",
+        choices=("math", "exact"),
+    )
+    ties: str = opt(
+        "first",
+        "A tied vote or tied best score goes to the sample seen first (first), or counts as "
+        "the mean of the tied ones (average).",
+        choices=("first", "average"),
+    )
     max_k: int | None = opt(None, "Largest k in the table; unset: the most samples a problem has.", ge=1)
-    draws: int = opt(200, "Majority votes: every k-subset of a problem's samples when there are at most this many, "
-                           "else this many seeded random ones.", ge=1)
+    draws: int = opt(
+        200,
+        "Majority votes: every k-subset of a problem's samples when there are at most this many, "
+        "else this many seeded random ones.",
+        ge=1,
+    )
     bootstrap: int = opt(1000, "Bootstrap resamples of the problems for the 95% intervals (0: no intervals).", ge=0)
     seed: int = opt(0, "Seed of the subset draws and the bootstrap.")
-    input_format: str = opt("auto", "Input format: raw, qwen_eval (Qwen2.5-Math eval JSONL) or auto (by the "
-                                    "first line).", choices=("auto", "raw", "qwen_eval"))
+    input_format: str = opt(
+        "auto",
+        "Input format: raw, qwen_eval (Qwen2.5-Math eval JSONL) or auto (by the first line).",
+        choices=("auto", "raw", "qwen_eval"),
+    )
     plots: bool = opt(True, "Write report.png and report.html (needs matplotlib: pip install 'winnow[report]').")
     debug: bool = opt(False, "Show tracebacks on errors.")
 
@@ -559,11 +831,13 @@ class ReportConfig:
             raise ConfigError("give at least one output: winnow report OUTPUT.jsonl [MORE.jsonl ...]")
         check_fields(self)
         if self.label and len(self.label) != len(self.outputs):
-            raise ConfigError(f"--label takes one label per output: {len(self.outputs)} outputs, "
-                              f"{len(self.label)} labels")
+            raise ConfigError(
+                f"--label takes one label per output: {len(self.outputs)} outputs, {len(self.label)} labels"
+            )
 
 
 # ----------------------------------------------------------------------------- CLI / YAML derivation
+
 
 def _unwrap(tp: Any) -> tuple[Any, bool]:
     """(inner type, optional?) of a field annotation."""

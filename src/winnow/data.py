@@ -17,20 +17,29 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from winnow.errors import DataError
 from winnow.schema import BadRow, Message, Prompt
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 ROLES = {"system", "user", "assistant", "tool"}
-SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "tool": "tool", "function": "tool", "observation": "tool"}
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+    "function": "tool",
+    "observation": "tool",
+}
 # Columns that hold the reference answer, best first.
 REFERENCE_COLUMNS = ("answer", "solution", "ground_truth", "reference", "gt", "target")
 
 
 # ----------------------------------------------------------------------------- specs
+
 
 @dataclass(frozen=True)
 class DatasetSpec:
@@ -64,6 +73,7 @@ def parse_dataset_spec(text: str) -> DatasetSpec:
 
 # ----------------------------------------------------------------------------- sources (random access)
 
+
 def _key64(data: bytes) -> int:
     return int.from_bytes(hashlib.md5(data).digest()[:8], "big")
 
@@ -86,7 +96,7 @@ class JsonlSource:
                     self.lines.append(lineno)
                     self.keys.append(_key64(_id_bytes(stripped)))
                 offset += len(raw)
-        self._fh = None
+        self._fh: BinaryIO | None = None
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -124,8 +134,15 @@ class TableSource:
     one raises ``ValueError``, so it becomes a bad row of its own and the rest of the file goes on.
     """
 
-    def __init__(self, name: str, rows: Any, line_offset: int = 1, label: str = "row",
-                 lines: list[int] | None = None, broken: dict[int, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        rows: Any,
+        line_offset: int = 1,
+        label: str = "row",
+        lines: list[int] | None = None,
+        broken: dict[int, str] | None = None,
+    ):
         self.name = name
         self.rows = rows  # list of dicts, or a datasets.Dataset (memory-mapped)
         self.line_offset = line_offset
@@ -179,8 +196,10 @@ class BrokenSource:
 
 
 def _not_utf8(path: Path, e: UnicodeDecodeError) -> DataError:
-    return DataError(f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert the file "
-                     f"to UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}")
+    return DataError(
+        f"{path}: not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); convert the file "
+        f"to UTF-8, e.g. iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}"
+    )
 
 
 def _read_csv(path: Path) -> TableSource:
@@ -199,8 +218,10 @@ def _read_csv(path: Path) -> TableSource:
                     continue  # a blank line
                 lines.append(reader.line_num)
                 if len(record) != len(header):
-                    broken[len(rows)] = (f"this line has {len(record)} fields and the header {len(header)}; "
-                                         "quote fields that hold commas or line breaks")
+                    broken[len(rows)] = (
+                        f"this line has {len(record)} fields and the header {len(header)}; "
+                        "quote fields that hold commas or line breaks"
+                    )
                     rows.append({})
                 else:
                     rows.append(dict(zip(header, record, strict=True)))
@@ -221,8 +242,10 @@ def _open_file(path: Path):
         except UnicodeDecodeError as e:
             raise _not_utf8(path, e) from None
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json dataset must be one JSON array "
-                            "of rows (use .jsonl for one row per line)") from None
+            raise DataError(
+                f"{path}:{e.lineno}: invalid JSON ({e.msg}); a .json dataset must be one JSON array "
+                "of rows (use .jsonl for one row per line)"
+            ) from None
         if isinstance(data, dict):
             # {"data": [...]} style wrappers
             lists = [v for v in data.values() if isinstance(v, list)]
@@ -253,8 +276,9 @@ def _open_folder_file(path: Path):
     except DataError as e:
         return BrokenSource(str(path), f"{e}; the other files of the folder are used")
     except OSError as e:
-        return BrokenSource(str(path), f"cannot read the file ({e.strerror or e}); the other files of the folder "
-                                       "are used")
+        return BrokenSource(
+            str(path), f"cannot read the file ({e.strerror or e}); the other files of the folder are used"
+        )
 
 
 def _open_hub(spec: DatasetSpec):
@@ -264,24 +288,30 @@ def _open_hub(spec: DatasetSpec):
     try:
         import datasets
     except ImportError:
-        raise DataError(f"--dataset {spec.text}: not a local file or folder, and loading hub datasets needs "
-                        "the datasets library: pip install 'winnow[hf]'") from None
+        raise DataError(
+            f"--dataset {spec.text}: not a local file or folder, and loading hub datasets needs "
+            "the datasets library: pip install 'winnow[hf]'"
+        ) from None
     cached = Path(datasets.config.HF_DATASETS_CACHE) / spec.path.replace("/", "___")
     if not cached.is_dir() and not hub.hf_offline() and not hub.reachable(hub.hf_endpoint()):
-        raise DataError(f"--dataset {spec.text}: not a local file or folder, not in the datasets cache ({cached}), "
-                        f"and {hub.hf_endpoint()} cannot be reached; pass a local file or folder (--dataset "
-                        "/path/to/data.jsonl) or read it from ModelScope (--use_hf false)")
+        raise DataError(
+            f"--dataset {spec.text}: not a local file or folder, not in the datasets cache ({cached}), "
+            f"and {hub.hf_endpoint()} cannot be reached; pass a local file or folder (--dataset "
+            "/path/to/data.jsonl) or read it from ModelScope (--use_hf false)"
+        )
     try:
         ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train", token=hub.token())
     except Exception as e:  # the library raises many kinds; all mean "cannot load"
-        raise DataError(f"--dataset {spec.text}: no local file or folder by that name, and loading it from the "
-                        f"Hugging Face hub failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                        ) from None
+        raise DataError(
+            f"--dataset {spec.text}: no local file or folder by that name, and loading it from the "
+            f"Hugging Face hub failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     return TableSource(spec.path + (f":{spec.subset}" if spec.subset else ""), ds)
 
 
 def _pick(files: list[Path], root: Path, token: str) -> list[Path]:
     """The files whose path (below ``root``) names ``token``: a folder of that name, or a file name's part."""
+
     def names(p: Path) -> set[str]:
         rel = p.relative_to(root)
         return {*rel.parts[:-1], *re.split(r"[-_.]", p.stem), p.stem}
@@ -296,11 +326,17 @@ def _open_modelscope(spec: DatasetSpec) -> list:
     from winnow import hub
 
     root = hub.dataset_dir(spec.path, "--dataset")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in FILE_SUFFIXES
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
     if not files:
-        raise DataError(f"--dataset {spec.text}: the ModelScope dataset at {root} has no "
-                        f"{'/'.join(FILE_SUFFIXES)} files")
+        raise DataError(
+            f"--dataset {spec.text}: the ModelScope dataset at {root} has no {'/'.join(FILE_SUFFIXES)} files"
+        )
     if spec.subset:
         files = _pick(files, root, spec.subset)
         if not files:
@@ -342,6 +378,7 @@ def open_sources(spec: DatasetSpec) -> list:
 
 
 # ----------------------------------------------------------------------------- formats
+
 
 def detect_format(row: Any) -> str | None:
     """The row format of a dataset, from one row's keys."""
@@ -417,8 +454,10 @@ def _history_messages(history: Any) -> list[Message]:
     for k, pair in enumerate(history):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise RowError(f"history item {k} must be a [query, response] pair")
-        msgs += [{"role": "user", "content": _text(pair[0], f"history {k} query")},
-                 {"role": "assistant", "content": _text(pair[1], f"history {k} response")}]
+        msgs += [
+            {"role": "user", "content": _text(pair[0], f"history {k} query")},
+            {"role": "assistant", "content": _text(pair[1], f"history {k} response")},
+        ]
     return msgs
 
 
@@ -457,8 +496,11 @@ def row_to_conversation(row: dict, fmt: str) -> list[Message]:
         return msgs
     if fmt == "prompt":
         prompt = row["prompt"]
-        msgs = head + (_check_messages(prompt) if isinstance(prompt, list)
-                       else [{"role": "user", "content": _text(prompt, "'prompt'")}])
+        msgs = head + (
+            _check_messages(prompt)
+            if isinstance(prompt, list)
+            else [{"role": "user", "content": _text(prompt, "'prompt'")}]
+        )
         completion = row.get("completion")
         if isinstance(completion, list):
             msgs += _check_messages(completion)
@@ -501,8 +543,17 @@ def with_system(conversation: list[Message], system: str | None) -> list[Message
     return [{"role": "system", "content": system}, *conversation]
 
 
-def row_to_prompt(row: Any, fmt: str, *, id: str | None, source: str, position: int, system: str | None,
-                  dataset: str = "", id_suffix: str = "") -> Prompt:
+def row_to_prompt(
+    row: Any,
+    fmt: str,
+    *,
+    id: str | None,
+    source: str,
+    position: int,
+    system: str | None,
+    dataset: str = "",
+    id_suffix: str = "",
+) -> Prompt:
     """A dataset row as a :class:`Prompt`; raises :class:`RowError` with the reason if it cannot be one.
 
     Its id is ``id`` when given, else the row's own ``id`` field, else swift's id of the row
@@ -536,12 +587,23 @@ def row_to_prompt(row: Any, fmt: str, *, id: str | None, source: str, position: 
     if tools is not None and not isinstance(tools, list):
         raise RowError("'tools' must be a list of function definitions")
     reference = next((str(row[k]) for k in REFERENCE_COLUMNS if row.get(k) not in (None, "")), response)
-    return Prompt(id=id, messages=conversation, response=response, reference=reference, columns=columns,
-                  source=source, position=position, dataset=dataset, swift_id=swift_id,
-                  conversational=not (fmt == "prompt" and isinstance(row.get("prompt"), str)), tools=tools or None)
+    return Prompt(
+        id=id,
+        messages=conversation,
+        response=response,
+        reference=reference,
+        columns=columns,
+        source=source,
+        position=position,
+        dataset=dataset,
+        swift_id=swift_id,
+        conversational=not (fmt == "prompt" and isinstance(row.get("prompt"), str)),
+        tools=tools or None,
+    )
 
 
 # ----------------------------------------------------------------------------- order and shards
+
 
 def _occurrences(keys: array) -> dict[int, int]:
     """For rows whose key repeats an earlier row's, their occurrence number (1, 2, ...)."""
@@ -582,9 +644,16 @@ class RowPlan:
     costs a few bytes per row.
     """
 
-    def __init__(self, sources: list, formats: list[str | None], dups: list[dict[int, int]],
-                 system: str | None, names: list[str] | None = None, columns: dict[str, str] | None = None,
-                 keep_columns: bool = True):
+    def __init__(
+        self,
+        sources: list,
+        formats: list[str | None],
+        dups: list[dict[int, int]],
+        system: str | None,
+        names: list[str] | None = None,
+        columns: dict[str, str] | None = None,
+        keep_columns: bool = True,
+    ):
         self.sources = sources
         self.columns = dict(columns or {})  # --columns: renames applied to every row first
         self.keep_columns = keep_columns
@@ -622,10 +691,20 @@ class RowPlan:
             fmt = self.formats[s] or detect_format(row)
             if fmt is None:
                 keys = ", ".join(sorted(row)) if isinstance(row, dict) else type(row).__name__
-                raise RowError(f"unknown row format (fields: {keys}); expected messages, conversations, "
-                               "instruction/input/output, query/response, prompt/completion or problem/solution")
-            prompt = row_to_prompt(row, fmt, id=None, source=where, position=position, system=self.system,
-                                   dataset=self.names[s], id_suffix=self.id_suffix(position))
+                raise RowError(
+                    f"unknown row format (fields: {keys}); expected messages, conversations, "
+                    "instruction/input/output, query/response, prompt/completion or problem/solution"
+                )
+            prompt = row_to_prompt(
+                row,
+                fmt,
+                id=None,
+                source=where,
+                position=position,
+                system=self.system,
+                dataset=self.names[s],
+                id_suffix=self.id_suffix(position),
+            )
             if not self.keep_columns:
                 prompt.columns = {}
             return prompt
@@ -688,9 +767,15 @@ def build_plan(
     flat_sources = [s for _, opened in sources for s in opened]
     if isinstance(system, str) and "\n" not in system and Path(system).expanduser().is_file():
         system = Path(system).expanduser().read_text(encoding="utf-8")  # --system FILE, as swift reads it
-    plan = RowPlan(flat_sources, [_first_format(s, columns) for s in flat_sources],
-                   [_occurrences(s.keys) for s in flat_sources], system,
-                   [spec.path for spec, opened in sources for _ in opened], columns, keep_columns)
+    plan = RowPlan(
+        flat_sources,
+        [_first_format(s, columns) for s in flat_sources],
+        [_occurrences(s.keys) for s in flat_sources],
+        system,
+        [spec.path for spec, opened in sources for _ in opened],
+        columns,
+        keep_columns,
+    )
     base = 0
     for spec, opened in sources:
         # (source number, row index) for every row of this spec, in file order

@@ -22,6 +22,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from winnow.errors import ConfigError, DataError
@@ -88,6 +89,7 @@ def _ms_endpoint() -> str:
 
 # ----------------------------------------------------------------------------- ModelScope's cache
 
+
 def modelscope_cache_roots() -> list[Path]:
     """Where ModelScope SDKs keep their cache: ``MODELSCOPE_CACHE`` if set, else ``~/.cache/modelscope``
     (older SDKs: its ``hub`` folder)."""
@@ -124,8 +126,12 @@ def modelscope_cached(repo_id: str, kind: str = "model", revision: str | None = 
                     return snap
         if revision:
             continue
-        for path in (root / f"{kind}s" / owner / safe, root / f"{kind}s" / owner / name, root / owner / safe,
-                     root / owner / name):
+        for path in (
+            root / f"{kind}s" / owner / safe,
+            root / f"{kind}s" / owner / name,
+            root / owner / safe,
+            root / owner / name,
+        ):
             if _non_empty(path):
                 return path
     return None
@@ -147,6 +153,7 @@ def _mtime(path: Path) -> float:
 
 # ----------------------------------------------------------------------------- Hugging Face's cache
 
+
 def hf_cached(repo_id: str, kind: str = "model", revision: str | None = None) -> Path | None:
     """The snapshot folder of ``repo_id`` in the Hugging Face cache (``HF_HUB_CACHE``/``HF_HOME``), or None."""
     try:
@@ -154,8 +161,9 @@ def hf_cached(repo_id: str, kind: str = "model", revision: str | None = None) ->
     except ImportError:
         return None
     try:
-        return Path(snapshot_download(repo_id, repo_type=kind, revision=revision, local_files_only=True,
-                                      token=_options.token))
+        return Path(
+            snapshot_download(repo_id, repo_type=kind, revision=revision, local_files_only=True, token=_options.token)
+        )
     except Exception:  # not cached (LocalEntryNotFoundError), or a malformed id
         return None
 
@@ -171,14 +179,17 @@ def _hf_cache_dir() -> str:
 
 # ----------------------------------------------------------------------------- ids to folders
 
+
 def _unreachable(what: str, repo_id: str, kind: str, hub: str, why: str, looked: str) -> ConfigError | DataError:
     """The one line for an id no cache holds and no hub can give (a DataError for a dataset, as every data
     problem is)."""
     local = "/path/to/model_folder" if kind == "model" else "/path/to/data.jsonl"
     other = "--use_hf false" if hub == "Hugging Face" else "--use_hf true"
     error = ConfigError if kind == "model" else DataError
-    return error(f"{what} {repo_id}: not in the {hub} cache ({looked}) and {why}; pass a local folder "
-                       f"({what} {local}), download it where there is a network, or try the other hub ({other})")
+    return error(
+        f"{what} {repo_id}: not in the {hub} cache ({looked}) and {why}; pass a local folder "
+        f"({what} {local}), download it where there is a network, or try the other hub ({other})"
+    )
 
 
 def model_dir(repo_id: str, what: str = "--model", revision: str | None = None) -> str:
@@ -191,8 +202,14 @@ def model_dir(repo_id: str, what: str = "--model", revision: str | None = None) 
         if hf_offline():
             raise _unreachable(what, repo_id, "model", "Hugging Face", "HF_HUB_OFFLINE is set", _hf_cache_dir())
         if not reachable(hf_endpoint()):
-            raise _unreachable(what, repo_id, "model", "Hugging Face",
-                               f"{hf_endpoint()} cannot be reached within {CONNECT_TIMEOUT_S:g} s", _hf_cache_dir())
+            raise _unreachable(
+                what,
+                repo_id,
+                "model",
+                "Hugging Face",
+                f"{hf_endpoint()} cannot be reached within {CONNECT_TIMEOUT_S:g} s",
+                _hf_cache_dir(),
+            )
         return repo_id
     return _modelscope(repo_id, "model", what, revision)
 
@@ -208,18 +225,27 @@ def _modelscope(repo_id: str, kind: str, what: str, revision: str | None) -> str
         return str(cached)
     looked = " or ".join(str(r) for r in modelscope_cache_roots())
     if _env_true("MODELSCOPE_OFFLINE", "HF_HUB_OFFLINE"):
-        raise _unreachable(what, repo_id, kind, "ModelScope", "offline (MODELSCOPE_OFFLINE or HF_HUB_OFFLINE is "
-                                                              "set)", looked)
+        raise _unreachable(
+            what, repo_id, kind, "ModelScope", "offline (MODELSCOPE_OFFLINE or HF_HUB_OFFLINE is set)", looked
+        )
     if not reachable(_ms_endpoint()):
-        raise _unreachable(what, repo_id, kind, "ModelScope",
-                           f"{_ms_endpoint()} cannot be reached within {CONNECT_TIMEOUT_S:g} s", looked)
+        raise _unreachable(
+            what,
+            repo_id,
+            kind,
+            "ModelScope",
+            f"{_ms_endpoint()} cannot be reached within {CONNECT_TIMEOUT_S:g} s",
+            looked,
+        )
     try:
         import modelscope.hub.snapshot_download as ms
     except ImportError:
-        raise ConfigError(f"{what} {repo_id}: a ModelScope id (swift's default hub) needs the modelscope library: "
-                          "pip install 'winnow[modelscope]'; or read it from Hugging Face with --use_hf true") from None
+        raise ConfigError(
+            f"{what} {repo_id}: a ModelScope id (swift's default hub) needs the modelscope library: "
+            "pip install 'winnow[modelscope]'; or read it from Hugging Face with --use_hf true"
+        ) from None
     download = ms.snapshot_download if kind == "model" else ms.dataset_snapshot_download
-    kwargs = {"revision": revision, "token": _options.token}
+    kwargs: dict[str, Any] = {"revision": revision, "token": _options.token}
     if kind == "model":
         kwargs["ignore_patterns"] = MODELSCOPE_IGNORE
     accepted = inspect.signature(download).parameters
@@ -227,6 +253,8 @@ def _modelscope(repo_id: str, kind: str, what: str, revision: str | None) -> str
     try:
         return str(download(repo_id, **kwargs))
     except Exception as e:  # the SDK raises many kinds: not found, no access, network
-        raise ConfigError(f"{what} {repo_id}: ModelScope could not provide it ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:300] if str(e) else ''}); check the id, --hub_token, or "
-                          f"pass a local folder") from None
+        raise ConfigError(
+            f"{what} {repo_id}: ModelScope could not provide it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300] if str(e) else ''}); check the id, --hub_token, or "
+            f"pass a local folder"
+        ) from None

@@ -83,16 +83,20 @@ class RunSummary:
     def line(self) -> str:
         """The one-line summary printed at the end of a run."""
         parts = [
-            f"{self.status}: {self.groups_written} groups ({self.records_written} lines) from "
-            f"{self.rows_total} rows",
+            f"{self.status}: {self.groups_written} groups ({self.records_written} lines) from {self.rows_total} rows",
             f"{self.samples} samples",
             f"{self.completion_tokens} tokens in {self.wall_s:.1f}s ({self.tokens_per_s:.0f} tok/s)",
         ]
         if self.rows_skipped_resumed:
             parts.append(f"{self.rows_skipped_resumed} rows already done")
-        parts.append(f"{self.rows_filtered} rows filtered" + (
-            " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered_reasons.items())) + ")"
-            if self.filtered_reasons else ""))
+        parts.append(
+            f"{self.rows_filtered} rows filtered"
+            + (
+                " (" + ", ".join(f"{k}: {v}" for k, v in sorted(self.filtered_reasons.items())) + ")"
+                if self.filtered_reasons
+                else ""
+            )
+        )
         if self.cache_short_rows:
             parts.append(f"{self.cache_short_rows} cached rows short of samples ({self.cache_short_samples} missing)")
         parts.append(f"{self.rows_failed} rows failed")
@@ -102,17 +106,22 @@ class RunSummary:
             parts.append(f"{self.samples_truncated} samples cut at the token limit")
         parts += [f"{count} {note}" for note, count in sorted(self.selection_notes.items())]
         if self.quality:
-            parts.append("quality: " + ", ".join(f"{k} {v:.1%}" for k, v in self.quality.items()
-                                                 if k != "prompts judged"))
+            parts.append(
+                "quality: " + ", ".join(f"{k} {v:.1%}" for k, v in self.quality.items() if k != "prompts judged")
+            )
         if self.cost_usd is not None:
-            parts.append(f"cost ${self.cost_usd:.4f}" + (f" at batch prices ({self.batch_discount:.0%} off)"
-                                                         if self.batch_discount is not None else ""))
+            parts.append(
+                f"cost ${self.cost_usd:.4f}"
+                + (f" at batch prices ({self.batch_discount:.0%} off)" if self.batch_discount is not None else "")
+            )
         line = "winnow sample " + ", ".join(parts) + f" -> {self.output_file}"
         t = self.totals
         if self.rows_skipped_resumed and t:
-            line += (f"\n  all runs of this output: {t['rows']} rows settled of {self.rows_total}: "
-                     f"{t['groups']} written ({t['lines']} lines), {t['filtered']} filtered, {t['failed']} failed"
-                     + (f" ({t['retry']} to try again with --resume true)" if t["retry"] else ""))
+            line += (
+                f"\n  all runs of this output: {t['rows']} rows settled of {self.rows_total}: "
+                f"{t['groups']} written ({t['lines']} lines), {t['filtered']} filtered, {t['failed']} failed"
+                + (f" ({t['retry']} to try again with --resume true)" if t["retry"] else "")
+            )
         elif t.get("retry"):
             line += f"\n  {t['retry']} failed rows may succeed on another try: rerun with --resume true"
         if self.engine_note:
@@ -171,27 +180,46 @@ def build_engine(config: SampleConfig) -> Engine | None:
     """The run's engine from its options (None for ``--sampler_engine no``)."""
     if config.engine == "no":
         return None
+    if config.model is None:  # --adapters whose args.json names no base model, or --load_args false
+        raise ConfigError(
+            "--model is required: the adapters' args.json names no base model (or --load_args is "
+            "false); pass --model BASE"
+        )
     kwargs: dict[str, Any] = dict(config.engine_kwargs)
     if config.num_beams > 1 and config.engine != "transformers":
         raise ConfigError(f"--num_beams {config.num_beams}: beam search is done by the transformers engine only")
     if config.engine == "client":
         if config.response_prefix:
-            raise ConfigError("--response_prefix needs a local engine: an API cannot be made to continue a partial "
-                              "answer in general")
-        kwargs.update(stream=config.stream, max_concurrency=config.max_concurrency, rpm=config.rpm,
-                      tpm=config.tpm, request_timeout=config.request_timeout, max_retries=config.max_retries,
-                      keep_truncated=True)  # truncation is the run's call (--keep_truncated), made for every engine
+            raise ConfigError(
+                "--response_prefix needs a local engine: an API cannot be made to continue a partial answer in general"
+            )
+        kwargs.update(
+            stream=config.stream,
+            max_concurrency=config.max_concurrency,
+            rpm=config.rpm,
+            tpm=config.tpm,
+            request_timeout=config.request_timeout,
+            max_retries=config.max_retries,
+            keep_truncated=True,
+        )  # truncation is the run's call (--keep_truncated), made for every engine
         variables = template_kwargs(config)
         if variables:  # vLLM and SGLang read chat_template_kwargs from the request body
             kwargs["extra_body"] = {**kwargs.get("extra_body", {}), "chat_template_kwargs": variables}
         if config.batch_api:
             if config.ray:
-                raise ConfigError("--batch_api with --ray true: the provider runs the batch, replicas have nothing "
-                                  "to do; drop --ray")
+                raise ConfigError(
+                    "--batch_api with --ray true: the provider runs the batch, replicas have nothing to do; drop --ray"
+                )
             from winnow.engines.batch import BatchEngine
 
-            return BatchEngine(config.model, max_requests=config.batch_max_requests, max_bytes=config.batch_max_bytes,
-                               poll_s=config.batch_poll_s, completion_window=config.batch_completion_window, **kwargs)
+            return BatchEngine(
+                config.model,
+                max_requests=config.batch_max_requests,
+                max_bytes=config.batch_max_bytes,
+                poll_s=config.batch_poll_s,
+                completion_window=config.batch_completion_window,
+                **kwargs,
+            )
         return _make_engine(config, kwargs)
     if config.batch_api:
         raise ConfigError(f"--batch_api is a provider API: it needs --sampler_engine client, not {config.engine}")
@@ -202,11 +230,16 @@ def build_engine(config: SampleConfig) -> Engine | None:
     kwargs.setdefault("seed", config.seed)
     # options a backend may not know are passed only when set
     optional = {
-        "template_kwargs": template_kwargs(config), "use_chat_template": config.use_chat_template,
-        "truncation_strategy": config.truncation_strategy, "response_prefix": config.response_prefix,
-        "adapters": list(config.adapters), "attn_implementation": config.attn_impl,
-        "device_map": _json_or_text(config.device_map), "max_memory": dict(config.max_memory),
-        "revision": config.model_revision, "quantization": _quantization(config),
+        "template_kwargs": template_kwargs(config),
+        "use_chat_template": config.use_chat_template,
+        "truncation_strategy": config.truncation_strategy,
+        "response_prefix": config.response_prefix,
+        "adapters": list(config.adapters),
+        "attn_implementation": config.attn_impl,
+        "device_map": _json_or_text(config.device_map),
+        "max_memory": dict(config.max_memory),
+        "revision": config.model_revision,
+        "quantization": _quantization(config),
         "max_model_len": config.max_model_len if config.engine == "vllm" else None,
     }
     for key, value in optional.items():
@@ -221,6 +254,7 @@ def _make_engine(config: SampleConfig, kwargs: dict[str, Any]) -> Engine:
         from winnow.runners.ray import ray_engine
 
         return ray_engine(config, kwargs)
+    assert config.model is not None  # build_engine refused a run without one
     return get_engine(config.engine, config.model, **kwargs)
 
 
@@ -236,9 +270,20 @@ def _json_or_text(value: str | None) -> Any:
 def _quantization(config: SampleConfig) -> dict[str, Any] | None:
     if not config.quant_method:
         return None
-    return {"method": config.quant_method, "bits": config.quant_bits, "hqq_axis": config.hqq_axis,
-            **{k: getattr(config, k) for k in ("bnb_4bit_compute_dtype", "bnb_4bit_quant_type",
-                                                "bnb_4bit_use_double_quant", "bnb_4bit_quant_storage")}}
+    return {
+        "method": config.quant_method,
+        "bits": config.quant_bits,
+        "hqq_axis": config.hqq_axis,
+        **{
+            k: getattr(config, k)
+            for k in (
+                "bnb_4bit_compute_dtype",
+                "bnb_4bit_quant_type",
+                "bnb_4bit_use_double_quant",
+                "bnb_4bit_quant_storage",
+            )
+        },
+    }
 
 
 class Progress:
@@ -258,8 +303,15 @@ class Progress:
         if enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=initial, unit="prompt", dynamic_ncols=True, file=sys.stderr,
-                            desc="winnow sample", smoothing=0.1)
+            self.bar = tqdm(
+                total=total,
+                initial=initial,
+                unit="prompt",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                desc="winnow sample",
+                smoothing=0.1,
+            )
 
     def update(self, prompts: int, samples: int, tokens: int, failures: int = 0) -> None:
         self.samples += samples
@@ -273,8 +325,9 @@ class Progress:
             self.bar.update(prompts)
 
     def _set_fields(self, now: float) -> None:
+        assert self.bar is not None  # called only while there is a bar
         dt = max(now - self.start, 1e-9)
-        postfix = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
+        postfix: dict[str, str | int] = {"samples/s": f"{self.samples / dt:.1f}", "tok/s": f"{self.tokens / dt:.0f}"}
         if self.extra is not None:
             postfix.update(self.extra())
         if self.failures:
@@ -313,25 +366,37 @@ class Run:
         config = self.config
         ignored = config.without_effect()
         if ignored:
-            print(f"winnow sample: note: {', '.join(ignored)}: accepted for swift compatibility, without effect on "
-                  "sampling", file=sys.stderr)
+            print(
+                f"winnow sample: note: {', '.join(ignored)}: accepted for swift compatibility, without effect on "
+                "sampling",
+                file=sys.stderr,
+            )
         taken = config.apply_saved_args()
         if taken:
-            print(f"winnow sample: note: from the checkpoint's args.json (--load_args): {', '.join(taken)}",
-                  file=sys.stderr)
+            print(
+                f"winnow sample: note: from the checkpoint's args.json (--load_args): {', '.join(taken)}",
+                file=sys.stderr,
+            )
         hub.configure(config.use_hf, config.hub_token)  # where model and dataset ids are read from
         for path in [*config.custom_register_path, *config.external_plugins]:  # before any name is resolved
             registry.load_plugin(path)
         self.strategy = search.build_strategy(config)
         plan = data.build_plan(
-            config.dataset, seed=config.data_seed, shuffle=config.dataset_shuffle, data_range=config.data_range,
-            limit=self._limit(), system=config.system, columns=config.columns,
-            holdout=config.split_dataset_ratio, keep_columns=not config.remove_unused_columns,
+            config.dataset,
+            seed=config.data_seed,
+            shuffle=config.dataset_shuffle,
+            data_range=config.data_range,
+            limit=self._limit(),
+            system=config.system,
+            columns=config.columns,
+            holdout=config.split_dataset_ratio,
+            keep_columns=not config.remove_unused_columns,
         )
         if config.strict:
             validate_rows(plan)
-        check_writable(config.output_dir, config.output_file, resume=config.resume,
-                       override=config.override_exist_file)  # before loading any model
+        check_writable(
+            config.output_dir, config.output_file, resume=config.resume, override=config.override_exist_file
+        )  # before loading any model
         engine = self.given_engine or build_engine(config)
         if engine is None and not config.cache_files:
             raise DataError("--sampler_engine no needs --cache_files: the stage-1 outputs to score")
@@ -342,22 +407,29 @@ class Run:
 
             multi_turn = MultiTurn.from_config(config, engine)
         # a search keeps its own number of sequences of a prompt alive: batches hold that many of each
-        live = self.strategy.sequences_per_prompt() if isinstance(self.strategy, SizesBatches) else \
-            config.num_return_sequences
-        per_call, in_flight = (config.num_sampling_batch_size or 1, 1) if engine is None else \
-            engine.batch_plan(live)
+        live = (
+            self.strategy.sequences_per_prompt()
+            if isinstance(self.strategy, SizesBatches)
+            else config.num_return_sequences
+        )
+        per_call, in_flight = (config.num_sampling_batch_size or 1, 1) if engine is None else engine.batch_plan(live)
         if config.num_sampling_batch_size:
             per_call = config.num_sampling_batch_size
-        store = OutputStore(config.output_dir, config.output_file, fingerprint=fingerprint(config),
-                            resume=config.resume, override=config.override_exist_file,
-                            reorder_window=max(4096, 4 * per_call * in_flight))
+        store = OutputStore(
+            config.output_dir,
+            config.output_file,
+            fingerprint=fingerprint(config),
+            resume=config.resume,
+            override=config.override_exist_file,
+            reorder_window=max(4096, 4 * per_call * in_flight),
+        )
         self.store, self.engine, self.scorer = store, engine, scorer
         if isinstance(engine, KeepsState):  # the batch engine's log of submitted batches, beside the output
             engine.keep_state(store.path, resume=config.resume)
         self.summary.output_file = str(store.path)
         self.summary.failed_file = str(store.failed_path)
         self.summary.rows_total = len(plan)
-        defaults = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
+        defaults: dict[str, Any] = engine.generation_defaults() if isinstance(engine, HasGenerationDefaults) else {}
         self.params = sampling_params(config, defaults)
         if multi_turn is not None:
             self.strategy = multi_turn.around(self.strategy)
@@ -376,14 +448,20 @@ class Run:
 
         self.cache = SampleCache(config.cache_files, missing_ok=engine is not None) if config.cache_files else None
         if self.cache is not None and self.cache.missing:
-            print(f"winnow sample: note: {', '.join(self.cache.missing)} does not exist yet: its rows are sampled",
-                  file=sys.stderr)
+            print(
+                f"winnow sample: note: {', '.join(self.cache.missing)} does not exist yet: its rows are sampled",
+                file=sys.stderr,
+            )
         self._write_manifest("running")
         self._install_signals()
         done_before = store.state.count_done(len(plan)) if store.resumed else 0
         self.summary.rows_skipped_resumed = done_before
-        progress = Progress(len(plan), done_before, config.progress,
-                            engine.progress_fields if isinstance(engine, ReportsProgress) else None)
+        progress = Progress(
+            len(plan),
+            done_before,
+            config.progress,
+            engine.progress_fields if isinstance(engine, ReportsProgress) else None,
+        )
         self.progress = progress
         slots = asyncio.Semaphore(in_flight)
         advanced = asyncio.Event()
@@ -427,13 +505,22 @@ class Run:
         disk, say) does not hide the error that ended the run."""
         s = self.summary
         s.wall_s = time.monotonic() - self.started
-        fatal = self.error if isinstance(self.error, Exception) and not isinstance(self.error, asyncio.CancelledError) \
+        fatal = (
+            self.error
+            if isinstance(self.error, Exception) and not isinstance(self.error, asyncio.CancelledError)
             else None
-        s.status = "interrupted" if self.stopping or (self.error is not None and fatal is None) else \
-            "failed" if fatal is not None else "finished"
+        )
+        s.status = (
+            "interrupted"
+            if self.stopping or (self.error is not None and fatal is None)
+            else "failed"
+            if fatal is not None
+            else "finished"
+        )
         if fatal is not None:
-            s.error = self.redact(f"{type(fatal).__name__}: {fatal}" if not isinstance(fatal, WinnowError)
-                                  else str(fatal))
+            s.error = self.redact(
+                f"{type(fatal).__name__}: {fatal}" if not isinstance(fatal, WinnowError) else str(fatal)
+            )
         try:
             store.close()
         except (OSError, WinnowError) as e:
@@ -452,9 +539,11 @@ class Run:
         if s.status == "failed" and not store.resumed and store.totals.rows == 0:
             store.discard()  # an empty output must not look like a finished one: the manifest says why
         strategy = getattr(self, "strategy", None)
-        for closer in (engine.aclose if engine is not None and engine is not self.given_engine else None,
-                       scorer.aclose if scorer is not None else None,
-                       strategy.aclose if isinstance(strategy, Closeable) else None):
+        for closer in (
+            engine.aclose if engine is not None and engine is not self.given_engine else None,
+            scorer.aclose if scorer is not None else None,
+            strategy.aclose if isinstance(strategy, Closeable) else None,
+        ):
             if closer is not None:
                 try:
                     await closer()
@@ -469,8 +558,9 @@ class Run:
         except (OSError, WinnowError) as e:
             print(f"winnow: warning: {e}", file=sys.stderr)
         if fatal is not None and not isinstance(self.error, WinnowError):
-            raise WinnowError(f"the run failed: {s.error}; what was written is kept "
-                              f"(resume with --resume true)") from fatal
+            raise WinnowError(
+                f"the run failed: {s.error}; what was written is kept (resume with --resume true)"
+            ) from fatal
 
     def _limit(self) -> int | None:
         c = self.config
@@ -478,8 +568,9 @@ class Run:
             return None
         return c.num_sampling_batches * (c.num_sampling_batch_size or 1)
 
-    async def _submit(self, batch: list[Prompt], slots: asyncio.Semaphore, advanced: asyncio.Event,
-                      tasks: set[asyncio.Task]) -> None:
+    async def _submit(
+        self, batch: list[Prompt], slots: asyncio.Semaphore, advanced: asyncio.Event, tasks: set[asyncio.Task]
+    ) -> None:
         if self.error is not None:
             raise self.error
         last = batch[-1].position
@@ -549,8 +640,10 @@ class Run:
                 if c.finish_reason == FINISH_LENGTH and c.error is None:
                     self.summary.samples_truncated += 1
                     if not self.config.keep_truncated:
-                        c.error = (f"truncated: the answer reached the token limit (--max_new_tokens "
-                                   f"{self.config.max_new_tokens}); --keep_truncated true keeps such answers")
+                        c.error = (
+                            f"truncated: the answer reached the token limit (--max_new_tokens "
+                            f"{self.config.max_new_tokens}); --keep_truncated true keeps such answers"
+                        )
 
     def _write(self, group: Group) -> None:
         s = self.summary
@@ -580,8 +673,14 @@ class Run:
             # this run (an undone row would hold the resume window); a resumed run tries errors again,
             # not answers cut for length or by a content filter
             transient = any(c.finish_reason == FINISH_ERROR for c in group.completions)
-            self.store.write_failed(group.prompt.position, group.prompt.id, group.prompt.source,
-                                    self.redact(reason or ""), stage="generate", retry=transient)
+            self.store.write_failed(
+                group.prompt.position,
+                group.prompt.id,
+                group.prompt.source,
+                self.redact(reason or ""),
+                stage="generate",
+                retry=transient,
+            )
             s.rows_failed += 1
         else:
             self.store.write_group(group.prompt.position, [], group.prompt.id)
@@ -596,8 +695,12 @@ class Run:
         if c.price_per_mtok_in is None and c.price_per_mtok_out is None:
             return None
         share = 1.0 - c.batch_discount if c.batch_api else 1.0  # batch prices: --batch_discount off
-        return round((s.prompt_tokens * (c.price_per_mtok_in or 0.0)
-                      + s.completion_tokens * (c.price_per_mtok_out or 0.0)) * share / 1e6, 6)
+        return round(
+            (s.prompt_tokens * (c.price_per_mtok_in or 0.0) + s.completion_tokens * (c.price_per_mtok_out or 0.0))
+            * share
+            / 1e6,
+            6,
+        )
 
     def _check_task(self, task: asyncio.Task) -> None:
         """A batch that died of a bug stops the run (at the next submit), it does not vanish."""
@@ -613,8 +716,11 @@ class Run:
             self.stopping = True
             if isinstance(self.engine, Interruptible):  # the client engine: no new requests, a deadline for the rest
                 self.engine.interrupt()
-            print(f"\nwinnow: {signame}: finishing the calls in flight, then stopping "
-                  "(again to stop at once; resume with --resume true)", file=sys.stderr)
+            print(
+                f"\nwinnow: {signame}: finishing the calls in flight, then stopping "
+                "(again to stop at once; resume with --resume true)",
+                file=sys.stderr,
+            )
 
         for sig, name in ((signal.SIGINT, "interrupted"), (signal.SIGTERM, "terminated")):
             try:
@@ -636,8 +742,11 @@ class Run:
             self.summary.wall_s = time.monotonic() - self.started
             self.summary.totals = {**asdict(self.store.totals), "rows": self.store.totals.rows}
             self._write_manifest("interrupted")
-            print(f"\nwinnow: {signame} again: stopped now; resume with --resume true\n{self.summary.line()}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"\nwinnow: {signame} again: stopped now; resume with --resume true\n{self.summary.line()}",
+                file=sys.stderr,
+                flush=True,
+            )
         finally:
             for child in multiprocessing.active_children():
                 child.kill()
@@ -647,26 +756,34 @@ class Run:
         from winnow.engines.hf import versions
 
         s = self.summary
-        self.store.write_manifest({
-            "status": status,
-            "command": self.redactor.argv(sys.argv) if sys.argv and "winnow" in sys.argv[0] else None,
-            "config": to_dict(self.config),
-            "seed": self.config.seed,
-            "sampling": asdict(self.params) if hasattr(self, "params") else None,
-            "versions": versions(),
-            "engine": self.redactor.value(self.engine.describe()) if self.engine is not None else {"name": "no"},
-            "rewards": self.redactor.value(self.scorer.describe()) if self.scorer is not None else [],
-            **({"error": s.error} if s.error else {}),
-            "counts": {k: v for k, v in asdict(s).items()
-                       if k not in ("output_file", "failed_file", "wall_s", "status", "error", "totals",
-                                    "engine_note")},
-            "totals": s.totals or {**asdict(self.store.totals), "rows": self.store.totals.rows},
-            "wall_s": round(time.monotonic() - self.started, 3),
-            "tokens_per_s": round(s.tokens_per_s, 2),
-            **({"engine_stats": self.engine.stats()} if isinstance(self.engine, ReportsStats) else {}),
-            **({"strategy": self.strategy.describe(), "compute": dict(self.search.counters)}
-               if getattr(self, "search", None) is not None else {}),
-        })
+        search = getattr(self, "search", None)  # unset when the run stopped before it was built
+        self.store.write_manifest(
+            {
+                "status": status,
+                "command": self.redactor.argv(sys.argv) if sys.argv and "winnow" in sys.argv[0] else None,
+                "config": to_dict(self.config),
+                "seed": self.config.seed,
+                "sampling": asdict(self.params) if hasattr(self, "params") else None,
+                "versions": versions(),
+                "engine": self.redactor.value(self.engine.describe()) if self.engine is not None else {"name": "no"},
+                "rewards": self.redactor.value(self.scorer.describe()) if self.scorer is not None else [],
+                **({"error": s.error} if s.error else {}),
+                "counts": {
+                    k: v
+                    for k, v in asdict(s).items()
+                    if k not in ("output_file", "failed_file", "wall_s", "status", "error", "totals", "engine_note")
+                },
+                "totals": s.totals or {**asdict(self.store.totals), "rows": self.store.totals.rows},
+                "wall_s": round(time.monotonic() - self.started, 3),
+                "tokens_per_s": round(s.tokens_per_s, 2),
+                **({"engine_stats": self.engine.stats()} if isinstance(self.engine, ReportsStats) else {}),
+                **(
+                    {"strategy": self.strategy.describe(), "compute": dict(search.counters)}
+                    if search is not None
+                    else {}
+                ),
+            }
+        )
 
 
 async def run_async(config: SampleConfig, engine: Engine | None = None) -> RunSummary:
@@ -677,5 +794,7 @@ async def run_async(config: SampleConfig, engine: Engine | None = None) -> RunSu
 def sample(config: SampleConfig | dict | None = None, *, engine: Engine | None = None, **options: Any) -> RunSummary:
     """Run ``winnow sample`` from Python: ``sample(SampleConfig(...))`` or ``sample(model=..., dataset=[...])``."""
     if config is None or isinstance(config, dict):
-        config = make_config(SampleConfig, {**(config or {}), **options}, source="sample()")
-    return asyncio.run(run_async(config, engine))
+        run_config: SampleConfig = make_config(SampleConfig, {**(config or {}), **options}, source="sample()")
+    else:
+        run_config = config
+    return asyncio.run(run_async(run_config, engine))

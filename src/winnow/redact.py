@@ -19,10 +19,29 @@ from typing import Any
 
 MASK = "***"
 # words that make a name secret, matched against the parts of snake/kebab/camel-case names
-SECRET_WORDS = {"apikey", "token", "secret", "password", "passwd", "pwd", "authorization", "auth",
-                "credential", "credentials", "cookie", "bearer"}
-SECRET_ENV = ("OPENAI_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "MODELSCOPE_API_TOKEN", "WINNOW_REWARD_API_KEY",
-              "ANTHROPIC_API_KEY", "DEEPSEEK_API_KEY")
+SECRET_WORDS = {
+    "apikey",
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "pwd",
+    "authorization",
+    "auth",
+    "credential",
+    "credentials",
+    "cookie",
+    "bearer",
+}
+SECRET_ENV = (
+    "OPENAI_API_KEY",
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "MODELSCOPE_API_TOKEN",
+    "WINNOW_REWARD_API_KEY",
+    "ANTHROPIC_API_KEY",
+    "DEEPSEEK_API_KEY",
+)
 _URL_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<userinfo>[^/@\s?#]+)@")
 _BEARER = re.compile(r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]{6,}")
 _MIN_SECRET = 4  # shorter values ("", "x", "EMPTY"-like placeholders) are not searched for in text
@@ -74,8 +93,10 @@ class Redactor:
     def value(self, obj: Any) -> Any:
         """A JSON-like value with secret-named fields masked and secrets in strings masked."""
         if isinstance(obj, dict):
-            return {k: (MASK if is_secret_name(k) and v not in (None, "", "none") else self.value(v))
-                    for k, v in obj.items()}
+            return {
+                k: (MASK if is_secret_name(k) and v not in (None, "", "none") else self.value(v))
+                for k, v in obj.items()
+            }
         if isinstance(obj, (list, tuple)):
             return [self.value(v) for v in obj]
         if isinstance(obj, str):
@@ -127,8 +148,12 @@ def collect_secrets(values: Any) -> set[str]:
         elif isinstance(obj, (list, tuple, set)):
             items = list(obj)
             for i, v in enumerate(items):
-                flag_secret = i > 0 and isinstance(items[i - 1], str) and items[i - 1].startswith("--") \
+                flag_secret = (
+                    i > 0
+                    and isinstance(items[i - 1], str)
+                    and items[i - 1].startswith("--")
                     and is_secret_name(items[i - 1][2:])
+                )
                 walk(v, secret or flag_secret)
         elif isinstance(obj, str):
             if secret:

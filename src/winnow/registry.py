@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from winnow.errors import ConfigError
 
@@ -45,8 +45,12 @@ KINDS = {
 }
 PLUGIN_DICTS = {"orms": "orm", "prms": "prm", "rewards": "reward", "reward_funcs": "reward"}
 # swift's tables a plugin file fills while it runs (winnow.rewards.swift_compat): role -> (kind, role)
-SWIFT_TABLES = {"orm": ("reward", "orm"), "prm": ("reward", "prm"), "scheduler": ("scheduler", "reward"),
-                "environment": ("environment", "reward")}
+SWIFT_TABLES = {
+    "orm": ("reward", "orm"),
+    "prm": ("reward", "prm"),
+    "scheduler": ("scheduler", "reward"),
+    "environment": ("environment", "reward"),
+}
 ENTRY_POINT_PREFIX = "winnow."
 
 
@@ -92,8 +96,17 @@ class Registry:
     _entry_points_loaded: bool = False
     _files: dict[str, tuple[tuple[int, int], list[Entry]]] = field(default_factory=dict)
 
-    def add(self, kind: str, name: str, target: Any, *, doc: str | None = None, aliases: Iterable[str] = (),
-            source: str = "builtin", role: str = "reward") -> Entry:
+    def add(
+        self,
+        kind: str,
+        name: str,
+        target: Any,
+        *,
+        doc: str | None = None,
+        aliases: Iterable[str] = (),
+        source: str = "builtin",
+        role: str = "reward",
+    ) -> Entry:
         """Register ``target`` as ``name`` of ``kind`` (a later registration of the name replaces it)."""
         if kind not in KINDS:
             raise ConfigError(f"unknown component kind {kind!r}; one of {', '.join(KINDS)}")
@@ -124,8 +137,10 @@ class Registry:
 
     def unknown(self, kind: str, name: str, hint: str = "") -> ConfigError:
         """The error for a name that is not registered, naming the known ones."""
-        return ConfigError(f"Unknown {kind.replace('_', ' ')} {name!r}. Known: {', '.join(self.names(kind))}."
-                           + (f" {hint}" if hint else ""))
+        return ConfigError(
+            f"Unknown {kind.replace('_', ' ')} {name!r}. Known: {', '.join(self.names(kind))}."
+            + (f" {hint}" if hint else "")
+        )
 
     def resolve(self, kind: str, name: str, hint: str = "") -> Any:
         """The component called ``name``, imported; an unknown name is one clear error."""
@@ -150,8 +165,10 @@ class Registry:
             try:
                 ep.load()(self)
             except Exception as e:  # a broken package must not break every run: say which one
-                print(f"winnow: warning: the {ep.name} plugin ({ep.value}) could not register: "
-                      f"{type(e).__name__}: {e}", file=sys.stderr)
+                print(
+                    f"winnow: warning: the {ep.name} plugin ({ep.value}) could not register: {type(e).__name__}: {e}",
+                    file=sys.stderr,
+                )
 
     # ------------------------------------------------------------------ plugin files
 
@@ -165,9 +182,16 @@ class Registry:
         seen = self._files.get(str(file.resolve()))
         if seen is not None and seen[0] == (stat.st_mtime_ns, stat.st_size):
             for entry in seen[1]:  # run already (its rewards and its schedulers both ask for it): its names again
-                self.add(entry.kind, entry.name, entry.target, doc=entry.doc, aliases=entry.aliases,
-                         source=entry.source, role=entry.role)
-            return [self.get(e.kind, e.name) for e in seen[1]]
+                self.add(
+                    entry.kind,
+                    entry.name,
+                    entry.target,
+                    doc=entry.doc,
+                    aliases=entry.aliases,
+                    source=entry.source,
+                    role=entry.role,
+                )
+            return cast("list[Entry]", [self.get(e.kind, e.name) for e in seen[1]])  # each was just added
         module_name = f"winnow_plugin_{abs(hash(str(file.resolve())))}"
         spec = importlib.util.spec_from_file_location(module_name, file)
         if spec is None or spec.loader is None:
@@ -182,8 +206,7 @@ class Registry:
                 sys.modules[module_name] = module
                 spec.loader.exec_module(module)
             except Exception as e:
-                raise ConfigError(f"--external_plugins {path}: importing it failed: {type(e).__name__}: {e}") \
-                    from None
+                raise ConfigError(f"--external_plugins {path}: importing it failed: {type(e).__name__}: {e}") from None
         added = [self.entries[key] for key in set(self.entries) - before]
         for entry in added:  # registered by this module's decorators while it ran
             entry.source = file.name
@@ -199,9 +222,13 @@ class Registry:
             added += [self.add("reward", str(k), v, source=file.name, role=role) for k, v in table.items()]
         named = {e.name for e in added}
         for attr, value in vars(module).items():  # bare reward functions (TRL's convention), found by name
-            if (inspect.isfunction(value) and not attr.startswith("_") and attr not in named
-                    and ("reward", attr) not in self.entries
-                    and {"completions", "prompts"} & set(inspect.signature(value).parameters)):
+            if (
+                inspect.isfunction(value)
+                and not attr.startswith("_")
+                and attr not in named
+                and ("reward", attr) not in self.entries
+                and {"completions", "prompts"} & set(inspect.signature(value).parameters)
+            ):
                 added.append(self.add("reward", attr, value, source=file.name))
         self._files[str(file.resolve())] = ((stat.st_mtime_ns, stat.st_size), list(added))
         return added
@@ -209,57 +236,104 @@ class Registry:
 
 def _builtins(registry: Registry) -> Registry:
     add = registry.add
-    add("engine", "transformers", "winnow.engines.transformers:TransformersEngine", aliases=("pt", "hf"),
-        doc="Local HuggingFace model: generate with native multi-sample, batched, halved and retried on failure.")
-    add("engine", "client", "winnow.engines.openai:OpenAIEngine", aliases=("openai",),
-        doc="Any OpenAI-compatible API: concurrency, rate limits, retries with backoff, cost.")
+    add(
+        "engine",
+        "transformers",
+        "winnow.engines.transformers:TransformersEngine",
+        aliases=("pt", "hf"),
+        doc="Local HuggingFace model: generate with native multi-sample, batched, halved and retried on failure.",
+    )
+    add(
+        "engine",
+        "client",
+        "winnow.engines.openai:OpenAIEngine",
+        aliases=("openai",),
+        doc="Any OpenAI-compatible API: concurrency, rate limits, retries with backoff, cost.",
+    )
     add("engine", "vllm", "winnow.engines.vllm:VLLMEngine", doc="vLLM's offline LLM (GPU, or the CPU build).")
     add("engine", "sglang", "winnow.engines.sglang:SGLangEngine", doc="SGLang's offline engine.")
     add("engine", "lmdeploy", "winnow.engines.lmdeploy:LMDeployEngine", doc="LMDeploy's pipeline.")
     for name, target, aliases in (
-            ("math", "winnow.rewards.builtin:MathReward", ("accuracy",)),
-            ("format", "winnow.rewards.builtin:format_reward", ()),
-            ("react_format", "winnow.rewards.builtin:react_format_reward", ()),
-            ("cosine", "winnow.rewards.builtin:CosineReward", ()),
-            ("repetition", "winnow.rewards.builtin:repetition_reward", ()),
-            ("soft_overlong", "winnow.rewards.builtin:soft_overlong_reward", ()),
-            ("judge", "winnow.rewards.builtin:JudgeReward", ()),
-            ("code", "winnow.rewards.code:CodeReward", ()),
-            ("json_schema", "winnow.rewards.builtin:JsonSchemaReward", ()),
-            ("env_reward", "winnow.multiturn.env:env_reward", ())):
+        ("math", "winnow.rewards.builtin:MathReward", ("accuracy",)),
+        ("format", "winnow.rewards.builtin:format_reward", ()),
+        ("react_format", "winnow.rewards.builtin:react_format_reward", ()),
+        ("cosine", "winnow.rewards.builtin:CosineReward", ()),
+        ("repetition", "winnow.rewards.builtin:repetition_reward", ()),
+        ("soft_overlong", "winnow.rewards.builtin:soft_overlong_reward", ()),
+        ("judge", "winnow.rewards.builtin:JudgeReward", ()),
+        ("code", "winnow.rewards.code:CodeReward", ()),
+        ("json_schema", "winnow.rewards.builtin:JsonSchemaReward", ()),
+        ("env_reward", "winnow.multiturn.env:env_reward", ()),
+    ):
         add("reward", name, target, aliases=aliases)
     for style, doc in (
-            ("classifier", "A sequence-classification reward model with one label: its logit is the score."),
-            ("qwen_prm", "Qwen2.5-Math-PRM: <extra_0> after each step, a 2-class head, P(good) per step."),
-            ("math_shepherd", "Math-Shepherd: a step tag after each step, P('+') vs P('-') at each tag."),
-            ("token_classification", "A token-classification PRM with 2 labels, read at each step's last token.")):
+        ("classifier", "A sequence-classification reward model with one label: its logit is the score."),
+        ("qwen_prm", "Qwen2.5-Math-PRM: <extra_0> after each step, a 2-class head, P(good) per step."),
+        ("math_shepherd", "Math-Shepherd: a step tag after each step, P('+') vs P('-') at each tag."),
+        ("token_classification", "A token-classification PRM with 2 labels, read at each step's last token."),
+    ):
         add("rm_style", style, "winnow.rewards.models:load_reward_model", doc=doc)
     for name, doc in (
-            ("swift", "swift sample's record: messages, id, and rejected_response when rewards are set."),
-            ("sft", "The kept samples as whole conversations: messages, id."),
-            ("prompt_completion", "TRL's prompt/completion SFT form (the loss on the completion only)."),
-            ("dpo", "TRL's preference form: prompt, chosen, rejected, their scores."),
-            ("raw", "One line per prompt: every sample, its finish reason, tokens and scores."),
-            ("grpo", "Prompts a GRPO trainer loads (prompt, messages, columns) with the group's statistics.")):
+        ("swift", "swift sample's record: messages, id, and rejected_response when rewards are set."),
+        ("sft", "The kept samples as whole conversations: messages, id."),
+        ("prompt_completion", "TRL's prompt/completion SFT form (the loss on the completion only)."),
+        ("dpo", "TRL's preference form: prompt, chosen, rejected, their scores."),
+        ("raw", "One line per prompt: every sample, its finish reason, tokens and scores."),
+        ("grpo", "Prompts a GRPO trainer loads (prompt, messages, columns) with the group's statistics."),
+    ):
         add("format", name, f"winnow.select:{name}_format", doc=doc)
     add("strategy", "sample", "winnow.search:BestOfN", doc="N independent samples per prompt (best-of-N).")
-    add("strategy", "distill", "winnow.search:BestOfN",
-        doc="N independent samples from an API model, its reasoning kept (swift's distill).")
-    add("scheduler", "tools", "winnow.multiturn.tools:ToolScheduler", aliases=("tool_call",),
-        doc="Runs the model's tool calls (API tool_calls, <tool_call> blocks, trailing Python blocks) on --tools.")
-    add("scheduler", "gym", "winnow.multiturn.env:EnvironmentScheduler", aliases=("gym_scheduler",),
-        doc="Each trajectory plays a gym environment (--gym_env): reset, then step after every turn.")
-    add("tool", "python", "winnow.multiturn.tools:PythonTool",
-        doc="Runs the model's Python program in winnow's sandbox and returns what it prints.")
+    add(
+        "strategy",
+        "distill",
+        "winnow.search:BestOfN",
+        doc="N independent samples from an API model, its reasoning kept (swift's distill).",
+    )
+    add(
+        "scheduler",
+        "tools",
+        "winnow.multiturn.tools:ToolScheduler",
+        aliases=("tool_call",),
+        doc="Runs the model's tool calls (API tool_calls, <tool_call> blocks, trailing Python blocks) on --tools.",
+    )
+    add(
+        "scheduler",
+        "gym",
+        "winnow.multiturn.env:EnvironmentScheduler",
+        aliases=("gym_scheduler",),
+        doc="Each trajectory plays a gym environment (--gym_env): reset, then step after every turn.",
+    )
+    add(
+        "tool",
+        "python",
+        "winnow.multiturn.tools:PythonTool",
+        doc="Runs the model's Python program in winnow's sandbox and returns what it prints.",
+    )
     add("tool", "calculator", "winnow.multiturn.tools:calculator_tool", doc="Evaluates an arithmetic expression.")
-    add("environment", "math_retry", "winnow.multiturn.env:MathRetryEnv",
-        doc="Checks the final answer against the row's reference; a wrong one gets feedback and another try.")
-    add("strategy", "beam", "winnow.search.beam:BeamSearch",
-        doc="PRM-guided beam search over steps: keep the N/M best partial answers, sample M next steps from each.")
-    add("strategy", "dvts", "winnow.search.beam:DVTS",
-        doc="Diverse verifier tree search: N/M independent subtrees, each a PRM-greedy beam of width M.")
-    add("strategy", "mcts", "winnow.search.mcts:MCTS",
-        doc="Monte Carlo tree search over steps: UCT on PRM values, M sampled next steps per expansion.")
+    add(
+        "environment",
+        "math_retry",
+        "winnow.multiturn.env:MathRetryEnv",
+        doc="Checks the final answer against the row's reference; a wrong one gets feedback and another try.",
+    )
+    add(
+        "strategy",
+        "beam",
+        "winnow.search.beam:BeamSearch",
+        doc="PRM-guided beam search over steps: keep the N/M best partial answers, sample M next steps from each.",
+    )
+    add(
+        "strategy",
+        "dvts",
+        "winnow.search.beam:DVTS",
+        doc="Diverse verifier tree search: N/M independent subtrees, each a PRM-greedy beam of width M.",
+    )
+    add(
+        "strategy",
+        "mcts",
+        "winnow.search.mcts:MCTS",
+        doc="Monte Carlo tree search over steps: UCT on PRM values, M sampled next steps per expansion.",
+    )
     return registry
 
 
@@ -267,6 +341,7 @@ REGISTRY = _builtins(Registry())
 
 
 # ----------------------------------------------------------------------------- decorators for plugin files
+
 
 def _decorator(kind: str) -> Callable[..., Callable[[Any], Any]]:
     def decorator(name: Any = None, *, aliases: tuple[str, ...] = (), **meta: Any):
@@ -282,8 +357,9 @@ def _decorator(kind: str) -> Callable[..., Callable[[Any], Any]]:
 
         return register
 
-    decorator.__doc__ = (f"Register a {KINDS[kind]} component under ``name`` (default: its own name; "
-                         "``@decorator`` bare works too).")
+    decorator.__doc__ = (
+        f"Register a {KINDS[kind]} component under ``name`` (default: its own name; ``@decorator`` bare works too)."
+    )
     return decorator
 
 
@@ -297,6 +373,7 @@ environment = _decorator("environment")
 
 
 # ----------------------------------------------------------------------------- rewards
+
 
 def load_plugin(path: str) -> list[str]:
     """Import a plugin file and register what it defines; returns the new names."""
@@ -315,8 +392,9 @@ def known_rewards() -> list[str]:
 
 def unknown_reward(name: str) -> ConfigError:
     """The error for a name that is neither registered nor a model."""
-    return REGISTRY.unknown("reward", name, "Or load one with --external_plugins FILE, or give a reward model's "
-                                          "directory or hub id.")
+    return REGISTRY.unknown(
+        "reward", name, "Or load one with --external_plugins FILE, or give a reward model's directory or hub id."
+    )
 
 
 def build(entry: Entry, options: dict[str, Any], flat: dict[str, Any] | None = None):
@@ -339,38 +417,69 @@ def build(entry: Entry, options: dict[str, Any], flat: dict[str, Any] | None = N
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         sig = None
-    params = {} if sig is None else {p.name: p for p in sig.parameters.values()
-                                     if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"}
+    params = (
+        {}
+        if sig is None
+        else {
+            p.name: p
+            for p in sig.parameters.values()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "self"
+        }
+    )
     takes_any = sig is None or any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
     chosen: dict[str, Any] = {}
     for key, value in (flat or {}).items():
-        for candidate in (key, key[len(entry.name) + 1:] if key.startswith(entry.name + "_") else None):
+        for candidate in (key, key[len(entry.name) + 1 :] if key.startswith(entry.name + "_") else None):
             if candidate and candidate in params and candidate not in ("completions", "infer_requests"):
                 chosen[candidate] = value
     # a function's **kwargs receives dataset columns at call time; its options must be named parameters
     bad = [k for k in options if k not in params and (inspect.isfunction(target) or not takes_any)]
     if bad:
-        raise ConfigError(f"reward {entry.name}: unknown option(s) {', '.join(bad)}; "
-                          f"it takes {', '.join(sorted(params)) or 'none'}")
+        raise ConfigError(
+            f"reward {entry.name}: unknown option(s) {', '.join(bad)}; it takes {', '.join(sorted(params)) or 'none'}"
+        )
     chosen.update(options)
     if inspect.isclass(target):
         try:
             return target(**chosen)
         except TypeError as e:
             raise ConfigError(f"reward {entry.name}: {e}") from None
-    runtime = {"completions", "infer_requests", "ground_truths", "completion_tokens", "prompts", "messages",
-               "reference", "finish_reasons", "rollout_infos"}
+    runtime = {
+        "completions",
+        "infer_requests",
+        "ground_truths",
+        "completion_tokens",
+        "prompts",
+        "messages",
+        "reference",
+        "finish_reasons",
+        "rollout_infos",
+    }
     # a plugin's TRL-style function takes dataset columns as required parameters, supplied when it is called;
     # a built-in's required parameters are its options
     options_only = calling_style(target) == "seed" or entry.source == "builtin"
-    missing = [p.name for p in params.values() if p.default is p.empty and p.name not in chosen
-               and p.name not in runtime and list(params).index(p.name) > 0] if options_only else []
+    missing = (
+        [
+            p.name
+            for p in params.values()
+            if p.default is p.empty
+            and p.name not in chosen
+            and p.name not in runtime
+            and list(params).index(p.name) > 0
+        ]
+        if options_only
+        else []
+    )
     if missing:
-        raise ConfigError(f"reward {entry.name} needs {', '.join(missing)}: "
-                          f"--reward_kwargs '{{\"{entry.name}\": {{\"{missing[0]}\": ...}}}}'")
+        raise ConfigError(
+            f"reward {entry.name} needs {', '.join(missing)}: "
+            f'--reward_kwargs \'{{"{entry.name}": {{"{missing[0]}": ...}}}}\''
+        )
     if not chosen:
         return target
     bound = functools.partial(target, **chosen)
     functools.update_wrapper(bound, target)
-    del bound.__wrapped__  # the partial's own signature (options bound) is the one to inspect
+    # the partial's own signature (options bound) is the one to inspect; update_wrapper set __wrapped__,
+    # which typeshed's partial does not declare
+    del bound.__wrapped__  # type: ignore[attr-defined]
     return bound

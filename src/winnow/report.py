@@ -19,7 +19,7 @@ from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from winnow.config import ReportConfig
 from winnow.errors import ConfigError, DataError, MissingDependency, require
@@ -29,6 +29,7 @@ QWEN_ROLES = {"label": "orm", "pred_score": "rm"}  # the score keys the Qwen2.5-
 
 
 # ----------------------------------------------------------------------------- what the estimators see
+
 
 @dataclass(frozen=True)
 class Sample:
@@ -53,8 +54,8 @@ class Problem:
         n = len(self.samples)
         total = self.tokens
         if total is None:
-            counts = [s.tokens for s in self.samples]
-            if any(t is None for t in counts):
+            counts = [s.tokens for s in self.samples if s.tokens is not None]
+            if len(counts) < n:  # a sample without a token count
                 return None
             total = float(sum(counts))
         if not total:  # outputs scored from caches count no tokens (0): unknown, not free
@@ -88,6 +89,7 @@ class Run:
 
 # ----------------------------------------------------------------------------- estimators of one problem
 
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k of a problem with c right samples of n (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
     if not 0 < k <= n or not 0 <= c <= n:
@@ -105,7 +107,8 @@ def best_of_k(samples: Sequence[Sample], key: str, k: int, ties: str = "first") 
     n = len(samples)
     k = min(k, n)
     values = [s.rewards.get(key) for s in samples]
-    ranked = sorted((i for i in range(n) if values[i] is not None), key=lambda i: (-values[i], i))
+    # cast: only scored samples are ranked
+    ranked = sorted((i for i in range(n) if values[i] is not None), key=lambda i: (-cast(float, values[i]), i))
     total = math.comb(n, k)
     if ties == "first":
         return sum(math.comb(n - 1 - r, k - 1) for r, i in enumerate(ranked) if samples[i].correct) / total
@@ -153,8 +156,14 @@ def subsets(n: int, k: int, draws: int, rng: random.Random) -> Iterator[tuple[in
         yield tuple(sorted(rng.sample(range(n), k)))
 
 
-def votes_at_k(samples: Sequence[Sample], k: int, weights: Sequence[str | None], ties: str = "first",
-               draws: int = 1000, rng: random.Random | None = None) -> dict[str | None, float]:
+def votes_at_k(
+    samples: Sequence[Sample],
+    k: int,
+    weights: Sequence[str | None],
+    ties: str = "first",
+    draws: int = 1000,
+    rng: random.Random | None = None,
+) -> dict[str | None, float]:
     """Expected vote correctness over k-subsets for plain majority (None) and each weight key, on shared subsets."""
     k = min(k, len(samples))
     totals = dict.fromkeys(weights, 0.0)
@@ -167,8 +176,15 @@ def votes_at_k(samples: Sequence[Sample], k: int, weights: Sequence[str | None],
     return {w: t / count for w, t in totals.items()}
 
 
-def problem_scores(problem: Problem, k: int, rewards: Sequence[str] = (), vote_rewards: Sequence[str] = (),
-                   ties: str = "first", draws: int = 1000, rng: random.Random | None = None) -> dict[str, float]:
+def problem_scores(
+    problem: Problem,
+    k: int,
+    rewards: Sequence[str] = (),
+    vote_rewards: Sequence[str] = (),
+    ties: str = "first",
+    draws: int = 1000,
+    rng: random.Random | None = None,
+) -> dict[str, float]:
     """Every metric of one problem at k samples (k capped at the samples it has), keyed as in :func:`metric_title`."""
     samples = problem.samples
     n = len(samples)
@@ -202,9 +218,13 @@ class RunQuality:
             if verdict is None or verdict.value is None:
                 continue
             answer = answer_source({"text": c.text})
-            samples.append(Sample(correct=verdict.value > 0,
-                                  answer=None if answer is None else re.sub(r"\s+", "", answer),
-                                  rewards={k: c.scores[k].value for k in self.reward_keys if k in c.scores}))
+            samples.append(
+                Sample(
+                    correct=verdict.value > 0,
+                    answer=None if answer is None else re.sub(r"\s+", "", answer),
+                    rewards={k: c.scores[k].value for k in self.reward_keys if k in c.scores},
+                )
+            )
         if not samples:
             return
         n = len(samples)
@@ -220,18 +240,22 @@ class RunQuality:
         """Each metric's mean over the judged prompts, N written out (``pass@8``); empty when none was judged."""
         if not self.prompts:
             return {}
-        return {name.replace("@N", f"@{self.n}").replace("-N ", f"-{self.n} "): round(total / self.prompts, 4)
-                for name, total in self.sums.items()} | {"prompts judged": self.prompts}
+        return {
+            name.replace("@N", f"@{self.n}").replace("-N ", f"-{self.n} "): round(total / self.prompts, 4)
+            for name, total in self.sums.items()
+        } | {"prompts judged": self.prompts}
 
 
 def metric_title(name: str) -> str:
     """The column title of a metric key (``pass``, ``majority``, ``best:KEY``, ``vote:KEY``)."""
     kind, _, key = name.partition(":")
-    return {"pass": "pass@k", "majority": "majority@k", "best": f"best-of-k {key}",
-            "vote": f"{key}-weighted vote@k"}[kind]
+    return {"pass": "pass@k", "majority": "majority@k", "best": f"best-of-k {key}", "vote": f"{key}-weighted vote@k"}[
+        kind
+    ]
 
 
 # ----------------------------------------------------------------------------- across problems
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -274,8 +298,9 @@ def estimate(values: Sequence[float], resamples: Sequence[Sequence[int]] = ()) -
     return Estimate(mean, _quantile(means, 0.025), _quantile(means, 0.975))
 
 
-def scaling(run: Run, ks: Sequence[int], ties: str = "first", draws: int = 1000, bootstrap: int = 1000,
-            seed: int = 0) -> list[Row]:
+def scaling(
+    run: Run, ks: Sequence[int], ties: str = "first", draws: int = 1000, bootstrap: int = 1000, seed: int = 0
+) -> list[Row]:
     """The run's metrics at each k, averaged over problems, with bootstrap intervals shared by every cell."""
     if not run.problems:
         return []
@@ -284,15 +309,18 @@ def scaling(run: Run, ks: Sequence[int], ties: str = "first", draws: int = 1000,
     resamples = [[rng.randrange(size) for _ in range(size)] for _ in range(bootstrap)]
     rows = []
     for k in ks:
-        per = [problem_scores(p, k, run.rewards, run.vote_rewards, ties, draws, random.Random(f"{seed}/{k}/{i}"))
-               for i, p in enumerate(run.problems)]
-        tokens = [p.tokens_at(k) for p in run.problems]
-        mean_tokens = None if any(t is None for t in tokens) else math.fsum(tokens) / size
+        per = [
+            problem_scores(p, k, run.rewards, run.vote_rewards, ties, draws, random.Random(f"{seed}/{k}/{i}"))
+            for i, p in enumerate(run.problems)
+        ]
+        tokens = [t for p in run.problems if (t := p.tokens_at(k)) is not None]
+        mean_tokens = math.fsum(tokens) / size if len(tokens) == size else None
         rows.append(Row(k, mean_tokens, {name: estimate([d[name] for d in per], resamples) for name in per[0]}))
     return rows
 
 
 # ----------------------------------------------------------------------------- reading outputs
+
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, record) of a JSONL or Parquet output; a bad line is a DataError naming it."""
@@ -308,8 +336,9 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: not a JSON line ({e.msg}); a raw output has one JSON object a line"
-                                ) from None
+                raise DataError(
+                    f"{path}:{i}: not a JSON line ({e.msg}); a raw output has one JSON object a line"
+                ) from None
             if not isinstance(row, dict):
                 raise DataError(f"{path}:{i}: expected a JSON object, got {type(row).__name__}")
             yield i, row
@@ -334,13 +363,23 @@ def qwen_eval_record(row: Mapping[str, Any], where: str = "") -> dict[str, Any]:
     for text, label, pred, value in zip(texts, labels, preds, rm, strict=True):
         if isinstance(value, list):  # the file stores each score as a one-element list
             value = value[0] if value else None
-        completions.append({
-            "text": text, "finish_reason": "stop", "prompt_tokens": None, "completion_tokens": None,
-            "answer": pred, "scores": {"label": {"value": 1.0 if label else 0.0}, "pred_score": {"value": value}},
-        })
+        completions.append(
+            {
+                "text": text,
+                "finish_reason": "stop",
+                "prompt_tokens": None,
+                "completion_tokens": None,
+                "answer": pred,
+                "scores": {"label": {"value": 1.0 if label else 0.0}, "pred_score": {"value": value}},
+            }
+        )
     question = row.get("question") or row.get("query") or ""
-    return {"id": str(row.get("idx", where)), "messages": [{"role": "user", "content": question}],
-            "reference": None if row.get("gt") is None else str(row["gt"]), "completions": completions}
+    return {
+        "id": str(row.get("idx", where)),
+        "messages": [{"role": "user", "content": question}],
+        "reference": None if row.get("gt") is None else str(row["gt"]),
+        "completions": completions,
+    }
 
 
 def score_values(completion: Mapping[str, Any]) -> dict[str, float | None]:
@@ -382,7 +421,7 @@ def answer_source(completion: Mapping[str, Any]) -> str | None:
     return answer_text(text) if text.strip() else None
 
 
-def answer_keys(completions: Sequence[Mapping[str, Any]], match: str = "math") -> list[Hashable | None]:
+def answer_keys(completions: Sequence[Mapping[str, Any]], match: str = "math") -> Sequence[Hashable | None]:
     """Each completion's answer class: math-verify equivalence (``math``) or the same answer text (``exact``)."""
     sources = [answer_source(c) for c in completions]
     if match == "exact":
@@ -410,8 +449,11 @@ def manifest_label(manifest: Mapping[str, Any] | None, path: Path, with_n: bool 
     if not config:
         return path.stem
     strategy = config.get("search") if isinstance(config.get("search"), str) else config.get("sampler_type")
-    parts = [Path(str(config["model"])).name if config.get("model") else None, strategy,
-             f"N={config['num_return_sequences']}" if config.get("num_return_sequences") and with_n else None]
+    parts = [
+        Path(str(config["model"])).name if config.get("model") else None,
+        strategy,
+        f"N={config['num_return_sequences']}" if config.get("num_return_sequences") and with_n else None,
+    ]
     return " ".join(p for p in parts if p) or path.stem
 
 
@@ -430,26 +472,32 @@ def _math_verdicts(completions: Sequence[Mapping[str, Any]], reference: Any, whe
     return [verify_answer(c.get("text") or "", str(reference))[0] for c in completions]
 
 
-def _score_keys(path: Path, rows: list[tuple[int, dict]], roles: dict[str, str],
-                config: ReportConfig) -> tuple[str | None, list[str]]:
+def _score_keys(
+    path: Path, rows: list[tuple[int, dict]], roles: dict[str, str], config: ReportConfig
+) -> tuple[str | None, list[str]]:
     """(the verdict's score key, the reward keys) of an output, each checked against the scores it holds."""
     found: dict[str, None] = dict.fromkeys(roles)  # ordered: the manifest's keys, then any others seen
     for i, record in rows:
         completions = record.get("completions")
         if not isinstance(completions, list):
-            raise DataError(f"{path}:{i}: no 'completions' list; report reads raw outputs "
-                            "(winnow sample --output_format raw) or Qwen2.5-Math eval files")
+            raise DataError(
+                f"{path}:{i}: no 'completions' list; report reads raw outputs "
+                "(winnow sample --output_format raw) or Qwen2.5-Math eval files"
+            )
         for c in completions:
             found.update(dict.fromkeys(score_values(c)))
     known = f"scores found: {', '.join(found) or 'none'}"
     orm = config.orm or next((k for k, role in roles.items() if role == "orm"), None)
     if config.verdict == "orm":
         if orm is None:
-            raise ConfigError(f"{path}: no manifest names an ORM; name the correctness score with --orm KEY "
-                              f"({known}) or judge with --verdict math")
+            raise ConfigError(
+                f"{path}: no manifest names an ORM; name the correctness score with --orm KEY "
+                f"({known}) or judge with --verdict math"
+            )
         if orm not in found:
-            raise ConfigError(f"{path}: no completion has a score {orm!r} ({known}); name the correctness "
-                              "score with --orm KEY")
+            raise ConfigError(
+                f"{path}: no completion has a score {orm!r} ({known}); name the correctness score with --orm KEY"
+            )
     rewards = list(config.rewards) or [k for k in found if k != orm and roles.get(k) != "orm" and k != "reward"]
     unknown = [k for k in rewards if k not in found]
     if unknown:
@@ -457,8 +505,9 @@ def _score_keys(path: Path, rows: list[tuple[int, dict]], roles: dict[str, str],
     return orm, rewards
 
 
-def _problem(record: dict, where: str, orm: str | None, rewards: list[str],
-             config: ReportConfig) -> tuple[Problem, int]:
+def _problem(
+    record: dict, where: str, orm: str | None, rewards: list[str], config: ReportConfig
+) -> tuple[Problem, int]:
     """One record's usable samples (failed ones left out) with their verdicts, answer classes and rewards; and
     how many of them the verdict could not judge."""
     usable = [c for c in record["completions"] if c.get("finish_reason") != "error"]
@@ -466,11 +515,17 @@ def _problem(record: dict, where: str, orm: str | None, rewards: list[str],
     if config.verdict == "math":
         verdicts = _math_verdicts(usable, record.get("reference"), where) if usable else []
     else:
-        verdicts = [v.get(orm) for v in values]
+        verdicts = [v.get(orm) for v in values] if orm is not None else [None] * len(values)
     answers = answer_keys(usable, config.answer_match)
-    samples = [Sample(correct=verdict is not None and verdict > 0, answer=answer,
-                      rewards={k: v.get(k) for k in rewards}, tokens=c.get("completion_tokens"))
-               for c, v, verdict, answer in zip(usable, values, verdicts, answers, strict=True)]
+    samples = [
+        Sample(
+            correct=verdict is not None and verdict > 0,
+            answer=answer,
+            rewards={k: v.get(k) for k in rewards},
+            tokens=c.get("completion_tokens"),
+        )
+        for c, v, verdict, answer in zip(usable, values, verdicts, answers, strict=True)
+    ]
     return Problem(str(record.get("id", where)), samples, group_tokens(record)), sum(v is None for v in verdicts)
 
 
@@ -505,14 +560,17 @@ def load_run(path: str | Path, config: ReportConfig, label: str | None = None) -
     vote_rewards = [k for k in rewards if all((s.rewards[k] or 0) >= 0 for p in problems for s in p.samples)]
     most = max((len(p.samples) for p in problems), default=0)
     independent = independent_samples(manifest)
-    notes = [f"{failed} failed samples left out" if failed else "",
-             f"{empty} problems with no usable sample left out" if empty else "",
-             f"{unjudged} samples the verdict could not judge count as wrong" if unjudged else ""]
+    notes = [
+        f"{failed} failed samples left out" if failed else "",
+        f"{empty} problems with no usable sample left out" if empty else "",
+        f"{unjudged} samples the verdict could not judge count as wrong" if unjudged else "",
+    ]
     short = sum(len(p.samples) < most for p in problems)
     if not independent:
-        notes.append("a search's answers to a problem are one result, not independent samples: reported for the "
-                     "whole group only (k = the group's size" + (f", {short} groups smaller than {most}" if short
-                                                                  else "") + ")")
+        notes.append(
+            "a search's answers to a problem are one result, not independent samples: reported for the "
+            "whole group only (k = the group's size" + (f", {short} groups smaller than {most}" if short else "") + ")"
+        )
     elif short:
         notes.append(f"{short} problems have fewer samples than N: k is capped at what they have")
     notes += [f"no {k}-weighted vote: its scores go below 0" for k in rewards if k not in vote_rewards]
@@ -526,14 +584,25 @@ def load_run(path: str | Path, config: ReportConfig, label: str | None = None) -
     if qwen:
         answers += " of the file's extracted answers (pred)"
     name = label or (f"{path.stem} (Qwen2.5-Math eval)" if qwen else manifest_label(manifest, path))
-    return Run(name, str(path), problems, verdict, rewards, vote_rewards, answers, [n for n in notes if n],
-               independent, series=label or (name if qwen or independent else manifest_label(manifest, path, False)))
+    return Run(
+        name,
+        str(path),
+        problems,
+        verdict,
+        rewards,
+        vote_rewards,
+        answers,
+        [n for n in notes if n],
+        independent,
+        series=label or (name if qwen or independent else manifest_label(manifest, path, False)),
+    )
 
 
 # ----------------------------------------------------------------------------- table, plots, page
 
+
 def _cell(e: Estimate) -> str:
-    if e.low is None:
+    if e.low is None or e.high is None:  # both or neither
         return f"{100 * e.value:.1f}"
     return f"{100 * e.value:.1f} [{100 * e.low:.1f}, {100 * e.high:.1f}]"
 
@@ -542,19 +611,23 @@ def table_rows(rows: Sequence[Row]) -> tuple[list[str], list[list[str]]]:
     """(headers, cells) of a run's scaling table: k, tokens per problem, then each metric in %."""
     names = list(rows[0].metrics) if rows else []
     headers = ["k", "tokens/problem", *(metric_title(n) for n in names)]
-    cells = [[str(r.k), "-" if r.tokens is None else f"{r.tokens:,.0f}", *(_cell(r.metrics[n]) for n in names)]
-             for r in rows]
+    cells = [
+        [str(r.k), "-" if r.tokens is None else f"{r.tokens:,.0f}", *(_cell(r.metrics[n]) for n in names)] for r in rows
+    ]
     return headers, cells
 
 
 def describe(run: Run, config: ReportConfig) -> list[str]:
     """The lines that say what a run's table is: size, verdict, answer grouping, ties, intervals, notes."""
-    intervals = (f"95% bootstrap intervals over problems ({config.bootstrap} resamples)" if config.bootstrap
-                 else "no intervals")
-    return [f"{run.label}  ({run.path})",
-            f"{len(run.problems)} problems, up to {run.samples} samples each; correct = {run.verdict}; "
-            f"votes group answers by {run.answers}; ties: {config.ties}; {intervals}",
-            *(f"note: {n}" for n in run.notes)]
+    intervals = (
+        f"95% bootstrap intervals over problems ({config.bootstrap} resamples)" if config.bootstrap else "no intervals"
+    )
+    return [
+        f"{run.label}  ({run.path})",
+        f"{len(run.problems)} problems, up to {run.samples} samples each; correct = {run.verdict}; "
+        f"votes group answers by {run.answers}; ties: {config.ties}; {intervals}",
+        *(f"note: {n}" for n in run.notes),
+    ]
 
 
 def format_table(headers: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
@@ -594,9 +667,14 @@ def plot(results: Sequence[tuple[Run, Sequence[Row]]], path: Path) -> None:
             ks = [r.k for r in rows]
             ys = [100 * r.metrics[name].value for r in rows]
             by_k.plot(ks, ys, style, marker=marker, color=colors[name], label=label)
-            if all(r.metrics[name].low is not None for r in rows):
-                by_k.fill_between(ks, [100 * r.metrics[name].low for r in rows],
-                                  [100 * r.metrics[name].high for r in rows], color=colors[name], alpha=0.08)
+            if all(r.metrics[name].low is not None for r in rows):  # and so high (both or neither)
+                by_k.fill_between(
+                    ks,
+                    [100 * cast(float, r.metrics[name].low) for r in rows],
+                    [100 * cast(float, r.metrics[name].high) for r in rows],
+                    color=colors[name],
+                    alpha=0.08,
+                )
             pts = sorted((r.tokens, 100 * r.metrics[name].value) for r in rows if r.tokens)
             if pts and by_tokens is not None:
                 by_tokens.plot(*zip(*pts, strict=True), style, marker=marker, color=colors[name], label=label)
@@ -606,52 +684,78 @@ def plot(results: Sequence[tuple[Run, Sequence[Row]]], path: Path) -> None:
     by_k.set(xlabel="k (samples per problem)", ylabel="accuracy (%)", title="accuracy vs k (shaded: 95% interval)")
     by_k.grid(alpha=0.3)
     if by_tokens is not None:
-        by_tokens.set(xlabel="mean generated tokens per problem", ylabel="accuracy (%)", xscale="log",
-                      title="accuracy vs generated tokens")
+        by_tokens.set(
+            xlabel="mean generated tokens per problem",
+            ylabel="accuracy (%)",
+            xscale="log",
+            title="accuracy vs generated tokens",
+        )
         by_tokens.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         by_tokens.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))  # 200, not 2x10^2
         by_tokens.xaxis.set_minor_formatter(NullFormatter())
         by_tokens.grid(alpha=0.3)
     handles, labels = by_k.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=min(len(labels), 3 if len(series) > 1 else 5),
-               fontsize=8, frameon=False)
+    fig.legend(
+        handles,
+        labels,
+        loc="outside lower center",
+        ncol=min(len(labels), 3 if len(series) > 1 else 5),
+        fontsize=8,
+        frameon=False,
+    )
     fig.savefig(path, dpi=110)
 
 
 def html_page(results: Sequence[tuple[Run, Sequence[Row]]], config: ReportConfig, png: bytes | None) -> str:
     """A self-contained page: the plot (embedded) and each run's table."""
     esc = html.escape
-    parts = ["<!doctype html><html><head><meta charset='utf-8'><title>winnow report</title><style>"
-             "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
-             "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
-             "text-align:right}th{background:#f4f4f4}p.d{margin:.2em 0;color:#444}</style></head><body>",
-             "<h1>winnow report</h1>"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>winnow report</title><style>"
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}"
+        "table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:3px 8px;"
+        "text-align:right}th{background:#f4f4f4}p.d{margin:.2em 0;color:#444}</style></head><body>",
+        "<h1>winnow report</h1>",
+    ]
     if png is not None:
-        parts.append(f"<img alt='accuracy vs k and vs generated tokens' style='max-width:100%' "
-                     f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>")
+        parts.append(
+            f"<img alt='accuracy vs k and vs generated tokens' style='max-width:100%' "
+            f"src='data:image/png;base64,{base64.b64encode(png).decode()}'>"
+        )
     else:
         parts.append("<p>No plot: install matplotlib with <code>pip install 'winnow[report]'</code>.</p>")
     for run, rows in results:
         lines = describe(run, config)
         parts.append(f"<h2>{esc(lines[0])}</h2>" + "".join(f"<p class='d'>{esc(line)}</p>" for line in lines[1:]))
         headers, cells = table_rows(rows)
-        parts.append("<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>"
-                     + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells)
-                     + "</table>")
-    parts.append("<p class='d'>Cells: accuracy in % [95% interval]. pass@k: the unbiased estimator "
-                 "1 - C(n-c,k)/C(n,k); majority@k and weighted votes: the mean over k-subsets of each problem's "
-                 "samples; best-of-k: the exact expectation over k-subsets. See docs/report.md.</p></body></html>")
+        parts.append(
+            "<table><tr>"
+            + "".join(f"<th>{esc(h)}</th>" for h in headers)
+            + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in cells)
+            + "</table>"
+        )
+    parts.append(
+        "<p class='d'>Cells: accuracy in % [95% interval]. pass@k: the unbiased estimator "
+        "1 - C(n-c,k)/C(n,k); majority@k and weighted votes: the mean over k-subsets of each problem's "
+        "samples; best-of-k: the exact expectation over k-subsets. See docs/report.md.</p></body></html>"
+    )
     return "\n".join(parts)
 
 
 def _json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
-    return [{"k": r.k, "tokens": r.tokens,
-             "metrics": {n: {"value": e.value, "low": e.low, "high": e.high} for n, e in r.metrics.items()}}
-            for r in rows]
+    return [
+        {
+            "k": r.k,
+            "tokens": r.tokens,
+            "metrics": {n: {"value": e.value, "low": e.low, "high": e.high} for n, e in r.metrics.items()},
+        }
+        for r in rows
+    ]
 
 
-def write_outputs(results: Sequence[tuple[Run, Sequence[Row]]], config: ReportConfig, out_dir: Path,
-                  log: Callable[[str], None]) -> list[Path]:
+def write_outputs(
+    results: Sequence[tuple[Run, Sequence[Row]]], config: ReportConfig, out_dir: Path, log: Callable[[str], None]
+) -> list[Path]:
     """report.json always; report.png (with matplotlib) and report.html when plots are on. Returns the paths."""
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -659,14 +763,35 @@ def write_outputs(results: Sequence[tuple[Run, Sequence[Row]]], config: ReportCo
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise ConfigError(f"cannot write the report to {out_dir} ({e.strerror}); choose a folder with --output_dir"
-                          ) from None
+        raise ConfigError(
+            f"cannot write the report to {out_dir} ({e.strerror}); choose a folder with --output_dir"
+        ) from None
     written = [out_dir / "report.json"]
-    written[0].write_text(json.dumps({"runs": [
-        {"label": run.label, "path": run.path, "problems": len(run.problems), "samples": run.samples,
-         "verdict": run.verdict, "answers": run.answers, "notes": run.notes, "rows": _json_rows(rows)}
-        for run, rows in results], "ties": config.ties, "bootstrap": config.bootstrap, "draws": config.draws,
-        "seed": config.seed}, indent=1), encoding="utf-8")
+    written[0].write_text(
+        json.dumps(
+            {
+                "runs": [
+                    {
+                        "label": run.label,
+                        "path": run.path,
+                        "problems": len(run.problems),
+                        "samples": run.samples,
+                        "verdict": run.verdict,
+                        "answers": run.answers,
+                        "notes": run.notes,
+                        "rows": _json_rows(rows),
+                    }
+                    for run, rows in results
+                ],
+                "ties": config.ties,
+                "bootstrap": config.bootstrap,
+                "draws": config.draws,
+                "seed": config.seed,
+            },
+            indent=1,
+        ),
+        encoding="utf-8",
+    )
     if not config.plots:
         return written
     png = None
@@ -681,10 +806,11 @@ def write_outputs(results: Sequence[tuple[Run, Sequence[Row]]], config: ReportCo
     return written
 
 
-def report(config: ReportConfig, out: Callable[[str], None] = print,
-           log: Callable[[str], None] = print) -> list[tuple[Run, list[Row]]]:
+def report(
+    config: ReportConfig, out: Callable[[str], None] = print, log: Callable[[str], None] = print
+) -> list[tuple[Run, list[Row]]]:
     """Read every output, print each run's scaling table with ``out`` and write the files; returns the tables."""
-    labels = config.label or [None] * len(config.outputs)
+    labels: Sequence[str | None] = config.label or [None] * len(config.outputs)
     runs = [load_run(p, config, label) for p, label in zip(config.outputs, labels, strict=True)]
     seen: dict[str, int] = {}
     for run in runs:  # two runs of the same sampler and N: tell them apart by file name

@@ -105,8 +105,11 @@ class Completion:
             out["error"] = self.error
         if self.scores:
             out["scores"] = {
-                name: {"value": s.value, **({"steps": s.steps} if s.steps is not None else {}),
-                       **({"info": s.info} if s.info else {})}
+                name: {
+                    "value": s.value,
+                    **({"steps": s.steps} if s.steps is not None else {}),
+                    **({"info": s.info} if s.info else {}),
+                }
                 for name, s in self.scores.items()
             }
         if self.reward is not None:
@@ -116,8 +119,7 @@ class Completion:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Completion:
         scores = {
-            name: Score(value=s.get("value"), steps=s.get("steps"))
-            for name, s in (d.get("scores") or {}).items()
+            name: Score(value=s.get("value"), steps=s.get("steps")) for name, s in (d.get("scores") or {}).items()
         }
         return cls(
             text=d.get("text", ""),

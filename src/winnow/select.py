@@ -23,7 +23,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from winnow.schema import Completion, Group
 
@@ -57,9 +57,15 @@ class SelectOptions:
 
         shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
         n = config.num_return_sequences
-        return cls(**{**shared, "n_best_to_keep": min(5, n) if config.n_best_to_keep is None else config.n_best_to_keep,
-                      "scored": scorer is not None, "orm_key": getattr(scorer, "orm_key", None),
-                      "prm_key": getattr(scorer, "prm_key", None)})
+        return cls(
+            **{
+                **shared,
+                "n_best_to_keep": min(5, n) if config.n_best_to_keep is None else config.n_best_to_keep,
+                "scored": scorer is not None,
+                "orm_key": getattr(scorer, "orm_key", None),
+                "prm_key": getattr(scorer, "prm_key", None),
+            }
+        )
 
 
 @dataclass
@@ -125,6 +131,7 @@ def _extra(group: Group, c: Completion, opts: SelectOptions) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- choosing
 
+
 @dataclass
 class Candidate:
     """A sample in the running: its place in the group (the tie break) and its verdicts."""
@@ -168,8 +175,9 @@ def _candidates(group: Group, opts: SelectOptions) -> list[Candidate]:
 
 def pass_rate(group: Group, opts: SelectOptions) -> float | None:
     """The share of judged samples (the reference excluded) that pass the ORM; None if none was judged."""
-    judged = [c.orm for c in _candidates(group, opts)
-              if c.orm is not None and c.completion.finish_reason != FINISH_REFERENCE]
+    judged = [
+        c.orm for c in _candidates(group, opts) if c.orm is not None and c.completion.finish_reason != FINISH_REFERENCE
+    ]
     return sum(1 for v in judged if v > 0) / len(judged) if judged else None
 
 
@@ -194,7 +202,8 @@ def choose(group: Group, opts: SelectOptions, notes: Counter | None = None) -> C
     scored = [c for c in cands if c.reward is not None]
     if not scored:
         return Choice([], "no sample could be scored")
-    order = sorted(scored, key=lambda c: (-c.reward, c.index))
+    # cast: every candidate in `scored` has a reward
+    order = sorted(scored, key=lambda c: (-cast(float, c.reward), c.index))
     eligible = order
     if opts.orm_key is not None:
         eligible = [c for c in eligible if c.orm is not None and c.orm > 0]
@@ -227,7 +236,7 @@ def choose(group: Group, opts: SelectOptions, notes: Counter | None = None) -> C
         for c in worst_first:
             if len(rejected) >= max(0, opts.num_rejected):
                 break
-            gap = chosen.reward - c.reward
+            gap = cast(float, chosen.reward) - cast(float, c.reward)
             if gap > 0 and gap >= opts.min_margin and c.key not in taken:
                 taken.add(c.key)
                 rejected.append(c)
@@ -258,15 +267,17 @@ def swift_records(group: Group, opts: SelectOptions) -> Selection:
         return Selection([], "every sample failed")
     reference = next((c for c in group.completions if c.finish_reason == FINISH_REFERENCE), None)
     candidates = [c for c in group.completions if not c.failed and c.finish_reason != FINISH_REFERENCE]
-    candidates.append(reference if reference is not None else Completion(text=prompt.response,
-                                                                        finish_reason=FINISH_REFERENCE))
+    candidates.append(
+        reference if reference is not None else Completion(text=prompt.response, finish_reason=FINISH_REFERENCE)
+    )
     texts.append(prompt.response)
 
     def raw(key: str | None, threshold: float) -> tuple[Any, Any]:
         if key is None:
             return np.array([1.0] * len(candidates)), np.array([True] * len(candidates))
-        values = np.array([float(c.scores[key].value) if key in c.scores and c.scores[key].value is not None
-                           else 0.0 for c in candidates])
+        values = np.array(
+            [float(v) if key in c.scores and (v := c.scores[key].value) is not None else 0.0 for c in candidates]
+        )
         return _swift_normalize(values), np.array([v > threshold for v in values])
 
     orm, orm_mask = raw(opts.orm_key, 0.0)
@@ -277,9 +288,10 @@ def swift_records(group: Group, opts: SelectOptions) -> Selection:
     score = np.array(prm) + np.array(orm * 10)
     order = np.argsort(score)[::-1]
     negative = order[-1]
-    positives = [int(i) for i in order[0:opts.n_best_to_keep or 5] if mask[i] and i != negative]
+    positives = [int(i) for i in order[0 : opts.n_best_to_keep or 5] if mask[i] and i != negative]
     if opts.easy_query_threshold is not None and sum([v > 0 for v in orm]) - 1 >= int(
-            opts.num_return_sequences * opts.easy_query_threshold):
+        opts.num_return_sequences * opts.easy_query_threshold
+    ):
         return Selection([], "easy: swift's formula count(ORM > 0) - 1 >= int(N * easy_query_threshold)")
     if not positives:
         return Selection([], "swift: no kept candidate besides the lowest one")
@@ -288,8 +300,14 @@ def swift_records(group: Group, opts: SelectOptions) -> Selection:
     for i in positives:
         if candidates[i].finish_reason == FINISH_REFERENCE:
             notes["dataset answers written as chosen (swift)"] += 1
-        out.append({"messages": [*prompt.messages, {"role": "assistant", "content": str(texts[i])}],
-                    "dataset": prompt.dataset, "rejected_response": str(texts[negative]), "id": prompt.swift_id})
+        out.append(
+            {
+                "messages": [*prompt.messages, {"role": "assistant", "content": str(texts[i])}],
+                "dataset": prompt.dataset,
+                "rejected_response": str(texts[negative]),
+                "id": prompt.swift_id,
+            }
+        )
     return Selection(out, None, notes)
 
 
@@ -306,14 +324,16 @@ def _swift_normalize(arr):
 
 # ----------------------------------------------------------------------------- formats
 
+
 def swift_records_unscored(group: Group, kept: list[Completion], opts: SelectOptions) -> list[dict[str, Any]]:
     """swift sample's record: the full conversation and the row id (one line per sample); in swift mode,
     swift's exact line (the preprocessed row and its md5 id, other columns dropped)."""
     if opts.selection == "swift":
-        return [{"messages": conversation(group, c, opts), "dataset": group.prompt.dataset,
-                 "id": group.prompt.swift_id} for c in kept]
-    return [{**_extra(group, c, opts), "messages": conversation(group, c, opts), "id": group.prompt.id}
-            for c in kept]
+        return [
+            {"messages": conversation(group, c, opts), "dataset": group.prompt.dataset, "id": group.prompt.swift_id}
+            for c in kept
+        ]
+    return [{**_extra(group, c, opts), "messages": conversation(group, c, opts), "id": group.prompt.id} for c in kept]
 
 
 def swift_pair_records(group: Group, choice: Choice, opts: SelectOptions) -> list[dict[str, Any]]:
@@ -321,8 +341,11 @@ def swift_pair_records(group: Group, choice: Choice, opts: SelectOptions) -> lis
     unpaired kept samples become lines without it only with ``keep_unpaired``."""
     out = []
     for chosen, rejected in choice.kept:
-        base = {**_extra(group, chosen.completion, opts), "messages": conversation(group, chosen.completion, opts),
-                "id": group.prompt.id}
+        base = {
+            **_extra(group, chosen.completion, opts),
+            "messages": conversation(group, chosen.completion, opts),
+            "id": group.prompt.id,
+        }
         if rejected:
             out += [{**base, **_rejected(group, r.completion, opts)} for r in rejected]
         elif opts.keep_unpaired:
@@ -351,15 +374,17 @@ def dpo_records(group: Group, choice: Choice, opts: SelectOptions) -> list[dict[
 
     for chosen, rejected in choice.kept:
         for r in rejected:
-            out.append({
-                **_extra(group, chosen.completion, opts),
-                "prompt": group.prompt.messages,
-                "chosen": turn(chosen),
-                "rejected": turn(r),
-                "id": group.prompt.id,
-                "score_chosen": chosen.reward,
-                "score_rejected": r.reward,
-            })
+            out.append(
+                {
+                    **_extra(group, chosen.completion, opts),
+                    "prompt": group.prompt.messages,
+                    "chosen": turn(chosen),
+                    "rejected": turn(r),
+                    "id": group.prompt.id,
+                    "score_chosen": chosen.reward,
+                    "score_rejected": r.reward,
+                }
+            )
     return out
 
 
@@ -381,26 +406,45 @@ def grpo_record(group: Group, opts: SelectOptions) -> dict[str, Any]:
     """A prompt a GRPO trainer loads directly: ``prompt`` (TRL) and ``messages`` (ms-swift), the row's
     columns (its reward functions read them), and the group's measured statistics under ``winnow_*``
     names, which no trainer reads as an argument. No samples: the trainer makes its own."""
-    rewards = [c.reward for c in group.completions if not c.failed and c.reward is not None
-               and c.finish_reason != FINISH_REFERENCE]
+    rewards = [
+        c.reward
+        for c in group.completions
+        if not c.failed and c.reward is not None and c.finish_reason != FINISH_REFERENCE
+    ]
     mean = sum(rewards) / len(rewards) if rewards else None
-    std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1)) if len(rewards) > 1 else None
-    record: dict[str, Any] = {**group.prompt.columns, "prompt": group.prompt.messages,
-                              "messages": group.prompt.messages, "id": group.prompt.id}
+    std = None
+    if mean is not None and len(rewards) > 1:
+        std = math.sqrt(sum((r - mean) ** 2 for r in rewards) / (len(rewards) - 1))
+    record: dict[str, Any] = {
+        **group.prompt.columns,
+        "prompt": group.prompt.messages,
+        "messages": group.prompt.messages,
+        "id": group.prompt.id,
+    }
     if group.prompt.tools is not None:
         record["tools"] = group.prompt.tools
     if group.prompt.reference is not None and "solution" not in record and "answer" not in record:
         record["solution"] = group.prompt.reference  # TRL's accuracy_reward reads it
-    record.update(winnow_samples=len([c for c in group.completions if c.finish_reason != FINISH_REFERENCE]),
-                  winnow_pass_rate=pass_rate(group, opts) if opts.orm_key else None,
-                  winnow_reward_mean=mean, winnow_reward_std=std)
+    record.update(
+        winnow_samples=len([c for c in group.completions if c.finish_reason != FINISH_REFERENCE]),
+        winnow_pass_rate=pass_rate(group, opts) if opts.orm_key else None,
+        winnow_reward_mean=mean,
+        winnow_reward_std=std,
+    )
     return record
 
 
 def prompt_completion_records(group: Group, kept: list[Completion], opts: SelectOptions) -> list[dict[str, Any]]:
     """TRL's conversational prompt-completion SFT form: the trainer computes the loss on the completion only."""
-    return [{**_extra(group, c, opts), "prompt": group.prompt.messages, "completion": response_messages(c, opts),
-             "id": group.prompt.id} for c in kept]
+    return [
+        {
+            **_extra(group, c, opts),
+            "prompt": group.prompt.messages,
+            "completion": response_messages(c, opts),
+            "id": group.prompt.id,
+        }
+        for c in kept
+    ]
 
 
 def select(group: Group, opts: SelectOptions) -> Selection:
@@ -453,12 +497,16 @@ def swift_format(group: Group, opts: SelectOptions) -> Selection:
         return swift_records(group, opts)
     choice, refused = _chosen(group, opts)
     if choice is None:
+        assert refused is not None  # _chosen gives one or the other
         return refused
     notes, unpaired = choice.notes, _unpaired(choice)
     records = swift_pair_records(group, choice, opts)
     if unpaired:
-        notes["lines without rejected_response (no sample below the chosen)" if opts.keep_unpaired
-              else "kept samples dropped: no rejected partner (--keep_unpaired false)"] += unpaired
+        notes[
+            "lines without rejected_response (no sample below the chosen)"
+            if opts.keep_unpaired
+            else "kept samples dropped: no rejected partner (--keep_unpaired false)"
+        ] += unpaired
     if not records:
         return Selection([], "no pair: no sample scores strictly below a kept one", notes)
     return Selection(records, None, notes)
@@ -470,9 +518,20 @@ def sft_format(group: Group, opts: SelectOptions) -> Selection:
         return Selection(swift_records_unscored(group, _ok(group), opts))
     choice, refused = _chosen(group, opts)
     if choice is None:
+        assert refused is not None  # _chosen gives one or the other
         return refused
-    return Selection([{**_extra(group, c.completion, opts), "messages": conversation(group, c.completion, opts),
-                       "id": group.prompt.id} for c, _ in choice.kept], None, choice.notes)
+    return Selection(
+        [
+            {
+                **_extra(group, c.completion, opts),
+                "messages": conversation(group, c.completion, opts),
+                "id": group.prompt.id,
+            }
+            for c, _ in choice.kept
+        ],
+        None,
+        choice.notes,
+    )
 
 
 def prompt_completion_format(group: Group, opts: SelectOptions) -> Selection:
@@ -481,9 +540,9 @@ def prompt_completion_format(group: Group, opts: SelectOptions) -> Selection:
         return Selection(prompt_completion_records(group, _ok(group), opts))
     choice, refused = _chosen(group, opts)
     if choice is None:
+        assert refused is not None  # _chosen gives one or the other
         return refused
-    return Selection(prompt_completion_records(group, [c.completion for c, _ in choice.kept], opts), None,
-                     choice.notes)
+    return Selection(prompt_completion_records(group, [c.completion for c, _ in choice.kept], opts), None, choice.notes)
 
 
 def dpo_format(group: Group, opts: SelectOptions) -> Selection:
@@ -492,6 +551,7 @@ def dpo_format(group: Group, opts: SelectOptions) -> Selection:
         return Selection([], "no pair: the dpo format needs rewards (--orm_model/--prm_model/--reward_funcs)")
     choice, refused = _chosen(group, opts)
     if choice is None:
+        assert refused is not None  # _chosen gives one or the other
         return refused
     unpaired = _unpaired(choice)
     if unpaired:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -137,8 +138,9 @@ def check_writable(output_dir: str | os.PathLike, output_file: str | None, *, re
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"--output_dir {output_dir}: cannot create it ({e.strerror or e}); "
-                          "choose a directory you can write to") from None
+        raise ConfigError(
+            f"--output_dir {output_dir}: cannot create it ({e.strerror or e}); choose a directory you can write to"
+        ) from None
     if not os.access(directory, os.W_OK | os.X_OK):
         raise ConfigError(f"--output_dir {output_dir}: not writable by this user; choose a directory you can write to")
     if output_file is None or resume or override:
@@ -153,23 +155,36 @@ def check_writable(output_dir: str | os.PathLike, output_file: str | None, *, re
 def side_files(path: Path) -> tuple[Path, Path, Path]:
     """(failed log, manifest, resume index) of the output ``path``."""
     stem = path.name[:-6] if path.name.endswith(".jsonl") else path.name
-    return (path.with_name(f"{stem}.failed.jsonl"), path.with_name(f"{stem}.manifest.json"),
-            path.with_name(f".{stem}.index"))
+    return (
+        path.with_name(f"{stem}.failed.jsonl"),
+        path.with_name(f"{stem}.manifest.json"),
+        path.with_name(f".{stem}.index"),
+    )
 
 
 def has_run(path: Path) -> bool:
     """Whether a run has written ``path``: lines in it, or a failed log or index beside it (a run
     whose every row failed leaves an empty output, and its failed log must not be lost)."""
     failed, _, index = side_files(path)
-    return any(p.exists() and p.stat().st_size > 0 for p in (path, failed)) or \
-        (index.exists() and index.stat().st_size > 0 and path.exists())
+    return any(p.exists() and p.stat().st_size > 0 for p in (path, failed)) or (
+        index.exists() and index.stat().st_size > 0 and path.exists()
+    )
 
 
 class OutputStore:
     """One output file and its side files, opened for a fresh run or for resuming one."""
 
-    def __init__(self, output_dir: str, output_file: str | None, *, fingerprint: str, resume: bool = False,
-                 override: bool = False, reorder_window: int = 4096, fsync_every_s: float = 1.0):
+    def __init__(
+        self,
+        output_dir: str,
+        output_file: str | None,
+        *,
+        fingerprint: str,
+        resume: bool = False,
+        override: bool = False,
+        reorder_window: int = 4096,
+        fsync_every_s: float = 1.0,
+    ):
         self.dir = Path(output_dir).expanduser()
         check_writable(self.dir, None, resume=resume, override=override)
         self.fingerprint = fingerprint
@@ -245,8 +260,10 @@ class OutputStore:
     def _recover(self) -> ResumeState:
         """Read what earlier runs finished; cut the output and the index back to their last good line."""
         if not self.index_path.exists():
-            raise WinnowError(f"{self.path} has no resume index ({self.index_path.name}); it was not written by "
-                              "winnow sample, or the index was deleted; use --override_exist_file true to start over")
+            raise WinnowError(
+                f"{self.path} has no resume index ({self.index_path.name}); it was not written by "
+                "winnow sample, or the index was deleted; use --override_exist_file true to start over"
+            )
         with open(self.index_path, "rb") as f:
             header_line = f.readline()
         try:
@@ -332,8 +349,11 @@ class OutputStore:
         for key, entry in newest.items():
             if isinstance(key, int):
                 settled = key < self._watermark or key in self._done_above
-                if not settled or (entry.get("retry") and key not in self._pending) or \
-                        (not entry.get("retry") and key in self._pending):
+                if (
+                    not settled
+                    or (entry.get("retry") and key not in self._pending)
+                    or (not entry.get("retry") and key in self._pending)
+                ):
                     continue
             keep.append(entry)
         if len(keep) == len(entries):
@@ -369,8 +389,9 @@ class OutputStore:
             self.totals.filtered += 1
         self._mark(position, WRITTEN if records else FILTERED, row_id)
 
-    def write_failed(self, position: int | None, row_id: str | None, source: str, reason: str, stage: str,
-                     retry: bool = False) -> None:
+    def write_failed(
+        self, position: int | None, row_id: str | None, source: str, reason: str, stage: str, retry: bool = False
+    ) -> None:
         """Log a row that produced nothing and count it done for this run; ``retry`` rows (failures that
         may be transient, such as an API outage) are tried again by a resumed run."""
         entry: dict[str, Any] = {"id": row_id, "source": source, "stage": stage, "reason": reason}
@@ -402,8 +423,16 @@ class OutputStore:
         while self._watermark in self._done_above:
             self._done_above.discard(self._watermark)
             self._watermark += 1
-        self._write_index({"p": position, "w": self._watermark, "e": self._out.tell(), "k": kind,
-                           "t": self.totals.pack(), **({"i": row_id} if row_id else {})})
+        self._write_index(
+            {
+                "p": position,
+                "w": self._watermark,
+                "e": self._out.tell(),
+                "k": kind,
+                "t": self.totals.pack(),
+                **({"i": row_id} if row_id else {}),
+            }
+        )
         self._since_checkpoint += 1
         if self._since_checkpoint >= self.reorder_window:
             self._checkpoint()
@@ -414,8 +443,9 @@ class OutputStore:
 
     def _checkpoint(self) -> None:
         """Record the rows waiting for a retry, so that a resume need not read the index further back."""
-        self._write_index({"c": sorted(self._pending), "w": self._watermark, "e": self._out.tell(),
-                           "t": self.totals.pack()})
+        self._write_index(
+            {"c": sorted(self._pending), "w": self._watermark, "e": self._out.tell(), "t": self.totals.pack()}
+        )
         self._since_checkpoint = 0
 
     def _write_index(self, entry: dict[str, Any]) -> None:
@@ -430,8 +460,10 @@ class OutputStore:
             raise self._write_error(f.name, e) from None
 
     def _write_error(self, name: str, e: OSError) -> StoreError:
-        return StoreError(f"cannot write {name}: {e.strerror or e}; everything written before is kept: make room "
-                          "(or lift the limit) and rerun the same command with --resume true")
+        return StoreError(
+            f"cannot write {name}: {e.strerror or e}; everything written before is kept: make room "
+            "(or lift the limit) and rerun the same command with --resume true"
+        )
 
     def sync(self) -> None:
         """Make what was written survive a power loss (output and failed log first, then the index)."""
@@ -466,8 +498,9 @@ class OutputStore:
 
     def write_manifest(self, data: dict[str, Any]) -> None:
         try:
-            atomic_write_json(self.manifest_path, {"output_file": self.path.name, "fingerprint": self.fingerprint,
-                                                   **data})
+            atomic_write_json(
+                self.manifest_path, {"output_file": self.path.name, "fingerprint": self.fingerprint, **data}
+            )
         except OSError as e:
             raise self._write_error(str(self.manifest_path), e) from None
 
@@ -483,9 +516,15 @@ def parquet_record(record: dict[str, Any]) -> dict[str, Any]:
     for c in completions:
         c = dict(c)
         scores = c.pop("scores", None) or {}
-        c["scores"] = [{"name": name, "value": s.get("value"), "steps": s.get("steps"),
-                        "info": json.dumps(s["info"], ensure_ascii=False, default=str) if s.get("info") else None}
-                       for name, s in scores.items()]
+        c["scores"] = [
+            {
+                "name": name,
+                "value": s.get("value"),
+                "steps": s.get("steps"),
+                "info": json.dumps(s["info"], ensure_ascii=False, default=str) if s.get("info") else None,
+            }
+            for name, s in scores.items()
+        ]
         if c.get("trace") is not None:
             c["trace"] = json.dumps(c["trace"], ensure_ascii=False, default=str)
         out.append(c)
@@ -500,7 +539,7 @@ def write_parquet(jsonl: Path, parquet: Path, batch_rows: int = 2000) -> int:
     pa = require("pyarrow", "hf", "--output_parquet")
     import pyarrow.parquet as pq
 
-    def batches():
+    def batches() -> Iterator[list[dict]]:
         rows: list[dict] = []
         with open(jsonl, "rb") as f:
             for raw in f:

@@ -34,16 +34,19 @@ def load_response_format(spec: str | dict) -> dict[str, Any]:
         try:
             value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"--response_format: not valid JSON ({e.msg} at character {e.pos}); give a JSON "
-                              "schema, a file holding one, or file.py:Model") from None
+            raise ConfigError(
+                f"--response_format: not valid JSON ({e.msg} at character {e.pos}); give a JSON "
+                "schema, a file holding one, or file.py:Model"
+            ) from None
         return _normalise(value, "--response_format")
     path, sep, attr = text.rpartition(":")
     if sep and path.endswith(".py"):
         return _from_pydantic(Path(path).expanduser(), attr)
     file = Path(text).expanduser()
     if not file.is_file():
-        raise ConfigError(f"--response_format {text}: no such file; give a JSON schema file, inline JSON, "
-                          "or file.py:Model")
+        raise ConfigError(
+            f"--response_format {text}: no such file; give a JSON schema file, inline JSON, or file.py:Model"
+        )
     try:
         value = json.loads(file.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -53,8 +56,9 @@ def load_response_format(spec: str | dict) -> dict[str, Any]:
 
 def _normalise(value: Any, where: str, default_name: str = "response") -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a JSON object (a JSON schema or a response_format), got "
-                          f"{type(value).__name__}")
+        raise ConfigError(
+            f"{where}: expected a JSON object (a JSON schema or a response_format), got {type(value).__name__}"
+        )
     kind = value.get("type")
     if kind == "json_object":
         return {"type": "json_object"}
@@ -135,8 +139,10 @@ class SchemaCheck:
         """Why ``text`` is not a valid answer (not JSON, or not matching the schema); None if it is."""
         try:
             value = json.loads(text)
-        except (json.JSONDecodeError, ValueError) as e:
+        except json.JSONDecodeError as e:
             return f"invalid JSON: {e.msg} at character {e.pos}"
+        except ValueError as e:  # not a JSONDecodeError: e.g. an integer past Python's digit limit
+            return f"invalid JSON: {e}"[:500]
         problem = next(iter(sorted(self.validator.iter_errors(value), key=lambda e: list(e.path))), None)
         if problem is None:
             return None

@@ -5,20 +5,19 @@ CustomPRM scores each step by whether it contains a digit; the ORM says whether 
 answer appears in the completion. Also a TRL-style reward function and an async one.
 """
 
-
 from typing import List, Union
 
 from winnow.rewards import InferRequest
 
 
 class CustomPRM:
-
     # 构造需要是无参的
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, infer_requests: List[InferRequest], ground_truths: List[str],
-                 **kwargs) -> List[Union[float, List[float]]]:
+    def __call__(
+        self, infer_requests: List[InferRequest], ground_truths: List[str], **kwargs
+    ) -> List[Union[float, List[float]]]:
         self.calls += 1
         out = []
         for request in infer_requests:
@@ -30,12 +29,13 @@ class CustomPRM:
 
 
 class ContainsAnswerORM:
-
     def __init__(self):
         pass
 
     def __call__(self, infer_requests: List[InferRequest], ground_truths: List[str], **kwargs) -> List[float]:
-        return [float(gt is not None and gt in r.messages[-1]["content"]) for r, gt in zip(infer_requests, ground_truths)]
+        return [
+            float(gt is not None and gt in r.messages[-1]["content"]) for r, gt in zip(infer_requests, ground_truths)
+        ]
 
 
 def length_bonus(completions, level=None, **kwargs):
@@ -53,6 +53,10 @@ def short_by_one(completions, **kwargs):
     return [1.0 for _ in completions][1:]
 
 
-prms = {'custom': CustomPRM}
-orms = {'contains': ContainsAnswerORM, 'length_bonus': length_bonus, 'async_const': async_const,
-        'short_by_one': short_by_one}
+prms = {"custom": CustomPRM}
+orms = {
+    "contains": ContainsAnswerORM,
+    "length_bonus": length_bonus,
+    "async_const": async_const,
+    "short_by_one": short_by_one,
+}

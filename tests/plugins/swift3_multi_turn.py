@@ -9,7 +9,7 @@ from swift.plugin.multi_turn import MultiTurnScheduler
 class OneMore(MultiTurnScheduler):
     """Asks for one more answer, once."""
 
-    def check_finished(self, infer_request, response_choice: 'ChatCompletionResponseChoice', current_turn):
+    def check_finished(self, infer_request, response_choice: "ChatCompletionResponseChoice", current_turn):
         return current_turn >= 2 or super().check_finished(infer_request, response_choice, current_turn)
 
     def step(self, infer_request, response_choice, current_turn):

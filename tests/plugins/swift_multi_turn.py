@@ -14,23 +14,28 @@ BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
 class AdderToolScheduler(MultiTurnScheduler):
     """Runs OpenAI-style tool calls of an `add` tool; a reply without one ends the trajectory."""
 
-    def check_finished(self, infer_request: 'RolloutInferRequest', response_choice: 'ChatCompletionResponseChoice',
-                       current_turn: int) -> bool:
+    def check_finished(
+        self, infer_request: "RolloutInferRequest", response_choice: "ChatCompletionResponseChoice", current_turn: int
+    ) -> bool:
         if not response_choice.message.tool_calls:
             return True
         return super().check_finished(infer_request, response_choice, current_turn)
 
-    def step(self, infer_request: 'RolloutInferRequest', response_choice: 'ChatCompletionResponseChoice',
-             current_turn: int) -> Dict:
+    def step(
+        self, infer_request: "RolloutInferRequest", response_choice: "ChatCompletionResponseChoice", current_turn: int
+    ) -> Dict:
         results = []
         for call in response_choice.message.tool_calls:
             args = json.loads(call.function.arguments)
             result = str(int(args["a"]) + int(args["b"]))
             results.append(result)
-            infer_request.messages.append({"role": "tool", "tool_call_id": call.id, "name": call.function.name,
-                                           "content": result})
-        return {"infer_request": infer_request,
-                "rollout_infos": {"tool_results": results, "num_tool_turns": current_turn}}
+            infer_request.messages.append(
+                {"role": "tool", "tool_call_id": call.id, "name": call.function.name, "content": result}
+            )
+        return {
+            "infer_request": infer_request,
+            "rollout_infos": {"tool_results": results, "num_tool_turns": current_turn},
+        }
 
 
 class TipsScheduler(MultiTurnScheduler):
@@ -38,7 +43,7 @@ class TipsScheduler(MultiTurnScheduler):
 
     tips_prompt = " But wait... let me check again."
 
-    async def on_trajectory_start(self, requests: List['RolloutInferRequest']) -> None:
+    async def on_trajectory_start(self, requests: List["RolloutInferRequest"]) -> None:
         for request in requests:
             request.messages = [{"role": "system", "content": "Put the answer in \\boxed{}."}, *request.messages]
 
@@ -60,7 +65,7 @@ class TipsScheduler(MultiTurnScheduler):
 class GuessEnv(Env):
     """Guess the row's answer: each wrong guess is told so, a right one ends the episode with reward 1."""
 
-    async def reset(self, config: 'RolloutInferRequest'):
+    async def reset(self, config: "RolloutInferRequest"):
         self.answer = str(config.data_dict["solution"])
         return config.messages[-1]["content"], {"answer": self.answer}, "You guess numbers."
 

@@ -23,8 +23,11 @@ ASSETS = HERE / "assets"
 DATA = HERE / "data"
 BUILT_MODELS = {"demo-tiny"}
 TRAINED_MODELS = {"demo-policy", "demo-prm", "demo-rm"}
-DATASETS = {"demo-arith": "arith_test.jsonl", "demo-arith-test": "arith_test.jsonl",
-            "demo-arith-train": "arith_train.jsonl"}
+DATASETS = {
+    "demo-arith": "arith_test.jsonl",
+    "demo-arith-test": "arith_test.jsonl",
+    "demo-arith-train": "arith_train.jsonl",
+}
 
 
 def cache_dir() -> Path:
@@ -37,8 +40,10 @@ def resolve_model(name: str) -> str | None:
     if name in TRAINED_MODELS:
         target = ASSETS / name
         if not (target / "config.json").is_file():
-            raise ConfigError(f"the demo model {name!r} is missing from {ASSETS}; rebuild the demo world with "
-                              "python -m demo_world.train --all")
+            raise ConfigError(
+                f"the demo model {name!r} is missing from {ASSETS}; rebuild the demo world with "
+                "python -m demo_world.train --all"
+            )
         return str(target)
     if name not in BUILT_MODELS:
         return None
@@ -57,8 +62,9 @@ def resolve_dataset(name: str) -> str | None:
         return None
     path = DATA / file
     if not path.is_file():
-        raise ConfigError(f"the demo dataset {name!r} is missing ({path}); rebuild it with "
-                          "python -m demo_world.train --all")
+        raise ConfigError(
+            f"the demo dataset {name!r} is missing ({path}); rebuild it with python -m demo_world.train --all"
+        )
     return str(path)
 
 
@@ -68,10 +74,22 @@ def register(registry) -> None:
     import functools
 
     for name in sorted(TRAINED_MODELS | BUILT_MODELS):
-        registry.add("model", name, functools.partial(resolve_model, name),
-                     doc="the demo world's " + {"demo-policy": "policy", "demo-prm": "process reward model",
-                                                "demo-rm": "classifier reward model",
-                                                "demo-tiny": "tiny random model, built on first use"}[name])
+        registry.add(
+            "model",
+            name,
+            functools.partial(resolve_model, name),
+            doc="the demo world's "
+            + {
+                "demo-policy": "policy",
+                "demo-prm": "process reward model",
+                "demo-rm": "classifier reward model",
+                "demo-tiny": "tiny random model, built on first use",
+            }[name],
+        )
     for name in DATASETS:
-        registry.add("dataset", name, functools.partial(resolve_dataset, name),
-                     doc=f"the demo world's arithmetic problems ({DATASETS[name]})")
+        registry.add(
+            "dataset",
+            name,
+            functools.partial(resolve_dataset, name),
+            doc=f"the demo world's arithmetic problems ({DATASETS[name]})",
+        )

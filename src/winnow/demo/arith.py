@@ -196,8 +196,12 @@ def step_checks(problem: Problem, solution: str) -> list[bool]:
         if m and k < len(problem.ops):
             left, sign, right, result = int(m[1]), m[2], int(m[3]), int(m[4])
             expected = problem.ops[k]
-            out.append(left == acc and sign == expected.sign and right == expected.value
-                       and result == apply(left, Op(sign, right)))
+            out.append(
+                left == acc
+                and sign == expected.sign
+                and right == expected.value
+                and result == apply(left, Op(sign, right))
+            )
             acc, k = result, k + 1
         else:
             out.append(k == len(problem.ops) and boxed_answer(step) == acc and i == len(steps) - 1)
@@ -292,7 +296,7 @@ def char_checks(problem: Problem, solution: str) -> list[tuple[int, bool]]:
                 text = m[group]
                 ok_group = ok if group != 4 else True  # the result is checked against the operands written
                 for j in range(len(text)):
-                    out.append((at + m.start(group) + j, ok_group and text[:j + 1] == want[:j + 1]))
+                    out.append((at + m.start(group) + j, ok_group and text[: j + 1] == want[: j + 1]))
                 ok = ok and text == want
             acc, k = int(result), k + 1
         else:
@@ -300,6 +304,6 @@ def char_checks(problem: Problem, solution: str) -> list[tuple[int, bool]]:
             if boxed:
                 text, start = boxed[-1][1], at + boxed[-1].start(1)
                 for j in range(len(text)):
-                    out.append((start + j, k == len(problem.ops) and text[:j + 1] == str(acc)[:j + 1]))
+                    out.append((start + j, k == len(problem.ops) and text[: j + 1] == str(acc)[: j + 1]))
             k = len(problem.ops) + 1
     return out

@@ -57,13 +57,24 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 2048, seed: in
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     specials = SPECIAL + [t for t in extra_special if t not in SPECIAL]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(corpus(seed), trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
-        unk_token=None, additional_special_tokens=specials[1:], padding_side="left",
-        model_max_length=4096, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=specials[1:],
+        padding_side="left",
+        model_max_length=4096,
+        clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHATML
     Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -71,17 +82,38 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 2048, seed: in
     return fast
 
 
-def model_config(arch: str, tok, *, hidden: int, layers: int, heads: int, kv_heads: int, inter: int,
-                 max_positions: int = 2048, **extra):
+def model_config(
+    arch: str,
+    tok,
+    *,
+    hidden: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    inter: int,
+    max_positions: int = 2048,
+    **extra,
+):
     """A Llama or Qwen2 config sized for ``tok``."""
     import transformers
 
     cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[arch]
     eos = tok.convert_tokens_to_ids("<|im_end|>")
     pad = tok.convert_tokens_to_ids("<|endoftext|>")
-    return cls(vocab_size=len(tok), hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
-               num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
-               tie_word_embeddings=True, bos_token_id=pad, eos_token_id=eos, pad_token_id=pad, **extra)
+    return cls(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=True,
+        bos_token_id=pad,
+        eos_token_id=eos,
+        pad_token_id=pad,
+        **extra,
+    )
 
 
 SIZES = {
@@ -109,8 +141,15 @@ def build_atomically(out_dir: str | os.PathLike, build) -> Path:
     return out
 
 
-def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "qwen2", size: str = "tiny", seed: int = 0,
-                     vocab_size: int = 2048, tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def build_tiny_model(
+    out_dir: str | os.PathLike,
+    *,
+    arch: str = "qwen2",
+    size: str = "tiny",
+    seed: int = 0,
+    vocab_size: int = 2048,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
     """A random-weight causal LM with a trained tokenizer and chat template, saved atomically."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -125,8 +164,9 @@ def build_tiny_model(out_dir: str | os.PathLike, *, arch: str = "qwen2", size: s
         cfg = model_config(arch, tok, **SIZES[size])
         model = AutoModelForCausalLM.from_config(cfg)
         model.save_pretrained(str(tmp))
-        GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                         pad_token_id=cfg.pad_token_id, do_sample=True).save_pretrained(str(tmp))
+        GenerationConfig(
+            bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, do_sample=True
+        ).save_pretrained(str(tmp))
         (tmp / "winnow_model.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed}))
 
     return build_atomically(out_dir, build)
@@ -142,12 +182,15 @@ CHATML_PLAIN = (
 )
 
 
-QWEN2_PRETOKENIZE = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
-                     r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+QWEN2_PRETOKENIZE = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
 
 
-def build_digit_tokenizer(out_dir: str | os.PathLike | None, texts, *, vocab_size: int = 384,
-                          extra_special=("<step>",)):
+def build_digit_tokenizer(
+    out_dir: str | os.PathLike | None, texts, *, vocab_size: int = 384, extra_special=("<step>",)
+):
     """A byte-level BPE tokenizer trained on ``texts`` with Qwen2's normalizer and pre-tokenizer (so
     ``Qwen2Tokenizer``, which transformers 5 builds for a qwen2 config, tokenizes identically; it keeps
     every digit its own token: arithmetic a tiny model can learn) and a ChatML template that adds no
@@ -157,19 +200,32 @@ def build_digit_tokenizer(out_dir: str | os.PathLike | None, texts, *, vocab_siz
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     specials = SPECIAL + [t for t in extra_special if t not in SPECIAL]
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=2, special_tokens=specials,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=2,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None,
-        unk_token=None, additional_special_tokens=specials[1:], padding_side="left",
-        model_max_length=512, clean_up_tokenization_spaces=False,
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=specials[1:],
+        padding_side="left",
+        model_max_length=512,
+        clean_up_tokenization_spaces=False,
     )
     fast.chat_template = CHATML_PLAIN
     if out_dir is not None:

@@ -41,6 +41,7 @@ class Engine(Protocol):
 # ----------------------------------------------------------------------------- optional abilities
 # Small declared protocols, checked with isinstance by the pipeline and the server.
 
+
 @runtime_checkable
 class Interruptible(Protocol):
     """Can stop starting new work at once when the run is interrupted (the client engine)."""
@@ -73,8 +74,7 @@ class HasGenerationDefaults(Protocol):
 class AcceptsTokenIds(Protocol):
     """Runs prompts given as token ids, no chat template applied (the server's /v1/completions)."""
 
-    def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
-        ...
+    def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]: ...
 
 
 @runtime_checkable
@@ -89,8 +89,9 @@ class StreamsTokens(Protocol):
     """Streams one answer as it is generated: ``on_text`` gets each new piece of text (stop strings held
     back until they are ruled out); returns the finished completion."""
 
-    def stream_ids_blocking(self, prompt: list[int], params: SamplingParams,
-                            on_text: Callable[[str], None]) -> Completion: ...
+    def stream_ids_blocking(
+        self, prompt: list[int], params: SamplingParams, on_text: Callable[[str], None]
+    ) -> Completion: ...
 
 
 @runtime_checkable
@@ -107,8 +108,7 @@ class KeepsState(Protocol):
 class SummaryNote(Protocol):
     """Adds one line to the run summary (a Ray engine: its replicas and what happened to them)."""
 
-    def summary_note(self) -> str:
-        ...
+    def summary_note(self) -> str: ...
 
 
 def get_engine(name: str, model: str, **kwargs: Any) -> Engine:

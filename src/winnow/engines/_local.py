@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from winnow.engines import hf
 from winnow.engines.prompts import Encoded, PromptEncoder, errors
@@ -19,15 +19,21 @@ from winnow.errors import ConfigError
 from winnow.schema import FINISH_ERROR, FINISH_LENGTH, FINISH_STOP, Completion, Prompt, SamplingParams
 
 # winnow's --torch_dtype names -> the names vLLM, SGLang and LMDeploy all take
-_DTYPES = {None: "auto", "": "auto", "auto": "auto", **hf.DTYPES}
+_DTYPES: dict[str | None, str] = {None: "auto", "": "auto", "auto": "auto"}
+_DTYPES.update(hf.DTYPES.items())  # items(): a dict of str keys does not type as one of optional keys
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 # backend finish reasons -> winnow's; anything else (abort, error, cancelled, None) is a failure
 _FINISH = {
-    "stop": FINISH_STOP, "eos": FINISH_STOP, "eos_token": FINISH_STOP, "stop_str": FINISH_STOP,
-    "length": FINISH_LENGTH, "max_tokens": FINISH_LENGTH, "max_new_tokens": FINISH_LENGTH,
+    "stop": FINISH_STOP,
+    "eos": FINISH_STOP,
+    "eos_token": FINISH_STOP,
+    "stop_str": FINISH_STOP,
+    "length": FINISH_LENGTH,
+    "max_tokens": FINISH_LENGTH,
+    "max_new_tokens": FINISH_LENGTH,
     # vLLM's n-gram repetition detector cut the answer short: not a natural end
     "repetition": FINISH_LENGTH,
 }
@@ -69,20 +75,37 @@ def first_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
     return text[:at], found
 
 
-def make_completion(text: str | None, raw_finish: Any, prompt_tokens: int, completion_tokens: int,
-                    stop: Sequence[str] = (), error: str | None = None, stop_reason: Any = None) -> Completion:
+def make_completion(
+    text: str | None,
+    raw_finish: Any,
+    prompt_tokens: int,
+    completion_tokens: int,
+    stop: Sequence[str] = (),
+    error: str | None = None,
+    stop_reason: Any = None,
+) -> Completion:
     """One Completion from a backend's plain result fields; ``stop_reason`` is the stop string the backend
     says it stopped at and trimmed (vLLM's ``stop_reason``, SGLang's ``matched``), if it says."""
     finish = map_finish(raw_finish)
     if finish == FINISH_ERROR:
         message = error or f"the engine ended this sample with finish reason {raw_finish!r}"
-        return Completion(text="", finish_reason=FINISH_ERROR, error=message, prompt_tokens=prompt_tokens,
-                          completion_tokens=completion_tokens)
+        return Completion(
+            text="",
+            finish_reason=FINISH_ERROR,
+            error=message,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+        )
     text, found = first_stop(text or "", stop)
     if found is None and isinstance(stop_reason, str) and stop_reason in stop:
         found = stop_reason
-    return Completion(text=text, finish_reason=FINISH_STOP if found is not None else finish,
-                      prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, stop_string=found)
+    return Completion(
+        text=text,
+        finish_reason=FINISH_STOP if found is not None else finish,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        stop_string=found,
+    )
 
 
 def with_local_defaults(params: SamplingParams) -> SamplingParams:
@@ -90,10 +113,12 @@ def with_local_defaults(params: SamplingParams) -> SamplingParams:
     the backends' usual defaults: temperature 1, top_p 1, no repetition penalty."""
     import dataclasses
 
-    return dataclasses.replace(params, temperature=1.0 if params.temperature is None else params.temperature,
-                               top_p=1.0 if params.top_p is None else params.top_p,
-                               repetition_penalty=1.0 if params.repetition_penalty is None
-                               else params.repetition_penalty)
+    return dataclasses.replace(
+        params,
+        temperature=1.0 if params.temperature is None else params.temperature,
+        top_p=1.0 if params.top_p is None else params.top_p,
+        repetition_penalty=1.0 if params.repetition_penalty is None else params.repetition_penalty,
+    )
 
 
 def is_greedy(params: SamplingParams) -> bool:
@@ -110,8 +135,16 @@ def fill(completions: list[Completion], n: int) -> list[Completion]:
     """Exactly ``n`` completions: a greedy answer copied, or a short list padded with errors."""
     if len(completions) == 1 and n > 1:
         only = completions[0]
-        return [Completion(text=only.text, finish_reason=only.finish_reason, prompt_tokens=only.prompt_tokens,
-                           completion_tokens=only.completion_tokens, error=only.error) for _ in range(n)]
+        return [
+            Completion(
+                text=only.text,
+                finish_reason=only.finish_reason,
+                prompt_tokens=only.prompt_tokens,
+                completion_tokens=only.completion_tokens,
+                error=only.error,
+            )
+            for _ in range(n)
+        ]
     if len(completions) < n:
         prompt_tokens = completions[0].prompt_tokens if completions else 0
         missing = f"the engine returned {len(completions)} of {n} samples"
@@ -119,8 +152,7 @@ def fill(completions: list[Completion], n: int) -> list[Completion]:
     return completions[:n]
 
 
-def run_isolated(items: list[T], call: Callable[[list[T]], list[R]],
-                 on_error: Callable[[T, Exception], R]) -> list[R]:
+def run_isolated(items: list[T], call: Callable[[list[T]], list[R]], on_error: Callable[[T, Exception], R]) -> list[R]:
     """``call(items)``, aligned with ``items``; if it raises, halve and retry, so that one bad prompt
     (too long for the model, say) fails alone and the rest of the batch goes on."""
     if not items:
@@ -137,16 +169,24 @@ def run_isolated(items: list[T], call: Callable[[list[T]], list[R]],
         return run_isolated(items[:mid], call, on_error) + run_isolated(items[mid:], call, on_error)
 
 
-def generate_blocking(encoder: PromptEncoder, prompts: list[Prompt], params: SamplingParams,
-                      call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]],
-                      token_ids: bool = False) -> list[list[Completion]]:
+def generate_blocking(
+    encoder: PromptEncoder,
+    prompts: list[Prompt] | list[list[int]],
+    params: SamplingParams,
+    call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]],
+    token_ids: bool = False,
+) -> list[list[Completion]]:
     """Encode, run ``call`` on what encoded (isolating failures), and return n completions per prompt.
 
     ``call`` gets a batch of encoded prompts and returns, for each, the completions it produced
     (``samples_per_request(params)`` of them, or all ``n``); :func:`fill` makes them exactly ``n``.
     With ``token_ids``, the prompts are token id lists already (no chat template).
     """
-    work, results = encoder.encode_ids(prompts, params) if token_ids else encoder.encode(prompts, params)
+    work, results = (
+        encoder.encode_ids(cast("list[list[int]]", prompts), params)
+        if token_ids
+        else encoder.encode(cast("list[Prompt]", prompts), params)
+    )
 
     def failed(item: Encoded, e: Exception) -> list[Completion]:
         return errors(params.n, f"{type(e).__name__}: {e}", prompt_tokens=len(item.ids))
@@ -167,24 +207,44 @@ class LocalEngine:
     call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]]
     close: Callable[[], None]
 
-    def __init__(self, model: str, *, torch_dtype: str | None, template: str | None, max_length: int | None,
-                 trust_remote_code: bool, max_prompts_per_call: int, calls_in_flight: int = 2, workers: int = 1,
-                 template_kwargs: dict | None = None, use_chat_template: bool | None = None,
-                 truncation_strategy: str | None = None, response_prefix: str | None = None,
-                 backend_context: int | None = None, revision: str | None = None):
+    def __init__(
+        self,
+        model: str,
+        *,
+        torch_dtype: str | None,
+        template: str | None,
+        max_length: int | None,
+        trust_remote_code: bool,
+        max_prompts_per_call: int,
+        calls_in_flight: int = 2,
+        workers: int = 1,
+        template_kwargs: dict | None = None,
+        use_chat_template: bool | None = None,
+        truncation_strategy: str | None = None,
+        response_prefix: str | None = None,
+        backend_context: int | None = None,
+        revision: str | None = None,
+    ):
         if torch_dtype not in _DTYPES:
             raise ConfigError(f"--torch_dtype {torch_dtype!r}: use one of auto, float32, bfloat16, float16")
         self.dtype = _DTYPES[torch_dtype]
         self.model_path = hf.resolve_model_path(model, revision=revision)
-        self.encoder = PromptEncoder(self.model_path, template=template, max_length=max_length or backend_context,
-                                     trust_remote_code=trust_remote_code, template_kwargs=template_kwargs,
-                                     use_chat_template=use_chat_template, truncation_strategy=truncation_strategy,
-                                     response_prefix=response_prefix)
+        self.encoder = PromptEncoder(
+            self.model_path,
+            template=template,
+            max_length=max_length or backend_context,
+            trust_remote_code=trust_remote_code,
+            template_kwargs=template_kwargs,
+            use_chat_template=use_chat_template,
+            truncation_strategy=truncation_strategy,
+            response_prefix=response_prefix,
+        )
         self.max_prompts_per_call = int(max_prompts_per_call)
         self.calls_in_flight = max(1, int(calls_in_flight))
         self._args: dict[str, Any] = {"model": model, **({"template": template} if template else {})}
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=workers,
-                                                               thread_name_prefix=f"winnow-{self.name}")
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=f"winnow-{self.name}"
+        )
 
     @property
     def context_length(self) -> int | None:

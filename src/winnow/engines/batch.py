@@ -28,6 +28,7 @@ Ctrl-C stops polling; batches keep running at the provider and a ``--resume true
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import os
@@ -121,8 +122,10 @@ class BatchLog:
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise StoreError(f"cannot write {self.path}: {e.strerror or e}; the batches submitted so far are "
-                             "recorded: make room and rerun with --resume true") from None
+            raise StoreError(
+                f"cannot write {self.path}: {e.strerror or e}; the batches submitted so far are "
+                "recorded: make room and rerun with --resume true"
+            ) from None
 
 
 class BatchEngine:
@@ -130,10 +133,21 @@ class BatchEngine:
 
     name = "batch"
 
-    def __init__(self, model: str, *, max_requests: int = 50_000, max_bytes: int = 200 * 1024 * 1024,
-                 poll_s: float = 30.0, poll_max_s: float = 600.0, completion_window: str = "24h",
-                 batches_in_flight: int = 4, endpoint: str = "/v1/chat/completions", n_mode: str = "auto",
-                 state_path: str | os.PathLike | None = None, **client_kwargs: Any):
+    def __init__(
+        self,
+        model: str,
+        *,
+        max_requests: int = 50_000,
+        max_bytes: int = 200 * 1024 * 1024,
+        poll_s: float = 30.0,
+        poll_max_s: float = 600.0,
+        completion_window: str = "24h",
+        batches_in_flight: int = 4,
+        endpoint: str = "/v1/chat/completions",
+        n_mode: str = "auto",
+        state_path: str | os.PathLike | None = None,
+        **client_kwargs: Any,
+    ):
         if n_mode not in ("auto", "native", "parallel"):
             raise ConfigError(f"engine_kwargs n_mode must be auto, native or parallel, got {n_mode!r}")
         client_kwargs["stream"] = False  # a batch request is never streamed
@@ -171,25 +185,39 @@ class BatchEngine:
         return max(1, self.max_requests // per_prompt), self.batches_in_flight
 
     def describe(self) -> dict[str, Any]:
-        return {**self.client.describe(), "name": self.name, "batch_api": True, "max_requests": self.max_requests,
-                "max_bytes": self.max_bytes, "poll_s": self.poll_s, "completion_window": self.completion_window,
-                "endpoint": self.endpoint, "n_mode": "parallel" if self.parallel else "native",
-                "state": self.log.path.name if self.log else None}
+        return {
+            **self.client.describe(),
+            "name": self.name,
+            "batch_api": True,
+            "max_requests": self.max_requests,
+            "max_bytes": self.max_bytes,
+            "poll_s": self.poll_s,
+            "completion_window": self.completion_window,
+            "endpoint": self.endpoint,
+            "n_mode": "parallel" if self.parallel else "native",
+            "state": self.log.path.name if self.log else None,
+        }
 
     def stats(self) -> dict[str, Any]:
         """Batches by status and requests sent and answered, plus the API calls' counts."""
         by_status: dict[str, int] = {}
         for sub in self.subs.values():
             by_status[sub.status] = by_status.get(sub.status, 0) + 1
-        return {"batches": dict(sorted(by_status.items())), "requests_sent": self.requests_sent,
-                "requests_answered": self.requests_done, **self.client.stats()}
+        return {
+            "batches": dict(sorted(by_status.items())),
+            "requests_sent": self.requests_sent,
+            "requests_answered": self.requests_done,
+            **self.client.stats(),
+        }
 
     def progress_fields(self) -> dict[str, str]:
         """Progress-bar fields: batches submitted / in progress / done, and requests done."""
         live = [s for s in self.subs.values() if s.status != "lost"]
         done = sum(1 for s in live if s.status in TERMINAL)
-        return {"batches": f"{len(live)} sent/{len(live) - done} running/{done} done",
-                "requests": f"{self.requests_done}/{self.requests_sent}"}
+        return {
+            "batches": f"{len(live)} sent/{len(live) - done} running/{done} done",
+            "requests": f"{self.requests_done}/{self.requests_sent}",
+        }
 
     def interrupt(self) -> None:
         """Stop polling and submitting; batches keep running at the provider (``--resume true`` re-attaches)."""
@@ -225,8 +253,9 @@ class BatchEngine:
             if sub.task is None:
                 sub.task = asyncio.create_task(self._follow(sub))
         # shielded: a generate call cancelled does not stop batches other calls are waiting for too
-        done = await asyncio.gather(*(asyncio.shield(s.task) for s in needed.values() if s.task is not None),
-                                    return_exceptions=True)
+        done = await asyncio.gather(
+            *(asyncio.shield(s.task) for s in needed.values() if s.task is not None), return_exceptions=True
+        )
         for sub, answer in zip(needed.values(), done, strict=True):
             results[sub.key] = answer
         for r in requests:
@@ -242,7 +271,7 @@ class BatchEngine:
                 # popped: an answer is handed out once, and its memory goes with it
                 completions = self._answer(sub, got.pop(r.custom_id, None) if got else None, params, r.count)
                 self.requests_done += 1
-            out[r.slot][r.first:r.first + r.count] = completions
+            out[r.slot][r.first : r.first + r.count] = completions
         return [list(cs) for cs in out]
 
     # ------------------------------------------------------------------ requests
@@ -257,8 +286,9 @@ class BatchEngine:
                 body = self.client._body(prompt, params, count)
                 digest = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
                 custom_id = f"{prompt.position}-{first}-{digest[:12]}"
-                line = json.dumps({"custom_id": custom_id, "method": "POST", "url": self.endpoint, "body": body},
-                                  ensure_ascii=False).encode("utf-8")
+                line = json.dumps(
+                    {"custom_id": custom_id, "method": "POST", "url": self.endpoint, "body": body}, ensure_ascii=False
+                ).encode("utf-8")
                 requests.append(_Request(slot, first, count, custom_id, line))
         return requests, [[None] * n for _ in prompts]
 
@@ -269,8 +299,9 @@ class BatchEngine:
         size = 0
         for r in requests:
             if len(r.line) + 1 > self.max_bytes:
-                out[r.slot][r.first:r.first + r.count] = self.client._errors(
-                    r.count, f"the request is {len(r.line) + 1} bytes, over --batch_max_bytes {self.max_bytes}", [0, 0])
+                out[r.slot][r.first : r.first + r.count] = self.client._errors(
+                    r.count, f"the request is {len(r.line) + 1} bytes, over --batch_max_bytes {self.max_bytes}", [0, 0]
+                )
                 continue
             if current and (len(current) >= self.max_requests or size + len(r.line) + 1 > self.max_bytes):
                 chunks.append(current)
@@ -292,7 +323,8 @@ class BatchEngine:
         try:
             uploaded = await self.client.api_call(
                 lambda: sdk.files.create(file=(f"winnow-{key}.jsonl", data, "application/jsonl"), purpose="batch"),
-                "uploading a batch input file")
+                "uploading a batch input file",
+            )
             sub = _Submission(key, [r.custom_id for r in chunk], file_id=uploaded.id, created=time.time())
             self._record({"k": key, "e": "creating", "file": uploaded.id, "ids": sub.ids, "t": sub.created})
             self._add(sub)
@@ -305,14 +337,17 @@ class BatchEngine:
                     found = await self._find({key})
                     if key in found:
                         return found[key]
-                return await sdk.batches.create(input_file_id=uploaded.id, endpoint=self.endpoint,
-                                                completion_window=self.completion_window,
-                                                metadata={"winnow_key": key})
+                return await sdk.batches.create(
+                    input_file_id=uploaded.id,
+                    endpoint=self.endpoint,
+                    completion_window=self.completion_window,
+                    metadata={"winnow_key": key},
+                )
 
             batch = await self.client.api_call(create, "creating a batch")
         except Interrupted:
             for r in chunk:
-                out[r.slot][r.first:r.first + r.count] = self.client._errors(r.count, INTERRUPTED, [0, 0])
+                out[r.slot][r.first : r.first + r.count] = self.client._errors(r.count, INTERRUPTED, [0, 0])
             return None
         sub.batch_id, sub.status = batch.id, batch.status
         self._record({"k": key, "e": "created", "batch": batch.id})
@@ -361,8 +396,8 @@ class BatchEngine:
         after = None
         while keys - set(found):
             page = await self.client.api_call(
-                lambda after=after: sdk.batches.list(limit=100, **({"after": after} if after else {})),
-                "listing batches")
+                functools.partial(sdk.batches.list, limit=100, **({"after": after} if after else {})), "listing batches"
+            )
             for batch in page.data:
                 key = (batch.metadata or {}).get("winnow_key")
                 if key in keys:
@@ -379,8 +414,9 @@ class BatchEngine:
         sdk = self.client.client
         delay = self.poll_s
         while not sub.finished:  # at least one look: a batch found by its key may have ended already
-            batch = await self.client.api_call(lambda: sdk.batches.retrieve(sub.batch_id),
-                                               f"checking batch {sub.batch_id}")
+            batch = await self.client.api_call(
+                lambda: sdk.batches.retrieve(sub.batch_id), f"checking batch {sub.batch_id}"
+            )
             sub.status = batch.status
             if batch.status in TERMINAL:
                 sub.output_file, sub.error_file = batch.output_file_id, batch.error_file_id
@@ -395,8 +431,11 @@ class BatchEngine:
         for file_id in (sub.output_file, sub.error_file):
             if not file_id:
                 continue
-            content = await self.client.api_call(lambda file_id=file_id: sdk.files.content(file_id),
-                                                 f"downloading {file_id} of batch {sub.batch_id}", missing_ok=True)
+            content = await self.client.api_call(
+                functools.partial(sdk.files.content, file_id),
+                f"downloading {file_id} of batch {sub.batch_id}",
+                missing_ok=True,
+            )
             if content is None:
                 sub.reason = sub.reason or f"its file {file_id} is gone from the provider"
                 continue
@@ -410,8 +449,17 @@ class BatchEngine:
         if not sub.finished:
             sub.failed = {cid for cid in sub.ids if not _usable(answers.get(cid))}
             sub.finished = True
-            self._record({"k": sub.key, "e": "finished", "status": sub.status, "output": sub.output_file,
-                          "errors": sub.error_file, "failed": sorted(sub.failed), "reason": sub.reason})
+            self._record(
+                {
+                    "k": sub.key,
+                    "e": "finished",
+                    "status": sub.status,
+                    "output": sub.output_file,
+                    "errors": sub.error_file,
+                    "failed": sorted(sub.failed),
+                    "reason": sub.reason,
+                }
+            )
         return answers
 
     def _answer(self, sub: _Submission, entry: dict | None, params: SamplingParams, n: int) -> list[Completion]:
@@ -442,6 +490,8 @@ def _usable(entry: dict | None) -> bool:
     if response.get("status_code") != 200:
         return False
     choices = (response.get("body") or {}).get("choices") or []
-    return any(((c.get("message") or {}).get("content") or (c.get("message") or {}).get("tool_calls"))
-               for c in choices if isinstance(c, dict))
-
+    return any(
+        ((c.get("message") or {}).get("content") or (c.get("message") or {}).get("tool_calls"))
+        for c in choices
+        if isinstance(c, dict)
+    )

@@ -39,8 +39,9 @@ def _matcher(tokenizer: Any, vocab_size: int, eos_ids: tuple[int, ...], schema_j
     grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_json, defaults={"whitespace_flexible": False})
     matcher = llguidance.LLMatcher(_tokenizer(tokenizer, vocab_size, eos_ids), grammar, log_level=0)
     if matcher.is_error():
-        raise ConfigError(f"--response_format: the schema cannot be used for constrained decoding: "
-                          f"{matcher.get_error()}")
+        raise ConfigError(
+            f"--response_format: the schema cannot be used for constrained decoding: {matcher.get_error()}"
+        )
     return matcher
 
 
@@ -49,8 +50,9 @@ def logits_processor(tokenizer: Any, vocab_size: int, eos_ids: list[int], respon
     ``response_format`` (OpenAI's shape; see winnow.structured)."""
     schema = schema_of(response_format)
     if schema is None:
-        raise ConfigError(f"response_format type {response_format.get('type')!r} cannot be decoded; use "
-                          "json_schema or json_object")
+        raise ConfigError(
+            f"response_format type {response_format.get('type')!r} cannot be decoded; use json_schema or json_object"
+        )
     base = _matcher(tokenizer, vocab_size, tuple(eos_ids), json.dumps(schema, sort_keys=True))
     return _processor_class()(base, vocab_size, eos_ids)
 

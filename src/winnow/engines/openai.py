@@ -147,8 +147,12 @@ class _DirectHTTP:
     def __init__(self, openai: Any, client: Any, headers: dict | None, timeout: float, pool: int):
         self.openai = openai
         self.url = str(client.base_url).rstrip("/") + "/chat/completions"
-        self.headers = {"Authorization": f"Bearer {client.api_key}", "Content-Type": "application/json",
-                        "Accept": "application/json", **(headers or {})}
+        self.headers = {
+            "Authorization": f"Bearer {client.api_key}",
+            "Content-Type": "application/json",
+            "Accept": "application/json",
+            **(headers or {}),
+        }
         self.timeout = timeout
         self.pool = pool
         self._session = None
@@ -161,7 +165,9 @@ class _DirectHTTP:
         if self._session is None or self._loop is not loop:  # an engine reused under a new event loop
             self._session = aiohttp.ClientSession(
                 connector=aiohttp.TCPConnector(limit=self.pool, limit_per_host=self.pool),
-                timeout=aiohttp.ClientTimeout(total=self.timeout), headers=self.headers)
+                timeout=aiohttp.ClientTimeout(total=self.timeout),
+                headers=self.headers,
+            )
             self._loop = loop
         return self._session
 
@@ -176,15 +182,17 @@ class _DirectHTTP:
         except asyncio.TimeoutError:
             raise
         except aiohttp.ClientError as e:
-            raise self.openai.APIConnectionError(message=f"{type(e).__name__}: {e}",
-                                                 request=httpx.Request("POST", self.url)) from None
+            raise self.openai.APIConnectionError(
+                message=f"{type(e).__name__}: {e}", request=httpx.Request("POST", self.url)
+            ) from None
         if status >= 400:
             try:
                 err_body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError):
                 err_body = raw.decode("utf-8", errors="replace")[:500]
-            response = httpx.Response(status, headers=dict(headers), content=raw,
-                                      request=httpx.Request("POST", self.url))
+            response = httpx.Response(
+                status, headers=dict(headers), content=raw, request=httpx.Request("POST", self.url)
+            )
             raise self.openai.APIStatusError(f"Error code: {status}", response=response, body=err_body)
         return json.loads(raw)
 
@@ -230,15 +238,19 @@ class OpenAIEngine:
         self.model = model
         self.base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
         if self.base_url and "@" in urlsplit(self.base_url).netloc:
-            raise ConfigError(f"the base URL {_strip_userinfo(self.base_url)} holds credentials (user:key@host), "
-                              "which OpenAI-compatible APIs do not read: every request would fail; put the key in "
-                              "OPENAI_API_KEY or --engine_kwargs '{\"api_key\": ...}' and drop it from the URL")
+            raise ConfigError(
+                f"the base URL {_strip_userinfo(self.base_url)} holds credentials (user:key@host), "
+                "which OpenAI-compatible APIs do not read: every request would fail; put the key in "
+                "OPENAI_API_KEY or --engine_kwargs '{\"api_key\": ...}' and drop it from the URL"
+            )
         key = api_key or os.environ.get("OPENAI_API_KEY")
         self._key_source = "engine_kwargs" if api_key else "OPENAI_API_KEY" if key else "none"
         if not key:
             if self.base_url is None:
-                raise ConfigError("the client engine needs an API key: set OPENAI_API_KEY, or give "
-                                  "--engine_kwargs '{\"base_url\": \"http://host:port/v1\"}' for a local server")
+                raise ConfigError(
+                    "the client engine needs an API key: set OPENAI_API_KEY, or give "
+                    '--engine_kwargs \'{"base_url": "http://host:port/v1"}\' for a local server'
+                )
             key = "EMPTY"  # local servers (vLLM, SGLang, winnow serve) accept any key
         self._secret = key if key != "EMPTY" else None
         self.stream = bool(stream)
@@ -257,13 +269,19 @@ class OpenAIEngine:
         self.rpm, self.tpm = rpm, tpm
         self.http_client_kind = self._http_client_kind(http_client)
         self.client = openai.AsyncOpenAI(
-            api_key=key, base_url=self.base_url, max_retries=0, timeout=self.request_timeout,
-            default_headers=headers or None, http_client=self._make_http_client(),
+            api_key=key,
+            base_url=self.base_url,
+            max_retries=0,
+            timeout=self.request_timeout,
+            default_headers=headers or None,
+            http_client=self._make_http_client(),
         )
         # plain (non-streaming) requests skip the SDK's per-request work when aiohttp is there
-        self._direct = (_DirectHTTP(openai, self.client, headers, self.request_timeout,
-                                    max(self.max_concurrency + 16, 100))
-                        if self.http_client_kind == "aiohttp" and not self.stream else None)
+        self._direct = (
+            _DirectHTTP(openai, self.client, headers, self.request_timeout, max(self.max_concurrency + 16, 100))
+            if self.http_client_kind == "aiohttp" and not self.stream
+            else None
+        )
         self._slots: asyncio.Semaphore | None = None
         self._stop: asyncio.Event | None = None
         self._stopping = False
@@ -297,8 +315,9 @@ class OpenAIEngine:
         if limits is None:
             return self._openai.DefaultAioHttpClient()
         size = max(self.max_concurrency + 16, 100)  # idle connections are kept, not reopened per request
-        return self._openai.DefaultAioHttpClient(limits=type(limits)(max_connections=size,
-                                                                     max_keepalive_connections=size))
+        return self._openai.DefaultAioHttpClient(
+            limits=type(limits)(max_connections=size, max_keepalive_connections=size)
+        )
 
     # ------------------------------------------------------------------ protocol
 
@@ -309,11 +328,19 @@ class OpenAIEngine:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "name": self.name, "model": self.model, "base_url": _strip_userinfo(self.base_url) or "(OpenAI default)",
-            "api_key": self._key_source, "stream": self.stream, "max_concurrency": self.max_concurrency,
-            "rpm": self.rpm, "tpm": self.tpm, "request_timeout": self.request_timeout,
-            "max_retries": self.max_retries, "keep_truncated": self.keep_truncated,
-            "http_client": self.http_client_kind, "native_n": self.native_n,
+            "name": self.name,
+            "model": self.model,
+            "base_url": _strip_userinfo(self.base_url) or "(OpenAI default)",
+            "api_key": self._key_source,
+            "stream": self.stream,
+            "max_concurrency": self.max_concurrency,
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "request_timeout": self.request_timeout,
+            "max_retries": self.max_retries,
+            "keep_truncated": self.keep_truncated,
+            "http_client": self.http_client_kind,
+            "native_n": self.native_n,
             **({"extra_body": self.extra_body} if self.extra_body else {}),
             **({"unused_kwargs": self.unused_kwargs} if self.unused_kwargs else {}),
         }
@@ -388,8 +415,12 @@ class OpenAIEngine:
             body["add_generation_prompt"] = False
         if prompt.tools:
             body["tools"] = prompt.tools
-        for key, value in (("temperature", params.temperature), ("top_p", params.top_p),
-                           (self.max_tokens_param, params.max_new_tokens), ("seed", None)):
+        for key, value in (
+            ("temperature", params.temperature),
+            ("top_p", params.top_p),
+            (self.max_tokens_param, params.max_new_tokens),
+            ("seed", None),
+        ):
             if value is not None:
                 body[key] = value
         if n > 1:
@@ -485,8 +516,10 @@ class OpenAIEngine:
                 except _Retry as retry:
                     problem = retry
                 if not isinstance(problem, _Retry) or attempt >= self.max_retries:
-                    raise EngineError(f"{what} failed: {problem}" + (f" (gave up after {attempt + 1} attempts)"
-                                                                     if isinstance(problem, _Retry) else "")) from None
+                    raise EngineError(
+                        f"{what} failed: {problem}"
+                        + (f" (gave up after {attempt + 1} attempts)" if isinstance(problem, _Retry) else "")
+                    ) from None
                 self.counts["failed:" + _kind(str(problem))] += 1
                 attempt += 1
                 if not await self._sleep(self._backoff(problem, attempt)):
@@ -566,8 +599,9 @@ class OpenAIEngine:
         return await asyncio.wait_for(self._call_stream(body), self.request_timeout)
 
     async def _call_stream(self, body: dict) -> tuple[list[dict], dict]:
-        stream = await self.client.post("/chat/completions", body=body, cast_to=object, stream=True,
-                                        stream_cls=self._openai.AsyncStream[object])
+        stream = await self.client.post(
+            "/chat/completions", body=body, cast_to=object, stream=True, stream_cls=self._openai.AsyncStream[object]
+        )
         parts: dict[int, dict] = {}
         usage: dict = {}
         async for chunk in stream:
@@ -576,15 +610,18 @@ class OpenAIEngine:
             if chunk.get("usage"):
                 usage = chunk["usage"]
             for ch in chunk.get("choices") or ():
-                acc = parts.setdefault(int(ch.get("index") or 0), {"content": [], "reasoning": [], "stop_string": None,
-                                                                    "finish_reason": None, "tool_calls": {}})
+                acc = parts.setdefault(
+                    int(ch.get("index") or 0),
+                    {"content": [], "reasoning": [], "stop_string": None, "finish_reason": None, "tool_calls": {}},
+                )
                 delta = ch.get("delta") or {}
                 if delta.get("content"):
                     acc["content"].append(delta["content"])
                 for call in delta.get("tool_calls") or ():  # pieces of a call, keyed by its index
-                    slot = acc["tool_calls"].setdefault(int(call.get("index") or 0),
-                                                        {"id": None, "type": "function",
-                                                         "function": {"name": "", "arguments": ""}})
+                    slot = acc["tool_calls"].setdefault(
+                        int(call.get("index") or 0),
+                        {"id": None, "type": "function", "function": {"name": "", "arguments": ""}},
+                    )
                     slot["id"] = call.get("id") or slot["id"]
                     function = call.get("function") or {}
                     slot["function"]["name"] += function.get("name") or ""
@@ -595,19 +632,27 @@ class OpenAIEngine:
                 if ch.get("finish_reason"):
                     acc["finish_reason"] = ch["finish_reason"]
                     acc["stop_string"] = _stop_string(ch)
-        choices = [{"index": i, "content": "".join(p["content"]) if p["content"] else None,
-                    "reasoning": "".join(p["reasoning"]) or None, "finish_reason": p["finish_reason"],
-                    "stop_string": p["stop_string"],
-                    "tool_calls": [call for _, call in sorted(p["tool_calls"].items())] or None}
-                   for i, p in sorted(parts.items())]
+        choices = [
+            {
+                "index": i,
+                "content": "".join(p["content"]) if p["content"] else None,
+                "reasoning": "".join(p["reasoning"]) or None,
+                "finish_reason": p["finish_reason"],
+                "stop_string": p["stop_string"],
+                "tool_calls": [call for _, call in sorted(p["tool_calls"].items())] or None,
+            }
+            for i, p in sorted(parts.items())
+        ]
         if not choices:
             raise json.JSONDecodeError("the stream ended without any choice", "", 0)
         unfinished = [c["index"] for c in choices if not c["finish_reason"]]
         if unfinished:
             # a stream's last chunk carries the finish reason; without it the answer is a fragment
             # (a dropped connection or upstream), never a finished sample
-            raise _Retry(f"cut stream: the stream ended before choice {unfinished[0]} finished "
-                         "(no finish_reason); the connection or the server's upstream dropped")
+            raise _Retry(
+                f"cut stream: the stream ended before choice {unfinished[0]} finished "
+                "(no finish_reason); the connection or the server's upstream dropped"
+            )
         return choices, usage
 
     def answer(self, data: Any, params: SamplingParams, n: int) -> list[Completion]:
@@ -625,8 +670,9 @@ class OpenAIEngine:
             out += missing
         return out[:n]
 
-    def _completions(self, choices: list[dict], usage: dict, params: SamplingParams,
-                     spent: list[int], continuing: bool = False) -> list[Completion]:
+    def _completions(
+        self, choices: list[dict], usage: dict, params: SamplingParams, spent: list[int], continuing: bool = False
+    ) -> list[Completion]:
         """Completions from parsed choices; an answer with no usable choice is retried. Continuing a partial
         answer (``continuing``), an empty continuation is an answer: the partial one was already complete."""
         prompt_tokens = int(usage.get("prompt_tokens") or 0)
@@ -638,13 +684,19 @@ class OpenAIEngine:
             text = c["content"] or ""
             finish = c["finish_reason"] or FINISH_STOP
             stop_string = c.get("stop_string")
-            comp = Completion(text=text, finish_reason=finish, completion_tokens=ct, reasoning=c["reasoning"],
-                              tool_calls=c.get("tool_calls"),
-                              stop_string=stop_string if stop_string in params.stop else None)
+            comp = Completion(
+                text=text,
+                finish_reason=finish,
+                completion_tokens=ct,
+                reasoning=c["reasoning"],
+                tool_calls=c.get("tool_calls"),
+                stop_string=stop_string if stop_string in params.stop else None,
+            )
             if finish == FINISH_LENGTH:
                 if not self.keep_truncated:
-                    comp.error = (f"truncated: the answer reached --max_new_tokens {params.max_new_tokens} "
-                                  "(finish_reason length)")
+                    comp.error = (
+                        f"truncated: the answer reached --max_new_tokens {params.max_new_tokens} (finish_reason length)"
+                    )
             elif finish == FINISH_CONTENT_FILTER:
                 comp.error = "blocked by the server's content filter (finish_reason content_filter)"
             elif not text.strip() and not comp.tool_calls and not continuing:
@@ -658,9 +710,9 @@ class OpenAIEngine:
             spent[0] += prompt_tokens
             spent[1] += completion_tokens
             raise _Retry(out[0].error or "empty content")
-        for c in out:
-            if c.error:
-                self.counts["failed:" + _kind(c.error)] += 1
+        for comp in out:
+            if comp.error:
+                self.counts["failed:" + _kind(comp.error)] += 1
         return out
 
 
@@ -669,13 +721,19 @@ def parse_chat(data: Any) -> tuple[list[dict], dict]:
     completion object; JSONDecodeError if it is not one."""
     if not isinstance(data, dict) or not isinstance(data.get("choices"), list):
         raise json.JSONDecodeError("not a chat completion object", str(data)[:200], 0)
-    choices = []
+    choices: list[dict[str, Any]] = []
     for ch in data["choices"]:
         msg = ch.get("message") or {}
-        choices.append({"index": ch.get("index", len(choices)), "content": msg.get("content"),
-                        "reasoning": msg.get("reasoning_content") or msg.get("reasoning"),
-                        "tool_calls": msg.get("tool_calls") or None,
-                        "finish_reason": ch.get("finish_reason"), "stop_string": _stop_string(ch)})
+        choices.append(
+            {
+                "index": ch.get("index", len(choices)),
+                "content": msg.get("content"),
+                "reasoning": msg.get("reasoning_content") or msg.get("reasoning"),
+                "tool_calls": msg.get("tool_calls") or None,
+                "finish_reason": ch.get("finish_reason"),
+                "stop_string": _stop_string(ch),
+            }
+        )
     return choices, data.get("usage") or {}
 
 

@@ -35,19 +35,30 @@ class Encoded:
 
 def errors(n: int, message: str, prompt_tokens: int = 0) -> list[Completion]:
     """``n`` failed completions carrying ``message``."""
-    return [Completion(text="", finish_reason=FINISH_ERROR, error=message, prompt_tokens=prompt_tokens)
-            for _ in range(n)]
+    return [
+        Completion(text="", finish_reason=FINISH_ERROR, error=message, prompt_tokens=prompt_tokens) for _ in range(n)
+    ]
 
 
 class PromptEncoder:
     """Renders chat prompts to token ids with the model's tokenizer and chat template, within the context."""
 
-    def __init__(self, model_path: str, *, template: str | None = None, template_kwargs: dict | None = None,
-                 use_chat_template: bool | None = None, max_length: int | None = None,
-                 truncation_strategy: str | None = None, trust_remote_code: bool = False, tokenizer: Any = None,
-                 response_prefix: str | None = None):
-        self.tokenizer = tokenizer if tokenizer is not None else \
-            hf.load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+    def __init__(
+        self,
+        model_path: str,
+        *,
+        template: str | None = None,
+        template_kwargs: dict | None = None,
+        use_chat_template: bool | None = None,
+        max_length: int | None = None,
+        truncation_strategy: str | None = None,
+        trust_remote_code: bool = False,
+        tokenizer: Any = None,
+        response_prefix: str | None = None,
+    ):
+        self.tokenizer = (
+            tokenizer if tokenizer is not None else hf.load_tokenizer(model_path, trust_remote_code=trust_remote_code)
+        )
         self.template = hf.load_template(template)
         self.template_kwargs = dict(template_kwargs or {})
         self.use_chat_template = use_chat_template is not False
@@ -62,19 +73,28 @@ class PromptEncoder:
 
     def describe(self) -> dict[str, Any]:
         """What the manifest records of how prompts are made."""
-        return {"max_length": self.max_length, "context_length": self.context,
-                **({"template_kwargs": self.template_kwargs} if self.template_kwargs else {}),
-                **({"use_chat_template": False} if not self.use_chat_template else {}),
-                **({"truncation_strategy": "left"} if self.truncate_left else {}),
-                **({"response_prefix": self.response_prefix} if self.response_prefix else {})}
+        return {
+            "max_length": self.max_length,
+            "context_length": self.context,
+            **({"template_kwargs": self.template_kwargs} if self.template_kwargs else {}),
+            **({"use_chat_template": False} if not self.use_chat_template else {}),
+            **({"truncation_strategy": "left"} if self.truncate_left else {}),
+            **({"response_prefix": self.response_prefix} if self.response_prefix else {}),
+        }
 
     def render(self, prompt: Prompt) -> str:
         """The prompt text under the chat template."""
         start = (self.response_prefix or "") + (prompt.prefix or "")  # the answer so far, continued
         if not self.use_chat_template:
             return hf.plain_prompt(prompt.messages, start)
-        return hf.render_chat(self.tokenizer, prompt.messages, self.template, template_kwargs=self.template_kwargs,
-                              response_prefix=start, tools=prompt.tools)
+        return hf.render_chat(
+            self.tokenizer,
+            prompt.messages,
+            self.template,
+            template_kwargs=self.template_kwargs,
+            response_prefix=start,
+            tools=prompt.tools,
+        )
 
     def budget(self, prompt_tokens: int, params: SamplingParams) -> int:
         """The answer's token budget: ``max_new_tokens`` within the context, or the rest of the context."""
@@ -90,8 +110,10 @@ class PromptEncoder:
         if self.truncate_left:
             keep = self.max_length - min(params.max_new_tokens or self.max_length // 4, self.max_length // 2)
             return ids[-keep:], None
-        return ids, (f"prompt has {len(ids)} tokens; the limit is {self.max_length} (--max_length, or the model's "
-                     "context); --truncation_strategy left cuts its oldest tokens instead")
+        return ids, (
+            f"prompt has {len(ids)} tokens; the limit is {self.max_length} (--max_length, or the model's "
+            "context); --truncation_strategy left cuts its oldest tokens instead"
+        )
 
     def encode(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[Encoded], list[list[Completion]]]:
         """The prompts a backend should run, and results pre-filled with errors for those it should not."""
@@ -101,8 +123,11 @@ class PromptEncoder:
             try:
                 text = self.render(prompt)
                 if not self.truncate_left and hf.certainly_too_long(text, self.max_length, self.longest_token):
-                    results[slot] = errors(params.n, f"prompt has {len(text)} characters, more than the "
-                                                     f"{self.max_length}-token limit can hold (--max_length)")
+                    results[slot] = errors(
+                        params.n,
+                        f"prompt has {len(text)} characters, more than the "
+                        f"{self.max_length}-token limit can hold (--max_length)",
+                    )
                     continue
                 ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
             except Exception as e:  # a template error is this prompt's failure, not the batch's
@@ -111,8 +136,9 @@ class PromptEncoder:
             self._add(work, results, slot, text, list(ids), params)
         return work, results
 
-    def encode_ids(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[Encoded],
-                                                                                     list[list[Completion]]]:
+    def encode_ids(
+        self, prompts: list[list[int]], params: SamplingParams
+    ) -> tuple[list[Encoded], list[list[Completion]]]:
         """Like :meth:`encode` for prompts already tokenized (no template): the server's raw completions."""
         results: list[list[Completion]] = [[] for _ in prompts]
         work: list[Encoded] = []
@@ -120,8 +146,15 @@ class PromptEncoder:
             self._add(work, results, slot, "", list(ids), params)
         return work, results
 
-    def _add(self, work: list[Encoded], results: list[list[Completion]], slot: int, text: str, ids: list[int],
-             params: SamplingParams) -> None:
+    def _add(
+        self,
+        work: list[Encoded],
+        results: list[list[Completion]],
+        slot: int,
+        text: str,
+        ids: list[int],
+        params: SamplingParams,
+    ) -> None:
         ids, error = self.fit(ids, params)
         if error is not None:
             results[slot] = errors(params.n, error, prompt_tokens=len(ids))

@@ -47,9 +47,15 @@ def completion_from_output(out: dict[str, Any], stop: list[str]) -> Completion:
     error = reason.get("message") if isinstance(reason, dict) and kind == "abort" else None
     output_ids = out.get("output_ids")
     completion_tokens = meta.get("completion_tokens", len(output_ids) if output_ids is not None else 0)
-    return _local.make_completion(out.get("text"), kind, int(meta.get("prompt_tokens") or 0),
-                                  int(completion_tokens or 0), stop, error=error,
-                                  stop_reason=reason.get("matched") if isinstance(reason, dict) else None)
+    return _local.make_completion(
+        out.get("text"),
+        kind,
+        int(meta.get("prompt_tokens") or 0),
+        int(completion_tokens or 0),
+        stop,
+        error=error,
+        stop_reason=reason.get("matched") if isinstance(reason, dict) else None,
+    )
 
 
 class _LoopThread:
@@ -58,8 +64,7 @@ class _LoopThread:
     def __init__(self, build: Callable[[], Any]):
         ready: concurrent.futures.Future = concurrent.futures.Future()
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self._main, args=(build, ready), name="winnow-sglang-loop",
-                                       daemon=True)
+        self.thread = threading.Thread(target=self._main, args=(build, ready), name="winnow-sglang-loop", daemon=True)
         self.thread.start()
         self.value = ready.result()  # re-raises what ``build`` raised
 
@@ -107,10 +112,17 @@ class SGLangEngine(_local.LocalEngine):
     ):
         sglang = require("sglang", "sglang", "the sglang engine")
         # worker threads block on the private loop; calls in flight at once are batched together by SGLang
-        super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
-                         trust_remote_code=trust_remote_code, max_prompts_per_call=max_prompts_per_call,
-                         calls_in_flight=calls_in_flight, workers=calls_in_flight,
-                         **_local.prompt_options(engine_kwargs, "context_length"))
+        super().__init__(
+            model,
+            torch_dtype=torch_dtype,
+            template=template,
+            max_length=max_length,
+            trust_remote_code=trust_remote_code,
+            max_prompts_per_call=max_prompts_per_call,
+            calls_in_flight=calls_in_flight,
+            workers=calls_in_flight,
+            **_local.prompt_options(engine_kwargs, "context_length"),
+        )
         server_args: dict[str, Any] = {
             "model_path": self.model_path,
             "dtype": self.dtype,
@@ -138,8 +150,7 @@ class SGLangEngine(_local.LocalEngine):
             outputs = [outputs]
         if len(outputs) != len(input_ids):
             raise EngineError(f"SGLang returned {len(outputs)} results for {len(input_ids)} requests")
-        return [[completion_from_output(outputs[i * k + j], params.stop) for j in range(k)]
-                for i in range(len(batch))]
+        return [[completion_from_output(outputs[i * k + j], params.stop) for j in range(k)] for i in range(len(batch))]
 
     def close(self) -> None:
         try:

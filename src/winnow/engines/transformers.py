@@ -67,9 +67,16 @@ class TransformersEngine(_local.LocalEngine):
         transformers = require("transformers", "hf", "the transformers engine")
         self.torch = torch
         prompt_options = {k: options.pop(k) for k in _local.PROMPT_OPTIONS if k in options}
-        super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
-                         trust_remote_code=trust_remote_code, max_prompts_per_call=int(max_batch_sequences),
-                         revision=revision, **prompt_options)
+        super().__init__(
+            model,
+            torch_dtype=torch_dtype,
+            template=template,
+            max_length=max_length,
+            trust_remote_code=trust_remote_code,
+            max_prompts_per_call=int(max_batch_sequences),
+            revision=revision,
+            **prompt_options,
+        )
         self.device = hf.resolve_device(device)
         self.max_batch_sequences = int(max_batch_sequences)
         self.max_batch_tokens = int(max_batch_tokens)
@@ -102,20 +109,27 @@ class TransformersEngine(_local.LocalEngine):
         if seed is not None:
             torch.manual_seed(seed)
         self.eos_ids = self._eos_ids()
-        self._args.update({"torch_dtype": torch_dtype, "device": self.device,
-                           "max_batch_sequences": self.max_batch_sequences, "max_batch_tokens": self.max_batch_tokens,
-                           "shared_prefill": self.shared_prefill,
-                           **({"adapters": list(adapters or [])} if adapters else {}),
-                           **({"attn_implementation": attn_implementation} if attn_implementation else {}),
-                           **({"device_map": device_map} if device_map else {}),
-                           **({"quantization": quantization} if quantization else {})})
+        self._args.update(
+            {
+                "torch_dtype": torch_dtype,
+                "device": self.device,
+                "max_batch_sequences": self.max_batch_sequences,
+                "max_batch_tokens": self.max_batch_tokens,
+                "shared_prefill": self.shared_prefill,
+                **({"adapters": list(adapters or [])} if adapters else {}),
+                **({"attn_implementation": attn_implementation} if attn_implementation else {}),
+                **({"device_map": device_map} if device_map else {}),
+                **({"quantization": quantization} if quantization else {}),
+            }
+        )
         self.unused_kwargs = sorted(options)
         self._shared_prefill_failed = False
         # generate's argument for a ready KV cache: `cache` from transformers 5.2x, `past_key_values` before
         from transformers.generation import utils as generation_utils
 
-        self._cache_kwarg = "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) \
-            else "past_key_values"
+        self._cache_kwarg = (
+            "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+        )
 
     @property
     def max_length(self) -> int | None:
@@ -165,7 +179,7 @@ class TransformersEngine(_local.LocalEngine):
                 if text.endswith("\ufffd") and not final:  # half of a multi-byte character
                     end = min(end, len(text) - 1)
                 if end > self.sent:
-                    on_text(cut[self.sent:end])
+                    on_text(cut[self.sent : end])
                     self.sent = end
 
             def end(self) -> None:
@@ -234,8 +248,8 @@ class TransformersEngine(_local.LocalEngine):
         input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
         attention = torch.zeros((len(batch), width), dtype=torch.long)
         for row, w in enumerate(batch):  # left padding
-            input_ids[row, width - len(w.ids):] = torch.tensor(w.ids, dtype=torch.long)
-            attention[row, width - len(w.ids):] = 1
+            input_ids[row, width - len(w.ids) :] = torch.tensor(w.ids, dtype=torch.long)
+            attention[row, width - len(w.ids) :] = 1
         max_new = max(w.item.max_new_tokens for w in batch)
         if self.max_length is not None:
             max_new = max(1, min(max_new, self.max_length - width))
@@ -270,14 +284,19 @@ class TransformersEngine(_local.LocalEngine):
             if sample and k > 1:
                 out = self._sample_shared(input_ids, attention, k, gen)
             else:
-                out = self.model.generate(input_ids=input_ids, attention_mask=attention,
-                                          **({} if beams > 1 else {"num_return_sequences": 1}), **gen)
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention,
+                    **({} if beams > 1 else {"num_return_sequences": 1}),
+                    **gen,
+                )
         new = out[:, width:].tolist()
         eos = set(self.eos_ids)
         outputs: list[list[Completion]] = []
         for row, w in enumerate(batch):
-            outputs.append([self._completion(new[row * k + j], eos, pad, len(w.ids), max_new, params.stop)
-                            for j in range(k)])
+            outputs.append(
+                [self._completion(new[row * k + j], eos, pad, len(w.ids), max_new, params.stop) for j in range(k)]
+            )
         return outputs
 
     def _sample_shared(self, input_ids: Any, attention: Any, k: int, gen: dict[str, Any]) -> Any:
@@ -288,22 +307,34 @@ class TransformersEngine(_local.LocalEngine):
         if self.shared_prefill and not self._shared_prefill_failed and input_ids.shape[1] > 1:
             try:
                 positions = (attention.cumsum(-1) - 1).clamp(min=0)
-                prefill = self.model(input_ids=input_ids[:, :-1], attention_mask=attention[:, :-1],
-                                     position_ids=positions[:, :-1], use_cache=True)
+                prefill = self.model(
+                    input_ids=input_ids[:, :-1],
+                    attention_mask=attention[:, :-1],
+                    position_ids=positions[:, :-1],
+                    use_cache=True,
+                )
                 cache = prefill.past_key_values
                 cache.batch_repeat_interleave(k)
-                return self.model.generate(input_ids=expanded_ids, attention_mask=expanded_mask,
-                                           **{self._cache_kwarg: cache}, num_return_sequences=1, **gen)
+                return self.model.generate(
+                    input_ids=expanded_ids,
+                    attention_mask=expanded_mask,
+                    **{self._cache_kwarg: cache},
+                    num_return_sequences=1,
+                    **gen,
+                )
             except (AttributeError, NotImplementedError, TypeError, ValueError) as e:
                 # a model whose cache cannot be shared this way: every prompt prefilled per sample, as before
                 self._shared_prefill_failed = True
-                print(f"winnow: note: shared prefill is not available for this model ({type(e).__name__}: {e}); "
-                      "each sample prefills its prompt", file=sys.stderr)
-        return self.model.generate(input_ids=expanded_ids, attention_mask=expanded_mask, num_return_sequences=1,
-                                   **gen)
+                print(
+                    f"winnow: note: shared prefill is not available for this model ({type(e).__name__}: {e}); "
+                    "each sample prefills its prompt",
+                    file=sys.stderr,
+                )
+        return self.model.generate(input_ids=expanded_ids, attention_mask=expanded_mask, num_return_sequences=1, **gen)
 
-    def _completion(self, tokens: list[int], eos: set[int], pad: int, prompt_tokens: int, max_new: int,
-                    stop: list[str]) -> Completion:
+    def _completion(
+        self, tokens: list[int], eos: set[int], pad: int, prompt_tokens: int, max_new: int, stop: list[str]
+    ) -> Completion:
         finish = FINISH_LENGTH
         cut = len(tokens)
         for i, t in enumerate(tokens):
@@ -322,8 +353,14 @@ class TransformersEngine(_local.LocalEngine):
             finish = FINISH_STOP
         # the tokens generated: a row stopped by a stop string is padded (not by EOS) up to the longest row
         n_tokens = len(body) + (1 if ended_at_eos else 0)
-        return Completion(text=text, finish_reason=finish, prompt_tokens=prompt_tokens,
-                          completion_tokens=n_tokens, token_ids=body, stop_string=stop_string)
+        return Completion(
+            text=text,
+            finish_reason=finish,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=n_tokens,
+            token_ids=body,
+            stop_string=stop_string,
+        )
 
     def _eos_ids(self) -> list[int]:
         ids: list[int] = []

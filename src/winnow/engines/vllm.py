@@ -64,8 +64,10 @@ def structured_kwargs(sampling_module: Any, response_format: dict[str, Any] | No
         return {"structured_outputs": sampling_module.StructuredOutputsParams(json=schema)}
     if hasattr(sampling_module, "GuidedDecodingParams"):
         return {"guided_decoding": sampling_module.GuidedDecodingParams(json=schema)}
-    raise EngineError("this vLLM has no guided decoding (StructuredOutputsParams or GuidedDecodingParams); "
-                      "upgrade vLLM or drop --response_format")
+    raise EngineError(
+        "this vLLM has no guided decoding (StructuredOutputsParams or GuidedDecodingParams); "
+        "upgrade vLLM or drop --response_format"
+    )
 
 
 def completions_from_output(output: Any, stop: list[str]) -> list[Completion]:
@@ -73,14 +75,26 @@ def completions_from_output(output: Any, stop: list[str]) -> list[Completion]:
     ``outputs[i].text``, ``.token_ids``, ``.finish_reason``, ``.stop_reason``: the stop string vLLM trimmed)."""
     prompt_tokens = len(getattr(output, "prompt_token_ids", None) or [])
     return [
-        _local.make_completion(o.text, o.finish_reason, prompt_tokens, len(o.token_ids or []), stop,
-                               stop_reason=getattr(o, "stop_reason", None))
+        _local.make_completion(
+            o.text,
+            o.finish_reason,
+            prompt_tokens,
+            len(o.token_ids or []),
+            stop,
+            stop_reason=getattr(o, "stop_reason", None),
+        )
         for o in output.outputs
     ]
 
 
-def memory_kwargs(on_cpu: bool, *, gpu_memory_utilization: float | None, kv_cache_bytes: int | None,
-                  env: dict[str, str], available_bytes: int) -> dict[str, Any]:
+def memory_kwargs(
+    on_cpu: bool,
+    *,
+    gpu_memory_utilization: float | None,
+    kv_cache_bytes: int | None,
+    env: dict[str, str],
+    available_bytes: int,
+) -> dict[str, Any]:
     """vLLM's memory arguments for the platform (pure: no vLLM needed).
 
     A KV cache size, when given, is used on either platform. Otherwise a GPU gets
@@ -93,11 +107,15 @@ def memory_kwargs(on_cpu: bool, *, gpu_memory_utilization: float | None, kv_cach
         if kv_cache_bytes <= 0:
             raise ConfigError(f"--engine_kwargs kv_cache_space_gb must be > 0 (got {kv_cache_bytes / GiB:g})")
         if on_cpu and env_kv:
-            raise ConfigError(f"both kv_cache_space_gb and {CPU_KV_CACHE_ENV}={env_kv} are set, and vLLM would "
-                              f"take the variable: set one of them")
+            raise ConfigError(
+                f"both kv_cache_space_gb and {CPU_KV_CACHE_ENV}={env_kv} are set, and vLLM would "
+                f"take the variable: set one of them"
+            )
         if on_cpu and kv_cache_bytes > available_bytes:
-            raise EngineError(f"kv_cache_space_gb={kv_cache_bytes / GiB:.3g} does not fit: this machine has "
-                              f"{available_bytes / GiB:.1f} GiB of memory available; lower it in --engine_kwargs")
+            raise EngineError(
+                f"kv_cache_space_gb={kv_cache_bytes / GiB:.3g} does not fit: this machine has "
+                f"{available_bytes / GiB:.1f} GiB of memory available; lower it in --engine_kwargs"
+            )
         return {"kv_cache_memory_bytes": int(kv_cache_bytes)}
     if not on_cpu:
         util = DEFAULT_GPU_MEMORY_UTILIZATION if gpu_memory_utilization is None else gpu_memory_utilization
@@ -178,16 +196,27 @@ class VLLMEngine(_local.LocalEngine):
 
         self._vllm = vllm
         # LLM.generate blocks and is not re-entrant: one worker thread owns it
-        super().__init__(model, torch_dtype=torch_dtype, template=template, max_length=max_length,
-                         trust_remote_code=trust_remote_code, max_prompts_per_call=max_prompts_per_call,
-                         **_local.prompt_options(engine_kwargs, "max_model_len"))
+        super().__init__(
+            model,
+            torch_dtype=torch_dtype,
+            template=template,
+            max_length=max_length,
+            trust_remote_code=trust_remote_code,
+            max_prompts_per_call=max_prompts_per_call,
+            **_local.prompt_options(engine_kwargs, "max_model_len"),
+        )
         on_cpu = current_platform.is_cpu()
         kv_bytes = engine_kwargs.pop("kv_cache_memory_bytes", None)  # vLLM's own name for kv_cache_space_gb
         if kv_cache_space_gb is not None:
             kv_bytes = int(float(kv_cache_space_gb) * GiB)
         env = dict(os.environ)
-        memory = memory_kwargs(on_cpu, gpu_memory_utilization=gpu_memory_utilization, kv_cache_bytes=kv_bytes,
-                               env=env, available_bytes=available_memory_bytes() if on_cpu else 0)
+        memory = memory_kwargs(
+            on_cpu,
+            gpu_memory_utilization=gpu_memory_utilization,
+            kv_cache_bytes=kv_bytes,
+            env=env,
+            available_bytes=available_memory_bytes() if on_cpu else 0,
+        )
         llm_kwargs: dict[str, Any] = {
             "dtype": self.dtype,
             "tensor_parallel_size": int(tensor_parallel_size),
@@ -204,14 +233,17 @@ class VLLMEngine(_local.LocalEngine):
             self._processes = [p for p in multiprocessing.active_children() if p not in before]
         except Exception as e:
             if "bootstrapping phase" in str(e):  # we are a spawned vLLM process re-running an unguarded script
-                raise EngineError(f"vLLM cannot start {model}: the script that builds the engine must run its code "
-                                  f"under `if __name__ == \"__main__\":` (vLLM's spawned processes import it "
-                                  f"again)") from e
+                raise EngineError(
+                    f"vLLM cannot start {model}: the script that builds the engine must run its code "
+                    f'under `if __name__ == "__main__":` (vLLM\'s spawned processes import it '
+                    f"again)"
+                ) from e
             detail = " ".join(f"{type(e).__name__}: {e}".split())  # one line, whatever vLLM wrote
             raise EngineError(f"vLLM cannot load {model}: {detail}; {memory_hint(on_cpu, memory, env)}") from e
         # what was asked (memory shown as used), then what vLLM resolved (dtype "auto", the context length)
-        self._args.update(vllm=getattr(vllm, "__version__", "?"),
-                          **{k: v for k, v in llm_kwargs.items() if k not in memory})
+        self._args.update(
+            vllm=getattr(vllm, "__version__", "?"), **{k: v for k, v in llm_kwargs.items() if k not in memory}
+        )
         self._args.update(used_settings(self.llm, current_platform))
 
     def call(self, batch: list[_local.Encoded], params: SamplingParams) -> list[list[Completion]]:
@@ -222,8 +254,9 @@ class VLLMEngine(_local.LocalEngine):
         if len(budgets) == 1:  # one SamplingParams for the whole call unless --max_length clamps some
             sampling: Any = vllm.SamplingParams(**sampling_kwargs(params, budgets.pop()), **structured)
         else:
-            sampling = [vllm.SamplingParams(**sampling_kwargs(params, item.max_new_tokens), **structured)
-                        for item in batch]
+            sampling = [
+                vllm.SamplingParams(**sampling_kwargs(params, item.max_new_tokens), **structured) for item in batch
+            ]
         inputs = [{"prompt_token_ids": item.ids} for item in batch]
         outputs = self.llm.generate(inputs, sampling, use_tqdm=False)
         return [completions_from_output(out, params.stop) for out in outputs]

@@ -24,8 +24,16 @@ from typing import Any, Protocol, runtime_checkable
 
 from winnow.schema import Completion, Message, Prompt
 
-__all__ = ["Closeable", "Describes", "EndsTrajectories", "HasStopWords", "Scheduler", "StartsTrajectories",
-           "Trajectory", "TurnResult"]
+__all__ = [
+    "Closeable",
+    "Describes",
+    "EndsTrajectories",
+    "HasStopWords",
+    "Scheduler",
+    "StartsTrajectories",
+    "Trajectory",
+    "TurnResult",
+]
 
 # why a trajectory ended (its trace says)
 STOP_DONE = "done"  # the scheduler said it is finished

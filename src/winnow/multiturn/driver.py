@@ -60,8 +60,9 @@ class TurnBatcher:
     are always sent together.
     """
 
-    def __init__(self, engine: Engine, params: SamplingParams, count: Callable[..., None],
-                 wait_s: float = DEFAULT_BATCH_WAIT_S):
+    def __init__(
+        self, engine: Engine, params: SamplingParams, count: Callable[..., None], wait_s: float = DEFAULT_BATCH_WAIT_S
+    ):
         self.engine = engine
         self.params = params
         self.count = count
@@ -105,8 +106,11 @@ class TurnBatcher:
         self._scheduled = False
         units = self._units([w for w in self.waiting if not w.reply.done()])  # (a cancelled trajectory's is)
         per_call = max(1, self.engine.batch_plan(1)[0])
-        ready = (len(units) >= per_call or self.live <= sum(map(len, units)) + self.in_engine
-                 or time.monotonic() - self._oldest >= self.wait_s)
+        ready = (
+            len(units) >= per_call
+            or self.live <= sum(map(len, units)) + self.in_engine
+            or time.monotonic() - self._oldest >= self.wait_s
+        )
         if units and not ready:
             if self._timer is None:
                 delay = max(0.0, self.wait_s - (time.monotonic() - self._oldest))
@@ -211,8 +215,10 @@ def _takes(fn: Any) -> tuple[set[str], bool]:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return set(), True
-    return ({p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)},
-            any(p.kind == p.VAR_KEYWORD for p in params))
+    return (
+        {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)},
+        any(p.kind == p.VAR_KEYWORD for p in params),
+    )
 
 
 class _FunctionScheduler:
@@ -237,8 +243,10 @@ def build_scheduler(name: str, target: Any, options: dict[str, Any], context: di
         names, any_kw = _takes(target.__init__) if target.__init__ is not object.__init__ else (set(), False)
         bad = [k for k in options if k not in names and not any_kw]
         if bad:
-            raise ConfigError(f"scheduler {name}: unknown option(s) {', '.join(bad)} in --multi_turn_kwargs; "
-                              f"it takes {', '.join(sorted(names - {'self'})) or 'none'}")
+            raise ConfigError(
+                f"scheduler {name}: unknown option(s) {', '.join(bad)} in --multi_turn_kwargs; "
+                f"it takes {', '.join(sorted(names - {'self'})) or 'none'}"
+            )
         extra = {k: v for k, v in context.items() if (k in names or any_kw) and k not in options}
         try:
             target = target(**extra, **options)
@@ -249,8 +257,10 @@ def build_scheduler(name: str, target: Any, options: dict[str, Any], context: di
             raise ConfigError(f"scheduler {name} is a function and takes no --multi_turn_kwargs")
         target = _FunctionScheduler(target)
     if not isinstance(target, Scheduler):
-        raise ConfigError(f"scheduler {name}: {target!r} has no async step(trajectory) (winnow's contract) and is not "
-                          "a subclass of ms-swift's MultiTurnScheduler")
+        raise ConfigError(
+            f"scheduler {name}: {target!r} has no async step(trajectory) (winnow's contract) and is not "
+            "a subclass of ms-swift's MultiTurnScheduler"
+        )
     return target
 
 
@@ -259,8 +269,16 @@ class MultiTurn:
 
     name = "multi_turn"
 
-    def __init__(self, scheduler: Scheduler, *, scheduler_name: str, max_turns: int, inner: Any = None,
-                 args: dict[str, Any] | None = None, batch_wait_s: float = DEFAULT_BATCH_WAIT_S):
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        *,
+        scheduler_name: str,
+        max_turns: int,
+        inner: Any = None,
+        args: dict[str, Any] | None = None,
+        batch_wait_s: float = DEFAULT_BATCH_WAIT_S,
+    ):
         self.scheduler = scheduler
         self.scheduler_name = scheduler_name
         self.max_turns = max_turns
@@ -276,28 +294,46 @@ class MultiTurn:
 
         if not config.multi_turn_scheduler:
             flag = "--tools" if config.tools else "--gym_env"
-            raise ConfigError(f"{flag} is an option of a multi-turn run: add --multi_turn_scheduler "
-                              f"{'tools' if config.tools else 'gym'}")
+            raise ConfigError(
+                f"{flag} is an option of a multi-turn run: add --multi_turn_scheduler "
+                f"{'tools' if config.tools else 'gym'}"
+            )
         if config.cache_files:
             raise ConfigError("--cache_files holds single answers: it cannot be combined with --multi_turn_scheduler")
         if config.sampler_type not in ("sample", "distill"):
-            raise ConfigError("--multi_turn_scheduler works with --sampler_type sample or distill (every turn "
-                              f"sampled), not {config.sampler_type}")
+            raise ConfigError(
+                "--multi_turn_scheduler works with --sampler_type sample or distill (every turn "
+                f"sampled), not {config.sampler_type}"
+            )
         if config.response_prefix:
             raise ConfigError("--response_prefix does not apply to multi-turn runs: every turn would start with it")
         for path in config.external_plugins:
             registry.load_plugin(path)
-        target = registry.REGISTRY.resolve("scheduler", config.multi_turn_scheduler,
-                                           "Or load one with --external_plugins FILE.")
+        target = registry.REGISTRY.resolve(
+            "scheduler", config.multi_turn_scheduler, "Or load one with --external_plugins FILE."
+        )
         options = dict(config.multi_turn_kwargs)
         wait = float(options.pop("batch_wait_s", DEFAULT_BATCH_WAIT_S))
-        context = {"max_turns": config.max_turns, "tools": list(config.tools), "gym_env": config.gym_env,
-                   "tokenizer": _tokenizer(engine)}
+        context = {
+            "max_turns": config.max_turns,
+            "tools": list(config.tools),
+            "gym_env": config.gym_env,
+            "tokenizer": _tokenizer(engine),
+        }
         scheduler = build_scheduler(config.multi_turn_scheduler, target, options, context)
-        args = {"max_turns": config.max_turns, **({"tools": list(config.tools)} if config.tools else {}),
-                **({"gym_env": config.gym_env} if config.gym_env else {}), **options}
-        return cls(scheduler, scheduler_name=config.multi_turn_scheduler, max_turns=config.max_turns, args=args,
-                   batch_wait_s=wait)
+        args = {
+            "max_turns": config.max_turns,
+            **({"tools": list(config.tools)} if config.tools else {}),
+            **({"gym_env": config.gym_env} if config.gym_env else {}),
+            **options,
+        }
+        return cls(
+            scheduler,
+            scheduler_name=config.multi_turn_scheduler,
+            max_turns=config.max_turns,
+            args=args,
+            batch_wait_s=wait,
+        )
 
     def around(self, inner: Any) -> MultiTurn:
         """This strategy in place of ``inner`` (the run's sampling strategy, whose settings every turn uses)."""
@@ -313,13 +349,19 @@ class MultiTurn:
         """Every prompt's N trajectories, driven to their ends; one group per prompt."""
         if self._batcher is None:
             stop = list(self.scheduler.stop_words) if isinstance(self.scheduler, HasStopWords) else []
-            params = dataclasses.replace(ctx.params, stop=[*ctx.params.stop, *[s for s in stop
-                                                                                if s not in ctx.params.stop]])
+            params = dataclasses.replace(
+                ctx.params, stop=[*ctx.params.stop, *[s for s in stop if s not in ctx.params.stop]]
+            )
             self._batcher = TurnBatcher(ctx.engine, params, ctx.count, self.batch_wait_s)
         batcher = self._batcher
         n = ctx.params.n
-        trajectories = [[Trajectory(p, i, copy.deepcopy(p.messages), list(p.tools) if p.tools else None, self.max_turns)
-                         for i in range(n)] for p in prompts]
+        trajectories = [
+            [
+                Trajectory(p, i, copy.deepcopy(p.messages), list(p.tools) if p.tools else None, self.max_turns)
+                for i in range(n)
+            ]
+            for p in prompts
+        ]
         flat = [t for ts in trajectories for t in ts]
         batcher.join(len(flat))
         ctx.count("trajectories", len(flat))
@@ -332,8 +374,9 @@ class MultiTurn:
                 task.cancel()
             await asyncio.gather(*drives, return_exceptions=True)
             raise
-        return [self._group(p, ts, [initial[id(t)] for t in ts], ctx)
-                for p, ts in zip(prompts, trajectories, strict=True)]
+        return [
+            self._group(p, ts, [initial[id(t)] for t in ts], ctx) for p, ts in zip(prompts, trajectories, strict=True)
+        ]
 
     async def _drive(self, t: Trajectory, batcher: TurnBatcher, ctx, initial: dict[int, list[Message]]) -> None:
         left = False
@@ -352,8 +395,9 @@ class MultiTurn:
                 append_reply(t, reply)
                 result = await self._call("step", self.scheduler.step, t)
                 if not isinstance(result, TurnResult):
-                    raise SchedulerError(f"scheduler {self.scheduler_name}: step returned {type(result).__name__}, "
-                                         "not a TurnResult")
+                    raise SchedulerError(
+                        f"scheduler {self.scheduler_name}: step returned {type(result).__name__}, not a TurnResult"
+                    )
                 t.infos.append(result.info)
                 if result.done:
                     t.stop_reason = STOP_DONE
@@ -376,8 +420,9 @@ class MultiTurn:
         except (WinnowError, asyncio.CancelledError):
             raise
         except Exception as e:  # a scheduler that raises is a bug to fix, like a reward that raises
-            raise SchedulerError(f"scheduler {self.scheduler_name} failed in {hook} at turn {t.turn} of {t.id}: "
-                                 f"{type(e).__name__}: {e}") from e
+            raise SchedulerError(
+                f"scheduler {self.scheduler_name} failed in {hook} at turn {t.turn} of {t.id}: {type(e).__name__}: {e}"
+            ) from e
 
     def _group(self, prompt: Prompt, trajectories: list[Trajectory], initial: list[list[Message]], ctx) -> Group:
         """The prompt's group: its conversation as every trajectory began it (after the scheduler's start),
@@ -394,21 +439,39 @@ class MultiTurn:
         last = next((i for i in range(len(turns) - 1, -1, -1) if turns[i].get("role") == "assistant"), None)
         turns = turns[: last + 1] if last is not None else turns
         reply = t.reply
-        trace = {"num_turns": t.turn, "stop_reason": t.stop_reason, "turn_infos": t.infos,
-                 **({"rollout_infos": t.rollout_infos} if t.rollout_infos else {})}
+        trace = {
+            "num_turns": t.turn,
+            "stop_reason": t.stop_reason,
+            "turn_infos": t.infos,
+            **({"rollout_infos": t.rollout_infos} if t.rollout_infos else {}),
+        }
         tool_calls = sum(len(info.get("tool_calls") or ()) for info in t.infos)
         if tool_calls:
             ctx.count("tool_calls", tool_calls)
         ctx.count(f"stop_{t.stop_reason}")
-        common = dict(prompt_tokens=sum(r.prompt_tokens for r in t.replies),
-                      completion_tokens=sum(r.completion_tokens for r in t.replies), turns=turns, trace=trace)
+        common: dict[str, Any] = dict(
+            prompt_tokens=sum(r.prompt_tokens for r in t.replies),
+            completion_tokens=sum(r.completion_tokens for r in t.replies),
+            turns=turns,
+            trace=trace,
+        )
         if t.stop_reason == STOP_FAILED or last is None:
             error = reply.error or "the trajectory has no assistant turn"
-            return Completion(text="", finish_reason=reply.finish_reason if reply.failed else "error",
-                              error=f"turn {t.turn}: {error}", **common)
+            return Completion(
+                text="",
+                finish_reason=reply.finish_reason if reply.failed else "error",
+                error=f"turn {t.turn}: {error}",
+                **common,
+            )
         final = turns[-1]
-        return Completion(text=final.get("content") or "", finish_reason=reply.finish_reason, error=reply.error,
-                          reasoning=reply.reasoning, tool_calls=final.get("tool_calls"), **common)
+        return Completion(
+            text=final.get("content") or "",
+            finish_reason=reply.finish_reason,
+            error=reply.error,
+            reasoning=reply.reasoning,
+            tool_calls=final.get("tool_calls"),
+            **common,
+        )
 
     async def aclose(self) -> None:
         """Stop the batcher and release what the scheduler holds (sandboxes, verifier workers)."""

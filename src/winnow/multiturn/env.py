@@ -58,8 +58,11 @@ class EnvironmentScheduler:
     def _environment(name: str) -> Any:
         from winnow import registry
 
-        return registry.REGISTRY.resolve("environment", name, "Or load one with --external_plugins FILE "
-                                                              "(@winnow.registry.environment, or swift's envs[...]).")
+        return registry.REGISTRY.resolve(
+            "environment",
+            name,
+            "Or load one with --external_plugins FILE (@winnow.registry.environment, or swift's envs[...]).",
+        )
 
     def _config(self, trajectory: Trajectory) -> dict[str, Any]:
         own = trajectory.prompt.columns.get("env_config") or {}
@@ -83,8 +86,9 @@ class EnvironmentScheduler:
         out = await _maybe_await(env.reset(request))
         observation, info, system = (out, {}, None) if not isinstance(out, tuple) else (tuple(out) + (None,) * 3)[:3]
         if observation is not None:  # the environment sets the scene, as in ms-swift
-            trajectory.messages = ([{"role": "system", "content": system}] if system else []) + \
-                [{"role": "user", "content": str(observation)}]
+            trajectory.messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": str(observation)}
+            ]
         elif system:
             rest = [m for m in trajectory.messages if m.get("role") != "system"]
             trajectory.messages = [{"role": "system", "content": system}, *rest]
@@ -97,14 +101,18 @@ class EnvironmentScheduler:
         try:
             observation, reward, done, info = out
         except (TypeError, ValueError):
-            raise SchedulerError(f"environment {type(env).__name__}: step returned {out!r}; expected "
-                                 "(observation, reward, done, info)") from None
+            raise SchedulerError(
+                f"environment {type(env).__name__}: step returned {out!r}; expected (observation, reward, done, info)"
+            ) from None
         reward = float(reward or 0.0)
         trajectory.state["total_reward"] += reward
         trajectory.state["step_rewards"].append(reward)
         done = bool(done) or observation is None
-        trajectory.rollout_infos.update(total_reward=trajectory.state["total_reward"],
-                                        step_rewards=list(trajectory.state["step_rewards"]), gym_done=done)
+        trajectory.rollout_infos.update(
+            total_reward=trajectory.state["total_reward"],
+            step_rewards=list(trajectory.state["step_rewards"]),
+            gym_done=done,
+        )
         turn = {"reward": reward, "done": done, **({"info": _jsonable(info)} if info else {})}
         if done:
             return TurnResult(done=True, info=turn)
@@ -149,7 +157,7 @@ class MathRetryEnv:
         from winnow.rewards.builtin import shared_verifier
 
         answer = str(messages[-1].get("content") or "")
-        (verdict, why), = await shared_verifier(None, self.timeout).verify([(answer, self.reference)])
+        ((verdict, why),) = await shared_verifier(None, self.timeout).verify([(answer, self.reference)])
         if verdict is None:  # no reference, or it cannot be read: nothing to retry against
             return None, 0.0, True, {"verdict": why}
         if verdict > 0:
@@ -160,8 +168,9 @@ class MathRetryEnv:
         """Nothing to release."""
 
 
-def env_reward(completions: list[Any], rollout_infos: list[dict[str, Any]] | None = None, **kwargs: Any
-               ) -> list[float | None]:
+def env_reward(
+    completions: list[Any], rollout_infos: list[dict[str, Any]] | None = None, **kwargs: Any
+) -> list[float | None]:
     """The environment's total reward of each trajectory (``--multi_turn_scheduler gym``); None without one."""
     infos = rollout_infos or [{} for _ in completions]
     return [info.get("total_reward") if isinstance(info, dict) else None for info in infos]

@@ -39,6 +39,7 @@ SWIFT_BASES = ("MultiTurnScheduler", "RolloutScheduler")
 
 # ----------------------------------------------------------------------------- swift's data shapes
 
+
 @dataclass
 class RolloutInferRequest:
     """swift's request of one trajectory: its conversation, its dataset row and its id."""
@@ -113,11 +114,21 @@ class RequestConfig:
 
 def response_choice(reply: Completion) -> ChatCompletionResponseChoice:
     """A winnow reply in swift's shape."""
-    calls = [ChatCompletionMessageToolCall(Function(c["function"]["name"], c["function"].get("arguments")),
-                                           c.get("type", "function"), c.get("id") or "")
-             for c in reply.tool_calls or []]
-    return ChatCompletionResponseChoice(0, ChatMessage("assistant", reply.text, calls or None, reply.reasoning),
-                                        reply.finish_reason, None, list(reply.token_ids or []))
+    calls = [
+        ChatCompletionMessageToolCall(
+            Function(c["function"]["name"], c["function"].get("arguments")),
+            c.get("type", "function"),
+            c.get("id") or "",
+        )
+        for c in reply.tool_calls or []
+    ]
+    return ChatCompletionResponseChoice(
+        0,
+        ChatMessage("assistant", reply.text, calls or None, reply.reasoning),
+        reply.finish_reason,
+        None,
+        list(reply.token_ids or []),
+    )
 
 
 def infer_request(trajectory: Trajectory) -> RolloutInferRequest:
@@ -128,11 +139,13 @@ def infer_request(trajectory: Trajectory) -> RolloutInferRequest:
         data.setdefault("solution", p.reference)
     if p.tools:
         data.setdefault("tools", copy.deepcopy(p.tools))
-    return RolloutInferRequest(messages=trajectory.messages, tools=trajectory.tools, data_dict=data,
-                               uuid=trajectory.id, prompt=p)
+    return RolloutInferRequest(
+        messages=trajectory.messages, tools=trajectory.tools, data_dict=data, uuid=trajectory.id, prompt=p
+    )
 
 
 # ----------------------------------------------------------------------------- swift's base classes
+
 
 class RolloutScheduler:
     """swift's scheduler base: ``max_turns``, and the tokenizer swift's trainer passes (the local engine's here)."""
@@ -150,8 +163,9 @@ class RolloutScheduler:
     async def on_trajectory_start(self, requests: list[RolloutInferRequest]) -> None:
         """Before the first turn (swift >= 3.8); nothing by default."""
 
-    async def on_turn_end(self, infer_request: RolloutInferRequest, response_choice: ChatCompletionResponseChoice,
-                          current_turn: int) -> dict[str, Any]:
+    async def on_turn_end(
+        self, infer_request: RolloutInferRequest, response_choice: ChatCompletionResponseChoice, current_turn: int
+    ) -> dict[str, Any]:
         """After each reply is appended (swift >= 3.8): may say ``done`` and add ``rollout_infos``."""
         return {}
 
@@ -163,13 +177,15 @@ class RolloutScheduler:
 class MultiTurnScheduler(RolloutScheduler):
     """swift's multi-turn scheduler base: ``check_finished`` and ``step`` between turns."""
 
-    def step(self, infer_request: RolloutInferRequest, response_choice: ChatCompletionResponseChoice,
-             current_turn: int) -> dict[str, Any]:
+    def step(
+        self, infer_request: RolloutInferRequest, response_choice: ChatCompletionResponseChoice, current_turn: int
+    ) -> dict[str, Any]:
         """The next turn's request: ``{'infer_request': ..., 'rollout_infos': {...}}`` (subclasses define it)."""
         raise NotImplementedError("Please implement the `step` method in your MultiTurnScheduler subclass")
 
-    def check_finished(self, infer_request: RolloutInferRequest, response_choice: ChatCompletionResponseChoice,
-                       current_turn: int) -> bool:
+    def check_finished(
+        self, infer_request: RolloutInferRequest, response_choice: ChatCompletionResponseChoice, current_turn: int
+    ) -> bool:
         """swift's default: stop on a reply cut at the token limit, or at ``max_turns``."""
         if response_choice.finish_reason == FINISH_LENGTH:
             return True
@@ -200,20 +216,31 @@ def get_logger(name: str = "swift") -> logging.Logger:
 
 def shim_names(multi_turns: dict[str, Any], envs: dict[str, Any]) -> dict[str, Any]:
     """What swift's multi-turn modules export, for the stand-in modules a plugin file imports from."""
-    return {"MultiTurnScheduler": MultiTurnScheduler, "RolloutScheduler": RolloutScheduler, "multi_turns": multi_turns,
-            "Env": Env, "envs": envs, "RolloutInferRequest": RolloutInferRequest, "RequestConfig": RequestConfig,
-            "ChatCompletionResponseChoice": ChatCompletionResponseChoice, "ChatMessage": ChatMessage,
-            "ChatCompletionMessageToolCall": ChatCompletionMessageToolCall, "Function": Function,
-            "get_logger": get_logger}
+    return {
+        "MultiTurnScheduler": MultiTurnScheduler,
+        "RolloutScheduler": RolloutScheduler,
+        "multi_turns": multi_turns,
+        "Env": Env,
+        "envs": envs,
+        "RolloutInferRequest": RolloutInferRequest,
+        "RequestConfig": RequestConfig,
+        "ChatCompletionResponseChoice": ChatCompletionResponseChoice,
+        "ChatMessage": ChatMessage,
+        "ChatCompletionMessageToolCall": ChatCompletionMessageToolCall,
+        "Function": Function,
+        "get_logger": get_logger,
+    }
 
 
 # ----------------------------------------------------------------------------- the adapter
+
 
 def is_swift_scheduler(target: Any) -> bool:
     """A subclass of ms-swift's scheduler base (the real one or the stand-in)."""
     return inspect.isclass(target) and any(
         c.__name__ in SWIFT_BASES and (c.__module__.startswith("swift") or c.__module__ == __name__)
-        for c in target.__mro__)
+        for c in target.__mro__
+    )
 
 
 def _base_run(cls: type) -> Any:
@@ -229,12 +256,18 @@ class SwiftScheduler:
 
     def __init__(self, name: str, cls: type, options: dict[str, Any], context: dict[str, Any]):
         if "run" in _overrides(cls):
-            raise ConfigError(f"scheduler {name} ({cls.__name__}) replaces run(): winnow drives the turns itself, "
-                              "batched across trajectories, and calls check_finished, step, on_trajectory_start and "
-                              "on_turn_end; move the logic of run() into those")
+            raise ConfigError(
+                f"scheduler {name} ({cls.__name__}) replaces run(): winnow drives the turns itself, "
+                "batched across trajectories, and calls check_finished, step, on_trajectory_start and "
+                "on_turn_end; move the logic of run() into those"
+            )
         self.name = name
-        kwargs = {"max_turns": context.get("max_turns"), "tokenizer": context.get("tokenizer"),
-                  **({"gym_env": context["gym_env"]} if context.get("gym_env") else {}), **options}
+        kwargs = {
+            "max_turns": context.get("max_turns"),
+            "tokenizer": context.get("tokenizer"),
+            **({"gym_env": context["gym_env"]} if context.get("gym_env") else {}),
+            **options,
+        }
         try:
             self.swift = cls(**kwargs)  # as swift's trainer builds them: keywords only
         except Exception as e:
@@ -256,8 +289,11 @@ class SwiftScheduler:
         turn_end = await _maybe_await(self.swift.on_turn_end(request, choice, trajectory.turn)) or {}
         if turn_end.get("rollout_infos"):
             trajectory.rollout_infos.update(turn_end["rollout_infos"])
-        done = bool(turn_end["done"]) if "done" in turn_end else \
-            bool(self.swift.check_finished(request, choice, trajectory.turn))
+        done = (
+            bool(turn_end["done"])
+            if "done" in turn_end
+            else bool(self.swift.check_finished(request, choice, trajectory.turn))
+        )
         info = {"rollout_infos": dict(turn_end.get("rollout_infos") or {})} if turn_end.get("rollout_infos") else {}
         if done or trajectory.last_turn:
             trajectory.messages = request.messages
@@ -269,8 +305,9 @@ class SwiftScheduler:
             out = {"infer_request": out}
         following = out.get("infer_request")
         if following is None or not isinstance(getattr(following, "messages", None), list):
-            raise SchedulerError(f"scheduler {self.name}: step returned {out!r}; swift's contract is a dict with "
-                                 "'infer_request'")
+            raise SchedulerError(
+                f"scheduler {self.name}: step returned {out!r}; swift's contract is a dict with 'infer_request'"
+            )
         if out.get("rollout_infos"):
             trajectory.rollout_infos.update(out["rollout_infos"])
             info["rollout_infos"] = {**info.get("rollout_infos", {}), **out["rollout_infos"]}

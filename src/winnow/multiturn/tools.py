@@ -30,6 +30,7 @@ import json
 import operator
 import re
 import typing
+from collections.abc import Callable
 from typing import Any
 
 from winnow.errors import ConfigError
@@ -44,6 +45,7 @@ _ARG_DOC = re.compile(r"^\s+(\w+)\s*(?:\([^)]*\))?:\s*(.+)$")
 
 
 # ----------------------------------------------------------------------------- tool definitions
+
 
 def function_spec(name: str, fn: Any) -> dict[str, Any]:
     """The OpenAI tool definition of a function: its name, its docstring's first paragraph, its parameters
@@ -71,17 +73,23 @@ def function_spec(name: str, fn: Any) -> dict[str, Any]:
         if p.default is p.empty:
             required.append(p.name)
     summary = doc.split("\n\n")[0].replace("\n", " ").strip()
-    return {"type": "function", "function": {"name": name, "description": summary,
-                                             "parameters": {"type": "object", "properties": properties,
-                                                            "required": required}}}
+    return {
+        "type": "function",
+        "function": {
+            "name": name,
+            "description": summary,
+            "parameters": {"type": "object", "properties": properties, "required": required},
+        },
+    }
 
 
 def build_tool(name: str, options: dict[str, Any]) -> Any:
     """The registered tool called ``name``: a function as it is, a class built with the options it takes."""
     from winnow import registry
 
-    target = registry.REGISTRY.resolve("tool", name, "Register one with @winnow.registry.tool in a file given to "
-                                                    "--external_plugins.")
+    target = registry.REGISTRY.resolve(
+        "tool", name, "Register one with @winnow.registry.tool in a file given to --external_plugins."
+    )
     if inspect.isclass(target):
         accepted = inspect.signature(target.__init__).parameters
         return target(**{k: v for k, v in options.items() if k in accepted})
@@ -97,6 +105,7 @@ def _text(value: Any, limit: int) -> str:
 
 # ----------------------------------------------------------------------------- finding calls in a reply
 
+
 def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     """``<tool_call>{"name": ..., "arguments": ...}</tool_call>`` blocks of a reply: the text without them and
     the calls in OpenAI's shape (blocks that are not such JSON are left in the text)."""
@@ -109,11 +118,17 @@ def parse_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
         if not isinstance(body, dict) or not isinstance(body.get("name"), str):
             continue
         arguments = body.get("arguments", body.get("parameters", {}))
-        kept.append(text[at:match.start()])
+        kept.append(text[at : match.start()])
         at = match.end()
-        calls.append({"type": "function", "function": {
-            "name": body["name"],
-            "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}})
+        calls.append(
+            {
+                "type": "function",
+                "function": {
+                    "name": body["name"],
+                    "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False),
+                },
+            }
+        )
     kept.append(text[at:])
     return "".join(kept).strip(), calls
 
@@ -126,15 +141,23 @@ def trailing_code(text: str) -> str | None:
     starts = list(_CODE_START.finditer(body[:-3]))
     if not starts:
         return None
-    code = body[starts[-1].end():-3]
+    code = body[starts[-1].end() : -3]
     return None if "```" in code else code
 
 
 # ----------------------------------------------------------------------------- built-in tools
 
-_OPS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-        ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow,
-        ast.USub: operator.neg, ast.UAdd: operator.pos}
+_OPS: dict[type[ast.AST], Callable[..., Any]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv,
+    ast.Mod: operator.mod,
+    ast.Pow: operator.pow,
+    ast.USub: operator.neg,
+    ast.UAdd: operator.pos,
+}
 
 
 def calculator(expression: str) -> str:
@@ -209,27 +232,41 @@ class PythonTool:
 
 # ----------------------------------------------------------------------------- the scheduler
 
+
 class ToolScheduler:
     """Runs the model's tool calls (the API's tool_calls, <tool_call> blocks, trailing Python blocks) and
     sends the results back; a reply without a call ends the trajectory."""
 
-    def __init__(self, tools: list[str] | None = None, *, timeout_s: float = 30.0, max_result_chars: int = 4000,
-                 code_blocks: bool | None = None, memory_mb: int = 1024):
+    def __init__(
+        self,
+        tools: list[str] | None = None,
+        *,
+        timeout_s: float = 30.0,
+        max_result_chars: int = 4000,
+        code_blocks: bool | None = None,
+        memory_mb: int = 1024,
+    ):
         self.timeout_s = float(timeout_s)
         self.max_result_chars = int(max_result_chars)
         names = list(dict.fromkeys(tools or []))
-        self.tools = {name: build_tool(name, {"timeout_s": min(self.timeout_s, 60.0), "memory_mb": memory_mb})
-                      for name in names}
+        self.tools = {
+            name: build_tool(name, {"timeout_s": min(self.timeout_s, 60.0), "memory_mb": memory_mb}) for name in names
+        }
         self.specs = [function_spec(name, fn) for name, fn in self.tools.items()]
         self.code_blocks = ("python" in self.tools) if code_blocks is None else bool(code_blocks)
         if self.code_blocks and "python" not in self.tools:
-            raise ConfigError("multi_turn_kwargs code_blocks: running code blocks needs the python tool "
-                              "(--tools python)")
+            raise ConfigError(
+                "multi_turn_kwargs code_blocks: running code blocks needs the python tool (--tools python)"
+            )
         self.stop_words = [CODE_OUTPUT_STOP] if self.code_blocks else []
 
     def describe(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"tools": list(self.tools), "timeout_s": self.timeout_s,
-                               "max_result_chars": self.max_result_chars, "code_blocks": self.code_blocks}
+        out: dict[str, Any] = {
+            "tools": list(self.tools),
+            "timeout_s": self.timeout_s,
+            "max_result_chars": self.max_result_chars,
+            "code_blocks": self.code_blocks,
+        }
         if isinstance(self.tools.get("python"), PythonTool):
             out["sandbox"] = self.tools["python"].describe()
         return out
@@ -260,8 +297,14 @@ class ToolScheduler:
             results = await asyncio.gather(*(self.call(c, offered) for c in calls))
             messages: list[Message] = []
             for k, (call, result) in enumerate(zip(calls, results, strict=True)):
-                messages.append({"role": "tool", "tool_call_id": call.get("id") or f"call_{trajectory.turn}_{k}",
-                                 "name": _name(call), "content": result})
+                messages.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": call.get("id") or f"call_{trajectory.turn}_{k}",
+                        "name": _name(call),
+                        "content": result,
+                    }
+                )
             return TurnResult(messages=messages, info={"tool_calls": [_name(c) for c in calls]})
         code = trailing_code(last.get("content") or "") if self.code_blocks else None
         if code is None:
@@ -272,7 +315,7 @@ class ToolScheduler:
         last["content"] = last["content"].rstrip() + f"\n{CODE_OUTPUT_STOP}\n{output}\n```\n"  # the model continues
         return TurnResult(info={"tool_calls": ["python"], "code_block": True})
 
-    async def call(self, call: dict[str, Any], offered: set[str] | None = None) -> str:
+    async def call(self, call: dict[str, Any], offered: set[str | None] | None = None) -> str:
         """One tool call's result as text; whatever goes wrong is the result ("error: ..."), for the model to read.
         A tool the row offers (``offered``) runs when a function of that name is registered, even without --tools."""
         name = _name(call)

@@ -20,6 +20,7 @@ class Scorer(Protocol):
 
     orm_key: str | None
     prm_key: str | None
+    slots: list[Any]  # every reward of the run (each a :class:`winnow.rewards.scorer.RewardSlot`)
 
     async def score(self, groups: list[Group]) -> None: ...
 

@@ -62,8 +62,12 @@ class Sample:
         trace = self.completion.trace or {}
         if "num_turns" not in trace:
             return {}
-        return {**(trace.get("rollout_infos") or {}), "num_turns": trace["num_turns"],
-                "stop_reason": trace.get("stop_reason"), "turn_infos": trace.get("turn_infos") or []}
+        return {
+            **(trace.get("rollout_infos") or {}),
+            "num_turns": trace["num_turns"],
+            "stop_reason": trace.get("stop_reason"),
+            "turn_infos": trace.get("turn_infos") or [],
+        }
 
 
 @runtime_checkable
@@ -134,8 +138,9 @@ def _number(value: Any, name: str) -> float | None:
     try:
         out = float(value)
     except (TypeError, ValueError):
-        raise RewardError(f"reward {name} returned {value!r}; expected a number, None, or a list of step scores") \
-            from None
+        raise RewardError(
+            f"reward {name} returned {value!r}; expected a number, None, or a list of step scores"
+        ) from None
     return None if math.isnan(out) else out
 
 
@@ -162,7 +167,7 @@ def _accepts(fn: Any) -> tuple[set[str], bool, list[str]]:
 
 
 def calling_style(fn: Any) -> str:
-    """"winnow", "seed" or "trl", from what the object is and how its first parameter is named (a
+    """ "winnow", "seed" or "trl", from what the object is and how its first parameter is named (a
     ``trl``-style callable registered in swift's registries is then called in swift's ``swift`` style)."""
     if not callable(fn) and hasattr(fn, "score"):
         return "winnow"
@@ -209,8 +214,9 @@ WINNOW_RUNTIME = ("messages", "reference", "completion_tokens", "finish_reasons"
 class FunctionReward:
     """A seed-style or TRL-style callable adapted to the Reward protocol."""
 
-    def __init__(self, name: str, fn: Any, *, style: str | None = None, agg: str = "min",
-                 args: dict[str, Any] | None = None):
+    def __init__(
+        self, name: str, fn: Any, *, style: str | None = None, agg: str = "min", args: dict[str, Any] | None = None
+    ):
         self.name = name
         self.fn = fn
         self.style = style or calling_style(fn)
@@ -257,17 +263,25 @@ class FunctionReward:
             "finish_reasons": [s.completion.finish_reason for s in samples],
             "rollout_infos": [s.rollout_infos for s in samples],
             **columns,
-            "prompts": [s.prompt.messages if conv else prompt_text(s.prompt)
-                        for s, conv in zip(samples, conversational, strict=True)],
-            "completions": [(s.completion.turns or [{"role": "assistant", "content": s.text}]) if conv else s.text
-                            for s, conv in zip(samples, conversational, strict=True)],
+            "prompts": [
+                s.prompt.messages if conv else prompt_text(s.prompt)
+                for s, conv in zip(samples, conversational, strict=True)
+            ],
+            "completions": [
+                (s.completion.turns or [{"role": "assistant", "content": s.text}]) if conv else s.text
+                for s, conv in zip(samples, conversational, strict=True)
+            ],
             "completion_ids": [s.completion.token_ids for s in samples],
-            "trainer_state": TRAINER_STATE, "log_extra": log_extra, "log_metric": log_metric,
+            "trainer_state": TRAINER_STATE,
+            "log_extra": log_extra,
+            "log_metric": log_metric,
         }
         missing = [name for name in self.required if name not in kwargs]
         if missing:
-            raise RewardError(f"reward {self.name} needs {', '.join(missing)}: not a column of this dataset; give "
-                              f"a value with --reward_kwargs '{{\"{self.name}\": {{\"{missing[0]}\": ...}}}}'")
+            raise RewardError(
+                f"reward {self.name} needs {', '.join(missing)}: not a column of this dataset; give "
+                f'a value with --reward_kwargs \'{{"{self.name}": {{"{missing[0]}": ...}}}}\''
+            )
         out = await _call(self.fn, **self._pick(kwargs))
         scores = [to_score(v, self.name, self.agg) for v in check_count(self.name, out, len(samples))]
         for score, info in zip(scores, extras, strict=True):
@@ -288,8 +302,11 @@ def _required(fn: Any) -> list[str]:
         sig = inspect.signature(fn)
     except (TypeError, ValueError):
         return []
-    return [p.name for p in sig.parameters.values()
-            if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
 
 
 class ModelReward:
@@ -315,16 +332,16 @@ class ModelReward:
         if not samples:
             return []
         loop = asyncio.get_running_loop()
-        out = await loop.run_in_executor(self._executor, self.model.score_conversations,
-                                         [s.messages for s in samples])
+        out = await loop.run_in_executor(self._executor, self.model.score_conversations, [s.messages for s in samples])
         return check_count(self.name, out, len(samples))
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True)
 
 
-def adapt(name: str, obj: Any, *, agg: str = "min", args: dict[str, Any] | None = None,
-          swift_registered: bool = False) -> Reward:
+def adapt(
+    name: str, obj: Any, *, agg: str = "min", args: dict[str, Any] | None = None, swift_registered: bool = False
+) -> Reward:
     """Any accepted calling style as a :class:`Reward`. A ``completions``-style callable registered in
     swift's ``orms``/``prms`` gets swift's convention (completions as strings), any other TRL's."""
     style = calling_style(obj)
@@ -334,5 +351,6 @@ def adapt(name: str, obj: Any, *, agg: str = "min", args: dict[str, Any] | None 
         return obj
     if not callable(obj):
         raise RewardError(f"reward {name}: {obj!r} is not callable and has no async score()")
-    return FunctionReward(name, obj, agg=agg, args=args, style="swift" if style == "trl" and swift_registered
-                          else style)
+    return FunctionReward(
+        name, obj, agg=agg, args=args, style="swift" if style == "trl" and swift_registered else style
+    )

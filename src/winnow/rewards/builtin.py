@@ -68,13 +68,24 @@ def react_format_reward(completions: list[Any], **kwargs: Any) -> list[float]:
 class CosineReward:
     """Length-aware correctness: short correct answers score most, short wrong ones are punished most."""
 
-    def __init__(self, min_len_value_wrong: float = -0.5, max_len_value_wrong: float = 0.0,
-                 min_len_value_correct: float = 1.0, max_len_value_correct: float = 0.5, max_len: int = 1000,
-                 workers: int | None = None, timeout: float | None = 5.0):
+    def __init__(
+        self,
+        min_len_value_wrong: float = -0.5,
+        max_len_value_wrong: float = 0.0,
+        min_len_value_correct: float = 1.0,
+        max_len_value_correct: float = 0.5,
+        max_len: int = 1000,
+        workers: int | None = None,
+        timeout: float | None = 5.0,
+    ):
         self.name = "cosine"
-        self.args = dict(min_len_value_wrong=min_len_value_wrong, max_len_value_wrong=max_len_value_wrong,
-                         min_len_value_correct=min_len_value_correct, max_len_value_correct=max_len_value_correct,
-                         max_len=max_len)
+        self.args = dict(
+            min_len_value_wrong=min_len_value_wrong,
+            max_len_value_wrong=max_len_value_wrong,
+            min_len_value_correct=min_len_value_correct,
+            max_len_value_correct=max_len_value_correct,
+            max_len=max_len,
+        )
         if max_len <= 0:
             raise RewardError("reward cosine: max_len must be positive")
         self.verifier = shared_verifier(workers, timeout)
@@ -104,8 +115,9 @@ class CosineReward:
         return out
 
 
-def repetition_reward(completions: list[Any], n_grams: int = 3, max_penalty: float = -1.0,
-                      **kwargs: Any) -> list[float]:
+def repetition_reward(
+    completions: list[Any], n_grams: int = 3, max_penalty: float = -1.0, **kwargs: Any
+) -> list[float]:
     """Penalty for repeated word n-grams: 0 for none repeated, down to max_penalty (default -1)."""
     out = []
     for text in completion_texts(completions):
@@ -113,20 +125,27 @@ def repetition_reward(completions: list[Any], n_grams: int = 3, max_penalty: flo
         if len(words) < n_grams:
             out.append(0.0)
             continue
-        grams = [tuple(words[i:i + n_grams]) for i in range(len(words) - n_grams + 1)]
+        grams = [tuple(words[i : i + n_grams]) for i in range(len(words) - n_grams + 1)]
         out.append((1 - len(set(grams)) / len(grams)) * max_penalty)
     return out
 
 
-def soft_overlong_reward(completions: list[Any], soft_max_length: int, soft_cache_length: int,
-                         completion_tokens: list[int] | None = None, **kwargs: Any) -> list[float]:
+def soft_overlong_reward(
+    completions: list[Any],
+    soft_max_length: int,
+    soft_cache_length: int,
+    completion_tokens: list[int] | None = None,
+    **kwargs: Any,
+) -> list[float]:
     """DAPO's soft overlong penalty: 0 up to soft_max_length - soft_cache_length tokens, then down to -1."""
     if soft_cache_length <= 0 or soft_cache_length > soft_max_length:
         raise RewardError("reward soft_overlong: need 0 < soft_cache_length <= soft_max_length")
     lengths = completion_tokens or [0] * len(completions)
     expected = soft_max_length - soft_cache_length
-    return [min(-(_length(n, c) - expected) / soft_cache_length, 0.0)
-            for c, n in zip(completion_texts(completions), lengths, strict=True)]
+    return [
+        min(-(_length(n, c) - expected) / soft_cache_length, 0.0)
+        for c, n in zip(completion_texts(completions), lengths, strict=True)
+    ]
 
 
 JUDGE_TEMPLATE = (
@@ -141,21 +160,38 @@ JUDGE_PATTERN = r"Reward:\s*\**\s*([-+]?\d+(?:\.\d+)?)"
 class JudgeReward:
     """A generative judge: any winnow engine prompted with a template, its 'Reward: x' parsed (None if absent)."""
 
-    def __init__(self, model: str | None = None, engine: str = "client", template: str = JUDGE_TEMPLATE,
-                 pattern: str = JUDGE_PATTERN, min_value: float = -1.0, max_value: float = 1.0,
-                 max_new_tokens: int = 512, temperature: float = 0.0, engine_kwargs: dict | None = None):
+    def __init__(
+        self,
+        model: str | None = None,
+        engine: str = "client",
+        template: str = JUDGE_TEMPLATE,
+        pattern: str = JUDGE_PATTERN,
+        min_value: float = -1.0,
+        max_value: float = 1.0,
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        engine_kwargs: dict | None = None,
+    ):
         from winnow.engines import get_engine
 
         if not model:
-            raise RewardError("reward judge needs a model: --reward_kwargs '{\"judge\": {\"model\": \"...\", "
-                              "\"engine\": \"client\"}}'")
+            raise RewardError(
+                'reward judge needs a model: --reward_kwargs \'{"judge": {"model": "...", "engine": "client"}}\''
+            )
         self.name = "judge"
         self.template = template
         self.pattern = re.compile(pattern)
         self.bounds = (min_value, max_value)
         self.params = SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=temperature)
-        self.args = {"model": model, "engine": engine, "pattern": pattern, "min_value": min_value,
-                     "max_value": max_value, "max_new_tokens": max_new_tokens, "temperature": temperature}
+        self.args = {
+            "model": model,
+            "engine": engine,
+            "pattern": pattern,
+            "min_value": min_value,
+            "max_value": max_value,
+            "max_new_tokens": max_new_tokens,
+            "temperature": temperature,
+        }
         self.engine = get_engine(engine, model, **(engine_kwargs or {}))
 
     def describe(self) -> dict[str, Any]:
@@ -177,8 +213,11 @@ class JudgeReward:
         question = next((m["content"] for m in reversed(s.prompt.messages) if m["role"] == "user"), "")
         ref = s.prompt.reference
         text = self.template.format(
-            question=question, response=s.text, reference=ref or "",
-            reference_block=f"Reference answer:\n{ref}\n\n" if ref else "")
+            question=question,
+            response=s.text,
+            reference=ref or "",
+            reference_block=f"Reference answer:\n{ref}\n\n" if ref else "",
+        )
         return Prompt(id=f"judge-{s.prompt.id}-{i}", messages=[{"role": "user", "content": text}])
 
     async def score(self, samples: list[Sample]) -> list[Score]:
@@ -203,8 +242,10 @@ class JsonSchemaReward:
         from winnow.structured import SchemaCheck, load_response_format, schema_of
 
         if schema is None:
-            raise ConfigError("reward json_schema needs a schema: set --response_format, or "
-                              "--reward_kwargs '{\"json_schema\": {\"schema\": \"schema.json\"}}'")
+            raise ConfigError(
+                "reward json_schema needs a schema: set --response_format, or "
+                '--reward_kwargs \'{"json_schema": {"schema": "schema.json"}}\''
+            )
         self.name = "json_schema"
         self.spec = schema
         self.check = SchemaCheck(schema_of(load_response_format(schema)) or {})

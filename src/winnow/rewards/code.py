@@ -84,17 +84,19 @@ def _prompt_text(sample: Sample) -> str:
 def _harness(body: str, tests: list[str]) -> TestRun:
     """``body`` then each test source run in turn, each success announced with a fresh nonce."""
     nonce = secrets.token_hex(12)
-    program = (f"{body}\n\n"
-               f"def _winnow_test(_index, _source):\n"
-               f"    try:\n"
-               f"        exec(_source, globals())\n"
-               f"    except BaseException as _error:\n"
-               f"        import sys\n"
-               f"        print(f'test {{_index}}: {{type(_error).__name__}}: {{_error}}'[:300], file=sys.stderr)\n"
-               f"        return\n"
-               f"    print('\\n{nonce}', _index, flush=True)\n\n"
-               f"for _index, _source in enumerate({tests!r}):\n"
-               f"    _winnow_test(_index, _source)\n")
+    program = (
+        f"{body}\n\n"
+        f"def _winnow_test(_index, _source):\n"
+        f"    try:\n"
+        f"        exec(_source, globals())\n"
+        f"    except BaseException as _error:\n"
+        f"        import sys\n"
+        f"        print(f'test {{_index}}: {{type(_error).__name__}}: {{_error}}'[:300], file=sys.stderr)\n"
+        f"        return\n"
+        f"    print('\\n{nonce}', _index, flush=True)\n\n"
+        f"for _index, _source in enumerate({tests!r}):\n"
+        f"    _winnow_test(_index, _source)\n"
+    )
     return TestRun(program, nonce=nonce, tests=len(tests))
 
 
@@ -146,7 +148,8 @@ def build_runs(sample: Sample, max_tests: int | None = None) -> list[TestRun] | 
     if len(inputs) != len(outputs) or not inputs:
         return f"{len(inputs)} inputs for {len(outputs)} outputs"
     return [TestRun(code, stdin=_as_text(i), expected=_as_text(o)) for i, o in zip(inputs, outputs, strict=True)][
-        :max_tests]
+        :max_tests
+    ]
 
 
 def passed_tests(run: TestRun, result: RunResult) -> int:
@@ -175,18 +178,36 @@ def _verdict(result: RunResult, run: TestRun, passed: int) -> str:
 class CodeReward:
     """Runs the completion's code against the row's tests (HumanEval, MBPP, stdin/stdout) in a sandbox."""
 
-    def __init__(self, mode: str = "all_or_nothing", timeout_s: float = 5.0, cpu_s: float | None = None,
-                 memory_mb: int = 1024, file_size_mb: int = 16, disk_mb: int = 64, max_processes: int = 16,
-                 max_output_bytes: int = 1 << 20, network: bool = False, workers: int | None = None,
-                 max_tests: int | None = None, python: str | None = None):
+    def __init__(
+        self,
+        mode: str = "all_or_nothing",
+        timeout_s: float = 5.0,
+        cpu_s: float | None = None,
+        memory_mb: int = 1024,
+        file_size_mb: int = 16,
+        disk_mb: int = 64,
+        max_processes: int = 16,
+        max_output_bytes: int = 1 << 20,
+        network: bool = False,
+        workers: int | None = None,
+        max_tests: int | None = None,
+        python: str | None = None,
+    ):
         if mode not in MODES:
             raise ConfigError(f"reward code: mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.name = "code"
         self.mode = mode
         self.max_tests = max_tests
-        limits = Limits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, file_size_mb=file_size_mb,
-                        disk_mb=disk_mb, max_processes=max_processes, max_output_bytes=max_output_bytes,
-                        network=network)
+        limits = Limits(
+            timeout_s=timeout_s,
+            cpu_s=cpu_s,
+            memory_mb=memory_mb,
+            file_size_mb=file_size_mb,
+            disk_mb=disk_mb,
+            max_processes=max_processes,
+            max_output_bytes=max_output_bytes,
+            network=network,
+        )
         self.sandbox = Sandbox(limits, workers=workers, python=python or default_python())
 
     def describe(self) -> dict[str, Any]:

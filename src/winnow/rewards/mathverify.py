@@ -46,7 +46,7 @@ def last_boxed(text: str) -> str | None:
         elif text[j] == "}":
             depth -= 1
             if depth == 0:
-                return text[i + 1:j]
+                return text[i + 1 : j]
     return None  # unbalanced: the answer was cut off
 
 
@@ -77,6 +77,7 @@ def call_with_timeout(fn, seconds: float | None):
     if not seconds or seconds <= 0:
         return fn()
     if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+
         def on_alarm(signum, frame):
             raise VerifyTimeout
 
@@ -225,7 +226,8 @@ class MathVerifier:
                 from winnow.procs import worker_context
 
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=worker_context(), initializer=_warm)
+                    self.workers, mp_context=worker_context(), initializer=_warm
+                )
             return self._pool
 
     def _restart(self) -> None:
@@ -250,7 +252,7 @@ class MathVerifier:
         if self.workers <= 0:
             return await loop.run_in_executor(None, verify_batch, pairs, self.timeout)
         pool = self._get_pool()
-        chunks = [pairs[i:i + self.chunk] for i in range(0, len(pairs), self.chunk)]
+        chunks = [pairs[i : i + self.chunk] for i in range(0, len(pairs), self.chunk)]
         futures = [loop.run_in_executor(pool, verify_batch, c, self.timeout) for c in chunks]
         # the in-worker deadline normally fires; this one catches a worker stuck where signals cannot reach
         hard = (self.timeout or 60) * self.chunk + 30

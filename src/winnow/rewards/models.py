@@ -71,6 +71,7 @@ class RewardModel(Protocol):
 
 # ----------------------------------------------------------------------------- detection
 
+
 def read_model_config(path: str) -> dict[str, Any]:
     """config.json of a local directory, or of a hub id via transformers (its cache when offline)."""
     local = Path(path) / "config.json"
@@ -113,12 +114,13 @@ def prm_format(config: dict[str, Any], path: str = "", **overrides: Any) -> PRMF
         return None
     if style not in PRM_STYLES:
         raise RewardError(f"PRM style {style!r} is not one of {', '.join(PRM_STYLES)}")
-    defaults: dict[str, Any] = {
+    by_style: dict[str, dict[str, Any]] = {
         "qwen_prm": {"step_tag": "<extra_0>", "chat": True, "system": QWEN_PRM_SYSTEM},
         # the published Math-Shepherd checkpoint's tag and labels
         "math_shepherd": {"step_tag": "ки", "good_token": "+", "bad_token": "-", "chat": False},
         "token_classification": {"step_tag": None, "chat": True},
-    }[style]
+    }
+    defaults = by_style[style]
     fields = {**defaults, **{k: v for k, v in hint.items() if k in PRMFormat.__dataclass_fields__}}
     if "format" in hint:
         fields["chat"] = hint["format"] == "chat"
@@ -127,7 +129,7 @@ def prm_format(config: dict[str, Any], path: str = "", **overrides: Any) -> PRMF
 
 
 def detect_reward_model(path: str) -> str | None:
-    """"classifier", "prm", or None for an ordinary causal LM (a policy)."""
+    """ "classifier", "prm", or None for an ordinary causal LM (a policy)."""
     from winnow.engines.hf import resolve_model_path
 
     resolved = resolve_model_path(path, "reward model")
@@ -141,6 +143,7 @@ def detect_reward_model(path: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------- loading
+
 
 def load_reward_model(path: str, **kwargs: Any) -> RewardModel:
     """Load a classifier RM or a PRM; ``kind=`` and PRM options (``style``, ``step_tag``, ...) override
@@ -157,23 +160,37 @@ def load_reward_model(path: str, **kwargs: Any) -> RewardModel:
         kind = "prm" if fmt is not None else detect_reward_model(path)
     if kind == "prm":
         if fmt is None:
-            raise RewardError(f"{path}: cannot tell which PRM family this is; set it with "
-                              "--reward_kwargs '{\"prm\": {\"style\": \"math_shepherd\"}}' "
-                              f"(one of {', '.join(PRM_STYLES)})")
+            raise RewardError(
+                f"{path}: cannot tell which PRM family this is; set it with "
+                '--reward_kwargs \'{"prm": {"style": "math_shepherd"}}\' '
+                f"(one of {', '.join(PRM_STYLES)})"
+            )
         return ProcessRewardModel(path, resolved, fmt, **kwargs)
     if kind == "classifier":
         return ClassifierRewardModel(path, resolved, **kwargs)
-    raise RewardError(f"{path} is an ordinary causal LM, not a reward model (no sequence-classification head, "
-                      "no PRM architecture); for a Math-Shepherd-style PRM set its style with "
-                      "--reward_kwargs '{\"prm\": {\"style\": \"math_shepherd\"}}'")
+    raise RewardError(
+        f"{path} is an ordinary causal LM, not a reward model (no sequence-classification head, "
+        "no PRM architecture); for a Math-Shepherd-style PRM set its style with "
+        '--reward_kwargs \'{"prm": {"style": "math_shepherd"}}\''
+    )
 
 
 class _HFModel:
     """Shared loading and batching for the transformers reward models."""
 
-    def __init__(self, name: str, resolved: str, *, device: str = "auto", torch_dtype: str | None = "auto",
-                 batch_size: int = 8, max_length: int | None = None, template: str | None = None,
-                 trust_remote_code: bool = False, **unused: Any):
+    def __init__(
+        self,
+        name: str,
+        resolved: str,
+        *,
+        device: str = "auto",
+        torch_dtype: str | None = "auto",
+        batch_size: int = 8,
+        max_length: int | None = None,
+        template: str | None = None,
+        trust_remote_code: bool = False,
+        **unused: Any,
+    ):
         from winnow.engines import hf
 
         self.torch = require("torch", "hf", "reward models")
@@ -207,7 +224,7 @@ class _HFModel:
         """Indices in batches of similar length (less padding)."""
         order = sorted(range(len(items)), key=lambda i: lengths[i], reverse=True)
         for start in range(0, len(order), self.batch_size):
-            yield order[start:start + self.batch_size]
+            yield order[start : start + self.batch_size]
 
     def _pad(self, rows: list[list[int]]):
         torch = self.torch
@@ -216,8 +233,8 @@ class _HFModel:
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):  # right padding: positions read stay where they were
-            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-            mask[i, :len(r)] = 1
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            mask[i, : len(r)] = 1
         return ids.to(self.device), mask.to(self.device)
 
 
@@ -242,7 +259,7 @@ class ClassifierRewardModel(_HFModel):
         """One scalar per conversation (the last assistant turn is what is judged)."""
         encoded = [self.tokenizer(self.render(c), add_special_tokens=False)["input_ids"] for c in conversations]
         if self.max_length:
-            encoded = [ids[-self.max_length:] for ids in encoded]  # keep the answer, drop the oldest context
+            encoded = [ids[-self.max_length :] for ids in encoded]  # keep the answer, drop the oldest context
         out: list[Score | None] = [None] * len(conversations)
         for batch in self._batches(encoded, [len(e) for e in encoded]):
             ids, mask = self._pad([encoded[i] for i in batch])
@@ -276,8 +293,14 @@ class ProcessRewardModel(_HFModel):
             self.head = self._load_qwen_head()
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "model": self.name, "format": asdict(self.fmt), "prm_agg": self.agg,
-                "batch_size": self.batch_size, "device": self.device}
+        return {
+            "kind": self.kind,
+            "model": self.name,
+            "format": asdict(self.fmt),
+            "prm_agg": self.agg,
+            "batch_size": self.batch_size,
+            "device": self.device,
+        }
 
     def _token_id(self, token: str | None, what: str) -> int:
         if not token:
@@ -287,7 +310,7 @@ class ProcessRewardModel(_HFModel):
             raise RewardError(f"{self.name}: {what} {token!r} encodes to no token")
         return ids[-1]
 
-    def _load_qwen_head(self):
+    def _load_qwen_head(self) -> Any:
         """The ``score`` head of a Qwen2.5-Math-PRM checkpoint (Linear-ReLU-Linear, 2 classes)."""
         torch = self.torch
         weights = _read_tensors(Path(self.path), "score.")

@@ -25,9 +25,18 @@ def is_remote(spec: str) -> bool:
 class RemoteReward:
     """Scores from a reward server's ``/v1/rewards`` route."""
 
-    def __init__(self, base_url: str, *, name: str | None = None, model: str | None = None,
-                 api_key: str | None = None, batch_size: int = 32, max_concurrency: int = 4,
-                 timeout: float = 300.0, max_retries: int = 5):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        name: str | None = None,
+        model: str | None = None,
+        api_key: str | None = None,
+        batch_size: int = 32,
+        max_concurrency: int = 4,
+        timeout: float = 300.0,
+        max_retries: int = 5,
+    ):
         self.base_url = base_url.rstrip("/")
         if not self.base_url.endswith("/v1"):
             self.base_url += "/v1"
@@ -41,8 +50,13 @@ class RemoteReward:
         self._client = None
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "kind": "remote", "base_url": self.base_url, "model": self.model,
-                "batch_size": self.batch_size}
+        return {
+            "name": self.name,
+            "kind": "remote",
+            "base_url": self.base_url,
+            "model": self.model,
+            "batch_size": self.batch_size,
+        }
 
     def _http(self):
         if self._client is None:
@@ -52,7 +66,7 @@ class RemoteReward:
         return self._client
 
     async def score(self, samples: list[Sample]) -> list[Score]:
-        chunks = [samples[i:i + self.batch_size] for i in range(0, len(samples), self.batch_size)]
+        chunks = [samples[i : i + self.batch_size] for i in range(0, len(samples), self.batch_size)]
         parts = await asyncio.gather(*(self._score_chunk(c) for c in chunks))
         return check_count(self.name, [s for part in parts for s in part], len(samples))
 
@@ -64,11 +78,14 @@ class RemoteReward:
             data = await self._post(body)
         try:
             rows = sorted(data["data"], key=lambda d: d["index"])
-            return [Score(value=None if d.get("score") is None else float(d["score"]),
-                          steps=d.get("step_scores")) for d in rows]
+            return [
+                Score(value=None if d.get("score") is None else float(d["score"]), steps=d.get("step_scores"))
+                for d in rows
+            ]
         except (KeyError, TypeError, ValueError) as e:
-            raise RewardError(f"reward {self.name}: {self.base_url}/rewards answered an unexpected body "
-                              f"({type(e).__name__}: {e})") from None
+            raise RewardError(
+                f"reward {self.name}: {self.base_url}/rewards answered an unexpected body ({type(e).__name__}: {e})"
+            ) from None
 
     async def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         import httpx

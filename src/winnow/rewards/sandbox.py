@@ -118,8 +118,10 @@ def _run_uid():
             uid = UID_BASE + os.getpid() * UIDS_PER_PROCESS + _uids_made  # pids stay below 2**22
             _uids_made += 1
         else:
-            raise RewardError(f"more than {UIDS_PER_PROCESS} sandbox runs at once in one process, "
-                              "or too many uids retired after runs whose processes could not be cleared")
+            raise RewardError(
+                f"more than {UIDS_PER_PROCESS} sandbox runs at once in one process, "
+                "or too many uids retired after runs whose processes could not be cleared"
+            )
     clean = [True]
     try:
         yield uid, clean
@@ -143,8 +145,10 @@ def _setup() -> tuple[str, str]:
             if probe.ok and probe.stdout.strip() == "42":
                 return mode, python
             errors.append(f"{mode} with {python}: {probe.error or probe.stderr.strip()[-200:] or probe.exit_code}")
-    raise RewardError("the code sandbox cannot start Python here (" + "; ".join(errors) + "); "
-                      "pass an interpreter every user can run: --reward_kwargs '{\"code\": {\"python\": PATH}}'")
+    raise RewardError(
+        "the code sandbox cannot start Python here (" + "; ".join(errors) + "); "
+        'pass an interpreter every user can run: --reward_kwargs \'{"code": {"python": PATH}}\''
+    )
 
 
 def isolation() -> str:
@@ -158,6 +162,7 @@ def default_python() -> str:
 
 
 # ----------------------------------------------------------------------------- one run
+
 
 def _rlimits(limits: Limits, uid: int | None) -> dict[str, list[int]]:
     cpu = math.ceil(limits.cpu_s if limits.cpu_s is not None else limits.timeout_s)
@@ -224,9 +229,11 @@ def _limit_from(stderr: str, sig: int | None) -> str | None:
     return None
 
 
-def _collect(proc: subprocess.Popen, status_fd: int, stdin: bytes | None, deadline: float,
-             cap: int) -> tuple[bytes, bytes, list[dict], str | None]:
+def _collect(
+    proc: subprocess.Popen, status_fd: int, stdin: bytes | None, deadline: float, cap: int
+) -> tuple[bytes, bytes, list[dict], str | None]:
     """Feed stdin and read the outputs and the launcher's status until the run ends or breaks a limit."""
+    assert proc.stdout is not None and proc.stderr is not None  # started with stdout=stderr=PIPE
     out = {proc.stdout.fileno(): bytearray(), proc.stderr.fileno(): bytearray()}
     messages = bytearray()
     sel = selectors.DefaultSelector()
@@ -248,13 +255,14 @@ def _collect(proc: subprocess.Popen, status_fd: int, stdin: bytes | None, deadli
             fd = key.fd
             if fd == stdin_fd:
                 try:
-                    pending = pending[os.write(fd, pending[:65536]):]
+                    pending = pending[os.write(fd, pending[:65536]) :]
                 except (BlockingIOError, InterruptedError):
                     continue
                 except BrokenPipeError:
                     pending = pending[:0]
                 if not pending:
                     sel.unregister(fd)
+                    assert proc.stdin is not None  # stdin_fd is only set when there is a stdin pipe
                     proc.stdin.close()
                 continue
             chunk = os.read(fd, 65536)
@@ -317,24 +325,47 @@ def _run(code: str, stdin: str | bytes | None, limits: Limits, *, namespaces: bo
         workdir = os.path.join(folder, "work")
         os.mkdir(workdir, 0o700)
         home = "/tmp" if namespaces else workdir
-        env = {"PATH": MINIMAL_PATH, "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "HOME": home,
-               "TMPDIR": home, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        env = {
+            "PATH": MINIMAL_PATH,
+            "LANG": "C.UTF-8",
+            "LC_ALL": "C.UTF-8",
+            "HOME": home,
+            "TMPDIR": home,
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
         status_r, status_w = os.pipe()
-        cfg = {"program": str(program), "python": python, "uid": uid, "namespaces": namespaces,
-               "network": limits.network, "disk_mb": limits.disk_mb, "workdir": workdir, "status_fd": status_w,
-               "rlimits": _rlimits(limits, uid)}
+        cfg = {
+            "program": str(program),
+            "python": python,
+            "uid": uid,
+            "namespaces": namespaces,
+            "network": limits.network,
+            "disk_mb": limits.disk_mb,
+            "workdir": workdir,
+            "status_fd": status_w,
+            "rlimits": _rlimits(limits, uid),
+        }
         data = stdin.encode() if isinstance(stdin, str) else stdin
         try:
             try:
                 proc = subprocess.Popen(
-                    [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)], cwd=workdir, env=env,
-                    stdin=subprocess.PIPE if data else subprocess.DEVNULL, stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE, pass_fds=(status_w,), start_new_session=True)
+                    [sys.executable, "-I", "-S", LAUNCHER, json.dumps(cfg)],
+                    cwd=workdir,
+                    env=env,
+                    stdin=subprocess.PIPE if data else subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    pass_fds=(status_w,),
+                    start_new_session=True,
+                )
             finally:
                 os.close(status_w)
             with proc:
-                stdout, stderr, messages, broke = _collect(proc, status_r, data, start + limits.timeout_s,
-                                                           limits.max_output_bytes)
+                stdout, stderr, messages, broke = _collect(
+                    proc, status_r, data, start + limits.timeout_s, limits.max_output_bytes
+                )
                 _end(proc, messages, broke, namespaces)
         finally:
             os.close(status_r)
@@ -367,8 +398,14 @@ def _result(stdout: bytes, stderr: bytes, messages: list[dict], broke: str | Non
     return result
 
 
-def run_python(code: str, *, stdin: str | bytes | None = None, limits: Limits | None = None,
-               isolation_mode: str | None = None, python: str | None = None) -> RunResult:
+def run_python(
+    code: str,
+    *,
+    stdin: str | bytes | None = None,
+    limits: Limits | None = None,
+    isolation_mode: str | None = None,
+    python: str | None = None,
+) -> RunResult:
     """Run ``code`` as a Python program in the sandbox and say how it ended.
 
     ``isolation_mode``: None picks the strongest this machine allows (:func:`isolation`); ``"none"``
@@ -384,8 +421,14 @@ class Sandbox:
     """Runs programs with fixed limits, at most ``workers`` at a time (a thread per run waiting on its
     process, so the runs themselves use every core)."""
 
-    def __init__(self, limits: Limits | None = None, *, workers: int | None = None,
-                 isolation_mode: str | None = None, python: str | None = None):
+    def __init__(
+        self,
+        limits: Limits | None = None,
+        *,
+        workers: int | None = None,
+        isolation_mode: str | None = None,
+        python: str | None = None,
+    ):
         self.limits = limits or Limits()
         self.workers = max(1, min(UIDS_PER_PROCESS, workers or os.cpu_count() or 1))
         self.isolation_mode = isolation_mode
@@ -394,13 +437,23 @@ class Sandbox:
 
     def describe(self) -> dict:
         """The limits, the pool size and the isolation in force (for the run manifest)."""
-        return {"isolation": self.isolation_mode or isolation(), "python": self.python or default_python(),
-                "workers": self.workers, "per_run_uid": os.geteuid() == 0, **self.limits.__dict__}
+        return {
+            "isolation": self.isolation_mode or isolation(),
+            "python": self.python or default_python(),
+            "workers": self.workers,
+            "per_run_uid": os.geteuid() == 0,
+            **self.limits.__dict__,
+        }
 
     def run(self, code: str, stdin: str | bytes | None = None, **limits) -> RunResult:
         """One run, in the calling thread; keyword arguments override this sandbox's limits."""
-        return run_python(code, stdin=stdin, limits=replace(self.limits, **limits) if limits else self.limits,
-                          isolation_mode=self.isolation_mode, python=self.python)
+        return run_python(
+            code,
+            stdin=stdin,
+            limits=replace(self.limits, **limits) if limits else self.limits,
+            isolation_mode=self.isolation_mode,
+            python=self.python,
+        )
 
     async def arun(self, code: str, stdin: str | bytes | None = None, **limits) -> RunResult:
         """One run in the pool, awaited."""

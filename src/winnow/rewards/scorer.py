@@ -144,8 +144,10 @@ def build_run_scorer(config) -> RunScorer:
     weights = list(config.reward_weights or [])
     if weights and len(weights) != len(wanted):
         order = ", ".join(spec for _, spec in wanted)
-        raise ConfigError(f"--reward_weights has {len(weights)} values for {len(wanted)} rewards ({order}); "
-                          "give one per reward, in the order orm, prm, reward_funcs..., reward_model...")
+        raise ConfigError(
+            f"--reward_weights has {len(weights)} values for {len(wanted)} rewards ({order}); "
+            "give one per reward, in the order orm, prm, reward_funcs..., reward_model..."
+        )
     if (config.easy_query_threshold is not None or config.hard_query_threshold is not None) and not config.orm_model:
         raise ConfigError("--easy_query_threshold/--hard_query_threshold need --orm_model (they use its pass rate)")
     slots: list[RewardSlot] = []

@@ -20,13 +20,28 @@ from typing import Any
 
 from winnow.rewards.base import InferRequest
 
-SHIM_MODULES = ("swift", "swift.plugin", "swift.rewards", "swift.llm", "swift.infer_engine",
-                "swift.plugin.multi_turn", "swift.plugin.env", "swift.rollout", "swift.rollout.multi_turn",
-                "swift.rollout.gym_env", "swift.infer_engine.protocol", "swift.llm.infer", "swift.llm.infer.protocol",
-                "swift.utils")
+SHIM_MODULES = (
+    "swift",
+    "swift.plugin",
+    "swift.rewards",
+    "swift.llm",
+    "swift.infer_engine",
+    "swift.plugin.multi_turn",
+    "swift.plugin.env",
+    "swift.rollout",
+    "swift.rollout.multi_turn",
+    "swift.rollout.gym_env",
+    "swift.infer_engine.protocol",
+    "swift.llm.infer",
+    "swift.llm.infer.protocol",
+    "swift.utils",
+)
 # where swift 4 and swift 3 keep their tables of schedulers and environments (for the real ms-swift)
-SWIFT_MULTI_TURN = (("swift.rollout", "multi_turns", "envs"), ("swift.plugin.multi_turn", "multi_turns", None),
-                    ("swift.plugin.env", None, "envs"))
+SWIFT_MULTI_TURN = (
+    ("swift.rollout", "multi_turns", "envs"),
+    ("swift.plugin.multi_turn", "multi_turns", None),
+    ("swift.plugin.env", None, "envs"),
+)
 
 
 class ORM:
@@ -55,10 +70,11 @@ def shims(more_names: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     real = "swift" in sys.modules or (spec is not None and spec.origin not in (None, "namespace"))
     if real:  # the real ms-swift: watch its own tables
         try:
-            from swift.rewards import orms, prms  # type: ignore[import-not-found]
+            from swift.rewards import orms as real_orms
+            from swift.rewards import prms as real_prms
         except ImportError:
-            orms, prms = {}, {}
-        watched = [("orm", orms), ("prm", prms), *_real_multi_turn_tables()]
+            real_orms, real_prms = {}, {}
+        watched = [("orm", real_orms), ("prm", real_prms), *_real_multi_turn_tables()]
         before = [dict(table) for _, table in watched]
         yield tables
         for (role, table), old in zip(watched, before, strict=True):
@@ -68,12 +84,19 @@ def shims(more_names: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     prms: dict[str, Any] = {}
     multi_turns: dict[str, Any] = {}
     envs: dict[str, Any] = {}
-    names = {**(more_names(multi_turns, envs) if more_names else {}), "ORM": ORM, "PRM": PRM, "orms": orms,
-             "prms": prms, "InferRequest": InferRequest}
+    names = {
+        **(more_names(multi_turns, envs) if more_names else {}),
+        "ORM": ORM,
+        "PRM": PRM,
+        "orms": orms,
+        "prms": prms,
+        "InferRequest": InferRequest,
+    }
     saved = {name: sys.modules.get(name) for name in SHIM_MODULES}
     for name in SHIM_MODULES:
         module = types.ModuleType(name)
-        module.__winnow_shim__ = True
+        # marks a stand-in; ModuleType declares no such attribute
+        module.__winnow_shim__ = True  # type: ignore[attr-defined]
         module.__dict__.update(names)
         sys.modules[name] = module
     for name in SHIM_MODULES:  # each submodule an attribute of its parent, as after a real import
@@ -83,11 +106,11 @@ def shims(more_names: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]]
     try:
         yield tables
     finally:
-        for name, module in saved.items():
-            if module is None:
+        for name, old_module in saved.items():
+            if old_module is None:
                 sys.modules.pop(name, None)
             else:
-                sys.modules[name] = module
+                sys.modules[name] = old_module
         tables["orm"].update(orms)
         tables["prm"].update(prms)
         tables["scheduler"].update(multi_turns)

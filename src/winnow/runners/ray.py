@@ -40,13 +40,28 @@ ray = require("ray", "ray", "--ray true")
 from ray import exceptions as ray_errors  # noqa: E402  (after the one-line error above)
 
 # how a replica fails that costs only its calls in flight: they are redone elsewhere
-REDO_ERRORS = (ray_errors.RayActorError, ray_errors.ObjectLostError, ray_errors.WorkerCrashedError,
-               ray_errors.NodeDiedError, ray_errors.LocalRayletDiedError, ray_errors.OutOfMemoryError)
+REDO_ERRORS = (
+    ray_errors.RayActorError,
+    ray_errors.ObjectLostError,
+    ray_errors.WorkerCrashedError,
+    ray_errors.NodeDiedError,
+    ray_errors.LocalRayletDiedError,
+    ray_errors.OutOfMemoryError,
+)
 MAX_ATTEMPTS = 3  # replicas one call may take down before it fails alone
 # driver environment that replicas on other nodes need too (API keys, hub settings, winnow's cache)
 # (paths are left alone: another node has its own layout)
-FORWARD_ENV = ("OPENAI_API_KEY", "OPENAI_BASE_URL", "HF_TOKEN", "HF_ENDPOINT", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
-               "HF_DATASETS_OFFLINE", "MODELSCOPE_API_TOKEN", "WINNOW_DEBUG")
+FORWARD_ENV = (
+    "OPENAI_API_KEY",
+    "OPENAI_BASE_URL",
+    "HF_TOKEN",
+    "HF_ENDPOINT",
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_DATASETS_OFFLINE",
+    "MODELSCOPE_API_TOKEN",
+    "WINNOW_DEBUG",
+)
 
 STARTING, ALIVE, DOWN, LOST = "starting", "alive", "down", "lost"
 
@@ -70,8 +85,10 @@ def connect(address: str | None, namespace: str | None = None) -> None:
             ray.init(**kwargs)
         except (ConnectionError, RuntimeError, ValueError) as e:
             where = f"--ray_address {address}" if address else "a local Ray"
-            raise EngineError(f"{where}: cannot start or join a Ray cluster ({e}); start one with "
-                              "`ray start --head` and pass --ray_address auto (or ray://HOST:10001)") from None
+            raise EngineError(
+                f"{where}: cannot start or join a Ray cluster ({e}); start one with "
+                "`ray start --head` and pass --ray_address auto (or ray://HOST:10001)"
+            ) from None
         _session["owned"] = True
     _session["users"] += 1
 
@@ -116,6 +133,7 @@ def _say(line: str) -> None:
 
 # ----------------------------------------------------------------------------- the actor
 
+
 class ReplicaActor:
     """One replica, in a Ray worker process: builds its component (an engine, a reward model) once
     and runs the driver's calls on it; an async actor, so calls in flight overlap."""
@@ -137,8 +155,13 @@ class ReplicaActor:
         import socket
 
         ctx = ray.get_runtime_context()
-        return {"pid": os.getpid(), "node": ctx.get_node_id(), "host": socket.gethostname(),
-                "gpus": [str(g) for g in ray.get_gpu_ids()], "error": self.error}
+        return {
+            "pid": os.getpid(),
+            "node": ctx.get_node_id(),
+            "host": socket.gethostname(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
+            "error": self.error,
+        }
 
     async def call(self, method: str, args: tuple, blocking: bool = False) -> Any:
         """``component.method(*args)``: awaited when async, on the blocking thread when ``blocking``."""
@@ -186,6 +209,7 @@ def build_reward_model_replica(spec: str, options: dict[str, Any], replica: int)
 
 # ----------------------------------------------------------------------------- the pool
 
+
 @dataclass
 class ReplicaSpec:
     """What each replica asks of the cluster, and how Ray treats it when it dies."""
@@ -204,7 +228,9 @@ class ReplicaSpec:
         if forwarded:
             env["env_vars"] = {**forwarded, **(env.get("env_vars") or {})}
         return {
-            "num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "max_restarts": self.max_restarts,
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "max_restarts": self.max_restarts,
             # winnow redoes a dead replica's call on another replica, not on the same one
             "max_task_retries": 0,
             "scheduling_strategy": "SPREAD" if self.scheduling == "spread" else "DEFAULT",
@@ -214,9 +240,14 @@ class ReplicaSpec:
 
     def describe(self) -> dict[str, Any]:
         """What a replica asks for, for the manifest (runtime_env by its keys only)."""
-        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "resources": self.resources,
-                "scheduling": self.scheduling, "max_restarts": self.max_restarts,
-                "runtime_env": sorted(self.runtime_env)}
+        return {
+            "num_cpus": self.num_cpus,
+            "num_gpus": self.num_gpus,
+            "resources": self.resources,
+            "scheduling": self.scheduling,
+            "max_restarts": self.max_restarts,
+            "runtime_env": sorted(self.runtime_env),
+        }
 
 
 @dataclass
@@ -288,8 +319,10 @@ class ReplicaPool:
         connect(plan.address, plan.namespace)
         try:
             options = self.spec.actor_options()
-            self.replicas = [Replica(i, _Actor.options(**options).remote(build, {**build_kwargs, "replica": i}))
-                             for i in range(plan.num_workers)]
+            self.replicas = [
+                Replica(i, _Actor.options(**options).remote(build, {**build_kwargs, "replica": i}))
+                for i in range(plan.num_workers)
+            ]
             self._wait_first()
             self.component = self.call_first("describe")  # what every replica runs, for the manifest
         except BaseException:
@@ -309,12 +342,15 @@ class ReplicaPool:
         while pending:
             waited = time.monotonic() - started
             if waited >= self.wait_s:
-                raise EngineError(f"no {self.role} replica started in {self.wait_s:g}s (--ray_wait_s): "
-                                  f"{self._capacity_note()}")
+                raise EngineError(
+                    f"no {self.role} replica started in {self.wait_s:g}s (--ray_wait_s): {self._capacity_note()}"
+                )
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=min(30.0, self.wait_s - waited))
             if not ready:
-                _say(f"waiting for {self.role} replicas to start ({time.monotonic() - started:.0f}s): "
-                     f"{self._capacity_note()}")
+                _say(
+                    f"waiting for {self.role} replicas to start ({time.monotonic() - started:.0f}s): "
+                    f"{self._capacity_note()}"
+                )
                 continue
             replica = pending.pop(ready[0])
             try:
@@ -322,8 +358,9 @@ class ReplicaPool:
             except ray_errors.RayActorError as e:
                 raise EngineError(f"{self.role} {replica.where()} died while starting: {_short(e)}") from None
             if info["error"]:
-                raise EngineError(f"{self.role} replica {replica.index} on {info['host']} cannot start: "
-                                  f"{info['error']}")
+                raise EngineError(
+                    f"{self.role} replica {replica.index} on {info['host']} cannot start: {info['error']}"
+                )
             self._up(replica, info)
             return
 
@@ -333,8 +370,10 @@ class ReplicaPool:
         have = ray.cluster_resources()
         free = ray.available_resources()
         cluster = ", ".join(f"{free.get(k, 0):g}/{have.get(k, 0):g} {k}" for k in ask if ask[k])
-        return (f"each replica asks for {want or 'nothing'}; the cluster has {cluster or '(none of it)'} free "
-                f"on {len([n for n in ray.nodes() if n.get('Alive')])} nodes")
+        return (
+            f"each replica asks for {want or 'nothing'}; the cluster has {cluster or '(none of it)'} free "
+            f"on {len([n for n in ray.nodes() if n.get('Alive')])} nodes"
+        )
 
     def _ensure_watching(self) -> None:
         """Watch, from the event loop calling now, the replicas still starting and those down (an
@@ -386,8 +425,10 @@ class ReplicaPool:
                 lost_to.append(replica.where())
                 if len(lost_to) >= MAX_ATTEMPTS:
                     self.failed_calls += 1
-                    raise CallLost(f"this call took down {len(lost_to)} {self.role} replicas "
-                                   f"({', '.join(lost_to)}); last: {_short(e)}") from None
+                    raise CallLost(
+                        f"this call took down {len(lost_to)} {self.role} replicas "
+                        f"({', '.join(lost_to)}); last: {_short(e)}"
+                    ) from None
                 self.redone += 1
                 continue
             except ray_errors.RayTaskError as e:  # the component raised: a bug or a WinnowError
@@ -395,8 +436,9 @@ class ReplicaPool:
                 if isinstance(cause, WinnowError):
                     raise cause from None
                 error = cause if cause is not None else e
-                raise EngineError(f"{self.role} {replica.where()} raised {type(error).__name__}: {_short(error)}") \
-                    from None
+                raise EngineError(
+                    f"{self.role} {replica.where()} raised {type(error).__name__}: {_short(error)}"
+                ) from None
             except asyncio.CancelledError:
                 try:
                     ray.cancel(ref)
@@ -428,10 +470,13 @@ class ReplicaPool:
                 await asyncio.wait_for(changed.wait(), timeout=max(0.0, left))
             except asyncio.TimeoutError:
                 if self._none_alive_since is not None:
-                    states = ", ".join(f"{r.where()}: {r.status}" + (f" ({r.error})" if r.error else "")
-                                       for r in self.replicas)
-                    self._fail(f"no {self.role} replica alive for {self.wait_s:g}s (--ray_wait_s): {states}; "
-                               f"{self._capacity_note()}. What was written is kept: rerun with --resume true")
+                    states = ", ".join(
+                        f"{r.where()}: {r.status}" + (f" ({r.error})" if r.error else "") for r in self.replicas
+                    )
+                    self._fail(
+                        f"no {self.role} replica alive for {self.wait_s:g}s (--ray_wait_s): {states}; "
+                        f"{self._capacity_note()}. What was written is kept: rerun with --resume true"
+                    )
 
     def _release(self, replica: Replica, epoch: int) -> None:
         if replica.epoch == epoch and replica.busy > 0:
@@ -467,8 +512,10 @@ class ReplicaPool:
         replica.status, replica.error = DOWN, _short(error)
         replica.epoch += 1
         replica.busy = 0
-        _say(f"{self.role} {replica.where()} is down ({replica.error}); its calls in flight are redone on "
-             "the other replicas")
+        _say(
+            f"{self.role} {replica.where()} is down ({replica.error}); its calls in flight are redone on "
+            "the other replicas"
+        )
         self._note_alive()
         self._spawn(self._await_back(replica))
         self._wake()
@@ -503,8 +550,9 @@ class ReplicaPool:
             pass
         if all(r.status == LOST for r in self.replicas):
             reasons = "; ".join(f"{r.index}: {r.error}" for r in self.replicas)
-            self._fail(f"every {self.role} replica is lost ({reasons}). What was written is kept: "
-                       "rerun with --resume true")
+            self._fail(
+                f"every {self.role} replica is lost ({reasons}). What was written is kept: rerun with --resume true"
+            )
         self._note_alive()
         self._wake()
 
@@ -535,13 +583,29 @@ class ReplicaPool:
         """Replicas by state, restarts, calls redone, and what each replica did."""
         states = self.counts()
         return {
-            "replicas": len(self.replicas), "alive": states[ALIVE], "starting": states[STARTING],
-            "restarting": states[DOWN], "lost": states[LOST], "restarts": sum(r.restarts for r in self.replicas),
-            "calls_redone": self.redone, "calls_failed": self.failed_calls,
+            "replicas": len(self.replicas),
+            "alive": states[ALIVE],
+            "starting": states[STARTING],
+            "restarting": states[DOWN],
+            "lost": states[LOST],
+            "restarts": sum(r.restarts for r in self.replicas),
+            "calls_redone": self.redone,
+            "calls_failed": self.failed_calls,
             "nodes": len({r.node for r in self.replicas if r.status == ALIVE}),
-            "per_replica": [{"replica": r.index, "status": r.status, "host": r.host, "node": r.node[:12],
-                             "pid": r.pid, "calls": r.calls, "restarts": r.restarts, **r.counts,
-                             **({"error": r.error} if r.error else {})} for r in self.replicas],
+            "per_replica": [
+                {
+                    "replica": r.index,
+                    "status": r.status,
+                    "host": r.host,
+                    "node": r.node[:12],
+                    "pid": r.pid,
+                    "calls": r.calls,
+                    "restarts": r.restarts,
+                    **r.counts,
+                    **({"error": r.error} if r.error else {}),
+                }
+                for r in self.replicas
+            ],
         }
 
     def progress_fields(self) -> dict[str, str]:
@@ -593,15 +657,16 @@ def _short(e: BaseException | None) -> str:
 
 def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Numeric counters of every replica's component added up (requests, retries, failures...)."""
-    total: Counter = Counter()
+    total: dict[str, int | float] = {}
     for stats in items:
         for key, value in stats.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                total[key] += value
+                total[key] = total.get(key, 0) + value
     return dict(sorted(total.items()))
 
 
 # ----------------------------------------------------------------------------- the engine
+
 
 class RayEngine:
     """An Engine whose ``generate`` calls run on replica actors of the real engine, over a Ray cluster."""
@@ -614,8 +679,9 @@ class RayEngine:
             for key in ("rpm", "tpm"):
                 if kwargs.get(key):
                     kwargs[key] = max(1, math.ceil(kwargs[key] / plan.num_workers))
-        self.pool = ReplicaPool("engine", build_engine_replica, {"name": engine, "model": model, "kwargs": kwargs},
-                                plan)
+        self.pool = ReplicaPool(
+            "engine", build_engine_replica, {"name": engine, "model": model, "kwargs": kwargs}, plan
+        )
 
     def batch_plan(self, n: int) -> tuple[int, int]:
         # a replica keeps its engine's own plan; an API engine's one-prompt calls travel in groups, so
@@ -652,9 +718,13 @@ class RayEngine:
 
     def describe(self) -> dict[str, Any]:
         """The replicas' engine, how many, what each asked for and where."""
-        return {"name": "ray", "engine": self.pool.component, "num_workers": self.plan.num_workers,
-                "address": self.plan.address or os.environ.get("RAY_ADDRESS") or "local",
-                "replica": self.plan.replica.describe()}
+        return {
+            "name": "ray",
+            "engine": self.pool.component,
+            "num_workers": self.plan.num_workers,
+            "address": self.plan.address or os.environ.get("RAY_ADDRESS") or "local",
+            "replica": self.plan.replica.describe(),
+        }
 
     def stats(self) -> dict[str, Any]:
         """The cluster's side of the run: replicas by state, restarts, calls redone, per-replica
@@ -672,9 +742,11 @@ class RayEngine:
         """One line for the run summary: the replicas and what happened to them."""
         s = self.pool.stats()
         per = " ".join(f"{r['replica']}:{r.get('samples', 0)}" for r in s["per_replica"])
-        return (f"ray: {s['replicas']} replicas on {len({r['node'] for r in s['per_replica'] if r['node']})} nodes, "
-                f"{s['alive']} alive at the end, {s['restarts']} restarts, {s['lost']} lost, "
-                f"{s['calls_redone']} calls redone; samples per replica {per}")
+        return (
+            f"ray: {s['replicas']} replicas on {len({r['node'] for r in s['per_replica'] if r['node']})} nodes, "
+            f"{s['alive']} alive at the end, {s['restarts']} restarts, {s['lost']} lost, "
+            f"{s['calls_redone']} calls redone; samples per replica {per}"
+        )
 
     def interrupt(self) -> None:
         """Stop: send nothing more; replicas with an interrupt of their own use it."""
@@ -690,19 +762,23 @@ def _errors(prompts: list[Prompt], n: int, message: str) -> list[list[Completion
 
 # ----------------------------------------------------------------------------- reward models
 
+
 class RayModelReward:
     """A reward model (classifier RM or PRM) scored on replica actors: the Reward protocol."""
 
     def __init__(self, name: str, spec: str, options: dict[str, Any], plan: RayPlan):
         self.name = name
         self.plan = plan
-        self.pool = ReplicaPool(f"reward model {name}", build_reward_model_replica,
-                                {"spec": spec, "options": options}, plan)
+        self.pool = ReplicaPool(
+            f"reward model {name}", build_reward_model_replica, {"spec": spec, "options": options}, plan
+        )
 
     def describe(self) -> dict[str, Any]:
         """The replicas' reward model, and how many there are."""
-        return {**self.pool.component, "ray": {"num_workers": self.plan.num_workers,
-                                                  "replica": self.plan.replica.describe()}}
+        return {
+            **self.pool.component,
+            "ray": {"num_workers": self.plan.num_workers, "replica": self.plan.replica.describe()},
+        }
 
     async def score(self, samples: list) -> list:
         """One Score per sample, from the replicas."""
@@ -712,10 +788,11 @@ class RayModelReward:
             return []
         # a large batch is shared out, so every replica works on it at once
         size = max(8, math.ceil(len(samples) / len(self.pool.replicas)))
-        chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
+        chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
         try:
-            parts = await asyncio.gather(*(self.pool.run("score_conversations", [s.messages for s in chunk],
-                                                         blocking=True) for chunk in chunks))
+            parts = await asyncio.gather(
+                *(self.pool.run("score_conversations", [s.messages for s in chunk], blocking=True) for chunk in chunks)
+            )
         except (CallLost, Stopped) as e:
             raise RewardError(f"reward {self.name}: {e}") from None
         out = []
@@ -729,17 +806,31 @@ class RayModelReward:
 
 # ----------------------------------------------------------------------------- from a run's options
 
+
 def ray_plan(config, role: str = "engine") -> RayPlan:
     """Where a run's engine (``role="engine"``) or reward-model (``"reward"``) replicas go."""
     if role == "engine":
-        count, cpus, gpus, resources = (config.num_workers, config.ray_num_cpus_per_worker,
-                                        config.ray_num_gpus_per_worker, config.ray_resources_per_worker)
+        count, cpus, gpus, resources = (
+            config.num_workers,
+            config.ray_num_cpus_per_worker,
+            config.ray_num_gpus_per_worker,
+            config.ray_resources_per_worker,
+        )
     else:
-        count, cpus, gpus, resources = (config.ray_reward_workers, config.ray_num_cpus_per_reward_worker,
-                                        config.ray_num_gpus_per_reward_worker, config.ray_resources_per_reward_worker)
-    spec = ReplicaSpec(num_cpus=float(cpus), num_gpus=float(gpus), resources=dict(resources or {}),
-                       scheduling=config.ray_scheduling, max_restarts=int(config.ray_max_restarts),
-                       runtime_env=dict(config.ray_runtime_env or {}))
+        count, cpus, gpus, resources = (
+            config.ray_reward_workers,
+            config.ray_num_cpus_per_reward_worker,
+            config.ray_num_gpus_per_reward_worker,
+            config.ray_resources_per_reward_worker,
+        )
+    spec = ReplicaSpec(
+        num_cpus=float(cpus),
+        num_gpus=float(gpus),
+        resources=dict(resources or {}),
+        scheduling=config.ray_scheduling,
+        max_restarts=int(config.ray_max_restarts),
+        runtime_env=dict(config.ray_runtime_env or {}),
+    )
     return RayPlan(address=config.ray_address, num_workers=int(count), replica=spec, wait_s=config.ray_wait_s)
 
 

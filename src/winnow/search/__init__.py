@@ -16,6 +16,7 @@ built-in searches are :mod:`winnow.search.beam` (beam search, DVTS) and :mod:`wi
 from __future__ import annotations
 
 import inspect
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -23,8 +24,17 @@ from winnow.engines import Engine, check_aligned
 from winnow.schema import Group, Prompt, SamplingParams
 
 # the SampleConfig fields a strategy is built with (besides n and --search_kwargs)
-OPTION_FIELDS = ("search_width", "search_max_steps", "step_separator", "search_lookahead", "search_prm_agg",
-                 "search_filter_duplicates", "mcts_iterations", "mcts_exploration", "mcts_rollout_depth")
+OPTION_FIELDS = (
+    "search_width",
+    "search_max_steps",
+    "step_separator",
+    "search_lookahead",
+    "search_prm_agg",
+    "search_filter_duplicates",
+    "mcts_iterations",
+    "mcts_exploration",
+    "mcts_rollout_depth",
+)
 
 
 @dataclass
@@ -84,7 +94,7 @@ def decode_escapes(text: str) -> str:
     """``\\n``, ``\\t`` and ``\\\\`` typed on a command line as the characters they name."""
     out, i = [], 0
     while i < len(text):
-        pair = text[i:i + 2]
+        pair = text[i : i + 2]
         if pair in ("\\n", "\\t", "\\\\"):
             out.append({"\\n": "\n", "\\t": "\t", "\\\\": "\\"}[pair])
             i += 2
@@ -107,9 +117,13 @@ def build_strategy(config: Any) -> Strategy:
     take ``**options`` gets only the ones it names)."""
     from winnow.registry import REGISTRY
 
-    cls = REGISTRY.resolve("strategy", config.sampler_type,
-                           "Or load one with --external_plugins FILE (docs/search.md, 'Your own strategy').")
+    cls = REGISTRY.resolve(
+        "strategy",
+        config.sampler_type,
+        "Or load one with --external_plugins FILE (docs/search.md, 'Your own strategy').",
+    )
     options = strategy_options(config)
+    params: Collection[inspect.Parameter]
     try:
         params = inspect.signature(cls).parameters.values()
     except (TypeError, ValueError):

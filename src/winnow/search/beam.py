@@ -26,8 +26,10 @@ from winnow.search.steps import Node, Stepper, Tree, rank
 
 def _check_width(strategy: str, n: int, width: int) -> None:
     if n < width or n % width:
-        raise ConfigError(f"--sampler_type {strategy}: N (--num_return_sequences {n}) must be a multiple of M "
-                          f"(--search_width {width}), e.g. --num_return_sequences {max(width, n - n % width)}")
+        raise ConfigError(
+            f"--sampler_type {strategy}: N (--num_return_sequences {n}) must be a multiple of M "
+            f"(--search_width {width}), e.g. --num_return_sequences {max(width, n - n % width)}"
+        )
 
 
 class _StepSearch:
@@ -36,9 +38,18 @@ class _StepSearch:
     name = "step search"
     independent_samples = False
 
-    def __init__(self, *, n: int = 4, search_width: int = 4, search_max_steps: int = 40,
-                 step_separator: str | None = None, search_lookahead: int = 0, search_prm_agg: str = "last",
-                 search_filter_duplicates: bool = False, **unused: Any):
+    def __init__(
+        self,
+        *,
+        n: int = 4,
+        search_width: int = 4,
+        search_max_steps: int = 40,
+        step_separator: str | None = None,
+        search_lookahead: int = 0,
+        search_prm_agg: str = "last",
+        search_filter_duplicates: bool = False,
+        **unused: Any,
+    ):
         _check_width(self.name, n, search_width)
         self.unique = search_filter_duplicates
         self.n = n
@@ -49,10 +60,17 @@ class _StepSearch:
         self.agg = search_prm_agg
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "n": self.n, "search_width": self.width, "search_max_steps": self.max_steps,
-                "step_separator": self.separator, "search_lookahead": self.lookahead,
-                "search_prm_agg": self.agg, "search_filter_duplicates": self.unique,
-                "independent_samples": self.independent_samples}
+        return {
+            "name": self.name,
+            "n": self.n,
+            "search_width": self.width,
+            "search_max_steps": self.max_steps,
+            "step_separator": self.separator,
+            "search_lookahead": self.lookahead,
+            "search_prm_agg": self.agg,
+            "search_filter_duplicates": self.unique,
+            "independent_samples": self.independent_samples,
+        }
 
     def sequences_per_prompt(self) -> int:
         return self.n
@@ -79,8 +97,9 @@ class BeamSearch(_StepSearch):
             children: dict[int, list[Node]] = {id(t): [] for t in trees}
             for (tree, _), nodes in zip(leaves, grown, strict=True):
                 children[id(tree)] += nodes
-            await stepper.evaluate_ahead([(t, c) for t in trees for c in children[id(t)] if c.ok], self.lookahead,
-                                         greedy=True)
+            await stepper.evaluate_ahead(
+                [(t, c) for t in trees for c in children[id(t)] if c.ok], self.lookahead, greedy=True
+            )
             for tree in trees:
                 mine = children[id(tree)]
                 finished[id(tree)] += [c for c in mine if c.ok and not c.open]
@@ -111,10 +130,14 @@ class DVTS(_StepSearch):
             if not tips:
                 break
             keys = list(tips)
-            grown = await stepper.expand([(trees[i], tips[(i, j)]) for i, j in keys], self.width,
-                                         branches=[j for _, j in keys])
-            await stepper.evaluate_ahead([(trees[i], c) for (i, _), nodes in zip(keys, grown, strict=True)
-                                          for c in nodes if c.ok], self.lookahead, greedy=True)
+            grown = await stepper.expand(
+                [(trees[i], tips[(i, j)]) for i, j in keys], self.width, branches=[j for _, j in keys]
+            )
+            await stepper.evaluate_ahead(
+                [(trees[i], c) for (i, _), nodes in zip(keys, grown, strict=True) for c in nodes if c.ok],
+                self.lookahead,
+                greedy=True,
+            )
             for key, nodes in zip(keys, grown, strict=True):
                 usable = [c for c in nodes if c.ok]
                 del tips[key]
@@ -129,6 +152,7 @@ class DVTS(_StepSearch):
         groups = []
         for i, tree in enumerate(trees):
             mine = [(j, answers[(i, j)]) for j in range(subtrees) if (i, j) in answers]
-            groups.append(stepper.group(tree, [node for _, node in mine], self.describe(),
-                                        [{"subtree": j} for j, _ in mine]))
+            groups.append(
+                stepper.group(tree, [node for _, node in mine], self.describe(), [{"subtree": j} for j, _ in mine])
+            )
         return groups

@@ -68,10 +68,20 @@ class MCTS:
     name = "mcts"
     independent_samples = False
 
-    def __init__(self, *, n: int = 4, search_width: int = 4, search_max_steps: int = 40,
-                 step_separator: str | None = None, search_prm_agg: str = "last", mcts_iterations: int | None = None,
-                 mcts_exploration: float = 1.414, mcts_rollout_depth: int = 0, search_filter_duplicates: bool = False,
-                 **unused: Any):
+    def __init__(
+        self,
+        *,
+        n: int = 4,
+        search_width: int = 4,
+        search_max_steps: int = 40,
+        step_separator: str | None = None,
+        search_prm_agg: str = "last",
+        mcts_iterations: int | None = None,
+        mcts_exploration: float = 1.414,
+        mcts_rollout_depth: int = 0,
+        search_filter_duplicates: bool = False,
+        **unused: Any,
+    ):
         self.n = n
         self.unique = search_filter_duplicates
         self.width = search_width
@@ -83,10 +93,19 @@ class MCTS:
         self.rollout = mcts_rollout_depth
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "n": self.n, "search_width": self.width, "search_max_steps": self.max_steps,
-                "step_separator": self.separator, "search_prm_agg": self.agg, "mcts_iterations": self.iterations,
-                "mcts_exploration": self.c, "mcts_rollout_depth": self.rollout, "search_filter_duplicates": self.unique,
-                "independent_samples": self.independent_samples}
+        return {
+            "name": self.name,
+            "n": self.n,
+            "search_width": self.width,
+            "search_max_steps": self.max_steps,
+            "step_separator": self.separator,
+            "search_prm_agg": self.agg,
+            "mcts_iterations": self.iterations,
+            "mcts_exploration": self.c,
+            "mcts_rollout_depth": self.rollout,
+            "search_filter_duplicates": self.unique,
+            "independent_samples": self.independent_samples,
+        }
 
     def sequences_per_prompt(self) -> int:
         return self.width
@@ -106,8 +125,12 @@ class MCTS:
             if not leaves:
                 continue
             grown = await stepper.expand(leaves, self.width)
-            new = [(tree, child) for (tree, _), children in zip(leaves, grown, strict=True)
-                   for child in children if child.ok]
+            new = [
+                (tree, child)
+                for (tree, _), children in zip(leaves, grown, strict=True)
+                for child in children
+                if child.ok
+            ]
             tips = await stepper.evaluate_ahead(new, self.rollout, greedy=False)
             for (tree, child), tip in zip(new, tips, strict=True):
                 if not tip.open and tip.ok:
@@ -129,7 +152,15 @@ class MCTS:
                     seen.add(node.answer())
                     others.append(node)
             finals = ([pick] if pick.ok and not pick.open else []) + others[: self.n - 1]
-            groups.append(stepper.group(tree, finals, self.describe(),
-                                        [{"chosen": node is pick, "visits": (node.visits if not node.detached
-                                                                             else None)} for node in finals]))
+            groups.append(
+                stepper.group(
+                    tree,
+                    finals,
+                    self.describe(),
+                    [
+                        {"chosen": node is pick, "visits": (node.visits if not node.detached else None)}
+                        for node in finals
+                    ],
+                )
+            )
         return groups

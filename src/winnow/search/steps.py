@@ -86,9 +86,15 @@ class Node:
 
     def describe(self) -> dict[str, Any]:
         """The node as the group's trace shows it."""
-        out: dict[str, Any] = {"id": self.id, "parent": self.parent.id if self.parent else None,
-                               "depth": self.depth, "text": self.text, "tokens": self.tokens,
-                               "score": _round(self.step_score()), "value": _round(self.value)}
+        out: dict[str, Any] = {
+            "id": self.id,
+            "parent": self.parent.id if self.parent else None,
+            "depth": self.depth,
+            "text": self.text,
+            "tokens": self.tokens,
+            "score": _round(self.step_score()),
+            "value": _round(self.value),
+        }
         if self.end is not None:
             out["end"] = self.end
         if self.error:
@@ -120,12 +126,25 @@ class Tree:
         self.compute: dict[str, int] = dict.fromkeys(COMPUTE_KEYS, 0)
         self.prompt_tokens = 0  # of the prompt alone (the first call's)
 
-    def add(self, parent: Node, completion: Completion, separator: str, detached: bool,
-            budget: int | None, branch: int | None = None) -> Node:
+    def add(
+        self,
+        parent: Node,
+        completion: Completion,
+        separator: str,
+        detached: bool,
+        budget: int | None,
+        branch: int | None = None,
+    ) -> Node:
         """A child of ``parent`` from one engine completion (in DVTS subtree ``branch``, within which
         duplicates are told apart)."""
-        node = Node(len(self.nodes), parent, depth=parent.depth + 1, detached=detached, branch=branch,
-                    tokens=completion.completion_tokens)
+        node = Node(
+            len(self.nodes),
+            parent,
+            depth=parent.depth + 1,
+            detached=detached,
+            branch=branch,
+            tokens=completion.completion_tokens,
+        )
         node.path_tokens = parent.path_tokens + node.tokens
         if completion.failed:
             node.end, node.error = FINISH_ERROR, completion.error or f"finish reason {completion.finish_reason}"
@@ -158,8 +177,10 @@ class Stepper:
     def __init__(self, ctx: Any, *, separator: str | None, max_steps: int, agg: str, strategy: str):
         scorer = ctx.scorer
         if scorer is None or scorer.prm_key is None:
-            raise ConfigError(f"--sampler_type {strategy} needs a process reward model to guide it: give "
-                              "--prm_model (e.g. --prm_model demo-prm)")
+            raise ConfigError(
+                f"--sampler_type {strategy} needs a process reward model to guide it: give "
+                "--prm_model (e.g. --prm_model demo-prm)"
+            )
         self.ctx = ctx
         self.prm_key: str = scorer.prm_key
         prm = scorer.slot(self.prm_key).reward
@@ -181,16 +202,22 @@ class Stepper:
         params = dataclasses.replace(base, n=n, stop=stop)
         return dataclasses.replace(params, temperature=0.0) if greedy else params
 
-    async def expand(self, leaves: Sequence[tuple[Tree, Node]], n: int, *, detached: bool = False,
-                     greedy: bool = False, to_end: bool = False,
-                     branches: Sequence[int | None] | None = None) -> list[list[Node]]:
+    async def expand(
+        self,
+        leaves: Sequence[tuple[Tree, Node]],
+        n: int,
+        *,
+        detached: bool = False,
+        greedy: bool = False,
+        to_end: bool = False,
+        branches: Sequence[int | None] | None = None,
+    ) -> list[list[Node]]:
         """``n`` next steps of every leaf, aligned with ``leaves``: one engine call for all the leaves that go
         on stepping and one for those generated to the end of the answer (at the last allowed depth, or all of
         them with ``to_end``). ``branches``: the DVTS subtree of each leaf."""
         out: list[list[Node]] = [[] for _ in leaves]
         for finish in (False, True):
-            todo = [i for i, (_, node) in enumerate(leaves)
-                    if (to_end or node.depth + 1 >= self.max_steps) == finish]
+            todo = [i for i, (_, node) in enumerate(leaves) if (to_end or node.depth + 1 >= self.max_steps) == finish]
             if not todo:
                 continue
             prompts = [dataclasses.replace(leaves[i][0].prompt, prefix=leaves[i][1].answer()) for i in todo]
@@ -211,8 +238,16 @@ class Stepper:
                         tree.prompt_tokens = c.prompt_tokens
                     self.ctx.count("completion_tokens", c.completion_tokens)
                     self.ctx.count("prompt_tokens", c.prompt_tokens)
-                    out[i].append(tree.add(node, c, self.separator, detached, self.budget,
-                                           branches[i] if branches is not None else node.branch))
+                    out[i].append(
+                        tree.add(
+                            node,
+                            c,
+                            self.separator,
+                            detached,
+                            self.budget,
+                            branches[i] if branches is not None else node.branch,
+                        )
+                    )
         return out
 
     async def roll(self, items: Sequence[tuple[Tree, Node]], steps: int, *, greedy: bool) -> list[Node]:
@@ -225,8 +260,9 @@ class Stepper:
             live = [i for i, tip in enumerate(tips) if tip.open]
             if not live:
                 break
-            grown = await self.expand([(items[i][0], tips[i]) for i in live], 1, detached=True, greedy=greedy,
-                                      to_end=to_end)
+            grown = await self.expand(
+                [(items[i][0], tips[i]) for i in live], 1, detached=True, greedy=greedy, to_end=to_end
+            )
             for i, (child,) in zip(live, grown, strict=True):
                 tips[i] = child
         return tips
@@ -272,33 +308,54 @@ class Stepper:
         """A finished answer as an ordinary completion: its text, the tokens of its path, its PRM score (the
         run's scorer keeps it) and its path in ``trace``."""
         path = node.path()
-        c = Completion(text=node.answer(), finish_reason=FINISH_LENGTH if node.end == FINISH_LENGTH else FINISH_STOP,
-                       prompt_tokens=tree.prompt_tokens, completion_tokens=node.path_tokens)
+        c = Completion(
+            text=node.answer(),
+            finish_reason=FINISH_LENGTH if node.end == FINISH_LENGTH else FINISH_STOP,
+            prompt_tokens=tree.prompt_tokens,
+            completion_tokens=node.path_tokens,
+        )
         if node.score is not None:
             c.scores[self.prm_key] = node.score
-        c.trace = {"node": node.id, "value": _round(node.value),
-                   "steps": [{"id": n.id, "score": _round(n.step_score())} for n in path], **trace}
+        c.trace = {
+            "node": node.id,
+            "value": _round(node.value),
+            "steps": [{"id": n.id, "score": _round(n.step_score())} for n in path],
+            **trace,
+        }
         return c
 
-    def group(self, tree: Tree, finals: Sequence[Node], strategy: dict[str, Any],
-              trace: Sequence[dict[str, Any]] = ()) -> Group:
+    def group(
+        self, tree: Tree, finals: Sequence[Node], strategy: dict[str, Any], trace: Sequence[dict[str, Any]] = ()
+    ) -> Group:
         """The prompt's group: its finished answers (their order is the search's ranking), what it spent and
         its tree. Without any finished answer, one failed completion says why."""
-        completions = [self.completion(tree, node, **extra) for node, extra in
-                       zip(finals, list(trace) or [{}] * len(finals), strict=True)]
+        completions = [
+            self.completion(tree, node, **extra)
+            for node, extra in zip(finals, list(trace) or [{}] * len(finals), strict=True)
+        ]
         if not completions:
             errors = sorted({n.error for n in tree.nodes if n.error})
-            completions = [Completion(text="", finish_reason=FINISH_ERROR, prompt_tokens=tree.prompt_tokens,
-                                      error="the search finished no answer" + (": " + "; ".join(errors)[:500]
-                                                                                if errors else ""))]
-        return Group(tree.prompt, completions, compute=dict(tree.compute),
-                     trace={**strategy, **self.describe(), "nodes": [n.describe() for n in tree.nodes[1:]]})
+            completions = [
+                Completion(
+                    text="",
+                    finish_reason=FINISH_ERROR,
+                    prompt_tokens=tree.prompt_tokens,
+                    error="the search finished no answer" + (": " + "; ".join(errors)[:500] if errors else ""),
+                )
+            ]
+        return Group(
+            tree.prompt,
+            completions,
+            compute=dict(tree.compute),
+            trace={**strategy, **self.describe(), "nodes": [n.describe() for n in tree.nodes[1:]]},
+        )
 
 
 def rank(nodes: Sequence[Node]) -> list[Node]:
     """Highest value first; on equal values the higher score of the node's own step (with ``min`` the siblings
     of a weak prefix all share its value: their own steps still differ); an unvalued node last; then the order
     they were generated in."""
+
     def key(node: Node) -> tuple:
         own = node.step_score()
         return node.value is None, -(node.value or 0.0), own is None, -(own or 0.0)

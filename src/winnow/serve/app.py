@@ -32,8 +32,15 @@ from winnow.serve.serving import ServingError, load_serving
 log = logging.getLogger("winnow.serve")
 
 
-def _error(status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     err = ServingError(status, message, type=type, param=param, code=code, headers=headers)
     return JSONResponse(err.body(), status_code=status, headers=err.headers)
 
@@ -44,8 +51,11 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
     first = next((e for e in errors if e.get("type") == "value_error"), errors[0] if errors else {})
     if first.get("type") == "json_invalid":
-        return _error(400, f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
-                      code="invalid_json")
+        return _error(
+            400,
+            f"the request body is not valid JSON ({first.get('ctx', {}).get('error', 'parse error')})",
+            code="invalid_json",
+        )
     # a union field (str | list[str]) puts the failed branch's type name in the path: leave it out
     param = ""
     for part in first.get("loc", ())[1:]:
@@ -54,8 +64,11 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         elif not _is_type_name(part):
             param += f".{part}" if param else str(part)
     if not param:
-        return _error(400, f"the request body must be a JSON object of the route's fields ({first.get('msg')})",
-                      code="invalid_value")
+        return _error(
+            400,
+            f"the request body must be a JSON object of the route's fields ({first.get('msg')})",
+            code="invalid_value",
+        )
     message = first.get("msg", "invalid request")
     if first.get("type") == "missing":
         message = "field required"
@@ -79,8 +92,9 @@ async def _read(request: Request, model: type[pydantic.BaseModel], route: str, s
     except json.JSONDecodeError as e:
         raise ServingError(400, f"the request body is not valid JSON ({e.msg})", code="invalid_json") from None
     except (ValueError, RecursionError) as e:  # not UTF-8, a number too long to read, nesting too deep
-        raise ServingError(400, f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:200]})",
-                           code="invalid_json") from None
+        raise ServingError(
+            400, f"the request body is not valid JSON ({type(e).__name__}: {str(e)[:200]})", code="invalid_json"
+        ) from None
     serving.check_sizes(route, data)
     try:
         return model.model_validate(data)
@@ -88,8 +102,9 @@ async def _read(request: Request, model: type[pydantic.BaseModel], route: str, s
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
-def create_app(serving: Any, api_key: str | None = None, *, max_request_bytes: int = 32 * 1024 * 1024,
-               timeout_body: float = 60.0) -> FastAPI:
+def create_app(
+    serving: Any, api_key: str | None = None, *, max_request_bytes: int = 32 * 1024 * 1024, timeout_body: float = 60.0
+) -> FastAPI:
     """The FastAPI application serving ``serving`` (a policy or reward model), its bodies capped
     at ``max_request_bytes`` and ``timeout_body`` seconds."""
 
@@ -187,8 +202,9 @@ def _connection_cap(wanted: int) -> int:
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     room = soft - 64 if soft != resource.RLIM_INFINITY else wanted
     if wanted > room:
-        log.warning("--max_connections %d is over what the open-file limit (%d) allows; using %d", wanted, soft,
-                    max(1, room))
+        log.warning(
+            "--max_connections %d is over what the open-file limit (%d) allows; using %d", wanted, soft, max(1, room)
+        )
         return max(1, room)
     return wanted
 
@@ -200,8 +216,9 @@ def _url(sock: socket.socket) -> str:
 
 def run_server(config: Any) -> int:
     """``winnow serve``: load the model, bind, print one ready line, serve until SIGTERM/SIGINT."""
-    logging.basicConfig(level=logging.DEBUG if config.debug else logging.INFO,
-                        format="winnow serve: %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if config.debug else logging.INFO, format="winnow serve: %(levelname)s %(message)s"
+    )
 
     def stop_loading(signum, frame):
         raise KeyboardInterrupt
@@ -226,16 +243,26 @@ def run_server(config: Any) -> int:
     sock.listen(2048)
     sock.setblocking(False)
     url = _url(sock)
-    app = create_app(serving, config.api_key, max_request_bytes=config.max_request_bytes,
-                     timeout_body=config.timeout_body)
-    guard = ConnectionGuard(max_connections=_connection_cap(config.max_connections),
-                            timeout_headers=config.timeout_headers)
-    uv_config = uvicorn.Config(app, log_level="info" if config.debug else "warning", access_log=config.debug,
-                               timeout_graceful_shutdown=30, lifespan="on",
-                               http=functools.partial(GuardedH11Protocol, guard=guard),
-                               timeout_keep_alive=config.timeout_keep_alive)
-    server = _Server(uv_config, ready=f"winnow serve: ready at {url}/v1 (model '{serving.name}', {serving.kind}; "
-                                      f"GET {url}/health)")
+    app = create_app(
+        serving, config.api_key, max_request_bytes=config.max_request_bytes, timeout_body=config.timeout_body
+    )
+    guard = ConnectionGuard(
+        max_connections=_connection_cap(config.max_connections), timeout_headers=config.timeout_headers
+    )
+    uv_config = uvicorn.Config(
+        app,
+        log_level="info" if config.debug else "warning",
+        access_log=config.debug,
+        timeout_graceful_shutdown=30,
+        lifespan="on",
+        # uvicorn calls http(config=..., server_state=...): a partial works as well as
+        # the class it declares
+        http=functools.partial(GuardedH11Protocol, guard=guard),  # type: ignore[arg-type]
+        timeout_keep_alive=config.timeout_keep_alive,
+    )
+    server = _Server(
+        uv_config, ready=f"winnow serve: ready at {url}/v1 (model '{serving.name}', {serving.kind}; GET {url}/health)"
+    )
     server.run(sockets=[sock])
     print("winnow serve: stopped", file=sys.stderr, flush=True)
     return 0

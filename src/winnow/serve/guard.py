@@ -36,13 +36,18 @@ def raw_response(status: int, message: str, code: str, headers: dict[str, str] |
     """A whole HTTP/1.1 error response that closes the connection, for a transport with no request
     in progress (h11 cannot answer a request it has not parsed)."""
     body = error_bytes(status, message, code)
-    lines = [f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}", "content-type: application/json",
-             f"content-length: {len(body)}", "connection: close",
-             *(f"{name}: {value}" for name, value in (headers or {}).items())]
+    lines = [
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+    ]
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 # ----------------------------------------------------------------------------- request bodies
+
 
 class BodyGuard:
     """ASGI middleware: a body over ``max_bytes`` is answered 413, and one not sent within
@@ -62,8 +67,12 @@ class BodyGuard:
         self.timeout_body = float(timeout_body)
 
     def _too_large(self, size: str) -> tuple[int, str, str, bool]:
-        return (413, f"the request body is {size}; this server takes at most {self.max_bytes} bytes "
-                     "(--max_request_bytes)", "request_too_large", False)
+        return (
+            413,
+            f"the request body is {size}; this server takes at most {self.max_bytes} bytes (--max_request_bytes)",
+            "request_too_large",
+            False,
+        )
 
     async def __call__(self, scope: Message, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -88,8 +97,12 @@ class BodyGuard:
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                refusal = (408, f"the request body did not arrive within {self.timeout_body:g} s "
-                                "(--timeout_body)", "request_timeout", True)
+                refusal = (
+                    408,
+                    f"the request body did not arrive within {self.timeout_body:g} s (--timeout_body)",
+                    "request_timeout",
+                    True,
+                )
                 return {"type": "http.disconnect"}
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
@@ -126,12 +139,18 @@ def _content_length(scope: Message) -> int | None:
 async def _reply(send: Any, status: int, message: str, code: str, close: bool) -> None:
     body = error_bytes(status, message, code)
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    await send({"type": "http.response.start", "status": status,
-                "headers": headers + ([(b"connection", b"close")] if close else [])})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": headers + ([(b"connection", b"close")] if close else []),
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 # ----------------------------------------------------------------------------- connections
+
 
 class ConnectionGuard:
     """What the connections of one server share: the cap on open connections, the deadline for a
@@ -162,9 +181,15 @@ class GuardedH11Protocol(H11Protocol):
         if len(guard.open) > guard.max_connections:
             oldest = next((c for c in guard.waiting if c is not self), None)
             if oldest is None:
-                self._shut(raw_response(503, f"the server holds {guard.max_connections} connections, all busy "
-                                             "(--max_connections); retry shortly", "server_overloaded",
-                                        {"retry-after": "1"}))
+                self._shut(
+                    raw_response(
+                        503,
+                        f"the server holds {guard.max_connections} connections, all busy "
+                        "(--max_connections); retry shortly",
+                        "server_overloaded",
+                        {"retry-after": "1"},
+                    )
+                )
                 return
             oldest._shut(None)
         self._await_head()
@@ -204,8 +229,13 @@ class GuardedH11Protocol(H11Protocol):
         if self.conn.their_state is not h11.IDLE:  # still sending a body already answered (413): just close
             self._shut(None)
             return
-        self._shut(raw_response(408, f"no complete request head within {self.guard.timeout_headers:g} s "
-                                     "(--timeout_headers)", "request_timeout"))
+        self._shut(
+            raw_response(
+                408,
+                f"no complete request head within {self.guard.timeout_headers:g} s (--timeout_headers)",
+                "request_timeout",
+            )
+        )
 
     def _shut(self, response: bytes | None) -> None:
         """Close now: with ``response`` written first, or (None) dropped at once, freeing its socket."""

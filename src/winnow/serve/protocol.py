@@ -61,6 +61,7 @@ class _Request(BaseModel):
 
 # ----------------------------------------------------------------------------- errors
 
+
 class ErrorInfo(BaseModel):
     message: str
     type: str
@@ -76,6 +77,7 @@ class ErrorResponse(BaseModel):
 
 # ----------------------------------------------------------------------------- models
 
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -89,6 +91,7 @@ class ModelList(BaseModel):
 
 
 # ----------------------------------------------------------------------------- shared pieces
+
 
 class StreamOptions(_Request):
     include_usage: bool = False
@@ -124,6 +127,7 @@ class _SamplingFields(_Request):
 
 
 # ----------------------------------------------------------------------------- chat
+
 
 class ContentPart(_Request):
     type: str
@@ -196,6 +200,7 @@ class ChatCompletionChunk(BaseModel):
 
 # ----------------------------------------------------------------------------- completions
 
+
 class CompletionRequest(_SamplingFields):
     # tried in order, strictly: a long token list is read once as ints (never tried as strings,
     # which would put one error per element in memory), and "123" stays text
@@ -227,6 +232,7 @@ class CompletionResponse(BaseModel):
 
 
 # ----------------------------------------------------------------------------- rewards (winnow's own)
+
 
 class RewardRequest(_Request):
     """``POST /v1/rewards``: score whole conversations (each ends with the assistant turn to judge)."""

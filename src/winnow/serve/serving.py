@@ -18,24 +18,40 @@ import re
 from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from winnow.schema import FINISH_ERROR, Completion, SamplingParams, Score
 from winnow.serve import protocol as p
 
 if TYPE_CHECKING:
+    from winnow.engines import AcceptsTokenIds, Engine, Reseedable, StreamsTokens
     from winnow.engines.hf import TokenChars
+
+    class _ServedEngine(Engine, AcceptsTokenIds, Protocol):
+        """What the policy server needs of its engine: a local engine that runs token ids."""
+
+        model_path: str
+
 
 log = logging.getLogger("winnow.serve")
 
 
 # ----------------------------------------------------------------------------- errors
 
+
 class ServingError(Exception):
     """A request that cannot be answered, as an HTTP status and OpenAI's error fields."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.message = message
@@ -53,24 +69,29 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ServingError(400, message, param=param, code=code)
 
 
-def context_too_long(context_length: int, prompt_tokens: int, wanted: int, param: str, *,
-                     at_least: bool = False) -> ServingError:
+def context_too_long(
+    context_length: int, prompt_tokens: int, wanted: int, param: str, *, at_least: bool = False
+) -> ServingError:
     """OpenAI's ``context_length_exceeded`` 400; ``at_least`` when the prompt was judged from its
     length in characters, without tokenizing it."""
     bound = "at least " if at_least else ""
-    asked = (f"{bound}{prompt_tokens + wanted} tokens ({bound}{prompt_tokens} in the {param}, {wanted} in the "
-             "completion)")
+    asked = (
+        f"{bound}{prompt_tokens + wanted} tokens ({bound}{prompt_tokens} in the {param}, {wanted} in the completion)"
+    )
     return bad_request(
         f"This model's maximum context length is {context_length} tokens. However, you requested {asked}. "
-        f"Please reduce the length of the {param} or completion.", param, code="context_length_exceeded")
+        f"Please reduce the length of the {param} or completion.",
+        param,
+        code="context_length_exceeded",
+    )
 
 
 def overloaded(message: str) -> ServingError:
-    return ServingError(503, message, type="server_overloaded", code="server_overloaded",
-                        headers={"Retry-After": "1"})
+    return ServingError(503, message, type="server_overloaded", code="server_overloaded", headers={"Retry-After": "1"})
 
 
 # ----------------------------------------------------------------------------- batching
+
 
 @dataclass
 class _Job:
@@ -90,8 +111,16 @@ class Batcher:
     Without ``dynamic_batching`` every request is a call of its own.
     """
 
-    def __init__(self, run_group: Callable[[Hashable, list[Any]], list[Any]], *, max_batch_size: int = 64,
-                 max_wait_ms: float = 10.0, max_queue: int = 256, dynamic_batching: bool = True):
+    # run_group's key is whatever its owner passes to submit (each owner has its own key type)
+    def __init__(
+        self,
+        run_group: Callable[[Any, list[Any]], list[Any]],
+        *,
+        max_batch_size: int = 64,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 256,
+        dynamic_batching: bool = True,
+    ):
         self.run_group = run_group
         self.max_batch_size = max(1, int(max_batch_size)) if dynamic_batching else 1
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0 if dynamic_batching else 0.0
@@ -213,25 +242,31 @@ class Limits:
             for i, s in enumerate([stop] if isinstance(stop, str) else stop if isinstance(stop, list) else []):
                 if isinstance(s, str) and len(s) > self.max_stop_chars:
                     param = "stop" if isinstance(stop, str) else f"stop[{i}]"
-                    raise bad_request(f"{param} is {len(s)} characters long; this server takes stop strings of at "
-                                      f"most {self.max_stop_chars} (--max_stop_chars)", param,
-                                      code="string_above_max_length")
+                    raise bad_request(
+                        f"{param} is {len(s)} characters long; this server takes stop strings of at "
+                        f"most {self.max_stop_chars} (--max_stop_chars)",
+                        param,
+                        code="string_above_max_length",
+                    )
 
     def _check_messages(self, messages: Any, param: str) -> None:
         self._cap(messages, self.max_messages, param, "messages", "max_messages")
         for i, m in enumerate(messages if isinstance(messages, list) else []):
             if isinstance(m, dict):
-                self._cap(m.get("content"), self.max_messages, f"{param}[{i}].content", "content parts",
-                          "max_messages")
+                self._cap(m.get("content"), self.max_messages, f"{param}[{i}].content", "content parts", "max_messages")
 
     @staticmethod
     def _cap(items: Any, most: int, param: str, what: str, flag: str) -> None:
         if isinstance(items, list) and len(items) > most:
-            raise bad_request(f"{param} holds {len(items)} {what}; this server takes at most {most} (--{flag})",
-                              param, code="array_above_max_length")
+            raise bad_request(
+                f"{param} holds {len(items)} {what}; this server takes at most {most} (--{flag})",
+                param,
+                code="array_above_max_length",
+            )
 
 
 # ----------------------------------------------------------------------------- request helpers
+
 
 def _messages(messages: list[p.ChatMessage], param: str = "messages") -> list[dict[str, Any]]:
     """Chat messages as plain dicts with text content; images and other parts are refused."""
@@ -242,8 +277,10 @@ def _messages(messages: list[p.ChatMessage], param: str = "messages") -> list[di
             texts = []
             for j, part in enumerate(content):
                 if part.type != "text":
-                    raise bad_request(f"content part type {part.type!r} is not supported; send text",
-                                      f"{param}[{i}].content[{j}].type")
+                    raise bad_request(
+                        f"content part type {part.type!r} is not supported; send text",
+                        f"{param}[{i}].content[{j}].type",
+                    )
                 if part.text is None:
                     raise bad_request("a text part needs its 'text'", f"{param}[{i}].content[{j}].text")
                 texts.append(part.text)
@@ -263,27 +300,69 @@ def _refuse(req: Any, checks: dict[str, bool]) -> None:
 # values that change nothing: any other value is refused (400) rather than silently ignored.
 # Fields not listed here (store, metadata, user, service_tier, prediction, ...) are ignored.
 _UNSUPPORTED_EXTRAS: dict[str, tuple] = {
-    "functions": (None, []), "function_call": (None, "none", "auto"), "audio": (None,),
-    "modalities": (None, ["text"]), "reasoning_effort": (None,), "verbosity": (None,), "web_search_options": (None,),
-    "min_tokens": (None, 0), "ignore_eos": (None, False), "stop_token_ids": (None, []), "bad_words": (None, []),
-    "allowed_token_ids": (None,), "skip_special_tokens": (None, True), "spaces_between_special_tokens": (None, True),
-    "include_stop_str_in_output": (None, False), "use_beam_search": (None, False), "num_beams": (None, 1),
-    "length_penalty": (None, 1), "typical_p": (None, 1), "epsilon_cutoff": (None, 0), "eta_cutoff": (None, 0),
-    "no_repeat_ngram_size": (None, 0), "truncate_prompt_tokens": (None,), "prompt_logprobs": (None,),
-    "logits_processors": (None, []), "structured_outputs": (None,), "guided_json": (None,),
-    "guided_regex": (None,), "guided_choice": (None,), "guided_grammar": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none", "auto"),
+    "audio": (None,),
+    "modalities": (None, ["text"]),
+    "reasoning_effort": (None,),
+    "verbosity": (None,),
+    "web_search_options": (None,),
+    "min_tokens": (None, 0),
+    "ignore_eos": (None, False),
+    "stop_token_ids": (None, []),
+    "bad_words": (None, []),
+    "allowed_token_ids": (None,),
+    "skip_special_tokens": (None, True),
+    "spaces_between_special_tokens": (None, True),
+    "include_stop_str_in_output": (None, False),
+    "use_beam_search": (None, False),
+    "num_beams": (None, 1),
+    "length_penalty": (None, 1),
+    "typical_p": (None, 1),
+    "epsilon_cutoff": (None, 0),
+    "eta_cutoff": (None, 0),
+    "no_repeat_ngram_size": (None, 0),
+    "truncate_prompt_tokens": (None,),
+    "prompt_logprobs": (None,),
+    "logits_processors": (None, []),
+    "structured_outputs": (None,),
+    "guided_json": (None,),
+    "guided_regex": (None,),
+    "guided_choice": (None,),
+    "guided_grammar": (None,),
     "return_tokens_as_token_ids": (None, False),
 }
 # add_generation_prompt and continue_final_message are checked together (``_continued``)
-_CHAT_EXTRAS = {**_UNSUPPORTED_EXTRAS, "echo": (None, False), "add_special_tokens": (None, False),
-                "chat_template": (None,), "documents": (None, [])}
+_CHAT_EXTRAS = {
+    **_UNSUPPORTED_EXTRAS,
+    "echo": (None, False),
+    "add_special_tokens": (None, False),
+    "chat_template": (None,),
+    "documents": (None, []),
+}
 _COMPLETION_EXTRAS = {**_UNSUPPORTED_EXTRAS, "add_special_tokens": (None, True)}
 
 # apply_chat_template's own arguments: a template variable of the same name would clash with them
-_RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation", "max_length",
-    "return_tensors", "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs"})
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "messages",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "sanitize_control_tokens",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 
 
 def _refuse_extras(req: Any, table: dict[str, tuple]) -> None:
@@ -303,15 +382,19 @@ def _continued(req: Any, messages: list[dict]) -> tuple[list[dict], str | None]:
         raise bad_request(f"continue_final_message={cont!r}: expected true or false", "continue_final_message")
     if not cont:
         if generation_prompt not in (None, True):
-            raise bad_request(f"add_generation_prompt={generation_prompt!r} is only supported with "
-                              "continue_final_message=true", "add_generation_prompt")
+            raise bad_request(
+                f"add_generation_prompt={generation_prompt!r} is only supported with continue_final_message=true",
+                "add_generation_prompt",
+            )
         return messages, None
     if generation_prompt not in (None, False):
-        raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
-                          "add_generation_prompt")
+        raise bad_request(
+            "continue_final_message and add_generation_prompt cannot both be true", "add_generation_prompt"
+        )
     if not messages or messages[-1]["role"] != "assistant":
-        raise bad_request("continue_final_message needs the last message to be the assistant's partial answer",
-                          "messages")
+        raise bad_request(
+            "continue_final_message needs the last message to be the assistant's partial answer", "messages"
+        )
     return messages[:-1], str(messages[-1].get("content") or "")
 
 
@@ -319,8 +402,9 @@ def _template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
     """``chat_template_kwargs`` as template variables; names that are apply_chat_template's own are refused."""
     for name in kwargs or {}:
         if name in _RESERVED_TEMPLATE_KWARGS:
-            raise bad_request(f"chat_template_kwargs may not set {name!r} (the server sets it)",
-                              f"chat_template_kwargs.{name}")
+            raise bad_request(
+                f"chat_template_kwargs may not set {name!r} (the server sets it)", f"chat_template_kwargs.{name}"
+            )
     return dict(kwargs or {})
 
 
@@ -333,8 +417,10 @@ def _response_format(value: dict[str, Any] | None) -> str | None:
     from winnow.structured import load_response_format
 
     if value.get("type") not in ("json_object", "json_schema"):
-        raise bad_request(f"response_format.type {value.get('type')!r} is not supported; use text, json_object or "
-                          "json_schema", "response_format.type")
+        raise bad_request(
+            f"response_format.type {value.get('type')!r} is not supported; use text, json_object or json_schema",
+            "response_format.type",
+        )
     try:
         normalised = load_response_format(value)
     except ConfigError as e:
@@ -388,6 +474,7 @@ class _GenItem:
 
 # ----------------------------------------------------------------------------- served models
 
+
 class _Served:
     """The model name checks every served model shares."""
 
@@ -399,8 +486,12 @@ class _Served:
     def check_model(self, model: str | None) -> None:
         """404 in OpenAI's shape when a request names a model this server does not serve."""
         if model and model != self.name:
-            raise ServingError(404, f"The model '{model}' does not exist; this server serves '{self.name}'",
-                               param="model", code="model_not_found")
+            raise ServingError(
+                404,
+                f"The model '{model}' does not exist; this server serves '{self.name}'",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_sizes(self, route: str, data: Any) -> None:
         """400 for a raw JSON body (before it becomes request objects) that asks for too much."""
@@ -411,8 +502,13 @@ class _Served:
 
     def info(self) -> dict[str, Any]:
         """The health route's body: what is served and how busy the batcher has been."""
-        return {"status": "ok", "model": self.name, "kind": self.kind, "requests": self.batcher.requests,
-                "engine_calls": self.batcher.calls}
+        return {
+            "status": "ok",
+            "model": self.name,
+            "kind": self.kind,
+            "requests": self.batcher.requests,
+            "engine_calls": self.batcher.calls,
+        }
 
 
 class PolicyServing(_Served):
@@ -420,22 +516,31 @@ class PolicyServing(_Served):
 
     kind = "policy"
 
-    def __init__(self, engine: Any, *, name: str, default_max_tokens: int | None = None,
-                 limits: Limits | None = None, **batching: Any):
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        name: str,
+        default_max_tokens: int | None = None,
+        limits: Limits | None = None,
+        **batching: Any,
+    ):
         from winnow.engines import AcceptsTokenIds, Reseedable, StreamsTokens, hf
 
         if not isinstance(engine, AcceptsTokenIds):
             from winnow.errors import ConfigError
 
-            raise ConfigError(f"engine {engine.name!r} cannot be served: it does not run tokenized prompts "
-                              "(serve a local engine: transformers, vllm, sglang, lmdeploy)")
-        self.engine = engine
+            raise ConfigError(
+                f"engine {engine.name!r} cannot be served: it does not run tokenized prompts "
+                "(serve a local engine: transformers, vllm, sglang, lmdeploy)"
+            )
+        self.engine = cast("_ServedEngine", engine)
         self.reseedable = isinstance(engine, Reseedable)
         self.streams = isinstance(engine, StreamsTokens)
         self.name = name
         # the server's own tokenizer: the engine's is busy on the model thread, and a fast tokenizer
         # must not be used from two threads at once
-        self.tokenizer = hf.load_tokenizer(engine.model_path)
+        self.tokenizer = hf.load_tokenizer(self.engine.model_path)
         self.template = getattr(engine, "template", None)
         self.context_length: int | None = getattr(engine, "context_length", None)
         self.vocab_size = len(self.tokenizer)
@@ -456,15 +561,23 @@ class PolicyServing(_Served):
 
     def _run_group(self, key: _Key, items: list[_GenItem]) -> list[list[Completion]]:
         """One ``generate`` call for requests sharing ``key``: every request's n samples are rows."""
-        params = SamplingParams(n=1, max_new_tokens=key.max_new_tokens, temperature=key.temperature,
-                                top_p=key.top_p, top_k=key.top_k, min_p=key.min_p,
-                                repetition_penalty=key.repetition_penalty, stop=list(key.stop), seed=key.seed,
-                                response_format=json.loads(key.response_format) if key.response_format else None)
+        params = SamplingParams(
+            n=1,
+            max_new_tokens=key.max_new_tokens,
+            temperature=key.temperature,
+            top_p=key.top_p,
+            top_k=key.top_k,
+            min_p=key.min_p,
+            repetition_penalty=key.repetition_penalty,
+            stop=list(key.stop),
+            seed=key.seed,
+            response_format=json.loads(key.response_format) if key.response_format else None,
+        )
         if key.seed is not None and self.reseedable:
-            self.engine.reseed(key.seed)
+            cast("Reseedable", self.engine).reseed(key.seed)
         if key.streaming:
             (item,) = items
-            return [[self.engine.stream_ids_blocking(item.ids, params, item.on_text)]]
+            return [[cast("StreamsTokens", self.engine).stream_ids_blocking(item.ids, params, item.on_text)]]
         if key.temperature == 0:  # greedy: the n answers of a request are one answer, computed once
             answers = [c[0] for c in self.engine.generate_ids_blocking([item.ids for item in items], params)]
             return [[dataclasses.replace(a) for _ in range(item.n)] for a, item in zip(answers, items, strict=True)]
@@ -514,10 +627,18 @@ class PolicyServing(_Served):
         if req.seed is not None and not self.reseedable:
             raise bad_request(f"seed is not supported by the {self.engine.name} engine this server runs", "seed")
         streaming = streamable and bool(req.stream) and req.n == 1 and self.streams
-        return _Key(temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p, top_k=top_k,
-                    min_p=req.min_p or None, max_new_tokens=int(max_tokens or 16), stop=tuple(_stop(req.stop)),
-                    repetition_penalty=req.repetition_penalty or 1.0, seed=req.seed,
-                    solo=object() if req.seed is not None or streaming else None, streaming=streaming)
+        return _Key(
+            temperature=temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            top_k=top_k,
+            min_p=req.min_p or None,
+            max_new_tokens=int(max_tokens or 16),
+            stop=tuple(_stop(req.stop)),
+            repetition_penalty=req.repetition_penalty or 1.0,
+            seed=req.seed,
+            solo=object() if req.seed is not None or streaming else None,
+            streaming=streaming,
+        )
 
     def _encode(self, text: str, budget: int | None, param: str, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``; a text surely longer than ``budget`` tokens is refused untokenized."""
@@ -526,17 +647,18 @@ class PolicyServing(_Served):
         if budget is not None and hf.certainly_too_long(text, budget, self.token_chars):
             assert self.context_length is not None and self.token_chars is not None
             at_least = -(-len(text) // self.token_chars.of(text))
-            raise context_too_long(self.context_length, at_least, self.context_length - budget, param,
-                                   at_least=True)
+            raise context_too_long(self.context_length, at_least, self.context_length - budget, param, at_least=True)
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def _encode_chat(self, messages: list[dict], template_kwargs: dict[str, Any], budget: int | None,
-                     prefix: str | None = None) -> list[int]:
+    def _encode_chat(
+        self, messages: list[dict], template_kwargs: dict[str, Any], budget: int | None, prefix: str | None = None
+    ) -> list[int]:
         from winnow.engines import hf
 
         try:
-            text = hf.render_chat(self.tokenizer, messages, self.template, template_kwargs=template_kwargs,
-                                  response_prefix=prefix)
+            text = hf.render_chat(
+                self.tokenizer, messages, self.template, template_kwargs=template_kwargs, response_prefix=prefix
+            )
         except Exception as e:
             raise bad_request(f"cannot apply the chat template to these messages: {e}", "messages") from None
         return self._encode(text, budget, "messages", add_special_tokens=False)
@@ -545,11 +667,14 @@ class PolicyServing(_Served):
         return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     def _refuse_common(self, req: p._SamplingFields, extras: dict[str, tuple]) -> None:
-        _refuse(req, {
-            "presence_penalty": bool(req.presence_penalty),
-            "frequency_penalty": bool(req.frequency_penalty),
-            "logit_bias": bool(req.logit_bias),
-        })
+        _refuse(
+            req,
+            {
+                "presence_penalty": bool(req.presence_penalty),
+                "frequency_penalty": bool(req.frequency_penalty),
+                "logit_bias": bool(req.logit_bias),
+            },
+        )
         _refuse_extras(req, extras)
 
     async def _generate(self, key: _Key, ids: list[int], n: int) -> list[Completion]:
@@ -563,26 +688,39 @@ class PolicyServing(_Served):
         """A chat completion, or (``stream``) its server-sent events."""
         self.check_model(req.model)
         self._refuse_common(req, _CHAT_EXTRAS)
-        _refuse(req, {
-            "logprobs": bool(req.logprobs),
-            "top_logprobs": bool(req.top_logprobs),
-            "tools": bool(req.tools),
-            "tool_choice": req.tool_choice not in (None, "none", "auto"),
-        })
+        _refuse(
+            req,
+            {
+                "logprobs": bool(req.logprobs),
+                "top_logprobs": bool(req.top_logprobs),
+                "tools": bool(req.tools),
+                "tool_choice": req.tool_choice not in (None, "none", "auto"),
+            },
+        )
         response_format = _response_format(req.response_format)
         template_kwargs = _template_kwargs(req.chat_template_kwargs)
         messages, prefix = _continued(req, _messages(req.messages))
         ids = await self._tokenize(self._encode_chat, messages, template_kwargs, self._prompt_budget(req), prefix)
-        key = dataclasses.replace(self._key(req, len(ids), "messages", streamable=True),
-                                  response_format=response_format)
+        key = dataclasses.replace(
+            self._key(req, len(ids), "messages", streamable=True), response_format=response_format
+        )
         if key.streaming:
             return self._stream_chat(key, ids, bool(req.stream_options and req.stream_options.include_usage))
         completions = await self._generate(key, ids, req.n)
         usage = _usage(len(ids), completions)
         response = p.ChatCompletionResponse(
-            model=self.name, usage=usage,
-            choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                                  stop_reason=c.stop_string) for i, c in enumerate(completions)])
+            model=self.name,
+            usage=usage,
+            choices=[
+                p.ChatChoice(
+                    index=i,
+                    message=p.AssistantMessage(content=c.text),
+                    finish_reason=c.finish_reason,
+                    stop_reason=c.stop_string,
+                )
+                for i, c in enumerate(completions)
+            ],
+        )
         if req.stream:
             return chat_stream(response, bool(req.stream_options and req.stream_options.include_usage))
         return response
@@ -594,8 +732,14 @@ class PolicyServing(_Served):
         pieces: asyncio.Queue[str] = asyncio.Queue()
         item = _GenItem(ids, 1, on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
         done = asyncio.ensure_future(self.batcher.submit(key, item))
-        base = {"id": p.new_id("chatcmpl"), "object": "chat.completion.chunk", "created": p.now(),
-                "model": self.name, "system_fingerprint": None, **({"usage": None} if include_usage else {})}
+        base = {
+            "id": p.new_id("chatcmpl"),
+            "object": "chat.completion.chunk",
+            "created": p.now(),
+            "model": self.name,
+            "system_fingerprint": None,
+            **({"usage": None} if include_usage else {}),
+        }
 
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
@@ -629,23 +773,31 @@ class PolicyServing(_Served):
         """A text completion of raw prompts (no chat template), or its server-sent events."""
         self.check_model(req.model)
         self._refuse_common(req, _COMPLETION_EXTRAS)
-        _refuse(req, {
-            "echo": bool(req.echo),
-            "suffix": bool(req.suffix),
-            "logprobs": req.logprobs is not None,
-            "best_of": req.best_of is not None and req.best_of != req.n,
-        })
+        _refuse(
+            req,
+            {
+                "echo": bool(req.echo),
+                "suffix": bool(req.suffix),
+                "logprobs": req.logprobs is not None,
+                "best_of": req.best_of is not None and req.best_of != req.n,
+            },
+        )
         prompts = await self._tokenize(self._prompt_ids, req.prompt, self._prompt_budget(req))
         keys = [self._key(req, len(ids), "prompt") for ids in prompts]
         results = await asyncio.gather(*(self._generate(k, ids, req.n) for k, ids in zip(keys, prompts, strict=True)))
         flat = [c for completions in results for c in completions]
-        usage = p.Usage(prompt_tokens=sum(len(ids) for ids in prompts),
-                        completion_tokens=sum(c.completion_tokens for c in flat))
+        usage = p.Usage(
+            prompt_tokens=sum(len(ids) for ids in prompts), completion_tokens=sum(c.completion_tokens for c in flat)
+        )
         usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
         response = p.CompletionResponse(
-            model=self.name, usage=usage,
-            choices=[p.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_string)
-                     for i, c in enumerate(flat)])
+            model=self.name,
+            usage=usage,
+            choices=[
+                p.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_string)
+                for i, c in enumerate(flat)
+            ],
+        )
         if req.stream:
             return completion_stream(response, bool(req.stream_options and req.stream_options.include_usage))
         return response
@@ -671,8 +823,9 @@ class PolicyServing(_Served):
                 ids = list(item)
                 bad = [t for t in ids if not 0 <= t < self.vocab_size]
                 if bad:
-                    raise bad_request(f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})",
-                                      f"prompt[{i}]")
+                    raise bad_request(
+                        f"token id {bad[0]} is outside the vocabulary (size {self.vocab_size})", f"prompt[{i}]"
+                    )
             if not ids:
                 raise bad_request("prompt must not be empty", param)
             out.append(ids)
@@ -680,41 +833,60 @@ class PolicyServing(_Served):
 
     async def rewards(self, req: p.RewardRequest) -> p.RewardResponse:
         self.check_model(req.model)
-        raise bad_request(f"'{self.name}' is not a reward model; /v1/rewards needs a server started with one",
-                          "model")
+        raise bad_request(f"'{self.name}' is not a reward model; /v1/rewards needs a server started with one", "model")
 
 
 def _split(flat: list[Any], sizes: list[int]) -> list[list[Any]]:
     """``flat`` cut back into consecutive runs of the given sizes (one per request of a batch)."""
     out, at = [], 0
     for size in sizes:
-        out.append(flat[at:at + size])
+        out.append(flat[at : at + size])
         at += size
     return out
 
 
 def _usage(prompt_tokens: int, completions: list[Completion]) -> p.Usage:
     completion_tokens = sum(c.completion_tokens for c in completions)
-    return p.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
+    return p.Usage(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=prompt_tokens + completion_tokens
+    )
 
 
 async def chat_stream(response: p.ChatCompletionResponse, include_usage: bool) -> AsyncIterator[str]:
     """A finished chat completion as OpenAI's chunk stream: per choice a role chunk, a content
     chunk and a finish chunk; then a usage chunk (with ``include_usage``); then ``[DONE]``."""
-    base = {"id": response.id, "object": "chat.completion.chunk", "created": response.created,
-            "model": response.model, "system_fingerprint": None}
+    base = {
+        "id": response.id,
+        "object": "chat.completion.chunk",
+        "created": response.created,
+        "model": response.model,
+        "system_fingerprint": None,
+    }
     if include_usage:
         base["usage"] = None
     for choice in response.choices:
         text = choice.message.content or ""
-        for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": text}, None),
-                              ({}, choice.finish_reason)):
+        for delta, finish in (
+            ({"role": "assistant", "content": ""}, None),
+            ({"content": text}, None),
+            ({}, choice.finish_reason),
+        ):
             if delta.get("content") == "" and "role" not in delta:
                 continue
-            yield _sse({**base, "choices": [{"index": choice.index, "delta": delta, "logprobs": None,
-                                             "finish_reason": finish,
-                                             **({"stop_reason": choice.stop_reason} if finish else {})}]})
+            yield _sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": choice.index,
+                            "delta": delta,
+                            "logprobs": None,
+                            "finish_reason": finish,
+                            **({"stop_reason": choice.stop_reason} if finish else {}),
+                        }
+                    ],
+                }
+            )
     if include_usage:
         yield _sse({**base, "choices": [], "usage": response.usage.model_dump()})
     yield SSE_DONE
@@ -722,17 +894,33 @@ async def chat_stream(response: p.ChatCompletionResponse, include_usage: bool) -
 
 async def completion_stream(response: p.CompletionResponse, include_usage: bool) -> AsyncIterator[str]:
     """A finished text completion as OpenAI's chunk stream (same object type as the response)."""
-    base = {"id": response.id, "object": "text_completion", "created": response.created, "model": response.model,
-            "system_fingerprint": None}
+    base = {
+        "id": response.id,
+        "object": "text_completion",
+        "created": response.created,
+        "model": response.model,
+        "system_fingerprint": None,
+    }
     if include_usage:
         base["usage"] = None
     for choice in response.choices:
         for text, finish in ((choice.text, None), ("", choice.finish_reason)):
             if text == "" and finish is None:
                 continue
-            yield _sse({**base, "choices": [{"index": choice.index, "text": text, "logprobs": None,
-                                             "finish_reason": finish,
-                                             **({"stop_reason": choice.stop_reason} if finish else {})}]})
+            yield _sse(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": choice.index,
+                            "text": text,
+                            "logprobs": None,
+                            "finish_reason": finish,
+                            **({"stop_reason": choice.stop_reason} if finish else {}),
+                        }
+                    ],
+                }
+            )
     if include_usage and response.usage is not None:
         yield _sse({**base, "choices": [], "usage": response.usage.model_dump()})
     yield SSE_DONE
@@ -740,11 +928,20 @@ async def completion_stream(response: p.CompletionResponse, include_usage: bool)
 
 # ----------------------------------------------------------------------------- reward models
 
+
 class RewardServing(_Served):
     """A classifier reward model or PRM: scores conversations, batched like generation."""
 
-    def __init__(self, model: Any, *, name: str, limits: Limits | None = None, max_input_tokens: int | None = None,
-                 token_chars: TokenChars | None = None, **batching: Any):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str,
+        limits: Limits | None = None,
+        max_input_tokens: int | None = None,
+        token_chars: TokenChars | None = None,
+        **batching: Any,
+    ):
         self.model = model
         self.kind = model.kind
         self.name = name
@@ -781,7 +978,10 @@ class RewardServing(_Served):
                         f"This model's maximum context length is {self.max_input_tokens} tokens. However, the "
                         f"last message of {where} alone is at least "
                         f"{-(-len(judged) // self.token_chars.of(judged))} "
-                        "tokens. Please shorten it.", where, code="context_length_exceeded")
+                        "tokens. Please shorten it.",
+                        where,
+                        code="context_length_exceeded",
+                    )
         return await self.batcher.submit(None, conversations)
 
     def content(self, score: Score) -> str:
@@ -799,9 +999,13 @@ class RewardServing(_Served):
         (score,) = await self.score([_messages(req.messages)])
         content = self.content(score)
         response = p.ChatCompletionResponse(
-            model=self.name, usage=p.Usage(),
-            choices=[p.ChatChoice(index=i, message=p.AssistantMessage(content=content), finish_reason="stop")
-                     for i in range(req.n)])
+            model=self.name,
+            usage=p.Usage(),
+            choices=[
+                p.ChatChoice(index=i, message=p.AssistantMessage(content=content), finish_reason="stop")
+                for i in range(req.n)
+            ],
+        )
         if req.stream:
             return chat_stream(response, bool(req.stream_options and req.stream_options.include_usage))
         return response
@@ -824,6 +1028,7 @@ class RewardServing(_Served):
 
 # ----------------------------------------------------------------------------- loading
 
+
 def detect_reward_kind(path: str) -> str | None:
     """``classifier`` or ``prm`` for a reward model directory, None for anything else."""
     try:
@@ -842,22 +1047,42 @@ def load_serving(config: Any) -> PolicyServing | RewardServing:
     hub.configure(config.use_hf, config.hub_token)
     path = hf.resolve_model_path(config.model, revision=config.model_revision)
     name = config.served_model_name or Path(str(config.model).rstrip("/")).name
-    batching = dict(max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
-                    max_queue=config.max_queue, dynamic_batching=config.dynamic_batching)
+    batching = dict(
+        max_batch_size=config.max_batch_size,
+        max_wait_ms=config.max_wait_ms,
+        max_queue=config.max_queue,
+        dynamic_batching=config.dynamic_batching,
+    )
     limits = Limits.from_config(config)
     kind = detect_reward_kind(path)
     if kind is not None:
         from winnow.rewards.models import load_reward_model, read_model_config
 
-        kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, "template": config.template,
-                  **config.engine_kwargs}
+        kwargs = {
+            "torch_dtype": config.torch_dtype,
+            "device": config.device,
+            "template": config.template,
+            **config.engine_kwargs,
+        }
         model = load_reward_model(path, **kwargs)
         # a model that truncates (max_length) takes any length; else its positions are the limit
         limit = None if kwargs.get("max_length") else read_model_config(path).get("max_position_embeddings")
-        return RewardServing(model, name=name, limits=limits, max_input_tokens=limit,
-                             token_chars=hf.longest_token_chars(hf.load_tokenizer(path)), **batching)
-    kwargs = {"torch_dtype": config.torch_dtype, "device": config.device, "template": config.template,
-              "seed": config.seed, **config.engine_kwargs}
+        return RewardServing(
+            model,
+            name=name,
+            limits=limits,
+            max_input_tokens=limit,
+            token_chars=hf.longest_token_chars(hf.load_tokenizer(path)),
+            **batching,
+        )
+    kwargs = {
+        "torch_dtype": config.torch_dtype,
+        "device": config.device,
+        "template": config.template,
+        "seed": config.seed,
+        **config.engine_kwargs,
+    }
     engine = get_engine(config.engine, path, **kwargs)
-    return PolicyServing(engine, name=name, default_max_tokens=getattr(config, "max_new_tokens", None),
-                         limits=limits, **batching)
+    return PolicyServing(
+        engine, name=name, default_max_tokens=getattr(config, "max_new_tokens", None), limits=limits, **batching
+    )

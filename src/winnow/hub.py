@@ -70,13 +70,24 @@ def hf_offline() -> bool:
 
 def reachable(endpoint: str) -> bool:
     """Whether ``endpoint``'s host accepts a TCP connection within :data:`CONNECT_TIMEOUT_S`."""
+    return unreachable_reason(endpoint) is None
+
+
+def unreachable_reason(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot be reached (``"<endpoint> cannot be reached: <reason>"``), or None when its host
+    accepts a TCP connection within :data:`CONNECT_TIMEOUT_S`."""
     url = urlparse(endpoint if "://" in endpoint else f"https://{endpoint}")
     port = url.port or (80 if url.scheme == "http" else 443)
     try:
         with socket.create_connection((url.hostname or "", port), timeout=CONNECT_TIMEOUT_S):
-            return True
-    except OSError:
-        return False
+            return None
+    except TimeoutError:
+        reason = f"no answer within {CONNECT_TIMEOUT_S:g} s"
+    except socket.gaierror:
+        reason = f"the name {url.hostname} does not resolve"
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    return f"{endpoint} cannot be reached ({reason})"
 
 
 def hf_endpoint() -> str:
@@ -201,15 +212,9 @@ def model_dir(repo_id: str, what: str = "--model", revision: str | None = None) 
             return str(cached)
         if hf_offline():
             raise _unreachable(what, repo_id, "model", "Hugging Face", "HF_HUB_OFFLINE is set", _hf_cache_dir())
-        if not reachable(hf_endpoint()):
-            raise _unreachable(
-                what,
-                repo_id,
-                "model",
-                "Hugging Face",
-                f"{hf_endpoint()} cannot be reached within {CONNECT_TIMEOUT_S:g} s",
-                _hf_cache_dir(),
-            )
+        why = unreachable_reason(hf_endpoint())
+        if why is not None:
+            raise _unreachable(what, repo_id, "model", "Hugging Face", why, _hf_cache_dir())
         return repo_id
     return _modelscope(repo_id, "model", what, revision)
 
@@ -228,15 +233,9 @@ def _modelscope(repo_id: str, kind: str, what: str, revision: str | None) -> str
         raise _unreachable(
             what, repo_id, kind, "ModelScope", "offline (MODELSCOPE_OFFLINE or HF_HUB_OFFLINE is set)", looked
         )
-    if not reachable(_ms_endpoint()):
-        raise _unreachable(
-            what,
-            repo_id,
-            kind,
-            "ModelScope",
-            f"{_ms_endpoint()} cannot be reached within {CONNECT_TIMEOUT_S:g} s",
-            looked,
-        )
+    why = unreachable_reason(_ms_endpoint())
+    if why is not None:
+        raise _unreachable(what, repo_id, kind, "ModelScope", why, looked)
     try:
         import modelscope.hub.snapshot_download as ms
     except ImportError:

@@ -401,7 +401,8 @@ def test_no_replica_left_is_one_error_and_the_output_resumes_without_ray(tmp_pat
 
 def test_a_node_removed_mid_run_costs_only_its_calls(tmp_path, cluster, server):
     dataset = sums(tmp_path / "d.jsonl", 60)
-    common = client_options(server, dataset, latency=0.05)
+    # answers slow enough (about 5 s of work) that the run is still going when Ray has seen the node go
+    common = client_options(server, dataset, latency=0.3)
     winnow.sample(SampleConfig(**common, output_dir=str(tmp_path / "plain")))
     config = SampleConfig(
         **common, output_dir=str(tmp_path / "ray"), ray=True, num_workers=2, ray_address=cluster.address, ray_wait_s=60
@@ -425,7 +426,9 @@ def test_a_node_removed_mid_run_costs_only_its_calls(tmp_path, cluster, server):
     assert sorted(records, key=key) == sorted(plain, key=key)
     assert summary.status == "finished" and summary.rows_failed == 0
     ray_stats = stats["ray"]
-    assert ray_stats["calls_redone"] >= 1 and ray_stats["alive"] == 1, ray_stats
+    # the lost replica's calls were redone; it is gone, or Ray restarted it on the node that is left
+    assert ray_stats["calls_redone"] >= 1, ray_stats
+    assert ray_stats["alive"] == 1 or ray_stats["restarts"] >= 1, ray_stats
 
 
 def test_a_killed_driver_resumes_with_nothing_lost_or_doubled(tmp_path, cluster, server):

@@ -293,12 +293,10 @@ def _open_hub(spec: DatasetSpec):
             "the datasets library: pip install 'winnow[hf]'"
         ) from None
     cached = Path(datasets.config.HF_DATASETS_CACHE) / spec.path.replace("/", "___")
-    if not cached.is_dir() and not hub.hf_offline() and not hub.reachable(hub.hf_endpoint()):
-        raise DataError(
-            f"--dataset {spec.text}: not a local file or folder, not in the datasets cache ({cached}), "
-            f"and {hub.hf_endpoint()} cannot be reached; pass a local file or folder (--dataset "
-            "/path/to/data.jsonl) or read it from ModelScope (--use_hf false)"
-        )
+    # offline, the datasets library reads its own cache; online, a hub that does not answer is one line at once
+    why = None if cached.is_dir() or hub.hf_offline() else hub.unreachable_reason(hub.hf_endpoint())
+    if why is not None:
+        raise hub.unavailable_error("--dataset", spec.path, "dataset", "Hugging Face", why, str(cached))
     try:
         ds = datasets.load_dataset(spec.path, spec.subset, split=spec.split or "train", token=hub.token())
     except Exception as e:  # the library raises many kinds; all mean "cannot load"

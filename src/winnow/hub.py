@@ -64,13 +64,20 @@ def _env_true(*names: str) -> bool:
     return any(os.environ.get(n, "").lower() in _TRUE for n in names)
 
 
+HF_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+MODELSCOPE_OFFLINE_VARS = ("MODELSCOPE_OFFLINE", "HF_HUB_OFFLINE")
+
+
 def hf_offline() -> bool:
-    return _env_true("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    return _env_true(*HF_OFFLINE_VARS)
 
 
-def reachable(endpoint: str) -> bool:
-    """Whether ``endpoint``'s host accepts a TCP connection within :data:`CONNECT_TIMEOUT_S`."""
-    return unreachable_reason(endpoint) is None
+def unavailable_reason(endpoint: str, offline_vars: tuple[str, ...]) -> str | None:
+    """Why a hub cannot be asked (one of ``offline_vars`` is set, or ``endpoint`` cannot be reached), or None
+    when it answers."""
+    if _env_true(*offline_vars):
+        return f"offline ({' or '.join(v for v in offline_vars if _env_true(v))} is set)"
+    return unreachable_reason(endpoint)
 
 
 def unreachable_reason(endpoint: str) -> str | None:
@@ -191,7 +198,7 @@ def _hf_cache_dir() -> str:
 # ----------------------------------------------------------------------------- ids to folders
 
 
-def _unreachable(what: str, repo_id: str, kind: str, hub: str, why: str, looked: str) -> ConfigError | DataError:
+def unavailable_error(what: str, repo_id: str, kind: str, hub: str, why: str, looked: str) -> ConfigError | DataError:
     """The one line for an id no cache holds and no hub can give (a DataError for a dataset, as every data
     problem is)."""
     local = "/path/to/model_folder" if kind == "model" else "/path/to/data.jsonl"
@@ -210,11 +217,9 @@ def model_dir(repo_id: str, what: str = "--model", revision: str | None = None) 
         cached = hf_cached(repo_id, "model", revision)
         if cached is not None:
             return str(cached)
-        if hf_offline():
-            raise _unreachable(what, repo_id, "model", "Hugging Face", "HF_HUB_OFFLINE is set", _hf_cache_dir())
-        why = unreachable_reason(hf_endpoint())
+        why = unavailable_reason(hf_endpoint(), HF_OFFLINE_VARS)
         if why is not None:
-            raise _unreachable(what, repo_id, "model", "Hugging Face", why, _hf_cache_dir())
+            raise unavailable_error(what, repo_id, "model", "Hugging Face", why, _hf_cache_dir())
         return repo_id
     return _modelscope(repo_id, "model", what, revision)
 
@@ -229,13 +234,9 @@ def _modelscope(repo_id: str, kind: str, what: str, revision: str | None) -> str
     if cached is not None:
         return str(cached)
     looked = " or ".join(str(r) for r in modelscope_cache_roots())
-    if _env_true("MODELSCOPE_OFFLINE", "HF_HUB_OFFLINE"):
-        raise _unreachable(
-            what, repo_id, kind, "ModelScope", "offline (MODELSCOPE_OFFLINE or HF_HUB_OFFLINE is set)", looked
-        )
-    why = unreachable_reason(_ms_endpoint())
+    why = unavailable_reason(_ms_endpoint(), MODELSCOPE_OFFLINE_VARS)
     if why is not None:
-        raise _unreachable(what, repo_id, kind, "ModelScope", why, looked)
+        raise unavailable_error(what, repo_id, kind, "ModelScope", why, looked)
     try:
         import modelscope.hub.snapshot_download as ms
     except ImportError:

@@ -86,6 +86,11 @@ def math_jsonl(tmp_path):
     return write_jsonl(tmp_path / "math.jsonl", rows)
 
 
+def raw_output(out: Path) -> list[str]:
+    """Flags of a test run that writes raw output to ``out/o.jsonl`` without a progress bar."""
+    return ["--output_format", "raw", "--output_dir", str(out), "--output_file", "o.jsonl", "--progress", "false"]
+
+
 def run_winnow(
     *args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None, check: bool = False
 ) -> subprocess.CompletedProcess:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
+from conftest import raw_output, read_jsonl, run_winnow, write_jsonl
 from fakeserver import FakeServer
 from winnow import sample
 from winnow.errors import ConfigError, SchedulerError
@@ -623,14 +623,7 @@ def test_the_demo_policy_with_a_calculator_scheduler(tmp_path):
         "4",
         "--orm_model",
         "math",
-        "--output_format",
-        "raw",
-        "--output_dir",
-        str(out),
-        "--output_file",
-        "o.jsonl",
-        "--progress",
-        "false",
+        *raw_output(out),
     )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(out / "o.jsonl")
@@ -653,6 +646,10 @@ def test_the_demo_policy_with_a_calculator_scheduler(tmp_path):
     assert corrected > 0
 
 
+# the demo policy in the math_retry environment, two turns at most, scored by the math verifier
+RETRY_ENV = ("--multi_turn_scheduler", "gym", "--gym_env", "math_retry", "--max_turns", "2", "--orm_model", "math")
+
+
 def test_the_demo_policy_plays_the_retry_environment(tmp_path):
     out = tmp_path / "out"
     proc = run_winnow(
@@ -663,22 +660,8 @@ def test_the_demo_policy_plays_the_retry_environment(tmp_path):
         "demo-arith#6",
         "--num_return_sequences",
         "4",
-        "--multi_turn_scheduler",
-        "gym",
-        "--gym_env",
-        "math_retry",
-        "--max_turns",
-        "2",
-        "--orm_model",
-        "math",
-        "--output_format",
-        "raw",
-        "--output_dir",
-        str(out),
-        "--output_file",
-        "o.jsonl",
-        "--progress",
-        "false",
+        *RETRY_ENV,
+        *raw_output(out),
     )
     assert proc.returncode == 0, proc.stderr
     completions = [c for r in read_jsonl(out / "o.jsonl") for c in r["completions"]]
@@ -709,22 +692,8 @@ def test_the_demo_policy_served_plays_the_environment_through_the_client_engine(
             "demo-arith#4",
             "--num_return_sequences",
             "3",
-            "--multi_turn_scheduler",
-            "gym",
-            "--gym_env",
-            "math_retry",
-            "--max_turns",
-            "2",
-            "--orm_model",
-            "math",
-            "--output_format",
-            "raw",
-            "--output_dir",
-            str(out),
-            "--output_file",
-            "o.jsonl",
-            "--progress",
-            "false",
+            *RETRY_ENV,
+            *raw_output(out),
             "--engine_kwargs",
             json.dumps({"base_url": f"{srv.url}/v1"}),
             timeout=300,
@@ -760,14 +729,7 @@ def test_a_multi_turn_run_killed_mid_run_resumes_at_the_prompt_level(tmp_path):
             "tools",
             "--tools",
             "calculator",
-            "--output_format",
-            "raw",
-            "--output_dir",
-            str(out),
-            "--output_file",
-            "o.jsonl",
-            "--progress",
-            "false",
+            *raw_output(out),
             "--max_concurrency",
             "4",
             "--engine_kwargs",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from conftest import read_jsonl, run_winnow
+from conftest import raw_output, read_jsonl, run_winnow
 
 PLUGIN = Path(__file__).parent / "plugins" / "seed_prm.py"
 
@@ -229,14 +229,7 @@ def test_an_installed_packages_engine_and_reward_come_from_its_entry_points(tmp_
         "2",
         "--orm_model",
         "loud",
-        "--output_format",
-        "raw",
-        "--output_dir",
-        str(out),
-        "--output_file",
-        "o.jsonl",
-        "--progress",
-        "false",
+        *raw_output(out),
         env=env,
     )
     assert proc.returncode == 0, proc.stderr

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
+from conftest import raw_output, read_jsonl, run_winnow, write_jsonl
 from winnow.errors import ConfigError
 from winnow.rewards.scorer import RewardSlot, RunScorer
 from winnow.schema import FINISH_STOP, Completion, Prompt, SamplingParams, Score
@@ -570,14 +570,7 @@ def test_a_strategy_from_a_plugin_file_runs_with_the_usual_command(tmp_path, tin
         "3",
         "--max_new_tokens",
         "4",
-        "--output_format",
-        "raw",
-        "--output_dir",
-        str(out),
-        "--output_file",
-        "o.jsonl",
-        "--progress",
-        "false",
+        *raw_output(out),
     )
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(out / "o.jsonl")

@@ -4,7 +4,7 @@
     python benchmarks/client_memory.py --rows 1000 20000
 
 Each run is ``winnow sample --sampler_engine client`` (the Python API, whole pipeline, output files)
-in a fresh child process against tests/fakeserver.py with no added latency; the child reports its
+in a fresh child process against tests/support/fakeserver.py with no added latency; the child reports its
 own peak RSS (``ru_maxrss``) after the run.
 """
 

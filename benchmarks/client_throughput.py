@@ -4,7 +4,7 @@
     python benchmarks/client_throughput.py --requests-at-1 200   # a shorter run at concurrency 1 (50 s -> 10 s)
     python benchmarks/client_throughput.py --swift ~/.cache/winnow-peers/ms-swift/venv/bin/swift
 
-The server (tests/fakeserver.py) runs in its own process and answers every chat request after
+The server (tests/support/fakeserver.py) runs in its own process and answers every chat request after
 ``--latency`` seconds. Each measurement runs in a fresh child process:
 
 - ``winnow``: ``winnow sample --sampler_engine client`` end to end (the Python API, the whole
@@ -74,7 +74,7 @@ def http(url: str, method: str = "GET") -> dict:
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)],
+        [sys.executable, str(ROOT / "tests" / "support" / "fakeserver.py"), "--latency", str(latency)],
         stdout=subprocess.PIPE,
         text=True,
     )

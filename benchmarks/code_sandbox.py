@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 from hostile_programs import (  # noqa: E402 - the tests' hostile suite, shared
     EXPECTED_LIMIT,
     HOSTILE,
@@ -32,6 +32,7 @@ from hostile_programs import (  # noqa: E402 - the tests' hostile suite, shared
     program,
     sandbox_folders,
 )
+
 from winnow.rewards import sandbox  # noqa: E402
 from winnow.rewards.base import Sample  # noqa: E402
 from winnow.rewards.code import CodeReward  # noqa: E402

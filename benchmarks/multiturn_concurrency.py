@@ -3,7 +3,7 @@
     python benchmarks/multiturn_concurrency.py                      # 1, 16, 64, 256 in flight
     python benchmarks/multiturn_concurrency.py --concurrency 1 64 --tool python
 
-The server (tests/fakeserver.py, its own process) answers every chat request after ``--latency`` seconds
+The server (tests/support/fakeserver.py, its own process) answers every chat request after ``--latency`` seconds
 and is scripted as an agent: it calls the request's tool ``--calls`` times, one call per turn, then answers
 with the last result, so each trajectory is ``calls + 1`` model turns with a tool run between them
 (``calculator`` by default: in-process; ``python``: the sandbox, a fresh interpreter per call). Each

@@ -8,7 +8,7 @@ Two workloads, each run as ``plain`` (one process, the engine in it), ``ray x1``
 - ``transformers``: the ``small`` random Qwen2 model (~30M parameters, built once into winnow's cache),
   ``--prompts`` prompts x ``--n`` samples x ``--max_new_tokens`` tokens, ``--batch`` prompts per engine
   call, one torch thread in every process (``OMP_NUM_THREADS=1``, as Ray gives a one-CPU replica);
-- ``client``: the client engine against a latency-bound loopback server (``tests/fakeserver.py`` in its
+- ``client``: the client engine against a latency-bound loopback server (``tests/support/fakeserver.py`` in its
   own process, ``--latency`` seconds per answer), ``--client_prompts`` prompts, ``--concurrency``
   requests in flight per replica (ideal: replicas x concurrency / latency requests/s).
 
@@ -52,7 +52,7 @@ def make_dataset(path: Path, n: int) -> Path:
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fakeserver.py"), "--latency", str(latency)],
+        [sys.executable, str(ROOT / "tests" / "support" / "fakeserver.py"), "--latency", str(latency)],
         stdout=subprocess.PIPE,
         text=True,
     )

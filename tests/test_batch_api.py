@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
-from fakeserver import FakeServer
-from test_client import SECRET, files_text, wait_healthy
+from tests.support.client import SECRET
+from tests.support.commands import run_winnow, wait_healthy
+from tests.support.fakeserver import FakeServer
+from tests.support.files import files_text, read_jsonl, write_jsonl
 
 
 @pytest.fixture

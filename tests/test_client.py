@@ -1,4 +1,4 @@
-"""The client engine over real HTTP on loopback: the official openai SDK against tests/fakeserver.py.
+"""The client engine over real HTTP on loopback: the official openai SDK against tests/support/fakeserver.py.
 
 Engine-level tests drive ``OpenAIEngine`` directly; end-to-end tests run the real ``winnow`` CLI
 in a subprocess against the same server.
@@ -13,47 +13,21 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
-from fakeserver import FakeServer
+from tests.support.client import SECRET
+from tests.support.commands import run_winnow
+from tests.support.files import files_text, read_jsonl, write_jsonl
 from winnow.errors import EngineError
 from winnow.schema import Prompt, SamplingParams
 
-SECRET = "sk-test-SECRET-4f9a1c"
 
-
-def wait_healthy(url: str, timeout: float = 10.0) -> None:
-    """Poll the server's health route until it answers (no fixed sleeps)."""
-    deadline = time.monotonic() + timeout
-    health = url.rsplit("/v1", 1)[0] + "/health"
-    while True:
-        try:
-            with urllib.request.urlopen(health, timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.01)
-
-
-@pytest.fixture
-def server():
-    fake = FakeServer()
-    with fake.running():
-        wait_healthy(fake.url)
-        yield fake
-
-
-def engine(server, **kw):
+def engine(fake_server, **kw):
     from winnow.engines.openai import OpenAIEngine
 
     kw.setdefault("retry_base_s", 0.01)
-    return OpenAIEngine(kw.pop("model", "fake"), base_url=server.url, api_key=kw.pop("api_key", SECRET), **kw)
+    return OpenAIEngine(kw.pop("model", "fake"), base_url=fake_server.url, api_key=kw.pop("api_key", SECRET), **kw)
 
 
 def prompt(text: str, i: int = 0) -> Prompt:
@@ -75,8 +49,8 @@ def generate(eng, prompts, **params):
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("field", ["reasoning_content", "reasoning"])
-def test_reasoning_read_from_either_field_streaming_or_not(server, stream, field):
-    eng = engine(server, model=f"deepseek-r1?reasoning={field}", stream=stream)
+def test_reasoning_read_from_either_field_streaming_or_not(fake_server, stream, field):
+    eng = engine(fake_server, model=f"deepseek-r1?reasoning={field}", stream=stream)
     [[c]] = generate(eng, [prompt("What is 2 + 3?")])
     assert c.text == "The answer is \\boxed{5}." and c.finish_reason == "stop" and c.error is None
     assert c.reasoning == "Let me think step by step about: What is 2 + 3?"
@@ -84,28 +58,28 @@ def test_reasoning_read_from_either_field_streaming_or_not(server, stream, field
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_native_n_is_one_request_and_usage_is_split_without_loss(server, stream):
-    eng = engine(server, stream=stream)
+def test_native_n_is_one_request_and_usage_is_split_without_loss(fake_server, stream):
+    eng = engine(fake_server, stream=stream)
     [cs] = generate(eng, [prompt("What is 1 + 1?")], n=3)
     assert len(cs) == 3 and all(c.text == "The answer is \\boxed{2}." for c in cs)
-    assert server.chat_requests == 1 and eng.native_n is True
+    assert fake_server.chat_requests == 1 and eng.native_n is True
     assert [c.prompt_tokens for c in cs] == [5, 0, 0]  # the prompt is billed once
     assert sum(c.completion_tokens for c in cs) == 3 * 4
 
 
-def test_server_that_ignores_n_gets_parallel_requests_and_is_remembered(server):
-    eng = engine(server, model="fake?n=ignore")
+def test_server_that_ignores_n_gets_parallel_requests_and_is_remembered(fake_server):
+    eng = engine(fake_server, model="fake?n=ignore")
     out = generate(eng, [prompt("What is 1 + 1?", 0), prompt("What is 2 + 2?", 1)], n=4)
     assert [len(cs) for cs in out] == [4, 4]
     assert all(c.error is None for cs in out for c in cs)
     assert eng.native_n is False
     # one n=4 request answered with 1 choice, 3 more for the first prompt; the second prompt goes
     # straight to 4 single requests (4 + 4), or also tried n if it started first (at most 4 + 4)
-    assert 8 <= server.chat_requests <= 8 + 1
+    assert 8 <= fake_server.chat_requests <= 8 + 1
 
 
-def test_429_with_retry_after_is_honoured(server):
-    eng = engine(server, model="fake?retry_after=0.4")
+def test_429_with_retry_after_is_honoured(fake_server):
+    eng = engine(fake_server, model="fake?retry_after=0.4")
     start = time.monotonic()
     [[c]] = generate(eng, [prompt("[[429-once]] What is 1 + 2?")])
     assert c.text == "The answer is \\boxed{3}." and c.error is None
@@ -116,81 +90,81 @@ def test_429_with_retry_after_is_honoured(server):
 @pytest.mark.parametrize(
     "fault", ["500-twice", "503-once", "malformed-once", "drop-once", "empty-twice", "null-once", "timeout-once"]
 )
-def test_transient_faults_are_retried_until_an_answer(server, fault):
-    eng = engine(server, request_timeout=0.5, stream=fault.startswith("malformed"))
+def test_transient_faults_are_retried_until_an_answer(fake_server, fault):
+    eng = engine(fake_server, request_timeout=0.5, stream=fault.startswith("malformed"))
     [[c]] = generate(eng, [prompt(f"[[{fault}]] What is 3 + 4?")])
     assert c.text == "The answer is \\boxed{7}." and c.error is None
     assert eng.counts["retries"] == (2 if fault.endswith("twice") else 1)
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_persistent_failure_is_a_value_after_max_retries(server, stream):
-    eng = engine(server, max_retries=2, stream=stream)
+def test_persistent_failure_is_a_value_after_max_retries(fake_server, stream):
+    eng = engine(fake_server, max_retries=2, stream=stream)
     [[c], [ok]] = generate(eng, [prompt("[[500-always]] a", 0), prompt("What is 1 + 1?", 1)])
     assert c.finish_reason == "error" and c.failed
     assert "HTTP 500" in c.error and "gave up after 3 attempts" in c.error
     assert ok.error is None  # the other prompt is not affected
-    assert server.chat_requests == 3 + 1
+    assert fake_server.chat_requests == 3 + 1
 
 
-def test_empty_answers_every_time_become_an_error_with_their_tokens(server):
-    eng = engine(server, max_retries=1)
+def test_empty_answers_every_time_become_an_error_with_their_tokens(fake_server):
+    eng = engine(fake_server, max_retries=1)
     [[c]] = generate(eng, [prompt("[[empty-always]] hi")])
     assert c.failed and c.error.startswith("empty content")
     assert c.prompt_tokens == 2 * 2  # both attempts were billed
 
 
 @pytest.mark.parametrize("keep", [False, True])
-def test_length_is_kept_with_its_reason_and_not_retried(server, keep):
-    eng = engine(server, keep_truncated=keep)
+def test_length_is_kept_with_its_reason_and_not_retried(fake_server, keep):
+    eng = engine(fake_server, keep_truncated=keep)
     [[c]] = generate(eng, [prompt("What is 10 + 20?")], max_new_tokens=2)
     assert c.finish_reason == "length" and c.text == "The answer"
     assert c.failed is (not keep)
     if not keep:
         assert "max_new_tokens 2" in c.error
-    assert server.chat_requests == 1
+    assert fake_server.chat_requests == 1
 
 
-def test_content_filter_is_recorded_not_retried(server):
-    eng = engine(server)
+def test_content_filter_is_recorded_not_retried(fake_server):
+    eng = engine(fake_server)
     [[c]] = generate(eng, [prompt("[[filter-always]] bad")])
     assert c.finish_reason == "content_filter" and c.failed and "content filter" in c.error
-    assert server.chat_requests == 1
+    assert fake_server.chat_requests == 1
 
 
-def test_bad_key_stops_the_run_without_showing_the_key(server):
-    eng = engine(server)
+def test_bad_key_stops_the_run_without_showing_the_key(fake_server):
+    eng = engine(fake_server)
     with pytest.raises(EngineError) as info:
         generate(eng, [prompt("[[401-always]] hi")])
     assert "rejected the API key" in str(info.value) and SECRET not in str(info.value)
 
 
-def test_concurrency_is_bounded_and_used(server):
-    eng = engine(server, model="fake?latency=0.05", max_concurrency=8)
+def test_concurrency_is_bounded_and_used(fake_server):
+    eng = engine(fake_server, model="fake?latency=0.05", max_concurrency=8)
     prompts = [prompt(f"What is {i} + 1?", i) for i in range(48)]
     start = time.monotonic()
     out = generate(eng, prompts)
     wall = time.monotonic() - start
     assert [cs[0].text for cs in out] == [f"The answer is \\boxed{{{i + 1}}}." for i in range(48)]
-    assert server.max_in_flight == 8
+    assert fake_server.max_in_flight == 8
     assert wall < 48 / 8 * 0.05 * 3  # ideal 0.3 s; serial would be 2.4 s
 
 
-def test_rpm_spaces_requests(server):
-    eng = engine(server, rpm=600)  # one request per 0.1 s
+def test_rpm_spaces_requests(fake_server):
+    eng = engine(fake_server, rpm=600)  # one request per 0.1 s
     start = time.monotonic()
     generate(eng, [prompt(f"q{i}", i) for i in range(5)])
     assert time.monotonic() - start >= 0.39
 
 
-def test_interrupt_cancels_requests_in_flight_after_the_grace_period(server):
-    eng = engine(server, shutdown_grace_s=0.3)
+def test_interrupt_cancels_requests_in_flight_after_the_grace_period(fake_server):
+    eng = engine(fake_server, shutdown_grace_s=0.3)
 
     async def go():
         params = SamplingParams(max_new_tokens=8)
         hanging = [prompt("[[timeout-always]] a", 0), prompt("[[timeout-always]] b", 1)]
         task = asyncio.ensure_future(eng.generate(hanging, params))
-        while server.in_flight < 2:
+        while fake_server.in_flight < 2:
             await asyncio.sleep(0.01)
         start = time.monotonic()
         eng.interrupt()
@@ -202,10 +176,10 @@ def test_interrupt_cancels_requests_in_flight_after_the_grace_period(server):
     out, late, waited = asyncio.run(go())
     assert all(cs[0].error.startswith("interrupted") for cs in out + late)
     assert 0.3 <= waited < 2.0
-    assert server.chat_requests == 2
+    assert fake_server.chat_requests == 2
 
 
-def test_describe_has_no_secret(server):
+def test_describe_has_no_secret(fake_server):
     from winnow.engines.openai import OpenAIEngine
 
     eng = OpenAIEngine("m", base_url="http://127.0.0.1:9/v1", api_key=SECRET)
@@ -236,11 +210,7 @@ def test_no_key_and_no_base_url_is_a_clear_error(monkeypatch):
 # ----------------------------------------------------------------------------- end to end (CLI)
 
 
-def files_text(folder: Path) -> str:
-    return "\n".join(p.read_text(encoding="utf-8", errors="replace") for p in folder.rglob("*") if p.is_file())
-
-
-def test_seed_distill_command(tmp_path, server):
+def test_seed_distill_command(tmp_path, fake_server):
     data = write_jsonl(
         tmp_path / "math.jsonl", [{"problem": f"What is {i} + {i + 1}?", "solution": str(2 * i + 1)} for i in range(8)]
     )
@@ -263,7 +233,7 @@ def test_seed_distill_command(tmp_path, server):
         "--top_p",
         "0.95",
         "--engine_kwargs",
-        json.dumps({"base_url": server.url}),
+        json.dumps({"base_url": fake_server.url}),
         "--price_per_mtok_in",
         "1",
         "--price_per_mtok_out",
@@ -295,7 +265,7 @@ def test_seed_distill_command(tmp_path, server):
 
 
 @pytest.mark.parametrize("fmt", ["separate", "none"])
-def test_reasoning_formats(tmp_path, server, fmt):
+def test_reasoning_formats(tmp_path, fake_server, fmt):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "What is 1 + 1?"}])
     run_winnow(
         "sample",
@@ -312,7 +282,7 @@ def test_reasoning_formats(tmp_path, server, fmt):
         "--reasoning_format",
         fmt,
         "--engine_kwargs",
-        json.dumps({"base_url": server.url}),
+        json.dumps({"base_url": fake_server.url}),
         "--output_file",
         "o.jsonl",
         cwd=tmp_path,
@@ -338,7 +308,7 @@ FAULTS = {  # marker -> what the row must end as: None = written, else a fragmen
 }
 
 
-def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_nothing(tmp_path, server):
+def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_nothing(tmp_path, fake_server):
     rows = [{"query": f"{marker} What is {i} + {j}?"} for i, marker in enumerate(FAULTS) for j in range(3)]
     data = write_jsonl(tmp_path / "faults.jsonl", rows)
     common = [
@@ -364,7 +334,7 @@ def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_not
         "--keep_truncated",
         "false",
         "--engine_kwargs",
-        json.dumps({"base_url": server.url, "retry_base_s": 0.01, "api_key": SECRET}),
+        json.dumps({"base_url": fake_server.url, "retry_base_s": 0.01, "api_key": SECRET}),
     ]
     proc = run_winnow(*common, cwd=tmp_path, timeout=120, check=True)
     out = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
@@ -382,11 +352,11 @@ def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_not
             [entry] = [f for f in failed if f["source"].endswith(f":{line}")]
             assert reason in entry["reason"] and entry["stage"] == "generate"
     assert f"{4 * 3} rows failed" in proc.stderr
-    requests = server.chat_requests
+    requests = fake_server.chat_requests
     again = run_winnow(*common, "--resume", "true", cwd=tmp_path, timeout=120, check=True)
     # resuming asks again only for the rows that failed with errors (they may be transient), not for
     # answers cut for length or filtered; they fail again and are logged once each, as before
-    assert server.chat_requests > requests
+    assert fake_server.chat_requests > requests
     assert f"{2 * 3} rows failed" in again.stderr
     assert read_jsonl(tmp_path / "sample_output" / "o.jsonl") == out
     refailed = read_jsonl(tmp_path / "sample_output" / "o.failed.jsonl")
@@ -397,7 +367,7 @@ def test_every_row_is_written_or_failed_with_its_reason_once_and_resume_adds_not
     assert SECRET not in files_text(tmp_path) + proc.stderr + again.stderr
 
 
-def test_answers_cut_at_the_token_limit_are_kept_and_counted_by_default(tmp_path, server):
+def test_answers_cut_at_the_token_limit_are_kept_and_counted_by_default(tmp_path, fake_server):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": f"[[length-always]] What is {i} + 1?"} for i in range(3)])
     proc = run_winnow(
         "sample",
@@ -414,7 +384,7 @@ def test_answers_cut_at_the_token_limit_are_kept_and_counted_by_default(tmp_path
         "--output_format",
         "raw",
         "--engine_kwargs",
-        json.dumps({"base_url": server.url}),
+        json.dumps({"base_url": fake_server.url}),
         cwd=tmp_path,
         timeout=120,
         check=True,
@@ -424,20 +394,20 @@ def test_answers_cut_at_the_token_limit_are_kept_and_counted_by_default(tmp_path
     assert "6 samples cut at the token limit" in proc.stderr
 
 
-def test_unset_sampling_options_are_not_sent(tmp_path, server):
+def test_unset_sampling_options_are_not_sent(tmp_path, fake_server):
     """No --temperature/--top_p/--max_new_tokens: the server's (the model's) defaults apply, as in swift."""
     from winnow.config import SampleConfig
     from winnow.engines.openai import OpenAIEngine
     from winnow.pipeline import sampling_params
 
     params = sampling_params(SampleConfig(model="m", dataset=["d"], sampler_engine="client", num_return_sequences=1))
-    body = OpenAIEngine("m", base_url=server.url)._body(
+    body = OpenAIEngine("m", base_url=fake_server.url)._body(
         Prompt(id="x", messages=[{"role": "user", "content": "q"}]), params, 1
     )
     assert body == {"model": "m", "messages": [{"role": "user", "content": "q"}]}
 
 
-def test_sample_with_n_against_a_server_that_ignores_n(tmp_path, server):
+def test_sample_with_n_against_a_server_that_ignores_n(tmp_path, fake_server):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": f"What is {i} + 2?"} for i in range(4)])
     run_winnow(
         "sample",
@@ -450,7 +420,7 @@ def test_sample_with_n_against_a_server_that_ignores_n(tmp_path, server):
         "--num_return_sequences",
         "3",
         "--engine_kwargs",
-        json.dumps({"base_url": server.url}),
+        json.dumps({"base_url": fake_server.url}),
         "--output_file",
         "o.jsonl",
         cwd=tmp_path,
@@ -463,7 +433,7 @@ def test_sample_with_n_against_a_server_that_ignores_n(tmp_path, server):
     assert manifest["engine"]["native_n"] is False
 
 
-def test_bad_key_is_one_line_error_without_the_key(tmp_path, server):
+def test_bad_key_is_one_line_error_without_the_key(tmp_path, fake_server):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "[[401-always]] hi"}])
     proc = run_winnow(
         "sample",
@@ -474,7 +444,7 @@ def test_bad_key_is_one_line_error_without_the_key(tmp_path, server):
         "--dataset",
         str(data),
         "--engine_kwargs",
-        json.dumps({"base_url": server.url}),
+        json.dumps({"base_url": fake_server.url}),
         "--num_return_sequences",
         "1",
         cwd=tmp_path,
@@ -486,7 +456,7 @@ def test_bad_key_is_one_line_error_without_the_key(tmp_path, server):
     assert SECRET not in files_text(tmp_path) + proc.stderr + proc.stdout
 
 
-def test_sigint_stops_within_seconds_and_resume_completes(tmp_path, server):
+def test_sigint_stops_within_seconds_and_resume_completes(tmp_path, fake_server):
     # row 2 hangs (a request the grace deadline must cancel); the others take 0.2 s each, 2 at a time
     rows = [{"id": f"r{i}", "query": ("[[timeout-once]] " if i == 2 else "") + f"What is {i} + 0?"} for i in range(40)]
     data = write_jsonl(tmp_path / "d.jsonl", rows)
@@ -507,7 +477,7 @@ def test_sigint_stops_within_seconds_and_resume_completes(tmp_path, server):
         "--output_file",
         "o.jsonl",
         "--engine_kwargs",
-        json.dumps({"base_url": server.url, "shutdown_grace_s": 1.0}),
+        json.dumps({"base_url": fake_server.url, "shutdown_grace_s": 1.0}),
     ]
     out_path = tmp_path / "sample_output" / "o.jsonl"
     proc = subprocess.Popen(
@@ -533,13 +503,13 @@ def test_sigint_stops_within_seconds_and_resume_completes(tmp_path, server):
     assert answers == sorted(f"The answer is \\boxed{{{i}}}." for i in range(40))  # each row once
 
 
-def test_client_path_does_not_import_torch(tmp_path, server):
+def test_client_path_does_not_import_torch(tmp_path, fake_server):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "What is 1 + 1?"}])
     code = (
         "import sys\n"
         "from winnow.cli import main\n"
         f"rc = main(['sample', '--sampler_engine', 'client', '--model', 'fake', '--dataset', {str(data)!r},"
-        f" '--num_return_sequences', '1', '--engine_kwargs', {json.dumps(json.dumps({'base_url': server.url}))},"
+        f" '--num_return_sequences', '1', '--engine_kwargs', {json.dumps(json.dumps({'base_url': fake_server.url}))},"
         " '--progress', 'false'])\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "print('RC', rc, 'HEAVY', heavy)\n"

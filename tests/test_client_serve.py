@@ -7,7 +7,8 @@ import signal
 
 import pytest
 
-from conftest import Server, read_jsonl, run_winnow, write_jsonl
+from tests.support.commands import Server, run_winnow
+from tests.support.files import read_jsonl, write_jsonl
 
 KEY = "sk-client-serve-test"
 

@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
+from tests.support import DATA
+from tests.support.commands import run_winnow
+from tests.support.files import read_jsonl, write_jsonl
 from winnow import data, registry
 from winnow.errors import ConfigError
 from winnow.rewards.base import Sample
 from winnow.rewards.code import CodeReward, extract_program
 from winnow.schema import Completion, Prompt
 
-HUMANEVAL = Path(__file__).parent / "data" / "humaneval_10.jsonl"
+HUMANEVAL = DATA / "humaneval_10.jsonl"
 ROWS = [json.loads(line) for line in HUMANEVAL.read_text().splitlines()]
 
 

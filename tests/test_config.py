@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import run_winnow
+from tests.support.commands import run_winnow
 from winnow.config import SampleConfig, make_config, parse_args
 from winnow.errors import ConfigError
 

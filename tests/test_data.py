@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from conftest import write_jsonl
+from tests.support.files import write_jsonl
 from winnow import data
 from winnow.errors import DataError
 from winnow.schema import BadRow, Prompt

@@ -10,11 +10,11 @@ import httpx
 import pytest
 from demo_world import report
 
-from conftest import Server, read_jsonl, run_winnow
+from tests.support.commands import Server, run_winnow
+from tests.support.files import read_jsonl
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_sample_with_demo_names_and_report(tmp_path):
     cmd = report.sample_command(4, 4, str(tmp_path), seed=1)
     proc = run_winnow(*cmd, "--progress", "false", cwd=tmp_path)
@@ -55,6 +55,7 @@ def rewards_of_good_and_bad(server, kind: str) -> list[dict]:
     return resp.json()["data"]
 
 
+@pytest.mark.slow
 def test_serve_demo_policy_and_prm(tmp_path):
     with served(tmp_path, "demo-policy") as policy:
         resp = httpx.post(
@@ -73,6 +74,7 @@ def test_serve_demo_policy_and_prm(tmp_path):
         assert data[0]["score"] > data[1]["score"]
 
 
+@pytest.mark.slow
 def test_serve_demo_rm(tmp_path):
     with served(tmp_path, "demo-rm") as rm:
         good, bad = (d["score"] for d in rewards_of_good_and_bad(rm, "classifier"))

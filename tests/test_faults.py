@@ -18,86 +18,37 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
-from fakeserver import FakeServer
-
-SECRET = "sk-fault-suite-SECRET-4242"
-
-
-@pytest.fixture
-def server():
-    with FakeServer().running() as s:
-        yield s
-
-
-def client_args(server, out: Path, dataset: Path, *extra: str, **engine: object) -> list[str]:
-    kwargs = {"base_url": server.url, "retry_base_s": 0.01, "api_key": SECRET, **engine}
-    return [
-        "sample",
-        "--sampler_engine",
-        "client",
-        "--model",
-        "fake",
-        "--dataset",
-        str(dataset),
-        "--num_return_sequences",
-        "1",
-        "--output_dir",
-        str(out),
-        "--output_file",
-        "o.jsonl",
-        "--progress",
-        "false",
-        "--engine_kwargs",
-        json.dumps(kwargs),
-        *extra,
-    ]
-
-
-def sums(tmp_path: Path, n: int, marked: dict[int, str] | None = None) -> Path:
-    rows = [{"query": f"What is {i} + {i}? {(marked or {}).get(i, '')}".strip(), "k": i} for i in range(n)]
-    return write_jsonl(tmp_path / "d.jsonl", rows)
-
-
-def everything_written(out: Path) -> str:
-    return "\n".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
-
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
+from tests.support.client import SECRET, client_args, sums
+from tests.support.commands import run_winnow, wait_for
+from tests.support.files import files_text, read_jsonl, write_jsonl
 
 # ----------------------------------------------------------------------------- 1. retries and kills
 
 
-def test_rows_waiting_for_a_retry_survive_a_resumed_run_that_is_killed(tmp_path, server):
+def test_rows_waiting_for_a_retry_survive_a_resumed_run_that_is_killed(tmp_path, fake_server):
     dataset = sums(tmp_path, 60, {i: "[[503-1]]" for i in range(14)})
     out = tmp_path / "out"
-    first = run_winnow(*client_args(server, out, dataset, "--max_retries", "0"))
+    first = run_winnow(*client_args(fake_server, out, dataset, "--max_retries", "0"))
     assert first.returncode == 0, first.stderr
     assert len(read_jsonl(out / "o.jsonl")) == 46 and len(read_jsonl(out / "o.failed.jsonl")) == 14
     # resumed, then killed while the retries are in flight (the server holds them)
-    server.defaults["latency"] = 120.0
-    before = server.chat_requests
+    fake_server.defaults["latency"] = 120.0
+    before = fake_server.chat_requests
     proc = subprocess.Popen(
-        [sys.executable, "-m", "winnow", *client_args(server, out, dataset, "--resume", "true")],
+        [sys.executable, "-m", "winnow", *client_args(fake_server, out, dataset, "--resume", "true")],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for(lambda: server.chat_requests >= before + 14, what="the resumed run's retries")
+        wait_for(lambda: fake_server.chat_requests >= before + 14, what="the resumed run's retries")
     finally:
         proc.kill()
         proc.wait(30)
     failed = read_jsonl(out / "o.failed.jsonl")
     assert len(failed) == 14 and all(f["retry"] for f in failed), "the rows to retry must stay in the failed log"
     assert len(read_jsonl(out / "o.jsonl")) == 46
-    server.defaults["latency"] = 0.0
-    third = run_winnow(*client_args(server, out, dataset, "--resume", "true"))
+    fake_server.defaults["latency"] = 0.0
+    third = run_winnow(*client_args(fake_server, out, dataset, "--resume", "true"))
     assert third.returncode == 0, third.stderr
     records = read_jsonl(out / "o.jsonl")
     assert sorted(r["k"] for r in records) == list(range(60))
@@ -110,11 +61,11 @@ def test_rows_waiting_for_a_retry_survive_a_resumed_run_that_is_killed(tmp_path,
 # ----------------------------------------------------------------------------- 2. cut streams
 
 
-def test_a_stream_cut_off_mid_answer_is_retried_never_written(tmp_path, server):
+def test_a_stream_cut_off_mid_answer_is_retried_never_written(tmp_path, fake_server):
     marks = {**{i: "[[cut-1]]" for i in range(6)}, 6: "[[cutdrop-1]]", 7: "[[cut-always]]", 8: "[[cutdrop-always]]"}
     dataset = sums(tmp_path, 12, marks)
     out = tmp_path / "out"
-    proc = run_winnow(*client_args(server, out, dataset, "--stream", "true", "--max_retries", "2"))
+    proc = run_winnow(*client_args(fake_server, out, dataset, "--stream", "true", "--max_retries", "2"))
     assert proc.returncode == 0, proc.stderr
     records = read_jsonl(out / "o.jsonl")
     assert sorted(r["k"] for r in records) == [k for k in range(12) if k not in (7, 8)]
@@ -129,48 +80,48 @@ def test_a_stream_cut_off_mid_answer_is_retried_never_written(tmp_path, server):
 # ----------------------------------------------------------------------------- 3. secrets
 
 
-def test_no_secret_reaches_the_disk_or_the_terminal(tmp_path, server):
+def test_no_secret_reaches_the_disk_or_the_terminal(tmp_path, fake_server):
     dataset = sums(tmp_path, 4)
     out = tmp_path / "out"
     header_secret, token = "hdr-SECRET-9999", "hf_tok_SECRET_7777"
-    args = client_args(server, out, dataset, headers={"Authorization": f"Bearer {header_secret}"}, hub_token=token)
+    args = client_args(fake_server, out, dataset, headers={"Authorization": f"Bearer {header_secret}"}, hub_token=token)
     proc = run_winnow(*args, env={"OPENAI_API_KEY": "sk-env-SECRET-1234"})
     assert proc.returncode == 0, proc.stderr
-    text = everything_written(out) + proc.stdout + proc.stderr
+    text = files_text(out) + proc.stdout + proc.stderr
     for secret in (SECRET, header_secret, token, "sk-env-SECRET-1234"):
         assert secret not in text
     manifest = json.loads((out / "o.manifest.json").read_text())
     assert manifest["config"]["engine_kwargs"]["api_key"] == "***"
-    assert manifest["config"]["engine_kwargs"]["base_url"] == server.url  # not a secret: kept
+    assert manifest["config"]["engine_kwargs"]["base_url"] == fake_server.url  # not a secret: kept
     assert "***" in " ".join(manifest["command"])
 
 
-def test_credentials_in_the_base_url_are_refused_in_one_line(tmp_path, server):
+def test_credentials_in_the_base_url_are_refused_in_one_line(tmp_path, fake_server):
     dataset = sums(tmp_path, 2)
-    url = server.url.replace("http://", "http://user:pw-SECRET-5555@")
-    proc = run_winnow(*client_args(server, tmp_path / "out", dataset, base_url=url))
+    url = fake_server.url.replace("http://", "http://user:pw-SECRET-5555@")
+    proc = run_winnow(*client_args(fake_server, tmp_path / "out", dataset, base_url=url))
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "holds credentials" in lines[0] and "pw-SECRET-5555" not in proc.stderr
-    assert server.chat_requests == 0
+    assert fake_server.chat_requests == 0
 
 
 # ----------------------------------------------------------------------------- 7. fatal errors
 
 
-def test_a_401_fails_the_run_and_the_manifest_says_so(tmp_path, server):
+def test_a_401_fails_the_run_and_the_manifest_says_so(tmp_path, fake_server):
     dataset = sums(tmp_path, 3, {0: "[[401-always]]", 1: "[[401-always]]", 2: "[[401-always]]"})
     out = tmp_path / "out"
-    proc = run_winnow(*client_args(server, out, dataset))
+    proc = run_winnow(*client_args(fake_server, out, dataset))
     assert proc.returncode == 1, proc.stderr
     assert "rejected the API key" in proc.stderr and SECRET not in proc.stderr
     manifest = json.loads((out / "o.manifest.json").read_text())
     assert manifest["status"] == "failed" and "rejected the API key" in manifest["error"]
-    assert SECRET not in everything_written(out)
+    assert SECRET not in files_text(out)
     assert not (out / "o.jsonl").exists(), "an empty output must not look like a finished one"
 
 
-def test_a_reward_that_raises_fails_the_run(tmp_path, server):
+def test_a_reward_that_raises_fails_the_run(tmp_path, fake_server):
     plugin = tmp_path / "broken.py"
     plugin.write_text(
         "def explode(completions, **kw):\n    raise RuntimeError('the reward broke')\n\n"
@@ -179,7 +130,7 @@ def test_a_reward_that_raises_fails_the_run(tmp_path, server):
     dataset = sums(tmp_path, 3)
     out = tmp_path / "out"
     proc = run_winnow(
-        *client_args(server, out, dataset, "--external_plugins", str(plugin), "--reward_funcs", "explode")
+        *client_args(fake_server, out, dataset, "--external_plugins", str(plugin), "--reward_funcs", "explode")
     )
     assert proc.returncode == 1 and "the reward broke" in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1, proc.stderr
@@ -190,36 +141,36 @@ def test_a_reward_that_raises_fails_the_run(tmp_path, server):
 # ----------------------------------------------------------------------------- 6. bad files, full disks
 
 
-def test_bad_files_are_one_line_or_a_bad_row_never_a_traceback(tmp_path, server):
+def test_bad_files_are_one_line_or_a_bad_row_never_a_traceback(tmp_path, fake_server):
     ragged = tmp_path / "ragged.csv"
     ragged.write_text('query,k\nWhat is 1 + 1?,1\nWhat is 2 + 2?,2,extra\n"What is 3 + 3?",3\n')
     latin = tmp_path / "latin.json"
     latin.write_bytes('[{"query": "caf\xe9"}]'.encode("latin-1"))
-    proc = run_winnow(*client_args(server, tmp_path / "a", ragged))
+    proc = run_winnow(*client_args(fake_server, tmp_path / "a", ragged))
     assert proc.returncode == 0, proc.stderr
     assert sorted(r["k"] for r in read_jsonl(tmp_path / "a" / "o.jsonl")) == ["1", "3"]
     [bad] = read_jsonl(tmp_path / "a" / "o.failed.jsonl")
     assert bad["source"].endswith("ragged.csv:3") and "3 fields" in bad["reason"]
-    proc = run_winnow(*client_args(server, tmp_path / "b", latin))
+    proc = run_winnow(*client_args(fake_server, tmp_path / "b", latin))
     assert proc.returncode == 2 and "not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
     assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
     folder = tmp_path / "folder"
     folder.mkdir()
     for f in (ragged, latin):
         (folder / f.name).write_bytes(f.read_bytes())
-    proc = run_winnow(*client_args(server, tmp_path / "c", folder))
+    proc = run_winnow(*client_args(fake_server, tmp_path / "c", folder))
     assert proc.returncode == 0, proc.stderr  # one unreadable file fails its rows, not the run
     failed = read_jsonl(tmp_path / "c" / "o.failed.jsonl")
     assert sorted(Path(f["source"]).name for f in failed) == ["latin.json", "ragged.csv:3"]
-    proc = run_winnow(*client_args(server, Path("/proc/winnow-cannot-be-here"), ragged))
+    proc = run_winnow(*client_args(fake_server, Path("/proc/winnow-cannot-be-here"), ragged))
     assert proc.returncode == 2 and "--output_dir" in proc.stderr and "Traceback" not in proc.stderr
-    assert server.chat_requests == 4  # the first and third runs' rows; nothing before a bad output dir
+    assert fake_server.chat_requests == 4  # the first and third runs' rows; nothing before a bad output dir
 
 
-def test_a_full_disk_is_one_line_and_resumes_without_loss(tmp_path, server):
+def test_a_full_disk_is_one_line_and_resumes_without_loss(tmp_path, fake_server):
     dataset = sums(tmp_path, 300)
     out = tmp_path / "out"
-    args = client_args(server, out, dataset)
+    args = client_args(fake_server, out, dataset)
 
     def small_files():  # files may not grow past 16 KB: writes fail as on a full disk
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

@@ -27,7 +27,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, read_jsonl, run_winnow
+from tests.support import ROOT
+from tests.support.commands import Server, run_winnow
+from tests.support.files import read_jsonl
 from winnow.engines import _local, check_aligned, generate_sync
 from winnow.schema import Completion, Prompt, SamplingParams
 
@@ -704,7 +706,7 @@ def test_missing_library_is_one_line_naming_the_extra(engine, tmp_path, math_jso
 
 
 # ----------------------------------------------------------------------------- the real libraries
-# Each real library runs in a subprocess (tests/engine_probe.py) with the Python that has it: vLLM's
+# Each real library runs in a subprocess (tests/support/engine_probe.py) with the Python that has it: vLLM's
 # CPU build lives in its own virtualenv (its transformers differs from this one's), and a subprocess
 # keeps a library's memory and child processes out of pytest. One model load per engine serves all
 # the tests below; the vLLM CLI test is a second load.
@@ -768,7 +770,7 @@ def gpu_model(tmp_path_factory, tiny_tokenizer_dir):
 
 @pytest.fixture(scope="module", params=GPU_ENGINES)
 def probe(request, tmp_path_factory) -> dict:
-    """What tests/engine_probe.py saw the real engine do (loaded once per engine)."""
+    """What tests/support/engine_probe.py saw the real engine do (loaded once per engine)."""
     name = request.param
     python = engine_python(name)
     # vLLM: the bundled demo policy (head_dim 32, which vLLM's CPU attention takes; trained, so it
@@ -776,7 +778,14 @@ def probe(request, tmp_path_factory) -> dict:
     model = "demo-policy" if name == "vllm" else str(request.getfixturevalue("gpu_model"))
     out = tmp_path_factory.mktemp(f"probe-{name}") / "probe.json"
     proc = subprocess.run(
-        [python, str(ROOT / "tests" / "engine_probe.py"), name, model, str(out), json.dumps(PROBE_KWARGS[name])],
+        [
+            python,
+            str(ROOT / "tests" / "support" / "engine_probe.py"),
+            name,
+            model,
+            str(out),
+            json.dumps(PROBE_KWARGS[name]),
+        ],
         capture_output=True,
         text=True,
         timeout=540,
@@ -947,8 +956,6 @@ def test_vllm_cli_end_to_end(tmp_path, math_jsonl, request):
 def test_winnow_serve_runs_vllm_through_the_engine_contract(tmp_path):
     """`winnow serve --engine vllm` (vLLM's CPU build here), driven by the openai SDK."""
     import openai
-
-    from conftest import Server
 
     python = engine_python("vllm")
     srv = Server(

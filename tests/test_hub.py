@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
+from tests.support.commands import run_winnow
+from tests.support.files import read_jsonl, write_jsonl
 from winnow import hub
 from winnow.errors import ConfigError
 

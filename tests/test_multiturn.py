@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import raw_output, read_jsonl, run_winnow, write_jsonl
-from fakeserver import FakeServer
+from tests.support import PLUGINS, ROOT
+from tests.support.commands import Server, raw_output, run_winnow
+from tests.support.fakeserver import FakeServer
+from tests.support.files import read_jsonl, write_jsonl
 from winnow import sample
 from winnow.errors import ConfigError, SchedulerError
 from winnow.multiturn import Trajectory, TurnResult
@@ -25,8 +27,7 @@ from winnow.multiturn.driver import MultiTurn, TurnBatcher, build_scheduler
 from winnow.multiturn.tools import ToolScheduler, calculator, function_spec, parse_tool_calls, trailing_code
 from winnow.schema import Completion, Prompt, SamplingParams
 
-ROOT = Path(__file__).resolve().parents[1]
-SWIFT_PLUGIN = Path(__file__).parent / "plugins" / "swift_multi_turn.py"
+SWIFT_PLUGIN = PLUGINS / "swift_multi_turn.py"
 CALCULATOR_CHECK = ROOT / "docs" / "examples" / "calculator_check.py"
 STEP = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 ADD_TOOL = {
@@ -41,12 +42,6 @@ ADD_TOOL = {
         },
     },
 }
-
-
-@pytest.fixture
-def server():
-    with FakeServer().running() as s:
-        yield s
 
 
 def sums(path: Path, n: int, tools: list | None = None) -> Path:
@@ -64,9 +59,9 @@ def sums(path: Path, n: int, tools: list | None = None) -> Path:
     return write_jsonl(path, rows)
 
 
-def client_run(server, tmp_path: Path, dataset: Path, model: str = "fake", **options):
+def client_run(fake_server, tmp_path: Path, dataset: Path, model: str = "fake", **options):
     """One in-process multi-turn run on the fake server; its records."""
-    engine = {"base_url": server.url, "retry_base_s": 0.01, **options.pop("engine", {})}
+    engine = {"base_url": fake_server.url, "retry_base_s": 0.01, **options.pop("engine", {})}
     out = tmp_path / "out"
     summary = sample(
         model=model,
@@ -241,15 +236,15 @@ def test_a_local_engine_waits_for_stragglers_but_not_forever():
 # ----------------------------------------------------------------------------- the client engine
 
 
-def test_scripted_tool_calls_through_the_client_engine_in_every_format(server, tmp_path):
-    server.defaults.update(agent=1, agent_vary=1)
+def test_scripted_tool_calls_through_the_client_engine_in_every_format(fake_server, tmp_path):
+    fake_server.defaults.update(agent=1, agent_vary=1)
     dataset = sums(tmp_path / "d.jsonl", 3)
     common = dict(num_return_sequences=3, multi_turn_scheduler="tools", tools=["calculator"], orm_model="math")
-    raw, manifest, summary = client_run(server, tmp_path, dataset, output_format="raw", **common)
+    raw, manifest, summary = client_run(fake_server, tmp_path, dataset, output_format="raw", **common)
     assert len(raw) == 3 and summary.samples == 9
     record = raw[0]
     assert record["tools"][0]["function"]["name"] == "calculator"
-    first = server.chat_requests
+    first = fake_server.chat_requests
     assert first == 3 + 9  # each prompt's first turn once with n=3, then one request per trajectory
     for c in record["completions"]:
         assert roles(c["turns"]) == ["assistant", "tool", "assistant"]
@@ -266,7 +261,7 @@ def test_scripted_tool_calls_through_the_client_engine_in_every_format(server, t
     assert compute["trajectories"] == 9 and compute["turns"] == 18 and compute["tool_calls"] == 9
     assert manifest["strategy"]["multi_turn"]["scheduler"] == "tools"
 
-    records, _, _ = client_run(server, tmp_path, dataset, output_format="swift", **common)
+    records, _, _ = client_run(fake_server, tmp_path, dataset, output_format="swift", **common)
     assert len(records) == 3  # the right trajectory, paired with a wrong one
     line = records[0]
     assert roles(line["messages"]) == ["user", "assistant", "tool", "assistant"]
@@ -275,33 +270,33 @@ def test_scripted_tool_calls_through_the_client_engine_in_every_format(server, t
     assert rejected[:1] == line["messages"][:1] and roles(rejected) == roles(line["messages"])
     assert rejected[-1]["content"] != line["messages"][-1]["content"]
 
-    dpo, _, _ = client_run(server, tmp_path, dataset, output_format="dpo", **common)
+    dpo, _, _ = client_run(fake_server, tmp_path, dataset, output_format="dpo", **common)
     assert len(dpo) == 3 and roles(dpo[0]["prompt"]) == ["user"]
     assert roles(dpo[0]["chosen"]) == roles(dpo[0]["rejected"]) == ["assistant", "tool", "assistant"]
     assert dpo[0]["score_chosen"] == 1.0 and dpo[0]["score_rejected"] == 0.0
 
-    sft, _, _ = client_run(server, tmp_path, dataset, output_format="sft", **common)
+    sft, _, _ = client_run(fake_server, tmp_path, dataset, output_format="sft", **common)
     assert len(sft) == 3 and roles(sft[0]["messages"]) == ["user", "assistant", "tool", "assistant"]
 
-    pc, _, _ = client_run(server, tmp_path, dataset, output_format="prompt_completion", **common)
+    pc, _, _ = client_run(fake_server, tmp_path, dataset, output_format="prompt_completion", **common)
     assert roles(pc[0]["prompt"]) == ["user"] and roles(pc[0]["completion"]) == ["assistant", "tool", "assistant"]
 
-    grpo, _, _ = client_run(server, tmp_path, dataset, output_format="grpo", output_parquet=True, **common)
+    grpo, _, _ = client_run(fake_server, tmp_path, dataset, output_format="grpo", output_parquet=True, **common)
     assert grpo[0]["winnow_pass_rate"] == pytest.approx(1 / 3) and grpo[0]["tools"]
     import pyarrow.parquet as pq
 
-    raw_again, _, _ = client_run(server, tmp_path, dataset, output_format="raw", output_parquet=True, **common)
+    raw_again, _, _ = client_run(fake_server, tmp_path, dataset, output_format="raw", output_parquet=True, **common)
     table = pq.read_table(tmp_path / "out" / "o.parquet").to_pylist()
     turns = table[0]["completions"][0]["turns"]
     assert [t["role"] for t in turns] == ["assistant", "tool", "assistant"]
     assert json.loads(table[0]["completions"][0]["trace"])["num_turns"] == 2
 
 
-def test_stage_two_scores_trajectories_from_a_raw_stage_one(server, tmp_path):
-    server.defaults.update(agent=1, agent_vary=1)
+def test_stage_two_scores_trajectories_from_a_raw_stage_one(fake_server, tmp_path):
+    fake_server.defaults.update(agent=1, agent_vary=1)
     dataset = sums(tmp_path / "d.jsonl", 2)
     client_run(
-        server,
+        fake_server,
         tmp_path,
         dataset,
         num_return_sequences=2,
@@ -327,10 +322,10 @@ def test_stage_two_scores_trajectories_from_a_raw_stage_one(server, tmp_path):
         assert roles(record["rejected_messages"]) == ["user", "assistant", "tool", "assistant"]
 
 
-def test_the_python_tool_runs_the_models_program_streamed_calls_too(server, tmp_path):
-    server.defaults.update(agent=1)
+def test_the_python_tool_runs_the_models_program_streamed_calls_too(fake_server, tmp_path):
+    fake_server.defaults.update(agent=1)
     records, manifest, _ = client_run(
-        server,
+        fake_server,
         tmp_path,
         sums(tmp_path / "d.jsonl", 2),
         num_return_sequences=2,
@@ -348,15 +343,15 @@ def test_the_python_tool_runs_the_models_program_streamed_calls_too(server, tmp_
     assert manifest["strategy"]["multi_turn"]["sandbox"]["timeout_s"] > 0
 
 
-def test_a_tool_the_row_offers_runs_the_function_a_plugin_registered(server, tmp_path):
-    server.defaults.update(agent=1)
+def test_a_tool_the_row_offers_runs_the_function_a_plugin_registered(fake_server, tmp_path):
+    fake_server.defaults.update(agent=1)
     plugin = tmp_path / "tools.py"
     plugin.write_text(
         "from winnow.registry import tool\n\n@tool\ndef add(a: int, b: int) -> int:\n"
         '    """a + b"""\n    return a + b\n'
     )
     records, manifest, _ = client_run(
-        server,
+        fake_server,
         tmp_path,
         sums(tmp_path / "d.jsonl", 2, tools=[ADD_TOOL]),
         num_return_sequences=1,
@@ -367,13 +362,13 @@ def test_a_tool_the_row_offers_runs_the_function_a_plugin_registered(server, tmp
     messages = row(records, 1)["messages"]
     assert roles(messages) == ["user", "assistant", "tool", "assistant"]
     assert messages[2]["content"] == "3" and messages[3]["content"] == "The answer is \\boxed{3}."
-    assert server.last_body["tools"] == [ADD_TOOL]  # the row's own definition, offered as it is
+    assert fake_server.last_body["tools"] == [ADD_TOOL]  # the row's own definition, offered as it is
 
 
-def test_many_trajectories_are_in_flight_at_once(server, tmp_path):
-    server.defaults.update(agent=2, latency=0.2)
+def test_many_trajectories_are_in_flight_at_once(fake_server, tmp_path):
+    fake_server.defaults.update(agent=2, latency=0.2)
     records, manifest, _ = client_run(
-        server,
+        fake_server,
         tmp_path,
         sums(tmp_path / "d.jsonl", 8),
         num_return_sequences=2,
@@ -383,13 +378,13 @@ def test_many_trajectories_are_in_flight_at_once(server, tmp_path):
     )
     assert len(records) == 8 and manifest["compute"]["turns"] == 16 * 3
     # 16 trajectories, each waiting on the server 3 times: their turns overlapped, not one trajectory at a time
-    assert server.max_in_flight >= 12
+    assert fake_server.max_in_flight >= 12
 
 
-def test_the_gym_scheduler_retries_with_the_environments_feedback(server, tmp_path):
-    server.defaults.update(wrong_turns=1)
+def test_the_gym_scheduler_retries_with_the_environments_feedback(fake_server, tmp_path):
+    fake_server.defaults.update(wrong_turns=1)
     records, manifest, _ = client_run(
-        server,
+        fake_server,
         tmp_path,
         sums(tmp_path / "d.jsonl", 2),
         num_return_sequences=2,
@@ -412,11 +407,11 @@ def test_the_gym_scheduler_retries_with_the_environments_feedback(server, tmp_pa
 # ----------------------------------------------------------------------------- ms-swift plugins, unchanged
 
 
-def test_a_swift_scheduler_plugin_runs_unchanged(server, tmp_path):
-    server.defaults.update(agent=1)
+def test_a_swift_scheduler_plugin_runs_unchanged(fake_server, tmp_path):
+    fake_server.defaults.update(agent=1)
     dataset = sums(tmp_path / "d.jsonl", 2, tools=[ADD_TOOL])
     records, manifest, _ = client_run(
-        server,
+        fake_server,
         tmp_path,
         dataset,
         num_return_sequences=2,
@@ -431,13 +426,13 @@ def test_a_swift_scheduler_plugin_runs_unchanged(server, tmp_path):
     assert manifest["strategy"]["multi_turn"]["swift_class"].endswith("AdderToolScheduler")
 
 
-def test_a_swift_3_plugin_runs_unchanged(server, tmp_path):
+def test_a_swift_3_plugin_runs_unchanged(fake_server, tmp_path):
     records, _, _ = client_run(
-        server,
+        fake_server,
         tmp_path,
         sums(tmp_path / "d.jsonl", 1),
         num_return_sequences=1,
-        external_plugins=[str(Path(__file__).parent / "plugins" / "swift3_multi_turn.py")],
+        external_plugins=[str(PLUGINS / "swift3_multi_turn.py")],
         multi_turn_scheduler="one_more",
         output_format="raw",
     )
@@ -450,11 +445,11 @@ def test_a_swift_3_plugin_runs_unchanged(server, tmp_path):
     assert REGISTRY.get("environment", "quiet").source == "swift3_multi_turn.py"
 
 
-def test_swift_hooks_and_continued_answers(server, tmp_path):
+def test_swift_hooks_and_continued_answers(fake_server, tmp_path):
     """on_trajectory_start edits the messages, on_turn_end decides, step writes a tip into the answer."""
-    server.defaults.update(wrong_turns=1)
+    fake_server.defaults.update(wrong_turns=1)
     records, _, _ = client_run(
-        server,
+        fake_server,
         tmp_path,
         sums(tmp_path / "d.jsonl", 2),
         num_return_sequences=1,
@@ -467,13 +462,13 @@ def test_swift_hooks_and_continued_answers(server, tmp_path):
     assert messages[-1]["content"] == (
         "The answer is \\boxed{4}. But wait... let me check again.The answer is \\boxed{3}."
     )
-    assert server.last_body["continue_final_message"] is True
+    assert fake_server.last_body["continue_final_message"] is True
 
 
-def test_a_swift_environment_plugin_plays_through_the_gym_scheduler(server, tmp_path):
-    server.defaults.update(wrong_turns=1)
+def test_a_swift_environment_plugin_plays_through_the_gym_scheduler(fake_server, tmp_path):
+    fake_server.defaults.update(wrong_turns=1)
     records, _, _ = client_run(
-        server,
+        fake_server,
         tmp_path,
         sums(tmp_path / "d.jsonl", 1),
         num_return_sequences=2,
@@ -553,15 +548,17 @@ def test_with_the_real_ms_swift_installed_its_own_classes_are_driven():
     assert out["trace"]["rollout_infos"] == {"tool_results": ["5"], "num_tool_turns": 1}
 
 
-def test_bad_multi_turn_options_are_one_line(tmp_path, server):
+def test_bad_multi_turn_options_are_one_line(tmp_path, fake_server):
     dataset = sums(tmp_path / "d.jsonl", 1)
     with pytest.raises(ConfigError, match="add --multi_turn_scheduler tools"):
-        client_run(server, tmp_path, dataset, tools=["calculator"])
+        client_run(fake_server, tmp_path, dataset, tools=["calculator"])
     with pytest.raises(ConfigError, match="replaces run"):
-        client_run(server, tmp_path, dataset, external_plugins=[str(SWIFT_PLUGIN)], multi_turn_scheduler="run_owner")
+        client_run(
+            fake_server, tmp_path, dataset, external_plugins=[str(SWIFT_PLUGIN)], multi_turn_scheduler="run_owner"
+        )
     with pytest.raises(ConfigError, match="Unknown tool 'nope'"):
         client_run(
-            server,
+            fake_server,
             tmp_path,
             dataset,
             external_plugins=[str(SWIFT_PLUGIN)],
@@ -569,7 +566,9 @@ def test_bad_multi_turn_options_are_one_line(tmp_path, server):
             tools=["nope"],
         )
     with pytest.raises(ConfigError, match="with --sampler_type sample or distill .*, not beam"):
-        client_run(server, tmp_path, dataset, multi_turn_scheduler="tools", tools=["calculator"], sampler_type="beam")
+        client_run(
+            fake_server, tmp_path, dataset, multi_turn_scheduler="tools", tools=["calculator"], sampler_type="beam"
+        )
     proc = run_winnow(
         "sample",
         "--model",
@@ -586,7 +585,7 @@ def test_bad_multi_turn_options_are_one_line(tmp_path, server):
     assert proc.returncode == 2 and "--multi_turn_scheduler 'nope': not one of" in proc.stderr
 
 
-def test_a_scheduler_that_raises_fails_the_run_naming_it(server, tmp_path):
+def test_a_scheduler_that_raises_fails_the_run_naming_it(fake_server, tmp_path):
     plugin = tmp_path / "broken.py"
     plugin.write_text(
         "from winnow.registry import scheduler\n\n@scheduler('broken')\n"
@@ -594,7 +593,7 @@ def test_a_scheduler_that_raises_fails_the_run_naming_it(server, tmp_path):
     )
     with pytest.raises(SchedulerError, match="scheduler broken failed in step at turn 1 of .*#0: KeyError"):
         client_run(
-            server,
+            fake_server,
             tmp_path,
             sums(tmp_path / "d.jsonl", 1),
             external_plugins=[str(plugin)],
@@ -677,7 +676,6 @@ def test_the_demo_policy_plays_the_retry_environment(tmp_path):
 
 def test_the_demo_policy_served_plays_the_environment_through_the_client_engine(tmp_path):
     """The same environment with the demo policy behind `winnow serve`: every turn a chat request."""
-    from test_serve import Server
 
     srv = Server(tmp_path / "serve.log", "--model", "demo-policy", "--served_model_name", "demo", "--max_wait_ms", "20")
     try:
@@ -712,7 +710,7 @@ def test_the_demo_policy_served_plays_the_environment_through_the_client_engine(
 
 
 def test_a_multi_turn_run_killed_mid_run_resumes_at_the_prompt_level(tmp_path):
-    with FakeServer(agent=2, latency=0.05).running() as server:
+    with FakeServer(agent=2, latency=0.05).running() as fake_server:
         dataset = sums(tmp_path / "d.jsonl", 40)
         out = tmp_path / "out"
         args = [
@@ -733,7 +731,7 @@ def test_a_multi_turn_run_killed_mid_run_resumes_at_the_prompt_level(tmp_path):
             "--max_concurrency",
             "4",
             "--engine_kwargs",
-            json.dumps({"base_url": server.url}),
+            json.dumps({"base_url": fake_server.url}),
         ]
         proc = subprocess.Popen(
             [sys.executable, "-m", "winnow", *args],
@@ -755,7 +753,7 @@ def test_a_multi_turn_run_killed_mid_run_resumes_at_the_prompt_level(tmp_path):
                 proc.wait()
         done = len(read_jsonl(out / "o.jsonl"))
         assert 5 <= done < 40
-        before = server.chat_requests
+        before = fake_server.chat_requests
         again = run_winnow(*args, "--resume", "true")
         assert again.returncode == 0, again.stderr
         records = read_jsonl(out / "o.jsonl")
@@ -765,5 +763,5 @@ def test_a_multi_turn_run_killed_mid_run_resumes_at_the_prompt_level(tmp_path):
                 assert roles(c["turns"]) == ["assistant", "tool", "assistant", "tool", "assistant"]
         redone = 40 - done
         # only the rows not written were sampled again: per row, one first request (n=2) and 2 x 2 more
-        assert server.chat_requests - before == 5 * redone
+        assert fake_server.chat_requests - before == 5 * redone
         assert f"{done} rows already done" in again.stderr

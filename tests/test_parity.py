@@ -6,20 +6,20 @@ import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 import winnow
-from conftest import read_jsonl, run_winnow, write_jsonl
+from tests.support import DATA
+from tests.support.commands import run_winnow
+from tests.support.fakeserver import FakeServer
+from tests.support.files import read_jsonl, write_jsonl
 from winnow.config import SampleConfig
 from winnow.errors import ConfigError
 
-DATA = Path(__file__).parent / "data"
-
 
 @pytest.fixture
-def rows(tmp_path):
+def sums_jsonl(tmp_path):
     return write_jsonl(
         tmp_path / "d.jsonl",
         [
@@ -34,10 +34,10 @@ def rows(tmp_path):
     )
 
 
-def sample(tmp_path, tiny_model, rows, **options):
+def tiny_run(tmp_path, tiny_model, sums_jsonl, **options):
     options = {
         "model": str(tiny_model),
-        "dataset": [str(rows)],
+        "dataset": [str(sums_jsonl)],
         "num_return_sequences": 2,
         "max_new_tokens": 4,
         "output_dir": str(tmp_path / "out"),
@@ -95,15 +95,15 @@ def test_enable_thinking_and_response_prefix_reach_the_prompt(tiny_model):
     assert prefixed.endswith("<|im_start|>assistant\nSure: ")
 
 
-def test_response_prefix_starts_every_answer(tmp_path, tiny_model, rows):
-    _, records = sample(tmp_path, tiny_model, rows, response_prefix="Step 1:")
+def test_response_prefix_starts_every_answer(tmp_path, tiny_model, sums_jsonl):
+    _, records = tiny_run(tmp_path, tiny_model, sums_jsonl, response_prefix="Step 1:")
     assert all(c["text"].startswith("Step 1:") for r in records for c in r["completions"])
 
 
 # ----------------------------------------------------------------------------- model loading
 
 
-def test_lora_adapters_are_applied(tmp_path, tiny_model, rows):
+def test_lora_adapters_are_applied(tmp_path, tiny_model, sums_jsonl):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -116,8 +116,8 @@ def test_lora_adapters_are_applied(tmp_path, tiny_model, rows):
                 p.add_(0.5)  # an adapter that really changes the model
     lora.save_pretrained(str(tmp_path / "adapter"))
     greedy = {"temperature": 0.0, "max_new_tokens": 8}
-    _, plain = sample(tmp_path, tiny_model, rows, **greedy)
-    summary, adapted = sample(tmp_path, tiny_model, rows, adapters=[str(tmp_path / "adapter")], **greedy)
+    _, plain = tiny_run(tmp_path, tiny_model, sums_jsonl, **greedy)
+    summary, adapted = tiny_run(tmp_path, tiny_model, sums_jsonl, adapters=[str(tmp_path / "adapter")], **greedy)
     assert [r["completions"][0]["text"] for r in plain] != [r["completions"][0]["text"] for r in adapted]
     manifest = json.loads((tmp_path / "out" / "o.manifest.json").read_text())
     assert manifest["engine"]["adapters"] == [str(tmp_path / "adapter")]
@@ -129,7 +129,7 @@ def test_lora_adapters_are_applied(tmp_path, tiny_model, rows):
         "--adapters",
         str(tmp_path / "adapter"),
         "--dataset",
-        str(rows),
+        str(sums_jsonl),
         "--num_return_sequences",
         "1",
         "--temperature",
@@ -152,16 +152,16 @@ def test_lora_adapters_are_applied(tmp_path, tiny_model, rows):
     ]
 
 
-def test_generation_defaults_come_from_the_models_generation_config(tmp_path, tiny_model, rows):
+def test_generation_defaults_come_from_the_models_generation_config(tmp_path, tiny_model, sums_jsonl):
     model = tmp_path / "greedy-model"
     shutil.copytree(tiny_model, model)
     config = json.loads((model / "generation_config.json").read_text())
     (model / "generation_config.json").write_text(json.dumps({**config, "temperature": 0.0}))
-    _, records = sample(tmp_path, model, rows, num_return_sequences=3, max_new_tokens=6)
+    _, records = tiny_run(tmp_path, model, sums_jsonl, num_return_sequences=3, max_new_tokens=6)
     assert all(len({c["text"] for c in r["completions"]}) == 1 for r in records)  # greedy: identical samples
     manifest = json.loads((tmp_path / "out" / "o.manifest.json").read_text())
     assert manifest["sampling"]["temperature"] == 0.0
-    _, records = sample(tmp_path, model, rows, num_return_sequences=3, max_new_tokens=6, temperature=1.0)
+    _, records = tiny_run(tmp_path, model, sums_jsonl, num_return_sequences=3, max_new_tokens=6, temperature=1.0)
     assert any(len({c["text"] for c in r["completions"]}) > 1 for r in records)  # the flag wins
 
 
@@ -171,23 +171,23 @@ def test_unset_max_new_tokens_runs_to_the_context_and_long_prompts_fail_alone(tm
     config = json.loads((small / "config.json").read_text())
     (small / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 64}))
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "hi"}, {"query": "word " * 5000}])
-    summary, records = sample(tmp_path, small, data, max_new_tokens=None)
+    summary, records = tiny_run(tmp_path, small, data, max_new_tokens=None)
     [record] = records
     assert all(c["prompt_tokens"] + c["completion_tokens"] <= 64 for c in record["completions"])
     [failed] = read_jsonl(tmp_path / "out" / "o.failed.jsonl")
     assert "characters, more than the 64-token limit" in failed["reason"]  # refused before tokenizing
-    _, records = sample(tmp_path, small, data, max_new_tokens=8, truncation_strategy="left")
+    _, records = tiny_run(tmp_path, small, data, max_new_tokens=8, truncation_strategy="left")
     assert len(records) == 2  # the long prompt's oldest tokens were cut instead
 
 
-def test_beam_search_gives_the_n_best_beams(tmp_path, tiny_model, rows):
-    _, records = sample(tmp_path, tiny_model, rows, num_beams=4, num_return_sequences=2, max_new_tokens=6)
+def test_beam_search_gives_the_n_best_beams(tmp_path, tiny_model, sums_jsonl):
+    _, records = tiny_run(tmp_path, tiny_model, sums_jsonl, num_beams=4, num_return_sequences=2, max_new_tokens=6)
     assert all(len(r["completions"]) == 2 for r in records)
     with pytest.raises(ConfigError, match="beam search is done by the transformers engine only"):
-        sample(
+        tiny_run(
             tmp_path,
             tiny_model,
-            rows,
+            sums_jsonl,
             num_beams=4,
             sampler_engine="client",
             engine_kwargs={"base_url": "http://127.0.0.1:9/v1"},
@@ -201,7 +201,7 @@ def test_columns_data_seed_split_ratio_and_system_file(tmp_path, tiny_model):
     data = write_jsonl(tmp_path / "d.jsonl", [{"instruction_text": f"Say {i}", "n": i} for i in range(10)])
     system = tmp_path / "system.txt"
     system.write_text("Answer in one word.")
-    _, records = sample(
+    _, records = tiny_run(
         tmp_path,
         tiny_model,
         data,
@@ -214,7 +214,7 @@ def test_columns_data_seed_split_ratio_and_system_file(tmp_path, tiny_model):
     assert all(r["messages"][0] == {"role": "system", "content": "Answer in one word."} for r in records)
     again = {
         r["n"]
-        for r in sample(
+        for r in tiny_run(
             tmp_path, tiny_model, data, columns={"instruction_text": "query"}, split_dataset_ratio=0.3, data_seed=8
         )[1]
     }
@@ -233,13 +233,13 @@ def test_every_swift_sampling_argument_is_accepted():
     assert [name for name in swift if name not in ours] == []
 
 
-def test_training_only_flags_are_named_once_and_unsupported_ones_refused(tmp_path, tiny_model, rows):
+def test_training_only_flags_are_named_once_and_unsupported_ones_refused(tmp_path, tiny_model, sums_jsonl):
     proc = run_winnow(
         "sample",
         "--model",
         str(tiny_model),
         "--dataset",
-        str(rows),
+        str(sums_jsonl),
         "--num_return_sequences",
         "1",
         "--max_new_tokens",
@@ -262,11 +262,11 @@ def test_training_only_flags_are_named_once_and_unsupported_ones_refused(tmp_pat
     assert proc.returncode == 2 and "--logprobs: accepted for swift compatibility but not supported" in proc.stderr
 
 
-def test_abbreviated_flags_a_swift_yaml_file_and_its_env(tmp_path, tiny_model, rows):
+def test_abbreviated_flags_a_swift_yaml_file_and_its_env(tmp_path, tiny_model, sums_jsonl):
     config = tmp_path / "sampling.yaml"
     config.write_text(f"""use_ray: false
 model: {tiny_model}
-dataset: {rows}
+dataset: {sums_jsonl}
 num_return_sequences: 2
 max_new_tokens: 3
 load_args: false
@@ -412,7 +412,6 @@ def test_the_seed_commands_give_the_line_counts_swifts_document_states(tmp_path)
 
 
 def test_the_seed_distill_command_keeps_long_reasoning_answers(tmp_path):
-    from fakeserver import FakeServer
 
     # answers of 3,000 words: past the 2,048-token cap winnow used to send (0 of 5 lines were written)
     data = write_jsonl(

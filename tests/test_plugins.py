@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-from conftest import raw_output, read_jsonl, run_winnow
+from tests.support import PLUGINS
+from tests.support.commands import raw_output, run_winnow
+from tests.support.files import read_jsonl
 
-PLUGIN = Path(__file__).parent / "plugins" / "seed_prm.py"
+PLUGIN = PLUGINS / "seed_prm.py"
 
 
 def test_seed_plugin_prm_and_model_rewards_in_one_run(tmp_path, tiny_model, tiny_prm, tiny_classifier_rm, math_jsonl):
@@ -126,7 +127,7 @@ def test_wrong_count_plugin_names_the_reward(tmp_path, tiny_model, math_jsonl):
 
 def test_swift_plugin_file_loads_unchanged(tmp_path, tiny_model, math_jsonl):
     """A plugin importing from swift.plugin / swift.rewards works without ms-swift installed."""
-    plugin = Path(__file__).parent / "plugins" / "swift_style.py"
+    plugin = PLUGINS / "swift_style.py"
     listing = run_winnow("list", "rewards", "--external_plugins", str(plugin))
     proc = run_winnow(
         "sample",

@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 from demo_world import report as demo_report
 
-from conftest import run_winnow
+from tests.support import DATA
+from tests.support.commands import run_winnow
 from winnow import report
 from winnow.config import ReportConfig
 from winnow.errors import ConfigError, DataError
 from winnow.report import Problem, Sample, best_of_k, pass_at_k, vote, votes_at_k
 from winnow.rewards import mathverify
 
-QWEN_SLICE = Path(__file__).parent / "data" / "qwen_math_cot_6.jsonl"
+QWEN_SLICE = DATA / "qwen_math_cot_6.jsonl"
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import math
 import threading
-from pathlib import Path
 
 import pytest
 
+from tests.support import PLUGINS
+from tests.support.commands import run_winnow
 from winnow import registry
 from winnow.config import SampleConfig
 from winnow.errors import ConfigError, RewardError
@@ -25,7 +26,7 @@ from winnow.rewards.mathverify import (
 )
 from winnow.schema import Completion, Group, Prompt
 
-PLUGIN = Path(__file__).parent / "plugins" / "seed_prm.py"
+PLUGIN = PLUGINS / "seed_prm.py"
 
 
 def sample(text: str, reference: str | None = "5", tokens: int = 0, **columns) -> Sample:
@@ -200,7 +201,6 @@ def test_reward_options_and_weights():
 
 
 def test_list_rewards_cli():
-    from conftest import run_winnow
 
     proc = run_winnow("list", "rewards")
     assert proc.returncode == 0, proc.stderr

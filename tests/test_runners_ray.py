@@ -18,15 +18,15 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import ray
 
 import winnow
-from conftest import read_jsonl, write_jsonl
-from fakeserver import FakeServer
+from tests.support.commands import wait_for
+from tests.support.fakeserver import FakeServer
+from tests.support.files import read_jsonl, write_jsonl
 from winnow.config import SampleConfig
 from winnow.errors import ConfigError
 
@@ -98,14 +98,6 @@ def row_ids(dataset: Path) -> set[str]:
 
     plan = data.build_plan([str(dataset)])
     return {plan.read(p).id for p in range(len(plan))}
-
-
-def wait_for(predicate, timeout: float = 120.0, what: str = "the condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 def run_watched(config: SampleConfig, act=None) -> tuple[winnow.RunSummary, dict]:

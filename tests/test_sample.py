@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 import winnow
-from conftest import read_jsonl, run_winnow, write_jsonl
+from tests.support.commands import run_winnow
+from tests.support.files import read_jsonl, write_jsonl
 from winnow.config import SampleConfig
 
 

@@ -10,11 +10,11 @@ import os
 import shutil
 import socket
 import subprocess
-from pathlib import Path
 
 import pytest
 
-from hostile_programs import (
+from tests.support import TESTS
+from tests.support.hostile_programs import (
     EXPECTED_LIMIT,
     LIMITS,
     new_marker,
@@ -27,7 +27,6 @@ from winnow.rewards import sandbox
 from winnow.rewards.sandbox import Limits, Sandbox, run_python
 
 ROOT = os.geteuid() == 0
-TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
 SLACK_S = 3.0  # start-up and teardown on two busy cores
 
@@ -214,7 +213,7 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not ROOT or not shutil.which("setpriv"), reason="needs root and setpriv to become another user")
 def test_fallback_run_by_an_unprivileged_user_still_clears_what_programs_leave():
-    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{SRC}:{TESTS}", "LANG": "C.UTF-8"}
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{SRC}:{TESTS / 'support'}", "LANG": "C.UTF-8"}
     proc = subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sandbox.default_python(), "-c", NON_ROOT_CHECK],
         env=env,

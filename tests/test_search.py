@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from conftest import raw_output, read_jsonl, run_winnow, write_jsonl
+from tests.support.commands import raw_output, run_winnow
+from tests.support.files import read_jsonl, write_jsonl
 from winnow.errors import ConfigError
 from winnow.rewards.scorer import RewardSlot, RunScorer
 from winnow.schema import FINISH_STOP, Completion, Prompt, SamplingParams, Score
@@ -627,7 +628,7 @@ def test_search_through_winnow_serve_with_continue_final_message(tmp_path):
     import httpx
     import openai
 
-    from test_serve import Server
+    from tests.support.commands import Server
 
     srv = Server(tmp_path / "serve.log", "--model", "demo-policy", "--served_model_name", "demo")
     try:

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server
+from tests.support.commands import Server
 
 KEY = "sk-winnow-test"
 

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import httpx
 import pytest
 
-from conftest import Server
+from tests.support.commands import Server
 
 MAX_BYTES = 200_000
 TIMEOUT_HEADERS = 1.5
@@ -38,7 +38,7 @@ THINKING_TEMPLATE = (
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model, tmp_path_factory):
+def limited_server(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("serve-limits")
     template = folder / "thinking.jinja"
     template.write_text(THINKING_TEMPLATE)
@@ -75,10 +75,13 @@ def server(tiny_model, tmp_path_factory):
     assert srv.stop(signal.SIGTERM) == 0, srv.output()[-2000:]
 
 
-def post(server, route: str, body: dict | bytes, timeout: float = 60) -> httpx.Response:
+def post(limited_server, route: str, body: dict | bytes, timeout: float = 60) -> httpx.Response:
     content = body if isinstance(body, bytes) else json.dumps(body).encode()  # ASCII: lone surrogates escaped
     return httpx.post(
-        f"{server.url}/v1/{route}", content=content, timeout=timeout, headers={"Content-Type": "application/json"}
+        f"{limited_server.url}/v1/{route}",
+        content=content,
+        timeout=timeout,
+        headers={"Content-Type": "application/json"},
     )
 
 
@@ -89,8 +92,8 @@ def error(resp: httpx.Response, status: int) -> dict:
     return body["error"]
 
 
-def connect(server, timeout: float = 10) -> socket.socket:
-    parts = urlsplit(server.url)
+def connect(limited_server, timeout: float = 10) -> socket.socket:
+    parts = urlsplit(limited_server.url)
     return socket.create_connection((parts.hostname, parts.port), timeout=timeout)
 
 
@@ -155,8 +158,8 @@ def _content_length(head: bytes) -> int:
 # ----------------------------------------------------------------------------- body size and time
 
 
-def test_declared_body_over_the_cap_is_413_before_it_is_sent(server):
-    with connect(server) as sock:
+def test_declared_body_over_the_cap_is_413_before_it_is_sent(limited_server):
+    with connect(limited_server) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
             b"Content-Length: 100000000\r\n\r\n"
@@ -169,20 +172,23 @@ def test_declared_body_over_the_cap_is_413_before_it_is_sent(server):
     assert str(MAX_BYTES) in err["message"] and err["type"] == "invalid_request_error"
 
 
-def test_chunked_body_over_the_cap_is_413(server):
+def test_chunked_body_over_the_cap_is_413(limited_server):
     def chunks():
         for _ in range(30):  # 300 kB, chunked: no Content-Length to refuse up front
             yield b" " * 10_000
 
     resp = httpx.post(
-        f"{server.url}/v1/chat/completions", content=chunks(), timeout=30, headers={"Content-Type": "application/json"}
+        f"{limited_server.url}/v1/chat/completions",
+        content=chunks(),
+        timeout=30,
+        headers={"Content-Type": "application/json"},
     )
     assert error(resp, 413)["code"] == "request_too_large"
-    assert post(server, "chat/completions", {"messages": CHAT, "max_tokens": 2}).status_code == 200
+    assert post(limited_server, "chat/completions", {"messages": CHAT, "max_tokens": 2}).status_code == 200
 
 
-def test_body_sent_too_slowly_is_408(server):
-    with connect(server) as sock:
+def test_body_sent_too_slowly_is_408(limited_server):
+    with connect(limited_server) as sock:
         sock.sendall(
             b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
             b'Content-Length: 100\r\n\r\n{"messages"'
@@ -197,8 +203,8 @@ def test_body_sent_too_slowly_is_408(server):
 # ----------------------------------------------------------------------------- connections
 
 
-def test_request_head_trickled_byte_by_byte_is_408(server):
-    with connect(server) as sock:
+def test_request_head_trickled_byte_by_byte_is_408(limited_server):
+    with connect(limited_server) as sock:
         start = time.monotonic()
         for byte in b"GET /health HTTP/1.1\r\nHost: t\r\n":  # 3.2 s at 0.1 s a byte: past the deadline
             try:
@@ -211,16 +217,16 @@ def test_request_head_trickled_byte_by_byte_is_408(server):
     assert time.monotonic() - start < TIMEOUT_HEADERS + 10
 
 
-def test_half_open_connections_are_closed_and_others_still_served(server):
+def test_half_open_connections_are_closed_and_others_still_served(limited_server):
     """200 clients that send half a request line (more than --max_connections): a normal request
     is answered meanwhile, and the server closes every one of them within --timeout_headers."""
     socks: list[socket.socket] = []
     try:
         for _ in range(200):
-            sock = connect(server)
+            sock = connect(limited_server)
             sock.sendall(b"POST /v1/chat/completions HT")
             socks.append(sock)
-        resp = post(server, "chat/completions", {"messages": CHAT, "max_tokens": 2}, timeout=30)
+        resp = post(limited_server, "chat/completions", {"messages": CHAT, "max_tokens": 2}, timeout=30)
         assert resp.status_code == 200, resp.text[:300]
 
         deadline = time.monotonic() + TIMEOUT_HEADERS + 15
@@ -232,21 +238,21 @@ def test_half_open_connections_are_closed_and_others_still_served(server):
     finally:
         for sock in socks:
             sock.close()
-    assert server.health()["status"] == "ok"
+    assert limited_server.health()["status"] == "ok"
 
 
-def test_past_the_cap_with_every_connection_busy_a_new_one_is_refused_with_503(server):
+def test_past_the_cap_with_every_connection_busy_a_new_one_is_refused_with_503(limited_server):
     busy: list[socket.socket] = []
     try:
         for _ in range(MAX_CONNECTIONS + 4):  # each busy reading its body, until --timeout_body
-            sock = connect(server)
+            sock = connect(limited_server)
             sock.sendall(
                 b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\nContent-Length: 50\r\nExpect: 100-continue\r\n\r\n"
             )
             busy.append(sock)
             if sock.recv(65536).startswith(b"HTTP/1.1 100"):  # the server holds its head and reads its body
                 sock.sendall(b"{")
-        with connect(server) as sock:
+        with connect(limited_server) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
             status, body = first_response(read_until_closed(sock, timeout=10))
         assert status == 503 and body["error"]["code"] == "server_overloaded", body
@@ -254,11 +260,11 @@ def test_past_the_cap_with_every_connection_busy_a_new_one_is_refused_with_503(s
     finally:
         for sock in busy:
             sock.close()
-    assert server.health()["status"] == "ok"
+    assert limited_server.health()["status"] == "ok"
 
 
-def test_idle_keep_alive_connection_with_half_a_next_request_is_closed(server):
-    with connect(server) as sock:
+def test_idle_keep_alive_connection_with_half_a_next_request_is_closed(limited_server):
+    with connect(limited_server) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n")
         assert http_status(read_response(sock)) == 200
         sock.sendall(b"GET /hea")  # the next request, never finished
@@ -299,9 +305,9 @@ def test_idle_keep_alive_connection_with_half_a_next_request_is_closed(server):
         ("completions", {"prompt": [[1, 2]] * 5}, "prompt", "array_above_max_length", "--max_prompts"),
     ],
 )
-def test_lists_over_their_limit_are_400_naming_the_parameter(server, route, body, param, code, flag):
+def test_lists_over_their_limit_are_400_naming_the_parameter(limited_server, route, body, param, code, flag):
     start = time.monotonic()
-    err = error(post(server, route, body), 400)
+    err = error(post(limited_server, route, body), 400)
     assert (err["param"], err["code"]) == (param, code) and flag in err["message"], err
     assert time.monotonic() - start < 10  # refused, not run (10,000 stop strings held the model for minutes)
 
@@ -309,17 +315,17 @@ def test_lists_over_their_limit_are_400_naming_the_parameter(server, route, body
 # ----------------------------------------------------------------------------- prompts too long
 
 
-def test_prompt_surely_too_long_is_refused_without_tokenizing(server):
+def test_prompt_surely_too_long_is_refused_without_tokenizing(limited_server):
     long_text = "hello world " * 2500  # 30,000 characters: over 2048 tokens of at most 13 characters
     for route, body, param in (
         ("chat/completions", {"messages": [{"role": "user", "content": long_text}]}, "messages"),
         ("completions", {"prompt": ["a", long_text]}, "prompt[1]"),
     ):
-        err = error(post(server, route, body), 400)
+        err = error(post(limited_server, route, body), 400)
         assert err["code"] == "context_length_exceeded" and err["param"] == param
         assert "at least" in err["message"] and "2048" in err["message"], err  # judged from its length
     # a token-id prompt's length is known: refused with the exact numbers
-    err = error(post(server, "completions", {"prompt": list(range(5, 3005)), "max_tokens": 7}), 400)
+    err = error(post(limited_server, "completions", {"prompt": list(range(5, 3005)), "max_tokens": 7}), 400)
     assert err["code"] == "context_length_exceeded" and "3007 tokens (3000 in the prompt, 7" in err["message"]
 
 
@@ -398,14 +404,14 @@ def test_longest_token_chars_knows_which_tokenizers_it_cannot_bound():
         ),
     ],
 )
-def test_bad_input_is_400_naming_the_parameter_not_500(server, route, body, param):
-    err = error(post(server, route, body), 400)
+def test_bad_input_is_400_naming_the_parameter_not_500(limited_server, route, body, param):
+    err = error(post(limited_server, route, body), 400)
     assert err["param"] == param, err
     if "\\ud" in json.dumps(body):
         assert "surrogate" in err["message"]
 
 
-def test_edge_values_are_served(server):
+def test_edge_values_are_served(limited_server):
     for extra in (
         {"seed": 2**64 - 1},
         {"seed": -(2**63)},
@@ -414,35 +420,35 @@ def test_edge_values_are_served(server):
         {"stop": ["", ""]},
         {"n": 2, "stream": True},
     ):
-        resp = post(server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **extra})
+        resp = post(limited_server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **extra})
         assert resp.status_code == 200, (extra, resp.text[:300])
 
 
 # ----------------------------------------------------------------------------- fields that change the answer
 
 
-def test_min_p_one_keeps_only_the_top_token(server):
+def test_min_p_one_keeps_only_the_top_token(limited_server):
     greedy = {"messages": CHAT, "max_tokens": 8, "temperature": 0}
     sampled = {"messages": CHAT, "max_tokens": 8, "temperature": 1.0, "seed": 11, "n": 4}
-    want = post(server, "chat/completions", greedy).json()["choices"][0]["message"]["content"]
-    plain = [c["message"]["content"] for c in post(server, "chat/completions", sampled).json()["choices"]]
+    want = post(limited_server, "chat/completions", greedy).json()["choices"][0]["message"]["content"]
+    plain = [c["message"]["content"] for c in post(limited_server, "chat/completions", sampled).json()["choices"]]
     assert plain != [want] * 4  # sampling a random tiny model does not give the greedy answer four times
-    top_only = post(server, "chat/completions", {**sampled, "min_p": 1.0}).json()["choices"]
+    top_only = post(limited_server, "chat/completions", {**sampled, "min_p": 1.0}).json()["choices"]
     assert [c["message"]["content"] for c in top_only] == [want] * 4
-    completion = post(server, "completions", {"prompt": "Step 1:", "max_tokens": 6, "temperature": 0})
-    top = post(server, "completions", {"prompt": "Step 1:", "max_tokens": 6, "seed": 3, "min_p": 1.0})
+    completion = post(limited_server, "completions", {"prompt": "Step 1:", "max_tokens": 6, "temperature": 0})
+    top = post(limited_server, "completions", {"prompt": "Step 1:", "max_tokens": 6, "seed": 3, "min_p": 1.0})
     assert top.json()["choices"][0]["text"] == completion.json()["choices"][0]["text"]
 
 
-def test_chat_template_kwargs_reach_the_template_and_batch_correctly(server):
+def test_chat_template_kwargs_reach_the_template_and_batch_correctly(limited_server):
     def prompt_tokens(resp) -> int:
         assert resp.status_code == 200, resp.text[:300]
         return resp.json()["usage"]["prompt_tokens"]
 
-    base = prompt_tokens(post(server, "chat/completions", {"messages": CHAT, "max_tokens": 1}))
+    base = prompt_tokens(post(limited_server, "chat/completions", {"messages": CHAT, "max_tokens": 1}))
     off = prompt_tokens(
         post(
-            server,
+            limited_server,
             "chat/completions",
             {"messages": CHAT, "max_tokens": 1, "chat_template_kwargs": {"enable_thinking": False}},
         )
@@ -450,7 +456,7 @@ def test_chat_template_kwargs_reach_the_template_and_batch_correctly(server):
     assert off > base  # the empty think block was rendered
 
     async def mixed():
-        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+        async with httpx.AsyncClient(base_url=limited_server.url, timeout=60) as http:
             bodies = [
                 {
                     "messages": CHAT,
@@ -461,10 +467,10 @@ def test_chat_template_kwargs_reach_the_template_and_batch_correctly(server):
             ]
             return await asyncio.gather(*(http.post("/v1/chat/completions", json=b) for b in bodies))
 
-    before = server.health()["engine_calls"]
+    before = limited_server.health()["engine_calls"]
     results = asyncio.run(mixed())
     assert [prompt_tokens(r) for r in results] == [base, off] * 3
-    assert server.health()["engine_calls"] - before < 6  # still batched together
+    assert limited_server.health()["engine_calls"] - before < 6  # still batched together
 
 
 @pytest.mark.parametrize(
@@ -478,8 +484,8 @@ def test_chat_template_kwargs_reach_the_template_and_batch_correctly(server):
         ({"chat_template_kwargs": {"add_generation_prompt": False}}, "chat_template_kwargs.add_generation_prompt"),
     ],
 )
-def test_fields_that_would_change_the_answer_are_refused(server, extra, param):
-    err = error(post(server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **extra}), 400)
+def test_fields_that_would_change_the_answer_are_refused(limited_server, extra, param):
+    err = error(post(limited_server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **extra}), 400)
     assert err["param"] == param, err
     harmless = {"ignore_eos": False, "min_tokens": 0, "skip_special_tokens": True, "store": True, "metadata": {}}
-    assert post(server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **harmless}).status_code == 200
+    assert post(limited_server, "chat/completions", {"messages": CHAT, "max_tokens": 2, **harmless}).status_code == 200

@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from conftest import Server
+from tests.support.commands import Server, run_winnow
+from tests.support.files import read_jsonl, write_jsonl
 
 QUESTION = {"role": "user", "content": "What is 2 + 3?"}
 CONVERSATIONS = [
@@ -134,7 +135,6 @@ def test_prm_step_scores(prm_server):
 
 def test_remote_reward_model_in_a_sampling_run(classifier_server, tiny_classifier_rm, tiny_model, tmp_path):
     """``--reward_model http://.../v1`` scores a run's samples through the server's /v1/rewards route."""
-    from conftest import read_jsonl, run_winnow, write_jsonl
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"messages": [QUESTION]}, {"query": "What is 4 + 4?"}])
     proc = run_winnow(

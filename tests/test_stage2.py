@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import read_jsonl, run_winnow, write_jsonl
+from tests.support.commands import run_winnow
+from tests.support.files import read_jsonl, write_jsonl
 from winnow import data
 
 ROWS = [

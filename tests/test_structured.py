@@ -10,10 +10,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
-from fakeserver import FakeServer
-from test_client import wait_healthy
-from test_serve import Server
+from tests.support.commands import Server, run_winnow
+from tests.support.files import read_jsonl, write_jsonl
 from winnow.errors import ConfigError
 from winnow.schema import Prompt, SamplingParams
 from winnow.structured import SchemaCheck, load_response_format, schema_of
@@ -39,14 +37,6 @@ class Answer(BaseModel):
     confidence: Literal["low", "high"]
     note: str = Field(max_length=12)
 """
-
-
-@pytest.fixture
-def fake():
-    server = FakeServer()
-    with server.running():
-        wait_healthy(server.url)
-        yield server
 
 
 # ----------------------------------------------------------------------------- reading --response_format
@@ -99,7 +89,7 @@ def test_schema_check_says_why():
 # ----------------------------------------------------------------------------- client engine
 
 
-def test_client_engine_sends_response_format_and_fails_answers_off_the_schema(tmp_path, fake):
+def test_client_engine_sends_response_format_and_fails_answers_off_the_schema(tmp_path, fake_server):
     schema_file = tmp_path / "answer.json"
     schema_file.write_text(
         json.dumps({"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]})
@@ -123,14 +113,14 @@ def test_client_engine_sends_response_format_and_fails_answers_off_the_schema(tm
         "--reward_funcs",
         "json_schema",
         "--engine_kwargs",
-        json.dumps({"base_url": fake.url}),
+        json.dumps({"base_url": fake_server.url}),
         "--output_file",
         "o.jsonl",
         cwd=tmp_path,
         timeout=120,
         check=True,
     )
-    assert fake.last_body["response_format"] == {
+    assert fake_server.last_body["response_format"] == {
         "type": "json_schema",
         "json_schema": {"name": "answer", "strict": True, "schema": json.loads(schema_file.read_text())},
     }
@@ -145,7 +135,7 @@ def test_client_engine_sends_response_format_and_fails_answers_off_the_schema(tm
     assert "1 rows failed" in proc.stderr
 
 
-def test_json_schema_reward_scores_without_constraining(tmp_path, fake):
+def test_json_schema_reward_scores_without_constraining(tmp_path, fake_server):
     data = write_jsonl(tmp_path / "d.jsonl", [{"query": "What is 1 + 1?"}])
     run_winnow(
         "sample",
@@ -164,7 +154,7 @@ def test_json_schema_reward_scores_without_constraining(tmp_path, fake):
         "--reward_kwargs",
         json.dumps({"json_schema": {"schema": {"type": "object"}}}),
         "--engine_kwargs",
-        json.dumps({"base_url": fake.url}),
+        json.dumps({"base_url": fake_server.url}),
         "--output_file",
         "o.jsonl",
         cwd=tmp_path,
@@ -173,7 +163,7 @@ def test_json_schema_reward_scores_without_constraining(tmp_path, fake):
     )
     [rec] = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     [c] = rec["completions"]
-    assert "response_format" not in fake.last_body
+    assert "response_format" not in fake_server.last_body
     assert c["scores"]["json_schema"]["value"] == 0.0 and "invalid JSON" in c["scores"]["json_schema"]["info"]["error"]
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_jsonl, run_winnow, write_jsonl
-from fakeserver import FakeServer
+from tests.support.commands import run_winnow
+from tests.support.fakeserver import FakeServer
+from tests.support.files import read_jsonl, write_jsonl
 
 trl = pytest.importorskip("trl", reason="TRL is a test dependency (pip install 'winnow[dev]')")
 

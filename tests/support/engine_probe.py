@@ -6,7 +6,7 @@ from the test suite's, and a subprocess also keeps a GPU library's memory and ch
 of pytest. It loads the model once, runs every scenario, closes the engine and lists the processes
 left behind; the assertions are in the tests.
 
-    python tests/engine_probe.py ENGINE MODEL OUT.json '{"engine_kwarg": ...}'
+    python tests/support/engine_probe.py ENGINE MODEL OUT.json '{"engine_kwarg": ...}'
 
 Needs only winnow (``PYTHONPATH=src``) and the engine's library: no pytest, no test fixtures.
 """

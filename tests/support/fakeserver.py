@@ -3,7 +3,7 @@
 Plain asyncio (no web framework) so that one process sustains hundreds of concurrent requests with
 a fixed latency. Run it standalone::
 
-    python tests/fakeserver.py --port 0 --latency 0.05      # prints its base URL, then serves
+    python tests/support/fakeserver.py --port 0 --latency 0.05      # prints its base URL, then serves
 
 or in-process from a test: ``with FakeServer(latency=0.01).running() as server: server.url``.
 

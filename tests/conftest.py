@@ -1,13 +1,16 @@
-"""Session fixtures: tiny real models built offline, small datasets, and a helper to run the CLI."""
+"""Fixtures every test directory uses: tiny real models built offline, small datasets, the fake server and
+reward-model servers. Helpers that are not fixtures live in tests/support."""
 
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from tests.support.fakeserver import FakeServer
 from tests.support.files import write_jsonl
+from tests.support.serve import serve_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -114,3 +117,21 @@ def fake_server():
     """The fault-injecting OpenAI-compatible server (tests/support/fakeserver.py) on loopback."""
     with FakeServer().running() as server:
         yield server
+
+
+@pytest.fixture
+def sums_jsonl(tmp_path):
+    """Four messages-format sums (``What is i + i?``) with their answers."""
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(4)
+    ]
+    return write_jsonl(tmp_path / "d.jsonl", rows)
+
+
+@pytest.fixture(scope="module")
+def classifier_server(tiny_classifier_rm, tmp_path_factory):
+    """``winnow serve`` of the tiny classifier reward model."""
+    srv = serve_model(tmp_path_factory, tiny_classifier_rm, "classifier")
+    yield srv
+    assert srv.stop(signal.SIGTERM) == 0

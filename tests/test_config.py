@@ -1,14 +1,17 @@
-"""Options: flags, kebab-case, lists, JSON dicts, booleans, YAML with flag overrides, bad values."""
+"""Options (config.py): flags, kebab-case, lists, JSON dicts, booleans, YAML with flag overrides, swift's
+sampling arguments, abbreviations and training-only flags, choices and ranges, bad values.
+"""
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 
 import pytest
 
+from tests.support import DATA
 from tests.support.commands import run_winnow
+from tests.support.files import read_jsonl
 from winnow.config import SampleConfig, make_config, parse_args
 from winnow.errors import ConfigError
 
@@ -106,21 +109,6 @@ def test_bad_flags_are_one_line_and_exit_2(argv, needle):
     assert needle in lines[0]
 
 
-def test_help_does_not_import_torch():
-    code = (
-        "import sys; from winnow.cli import main\n"
-        "try:\n    main(['sample', '--help'])\nexcept SystemExit:\n    pass\n"
-        "main(['--help'])\n"
-        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'math_verify') if m in sys.modules]\n"
-        "print('HEAVY', heavy)"
-    )
-    import subprocess
-
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert "HEAVY []" in out
-    assert "--num_return_sequences" in out
-
-
 @pytest.mark.parametrize(
     "values, needle",
     [
@@ -146,3 +134,65 @@ def test_choices_and_ranges_hold_for_python_yaml_and_cli(tmp_path, values, needl
         parse_args(SampleConfig, ["--config", str(yaml_file)], "winnow sample", "")
     with pytest.raises(ConfigError, match=re.escape(needle)):
         make_config(SampleConfig, {**base, **{k: str(v) for k, v in values.items()}})
+
+
+def test_every_swift_sampling_argument_is_accepted():
+    """All 120 fields of ms-swift 4.6.0's SamplingArguments (tests/data/swift_sampling_arguments_4.6.json)."""
+    import dataclasses
+
+    swift = json.loads((DATA / "swift_sampling_arguments_4.6.json").read_text())
+    ours = {f.name for f in dataclasses.fields(SampleConfig)}
+    assert [name for name in swift if name not in ours] == []
+
+
+def test_training_only_flags_are_named_once_and_unsupported_ones_refused(tmp_path, tiny_model, sums_jsonl):
+    proc = run_winnow(
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        str(sums_jsonl),
+        "--num_return_sequences",
+        "1",
+        "--max_new_tokens",
+        "2",
+        "--packing",
+        "true",
+        "--lazy_tokenize",
+        "true",
+        "--output_dir",
+        str(tmp_path),
+        "--progress",
+        "false",
+        check=True,
+    )
+    notes = [line for line in proc.stderr.splitlines() if "without effect" in line]
+    assert notes == [
+        "winnow sample: note: --packing, --lazy_tokenize: accepted for swift compatibility, without effect on sampling"
+    ]
+    proc = run_winnow("sample", "--model", "m", "--dataset", "d", "--logprobs", "true")
+    assert proc.returncode == 2 and "--logprobs: accepted for swift compatibility but not supported" in proc.stderr
+
+
+def test_abbreviated_flags_a_swift_yaml_file_and_its_env(tmp_path, tiny_model, sums_jsonl):
+    config = tmp_path / "sampling.yaml"
+    config.write_text(f"""use_ray: false
+model: {tiny_model}
+dataset: {sums_jsonl}
+num_return_sequences: 2
+max_new_tokens: 3
+load_args: false
+override_exist_file: true
+output_file: sampling.jsonl
+output_dir: {tmp_path / "out"}
+quant_bits: 4
+ENV:
+  WINNOW_TEST_FROM_YAML: "1"
+device_groups:
+  nproc_per_node: 4
+""")
+    proc = run_winnow("sample", str(config), "--num_ret", "1", "--prog", "false", check=True)
+    assert len(read_jsonl(tmp_path / "out" / "sampling.jsonl")) == 4  # --num_ret 1 overrides the file's 2
+    assert "--device_groups" in proc.stderr and "--quant_bits" not in proc.stderr.split("note:")[-1]
+    ambiguous = run_winnow("sample", str(config), "--max", "3")
+    assert ambiguous.returncode == 2 and "ambiguous option" in ambiguous.stderr

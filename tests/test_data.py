@@ -1,17 +1,27 @@
-"""Dataset specs, formats, #N sampling, shards, ids and bad rows (data.py)."""
+"""Datasets (data.py): specs, formats, columns, #N sampling, shards, ids, swift's split and seed, and bad
+rows and files named in one line.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
 import random
+from pathlib import Path
 
 import pytest
 
-from tests.support.files import write_jsonl
+from tests.support.client import client_args
+from tests.support.commands import run_winnow
+from tests.support.files import read_jsonl, write_jsonl
+from tests.support.sampling import tiny_run
 from winnow import data
 from winnow.errors import DataError
 from winnow.schema import BadRow, Prompt
+
+
+def _prompts(plan):
+    return [plan.read(p) for p in range(len(plan))]
 
 
 def test_spec_parsing(tmp_path):
@@ -24,10 +34,6 @@ def test_spec_parsing(tmp_path):
     assert (spec.path, spec.subset, spec.n) == (str(local), None, 3)  # a local path is never split on ':'
     with pytest.raises(DataError, match="row count"):
         data.parse_dataset_spec("x.jsonl#abc")
-
-
-def _prompts(plan):
-    return [plan.read(p) for p in range(len(plan))]
 
 
 @pytest.mark.parametrize(
@@ -230,29 +236,51 @@ def test_plan_is_compact(tmp_path):
     assert isinstance(plan.read(19999), Prompt)
 
 
-def test_hub_loading_code_on_a_local_hub_layout(tmp_path, monkeypatch):
-    """The hub path goes through the real ``datasets.load_dataset``; exercised on a local repo layout."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+def test_bad_files_are_one_line_or_a_bad_row_never_a_traceback(tmp_path, fake_server):
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text('query,k\nWhat is 1 + 1?,1\nWhat is 2 + 2?,2,extra\n"What is 3 + 3?",3\n')
+    latin = tmp_path / "latin.json"
+    latin.write_bytes('[{"query": "caf\xe9"}]'.encode("latin-1"))
+    proc = run_winnow(*client_args(fake_server, tmp_path / "a", ragged))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(r["k"] for r in read_jsonl(tmp_path / "a" / "o.jsonl")) == ["1", "3"]
+    [bad] = read_jsonl(tmp_path / "a" / "o.failed.jsonl")
+    assert bad["source"].endswith("ragged.csv:3") and "3 fields" in bad["reason"]
+    proc = run_winnow(*client_args(fake_server, tmp_path / "b", latin))
+    assert proc.returncode == 2 and "not UTF-8" in proc.stderr and "Traceback" not in proc.stderr
+    assert len([line for line in proc.stderr.splitlines() if line.strip()]) == 1
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for f in (ragged, latin):
+        (folder / f.name).write_bytes(f.read_bytes())
+    proc = run_winnow(*client_args(fake_server, tmp_path / "c", folder))
+    assert proc.returncode == 0, proc.stderr  # one unreadable file fails its rows, not the run
+    failed = read_jsonl(tmp_path / "c" / "o.failed.jsonl")
+    assert sorted(Path(f["source"]).name for f in failed) == ["latin.json", "ragged.csv:3"]
+    proc = run_winnow(*client_args(fake_server, Path("/proc/winnow-cannot-be-here"), ragged))
+    assert proc.returncode == 2 and "--output_dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert fake_server.chat_requests == 4  # the first and third runs' rows; nothing before a bad output dir
 
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
-    repo = tmp_path / "hub" / "org" / "arith"
-    (repo / "data").mkdir(parents=True)
-    pq.write_table(
-        pa.Table.from_pylist([{"problem": f"P{i}", "answer": str(i)} for i in range(5)]),
-        repo / "data" / "train-00000-of-00001.parquet",
+
+def test_columns_data_seed_split_ratio_and_system_file(tmp_path, tiny_model):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"instruction_text": f"Say {i}", "n": i} for i in range(10)])
+    system = tmp_path / "system.txt"
+    system.write_text("Answer in one word.")
+    _, records = tiny_run(
+        tmp_path,
+        tiny_model,
+        data,
+        columns={"instruction_text": "query"},
+        split_dataset_ratio=0.3,
+        system=str(system),
+        data_seed=7,
     )
-    (source,) = [data._open_hub(data.DatasetSpec(path=str(repo), text=str(repo)))]
-    assert len(source) == 5 and source.row(3) == {"problem": "P3", "answer": "3"}
-    assert source.where(3) == f"{repo} row 3"
-    # an id that is neither a local path nor loadable says both, for the hub it was read from
-    from winnow import hub
-
-    with pytest.raises(DataError, match="no-such-org/no-such-dataset: not in the ModelScope cache"):
-        data.build_plan(["no-such-org/no-such-dataset#3"])
-    hub.configure(use_hf=True)
-    try:
-        with pytest.raises(DataError, match="no local file or folder by that name"):
-            data.build_plan(["no-such-org/no-such-dataset#3"])
-    finally:
-        hub.configure(use_hf=False)
+    assert len(records) == 7  # 30% held out
+    assert all(r["messages"][0] == {"role": "system", "content": "Answer in one word."} for r in records)
+    again = {
+        r["n"]
+        for r in tiny_run(
+            tmp_path, tiny_model, data, columns={"instruction_text": "query"}, split_dataset_ratio=0.3, data_seed=8
+        )[1]
+    }
+    assert again != {r["n"] for r in records}  # another data seed holds out other rows

@@ -1,7 +1,8 @@
 """Hub ids: ModelScope by default (swift's hub), Hugging Face with --use_hf, read from local cache layouts
 offline; a hub that cannot be reached is one line within seconds. No hub is reachable from the test
 machines, so every cache here is a real layout built on disk and every unreachable hub a closed
-loopback port."""
+loopback port.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import pytest
 
 from tests.support.commands import run_winnow
 from tests.support.files import read_jsonl, write_jsonl
-from winnow import hub
-from winnow.errors import ConfigError
+from winnow import data, hub
+from winnow.errors import ConfigError, DataError
 
 
 @pytest.fixture
@@ -39,6 +40,34 @@ def fresh_hub(monkeypatch):
 def tiny_copy(tiny_model: Path, dest: Path) -> Path:
     shutil.copytree(tiny_model, dest)
     return dest
+
+
+def test_hub_loading_code_on_a_local_hub_layout(tmp_path, monkeypatch):
+    """The hub path goes through the real ``datasets.load_dataset``; exercised on a local repo layout."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    repo = tmp_path / "hub" / "org" / "arith"
+    (repo / "data").mkdir(parents=True)
+    pq.write_table(
+        pa.Table.from_pylist([{"problem": f"P{i}", "answer": str(i)} for i in range(5)]),
+        repo / "data" / "train-00000-of-00001.parquet",
+    )
+    (source,) = [data._open_hub(data.DatasetSpec(path=str(repo), text=str(repo)))]
+    assert len(source) == 5 and source.row(3) == {"problem": "P3", "answer": "3"}
+    assert source.where(3) == f"{repo} row 3"
+    # an id that is neither a local path nor loadable says both, for the hub it was read from
+    from winnow import hub
+
+    with pytest.raises(DataError, match="no-such-org/no-such-dataset: not in the ModelScope cache"):
+        data.build_plan(["no-such-org/no-such-dataset#3"])
+    hub.configure(use_hf=True)
+    try:
+        with pytest.raises(DataError, match="no local file or folder by that name"):
+            data.build_plan(["no-such-org/no-such-dataset#3"])
+    finally:
+        hub.configure(use_hf=False)
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,6 @@
 """``winnow report``: the estimators against hand-computed values, the reader, the Qwen2.5-Math eval adapter on a
-slice of the real file, and the command end to end writing the table, report.json, the PNG and the HTML page."""
+slice of the real file, and the command end to end writing the table, report.json, the PNG and the HTML page.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import random
 from pathlib import Path
 
 import pytest
-from demo_world import report as demo_report
 
 from tests.support import DATA
 from tests.support.commands import run_winnow
@@ -22,6 +22,7 @@ from winnow.report import Problem, Sample, best_of_k, pass_at_k, vote, votes_at_
 from winnow.rewards import mathverify
 
 QWEN_SLICE = DATA / "qwen_math_cot_6.jsonl"
+
 HAS_MATPLOTLIB = importlib.util.find_spec("matplotlib") is not None
 
 
@@ -33,7 +34,57 @@ def samples(correct: list[bool], answers: list | None = None, **rewards: list) -
     ]
 
 
-# ----------------------------------------------------------------------------- estimators, by hand
+def completion(answer, right: bool, tokens: int, **scores) -> dict:
+    return {
+        "text": f"so the answer is \\boxed{{{answer}}}",
+        "finish_reason": "stop",
+        "prompt_tokens": 5,
+        "completion_tokens": tokens,
+        "scores": {"math": {"value": 1.0 if right else 0.0}, **{k: {"value": v} for k, v in scores.items()}},
+    }
+
+
+def write_raw(path: Path, records: list[dict], manifest: bool = True) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    if manifest:
+        path.with_name(path.stem + ".manifest.json").write_text(
+            json.dumps(
+                {
+                    "output_file": path.name,
+                    "config": {"model": "/models/tiny-policy", "sampler_type": "sample", "num_return_sequences": 4},
+                    "rewards": [
+                        {"key": "math", "role": "orm", "spec": "math", "weight": 1.0},
+                        {"key": "prm", "role": "prm", "spec": "p", "weight": 1.0},
+                        {"key": "rm", "role": "rm", "spec": "r", "weight": 1.0},
+                    ],
+                }
+            )
+        )
+    return path
+
+
+def tiny_records(group_tokens: int | None = None) -> list[dict]:
+    """Two problems of 4 samples; figures worked out by hand in test_report_command_end_to_end."""
+    p1 = [
+        completion(7, True, 10, prm=0.9, rm=-1.0),
+        completion(5, False, 20, prm=0.2, rm=2.0),
+        completion(7, True, 30, prm=0.4, rm=0.5),
+        completion(9, False, 40, prm=0.8, rm=0.1),
+    ]
+    p2 = [
+        completion(3, False, 10, prm=0.3, rm=0.5),
+        completion(3, False, 10, prm=0.3, rm=0.2),
+        completion(4, True, 10, prm=0.9, rm=0.1),
+        completion(6, False, 10, prm=0.1, rm=0.9),
+    ]
+    records = [
+        {"id": "p1", "messages": [], "reference": "7", "completions": p1},
+        {"id": "p2", "messages": [], "reference": "4", "completions": p2},
+    ]
+    if group_tokens is not None:
+        for r in records:
+            r["compute"] = {"completion_tokens": group_tokens}
+    return records
 
 
 def test_pass_at_k_is_the_unbiased_estimator():
@@ -135,9 +186,6 @@ def test_tokens_at_k():
     assert Problem("p", [Sample(True, tokens=0)]).tokens_at(1) is None
 
 
-# ----------------------------------------------------------------------------- reading
-
-
 def test_score_values_and_group_tokens_shapes():
     assert report.score_values({"scores": {"m": {"value": 1}, "p": {"value": None, "steps": [1]}}, "reward": 2}) == {
         "m": 1.0,
@@ -166,59 +214,6 @@ def test_answer_classes_merge_equivalent_forms_with_few_verifications(monkeypatc
     classes = mathverify.answer_classes(answers)
     assert classes[:4] == [0, 1, 0, 2] and classes[4:8] == [0, 1, 0, 2]
     assert len(calls) <= 3  # 8 vs 7, 14/2 vs 7, 9 vs 7 and 8 at most: never one per pair of answers
-
-
-def completion(answer, right: bool, tokens: int, **scores) -> dict:
-    return {
-        "text": f"so the answer is \\boxed{{{answer}}}",
-        "finish_reason": "stop",
-        "prompt_tokens": 5,
-        "completion_tokens": tokens,
-        "scores": {"math": {"value": 1.0 if right else 0.0}, **{k: {"value": v} for k, v in scores.items()}},
-    }
-
-
-def write_raw(path: Path, records: list[dict], manifest: bool = True) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    if manifest:
-        path.with_name(path.stem + ".manifest.json").write_text(
-            json.dumps(
-                {
-                    "output_file": path.name,
-                    "config": {"model": "/models/tiny-policy", "sampler_type": "sample", "num_return_sequences": 4},
-                    "rewards": [
-                        {"key": "math", "role": "orm", "spec": "math", "weight": 1.0},
-                        {"key": "prm", "role": "prm", "spec": "p", "weight": 1.0},
-                        {"key": "rm", "role": "rm", "spec": "r", "weight": 1.0},
-                    ],
-                }
-            )
-        )
-    return path
-
-
-def tiny_records(group_tokens: int | None = None) -> list[dict]:
-    """Two problems of 4 samples; figures worked out by hand in test_report_command_end_to_end."""
-    p1 = [
-        completion(7, True, 10, prm=0.9, rm=-1.0),
-        completion(5, False, 20, prm=0.2, rm=2.0),
-        completion(7, True, 30, prm=0.4, rm=0.5),
-        completion(9, False, 40, prm=0.8, rm=0.1),
-    ]
-    p2 = [
-        completion(3, False, 10, prm=0.3, rm=0.5),
-        completion(3, False, 10, prm=0.3, rm=0.2),
-        completion(4, True, 10, prm=0.9, rm=0.1),
-        completion(6, False, 10, prm=0.1, rm=0.9),
-    ]
-    records = [
-        {"id": "p1", "messages": [], "reference": "7", "completions": p1},
-        {"id": "p2", "messages": [], "reference": "4", "completions": p2},
-    ]
-    if group_tokens is not None:
-        for r in records:
-            r["compute"] = {"completion_tokens": group_tokens}
-    return records
 
 
 def test_report_command_end_to_end(tmp_path):
@@ -291,9 +286,6 @@ def test_failed_samples_are_left_out(tmp_path):
     assert run.notes[:2] == ["2 failed samples left out", "1 problems with no usable sample left out"]
 
 
-# ----------------------------------------------------------------------------- the Qwen2.5-Math eval adapter
-
-
 def test_qwen_eval_slice_matches_the_files_own_figures(tmp_path):
     rows = [json.loads(line) for line in QWEN_SLICE.read_text().splitlines()]
     # the file's own figures, computed as its evaluation does: any label, the most common pred (first seen on a
@@ -315,39 +307,6 @@ def test_qwen_eval_slice_matches_the_files_own_figures(tmp_path):
     assert [s.answer is None for p in exact.problems for s in p.samples] == [
         s.answer is None for p in run.problems for s in p.samples
     ]
-
-
-# ----------------------------------------------------------------------------- the demo's table
-
-
-def test_demo_metrics_go_through_the_report_estimators():
-    def comp(answer: int, right: bool, prm: float, rm: float) -> dict:
-        return {
-            "text": f"\\boxed{{{answer}}}",
-            "finish_reason": "stop",
-            "scores": {"math": {"value": float(right)}, "demo-prm": {"value": prm}, "demo-rm": {"value": rm}},
-        }
-
-    # votes 5 (right) and 6 tie 2-2: the first seen (5) wins; PRM picks 6, RM picks 5; PRM-weighted: 6 (1.0 vs 0.5)
-    record = {
-        "reference": "5",
-        "completions": [
-            comp(5, True, 0.2, 0.9),
-            comp(6, False, 0.5, 0.1),
-            comp(5, True, 0.3, 0.2),
-            comp(6, False, 0.5, 0.3),
-        ],
-    }
-    m = demo_report.metrics([record])
-    assert m == {
-        "problems": 1,
-        "pass@1": 0.5,
-        "majority@n": 1.0,
-        "prm-best@n": 0.0,
-        "prm-vote@n": 0.0,
-        "rm-best@n": 1.0,
-        "pass@n": 1.0,
-    }
 
 
 def test_a_search_output_is_one_point_per_run_on_its_own_line(tmp_path):

@@ -1,11 +1,21 @@
-"""The output store: crash recovery from torn lines and lost writes, bounded resume reads."""
+"""The output store (store.py): crash recovery from torn lines and lost writes, bounded resume reads, an
+existing output never overwritten, and a full disk.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
 
+from tests.support.client import client_args, sums
+from tests.support.commands import run_winnow
+from tests.support.files import read_jsonl
 from winnow.errors import OutputExistsError
 from winnow.store import OutputStore, Totals
 
@@ -16,6 +26,60 @@ def _store(tmp_path, **kw):
 
 def _lines(path):
     return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_a_full_disk_is_one_line_and_resumes_without_loss(tmp_path, fake_server):
+    dataset = sums(tmp_path, 300)
+    out = tmp_path / "out"
+    args = client_args(fake_server, out, dataset)
+
+    def small_files():  # files may not grow past 16 KB: writes fail as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16000, 16000))
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "winnow", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=small_files,
+        env=os.environ,
+    )
+    assert proc.returncode == 1, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and "cannot write" in errors[0] and "--resume true" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    manifest = json.loads((out / "o.manifest.json").read_text())
+    assert manifest["status"] == "failed" and "cannot write" in manifest["error"]
+    again = run_winnow(*args, "--resume", "true")
+    assert again.returncode == 0, again.stderr
+    records = read_jsonl(out / "o.jsonl")  # no torn line (it would not parse), none twice, none lost
+    assert sorted(r["k"] for r in records) == list(range(300))
+    assert not list(out.glob("*.tmp"))
+
+
+def test_existing_output_is_never_silently_overwritten(tmp_path, tiny_model, math_jsonl):
+    common = [
+        "sample",
+        "--model",
+        str(tiny_model),
+        "--dataset",
+        f"{math_jsonl}#2",
+        "--num_return_sequences",
+        "2",
+        "--max_new_tokens",
+        "4",
+        "--output_file",
+        "x.jsonl",
+    ]
+    run_winnow(*common, cwd=tmp_path, check=True)
+    before = (tmp_path / "sample_output" / "x.jsonl").read_text()
+    proc = run_winnow(*common, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "already exists" in proc.stderr and "--resume true" in proc.stderr
+    assert (tmp_path / "sample_output" / "x.jsonl").read_text() == before
+    run_winnow(*common, "--override_exist_file", "true", cwd=tmp_path, check=True)
+    assert len(read_jsonl(tmp_path / "sample_output" / "x.jsonl")) == 4
 
 
 def test_fresh_write_and_resume_state(tmp_path):

@@ -20,6 +20,7 @@ from winnow.config import ReportConfig
 from winnow.errors import ConfigError, DataError
 from winnow.report import Problem, Sample, best_of_k, pass_at_k, vote, votes_at_k
 from winnow.rewards import mathverify
+from winnow.schema import Completion, Group, Prompt, Score
 
 QWEN_SLICE = DATA / "qwen_math_cot_6.jsonl"
 
@@ -337,3 +338,30 @@ def test_a_search_output_is_one_point_per_run_on_its_own_line(tmp_path):
     assert any("one result, not independent samples" in n for n in run4.notes)
     if HAS_MATPLOTLIB:
         assert (tmp_path / "out" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_quality_by_hand_and_no_pass_at_1_for_dependent_groups():
+    def group(*samples):
+        comps = [
+            Completion(text=f"so \\boxed{{{a}}}", scores={"math": Score(float(ok)), "prm": Score(v)})
+            for a, ok, v in samples
+        ]
+        return Group(Prompt(id="p", messages=[{"role": "user", "content": "q"}]), comps)
+
+    groups = [
+        group((5, True, 0.2), (6, False, 0.9), (5, True, 0.4)),
+        group((1, False, 0.5), (2, False, 0.1), (1, False, 0.3)),
+    ]
+    independent, dependent = report.RunQuality("math", ["math", "prm"]), report.RunQuality("math", ["prm"], False)
+    for g in groups:
+        independent.add(g)
+        dependent.add(g)
+    # pass@1 (2/3 + 0) / 2; pass@3 1/2; majority (5 and 1 win) 1/2; best by prm picks 6 (wrong) and 1 (wrong): 0
+    assert independent.summary() == {
+        "pass@1": round(1 / 3, 4),
+        "pass@3": 0.5,
+        "majority@3": 0.5,
+        "best-of-3 by prm": 0.0,
+        "prompts judged": 2,
+    }
+    assert dependent.summary() == {"pass@3": 0.5, "majority@3": 0.5, "best-of-3 by prm": 0.0, "prompts judged": 2}

@@ -439,9 +439,10 @@ class Run:
         self.schema_check = structured.SchemaCheck(schema) if schema is not None else None
         self.quality = None
         if scorer is not None and scorer.orm_key is not None:
-            from winnow.report import RunQuality
+            from winnow.report import RunQuality, independent_samples
 
-            self.quality = RunQuality(scorer.orm_key, [slot.key for slot in scorer.slots])
+            independent = independent_samples({"strategy": self.strategy.describe()})
+            self.quality = RunQuality(scorer.orm_key, [slot.key for slot in scorer.slots], independent)
         # swift's selection scores the dataset's answer beside the samples
         self.add_reference = config.include_reference or (config.selection == "swift" and scorer is not None)
         from winnow.cache import SampleCache

@@ -199,11 +199,16 @@ def problem_scores(
 class RunQuality:
     """What a run's samples are worth, tallied group by group as they are written (the run summary's
     ``quality``): pass@1, pass@N, majority@N (the same final answer text) and best-of-N by each reward,
-    judged by the ORM, over the prompts the ORM could judge. ``winnow report`` gives the full curve."""
+    judged by the ORM, over the prompts the ORM could judge. ``winnow report`` gives the full curve.
 
-    def __init__(self, orm_key: str, reward_keys: Sequence[str]):
+    A search strategy's group (beam search's N best beams, MCTS's answers) is not N independent draws: the
+    mean over it is no single sample's accuracy, so such a run (``independent=False``) has no pass@1, only
+    the figures at N, as ``winnow report`` draws it (one point at k = N)."""
+
+    def __init__(self, orm_key: str, reward_keys: Sequence[str], independent: bool = True):
         self.orm_key = orm_key
         self.reward_keys = [k for k in reward_keys if k != orm_key]
+        self.independent = independent
         self.prompts = 0
         self.n = 0
         self.sums: dict[str, float] = {}
@@ -231,7 +236,8 @@ class RunQuality:
         self.prompts += 1
         self.n = max(self.n, n)
         right = sum(s.correct for s in samples)
-        tally = {"pass@1": right / n, "pass@N": float(right > 0), "majority@N": vote(samples)}
+        tally = {"pass@1": right / n} if self.independent else {}
+        tally.update({"pass@N": float(right > 0), "majority@N": vote(samples)})
         tally.update({f"best-of-N by {k}": best_of_k(samples, k, n) for k in self.reward_keys})
         for name, value in tally.items():
             self.sums[name] = self.sums.get(name, 0.0) + value

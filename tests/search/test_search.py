@@ -129,6 +129,12 @@ def test_each_strategy_on_the_demo_world_ends_in_ordinary_groups(tmp_path, strat
         == manifest["compute"]["completion_tokens"]
     )
     assert manifest["compute"]["prm_evaluations"] == sum(r["compute"]["prm_evaluations"] for r in records)
+    # the run's quality at N, the group's size; a group of beams or of tree answers is not N independent
+    # draws, so it has no pass@1 unless it is one answer (DVTS's subtrees are independent)
+    n = max(len(r["completions"]) for r in records)
+    with_pass_at_1 = strategy == "dvts" or n == 1
+    assert f"pass@{n}" in summary.quality and ("pass@1" in summary.quality) == with_pass_at_1
+    assert manifest["counts"]["quality"] == summary.quality
 
 
 def test_a_search_run_writes_swift_records_with_rejected_responses(tmp_path):

@@ -51,6 +51,7 @@ class Score:
     value: float | None
     steps: list[float] | None = None
     info: dict[str, Any] | None = None
+    tokens: int | None = None  # the tokens a reward model read to judge (the server's usage; not in records)
 
 
 @dataclass

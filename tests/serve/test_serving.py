@@ -164,6 +164,13 @@ def test_classifier_detected_and_scores_match_the_model(classifier_server, tiny_
     ]
     assert served == pytest.approx(local, abs=1e-4)
     assert len(set(round(x, 6) for x in served)) > 1  # different answers, different scores
+    # usage: the tokens the model read, each conversation rendered with its chat template
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_classifier_rm))
+    rendered = [tok.apply_chat_template(c, tokenize=False) for c in CONVERSATIONS]
+    read = sum(len(tok(text, add_special_tokens=False)["input_ids"]) for text in rendered)
+    assert body["usage"] == {"prompt_tokens": read, "completion_tokens": 0, "total_tokens": read}
 
 
 def test_classifier_chat_content_is_the_score(classifier_server):
@@ -230,5 +237,9 @@ def test_prm_step_scores(prm_server):
     assert all(0.0 <= s <= 1.0 for s in first["step_scores"])
     assert first["score"] == pytest.approx(min(first["step_scores"]))  # default aggregation: min
     client = openai.OpenAI(base_url=f"{prm_server.url}/v1", api_key="EMPTY", max_retries=0)
-    content = client.chat.completions.create(model=body["model"], messages=STEPS).choices[0].message.content
-    assert json.loads(content) == pytest.approx(first["step_scores"], abs=1e-4)
+    chat = client.chat.completions.create(model=body["model"], messages=STEPS)
+    assert json.loads(chat.choices[0].message.content) == pytest.approx(first["step_scores"], abs=1e-4)
+    # usage: the tokens the PRM read (the tagged conversation), the same on both routes
+    alone = _rewards(prm_server, [STEPS]).json()["usage"]
+    assert chat.usage.prompt_tokens == alone["prompt_tokens"] > 0 and chat.usage.completion_tokens == 0
+    assert body["usage"]["prompt_tokens"] > alone["prompt_tokens"]

@@ -266,7 +266,7 @@ class ClassifierRewardModel(_HFModel):
             with self.torch.inference_mode():
                 logits = self.model(input_ids=ids, attention_mask=mask).logits.float()[:, 0].tolist()
             for i, value in zip(batch, logits, strict=True):
-                out[i] = Score(value=float(value))
+                out[i] = Score(value=float(value), tokens=len(encoded[i]))
         return out  # type: ignore[return-value]
 
 
@@ -413,7 +413,7 @@ class ProcessRewardModel(_HFModel):
                 probs = self._step_probs(ids, mask)
             for r, i in enumerate(rows):
                 steps = [float(probs[r, p]) for p in encoded[i][1]]
-                out[i] = Score(value=aggregate_steps(steps, self.agg), steps=steps)
+                out[i] = Score(value=aggregate_steps(steps, self.agg), steps=steps, tokens=len(encoded[i][0]))
         return out
 
     def _step_probs(self, ids, mask):

@@ -852,6 +852,12 @@ def _usage(prompt_tokens: int, completions: list[Completion]) -> p.Usage:
     )
 
 
+def _read_usage(scores: list[Score]) -> p.Usage:
+    """A reward model's usage: the tokens it read (its input is the prompt; it writes nothing)."""
+    read = sum(s.tokens or 0 for s in scores)
+    return p.Usage(prompt_tokens=read, total_tokens=read)
+
+
 async def chat_stream(response: p.ChatCompletionResponse, include_usage: bool) -> AsyncIterator[str]:
     """A finished chat completion as OpenAI's chunk stream: per choice a role chunk, a content
     chunk and a finish chunk; then a usage chunk (with ``include_usage``); then ``[DONE]``."""
@@ -1000,7 +1006,7 @@ class RewardServing(_Served):
         content = self.content(score)
         response = p.ChatCompletionResponse(
             model=self.name,
-            usage=p.Usage(),
+            usage=_read_usage([score]),
             choices=[
                 p.ChatChoice(index=i, message=p.AssistantMessage(content=content), finish_reason="stop")
                 for i in range(req.n)
@@ -1023,7 +1029,7 @@ class RewardServing(_Served):
                 raise bad_request("a conversation must hold at least one message", f"messages[{i}]")
         scores = await self.score(conversations, "messages")
         data = [p.RewardData(index=i, score=s.value, step_scores=s.steps) for i, s in enumerate(scores)]
-        return p.RewardResponse(model=self.name, kind=self.kind, data=data)
+        return p.RewardResponse(model=self.name, kind=self.kind, data=data, usage=_read_usage(scores))
 
 
 # ----------------------------------------------------------------------------- loading

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 import winnow
-from tests.support.client import SECRET, client_args, sums
+from tests.support.client import SECRET, client_args, distill_args, sums
 from tests.support.commands import run_winnow, wait_for
 from tests.support.fakeserver import FakeServer
 from tests.support.files import files_text, read_jsonl, write_jsonl
@@ -210,25 +210,7 @@ def test_the_seed_distill_command_keeps_long_reasoning_answers(tmp_path):
     )
     with FakeServer().running() as server:
         proc = run_winnow(
-            "sample",
-            "--sampler_type",
-            "distill",
-            "--sampler_engine",
-            "client",
-            "--model",
-            "deepseek-r1",
-            "--stream",
-            "true",
-            "--dataset",
-            f"{data}#5",
-            "--num_return_sequences",
-            "1",
-            "--temperature",
-            "0.6",
-            "--top_p",
-            "0.95",
-            "--engine_kwargs",
-            json.dumps({"base_url": server.url}),
+            *distill_args(server, f"{data}#5"),
             "--output_dir",
             str(tmp_path),
             "--output_file",

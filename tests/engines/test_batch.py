@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.client import SECRET
+from tests.support.client import SECRET, distill_args
 from tests.support.commands import run_winnow, wait_healthy
 from tests.support.fakeserver import FakeServer
 from tests.support.files import files_text, read_jsonl, write_jsonl
@@ -35,34 +35,9 @@ def math_rows(n: int, marker=lambda i: "") -> list[dict]:
     return [{"problem": f"{marker(i)}What is {i} + {i + 1}?", "solution": str(2 * i + 1)} for i in range(n)]
 
 
-def distill_args(server, data: Path, *more: str) -> list[str]:
-    """The seed's distill command, pointed at the fake server."""
-    return [
-        "sample",
-        "--sampler_type",
-        "distill",
-        "--sampler_engine",
-        "client",
-        "--model",
-        "deepseek-r1",
-        "--stream",
-        "true",
-        "--dataset",
-        str(data),
-        "--num_return_sequences",
-        "1",
-        "--temperature",
-        "0.6",
-        "--top_p",
-        "0.95",
-        "--engine_kwargs",
-        json.dumps({"base_url": server.url, "retry_base_s": 0.01}),
-        "--output_file",
-        "o.jsonl",
-        "--dataset_shuffle",
-        "false",
-        *more,
-    ]
+def batch_distill_args(server, data: Path) -> list[str]:
+    """The seed's distill command on the fake server, rows in file order, fast retries."""
+    return distill_args(server, data, "--output_file", "o.jsonl", "--dataset_shuffle", "false", retry_base_s=0.01)
 
 
 BATCH = ("--batch_api", "true", "--batch_poll_s", "0.02")
@@ -80,7 +55,7 @@ def assert_each_sent_and_paid_once(server: FakeServer) -> None:
 def read_jsonl_from_direct_run(tmp_path: Path, server: FakeServer, data: Path) -> list[dict]:
     folder = tmp_path / "direct"
     folder.mkdir()
-    run_winnow(*distill_args(server, data), cwd=folder, timeout=120, check=True)
+    run_winnow(*batch_distill_args(server, data), cwd=folder, timeout=120, check=True)
     return read_jsonl(folder / "sample_output" / "o.jsonl")
 
 
@@ -91,11 +66,11 @@ def test_seed_distill_command_gives_the_same_records_with_and_without_the_batch_
     batched.mkdir()
     prices = ("--price_per_mtok_in", "1", "--price_per_mtok_out", "2")
     run_winnow(
-        *distill_args(server, data), *prices, cwd=direct, env={"OPENAI_API_KEY": SECRET}, timeout=120, check=True
+        *batch_distill_args(server, data), *prices, cwd=direct, env={"OPENAI_API_KEY": SECRET}, timeout=120, check=True
     )
     assert server.batches == {}
     proc = run_winnow(
-        *distill_args(server, data),
+        *batch_distill_args(server, data),
         *prices,
         *BATCH,
         cwd=batched,
@@ -122,11 +97,13 @@ def test_seed_distill_command_gives_the_same_records_with_and_without_the_batch_
 
 def test_requests_are_cut_into_provider_sized_batches(tmp_path, server):
     data = write_jsonl(tmp_path / "math.jsonl", math_rows(7))
-    run_winnow(*distill_args(server, data), *BATCH, "--batch_max_requests", "3", cwd=tmp_path, timeout=120, check=True)
+    run_winnow(
+        *batch_distill_args(server, data), *BATCH, "--batch_max_requests", "3", cwd=tmp_path, timeout=120, check=True
+    )
     sizes = sorted(b["request_counts"]["total"] for b in server.batches.values())
     assert sizes == [1, 3, 3]
     run_winnow(
-        *distill_args(server, data),
+        *batch_distill_args(server, data),
         *BATCH,
         "--batch_max_bytes",
         "500",
@@ -144,7 +121,7 @@ def test_requests_are_cut_into_provider_sized_batches(tmp_path, server):
 @pytest.mark.parametrize("stage", ["upload", "create", "poll", "done", "download", "download#2"])
 def test_kill_9_at_every_stage_then_resume_never_submits_or_pays_twice(tmp_path, server, stage):
     data = write_jsonl(tmp_path / "math.jsonl", math_rows(9))
-    args = [*distill_args(server, data), *BATCH, "--batch_max_requests", "3"]
+    args = [*batch_distill_args(server, data), *BATCH, "--batch_max_requests", "3"]
     want = by_question(read_jsonl_from_direct_run(tmp_path, server, data))
     server.reset()
     proc = subprocess.Popen(
@@ -176,7 +153,7 @@ def test_kill_9_at_every_stage_then_resume_never_submits_or_pays_twice(tmp_path,
 def test_a_create_whose_answer_is_lost_is_found_again_not_made_twice(tmp_path, server):
     server.lose_creates = 2
     data = write_jsonl(tmp_path / "math.jsonl", math_rows(4))
-    run_winnow(*distill_args(server, data), *BATCH, cwd=tmp_path, timeout=120, check=True)
+    run_winnow(*batch_distill_args(server, data), *BATCH, cwd=tmp_path, timeout=120, check=True)
     assert len(read_jsonl(tmp_path / "sample_output" / "o.jsonl")) == 4
     assert len(server.batches) == 1 and server.lose_creates == 1  # the first retry found the batch by its key
     assert_each_sent_and_paid_once(server)
@@ -184,7 +161,7 @@ def test_a_create_whose_answer_is_lost_is_found_again_not_made_twice(tmp_path, s
 
 def test_expired_batch_answers_what_it_did_and_resume_resubmits_the_rest(tmp_path, server):
     data = write_jsonl(tmp_path / "math.jsonl", math_rows(6, lambda i: "[[expire-once]] " if i == 3 else ""))
-    args = [*distill_args(server, data), *BATCH]
+    args = [*batch_distill_args(server, data), *BATCH]
     proc = run_winnow(*args, cwd=tmp_path, timeout=120, check=True)
     [batch] = server.batches.values()
     assert batch["status"] == "expired" and batch["request_counts"] == {"total": 6, "completed": 3, "failed": 3}
@@ -203,7 +180,7 @@ def test_expired_batch_answers_what_it_did_and_resume_resubmits_the_rest(tmp_pat
 def test_partial_failures_and_a_failed_batch(tmp_path, server):
     markers = {1: "[[500-always]] ", 2: "[[429-always]] ", 4: "[[empty-always]] "}
     data = write_jsonl(tmp_path / "math.jsonl", math_rows(6, lambda i: markers.get(i, "")))
-    args = [*distill_args(server, data), *BATCH]
+    args = [*batch_distill_args(server, data), *BATCH]
     run_winnow(*args, cwd=tmp_path, timeout=120, check=True)
     written = read_jsonl(tmp_path / "sample_output" / "o.jsonl")
     assert len(written) == 3
@@ -225,7 +202,7 @@ def test_partial_failures_and_a_failed_batch(tmp_path, server):
 def test_ctrl_c_stops_polling_and_resume_reattaches(tmp_path, server):
     server.hold_batches = True
     data = write_jsonl(tmp_path / "math.jsonl", math_rows(4))
-    args = [*distill_args(server, data), *BATCH]
+    args = [*batch_distill_args(server, data), *BATCH]
     proc = subprocess.Popen([sys.executable, "-m", "winnow", *args], cwd=tmp_path, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not any(b["status"] == "in_progress" for b in server.batches.values()):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.support.client import SECRET, client_args, sums
+from tests.support.client import SECRET, client_args, distill_args, sums
 from tests.support.commands import Server, run_winnow
 from tests.support.files import files_text, read_jsonl, write_jsonl
 from winnow.errors import ConfigError, EngineError
@@ -224,25 +224,7 @@ def test_seed_distill_command(tmp_path, fake_server):
         tmp_path / "math.jsonl", [{"problem": f"What is {i} + {i + 1}?", "solution": str(2 * i + 1)} for i in range(8)]
     )
     proc = run_winnow(
-        "sample",
-        "--sampler_type",
-        "distill",
-        "--sampler_engine",
-        "client",
-        "--model",
-        "deepseek-r1",
-        "--stream",
-        "true",
-        "--dataset",
-        f"{data}#5",
-        "--num_return_sequences",
-        "1",
-        "--temperature",
-        "0.6",
-        "--top_p",
-        "0.95",
-        "--engine_kwargs",
-        json.dumps({"base_url": fake_server.url}),
+        *distill_args(fake_server, f"{data}#5"),
         "--price_per_mtok_in",
         "1",
         "--price_per_mtok_out",

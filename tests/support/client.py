@@ -37,3 +37,30 @@ def client_args(fake_server, out: Path, dataset: Path, *extra: str, **engine: ob
 def sums(tmp_path: Path, n: int, marked: dict[int, str] | None = None) -> Path:
     rows = [{"query": f"What is {i} + {i}? {(marked or {}).get(i, '')}".strip(), "k": i} for i in range(n)]
     return write_jsonl(tmp_path / "d.jsonl", rows)
+
+
+def distill_args(server, dataset: str | Path, *more: str, **engine: object) -> list[str]:
+    """swift's documented distill command (the seed's: deepseek-r1, streamed, T=0.6, top_p 0.95), pointed at
+    the fake server."""
+    return [
+        "sample",
+        "--sampler_type",
+        "distill",
+        "--sampler_engine",
+        "client",
+        "--model",
+        "deepseek-r1",
+        "--stream",
+        "true",
+        "--dataset",
+        str(dataset),
+        "--num_return_sequences",
+        "1",
+        "--temperature",
+        "0.6",
+        "--top_p",
+        "0.95",
+        "--engine_kwargs",
+        json.dumps({"base_url": server.url, **engine}),
+        *more,
+    ]

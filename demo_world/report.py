@@ -18,7 +18,6 @@ The figures come from ``winnow.report``'s estimators (``winnow report`` draws th
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import subprocess
 import sys
@@ -129,7 +128,8 @@ def table(m: dict[str, float], samples: int) -> str:
 
 
 def read_raw(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The records of a raw output (a bad line is one error naming it)."""
+    return [record for _, record in report.read_rows(Path(path))]
 
 
 def main(argv: list[str] | None = None) -> int:

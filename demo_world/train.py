@@ -33,10 +33,10 @@ import math
 import random
 import shutil
 import time
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from demo_world.report import PRM, RM, metrics
 from winnow.demo import HERE as PACKAGE
 from winnow.demo import arith
 
@@ -56,6 +56,7 @@ PRM_HINT = {
     "tag_format": "{step} <step>",
 }
 POLICY_SIZE = dict(hidden=128, layers=3, heads=4, kv_heads=2, inter=384, max_positions=256)
+HELD_OUT_SAMPLES = 8  # per held-out problem, at every evaluation and in the final check
 
 
 @dataclass
@@ -109,11 +110,14 @@ def log(msg: str) -> None:
 
 
 def chat_text(tok, question: str, solution: str | None = None) -> str:
-    """The ChatML text of [user: question, assistant: solution] (or the generation prompt)."""
+    """The ChatML text of [user: question, assistant: solution] (or the generation prompt), rendered as
+    winnow's engine and reward models render it."""
+    from winnow.engines.hf import render_chat
+
     messages = [{"role": "user", "content": question}]
     if solution is None:
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return tok.apply_chat_template(messages + [{"role": "assistant", "content": solution}], tokenize=False)
+        return render_chat(tok, messages, add_generation_prompt=True)
+    return render_chat(tok, messages + [{"role": "assistant", "content": solution}], add_generation_prompt=False)
 
 
 def tag_steps(solution: str) -> str:
@@ -188,56 +192,59 @@ def train_policy(model, tok, examples, cfg: WorldConfig, evaluate=None):
 # ----------------------------------------------------------------------------- sampling and scoring
 
 
-def generate(
-    model,
-    tok,
-    questions: list[str],
-    n: int,
-    *,
-    temperature: float = 1.0,
-    max_new_tokens: int = 64,
-    batch: int = 256,
-    seed: int = 0,
-) -> list[list[str]]:
-    """``n`` sampled solutions per question (greedy when temperature is 0), batched ``generate``."""
-    import torch
+def policy_engine(policy_dir: Path, model=None):
+    """winnow's transformers engine over the policy in ``policy_dir`` (or over ``model``, the policy being
+    trained, with its current weights), on the CPU. The shipped weights were made from samples drawn as a
+    plain ``model.generate`` loop draws them (prompts in the order given, 256 sequences per call, each
+    sample prefilling its prompt), so the engine is asked to draw them the same way."""
+    from winnow.engines.transformers import TransformersEngine
 
-    torch.manual_seed(seed)
-    eos = tok.convert_tokens_to_ids("<|im_end|>")
-    per_call = max(1, batch // n)
-    out: list[list[str]] = []
-    prompts = [tok(chat_text(tok, q), add_special_tokens=False)["input_ids"] for q in questions]
-    for i in range(0, len(prompts), per_call):
-        chunk = prompts[i : i + per_call]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in chunk])
-        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        sample = temperature > 0
-        with torch.inference_mode():
-            gen = model.generate(
-                input_ids=ids,
-                attention_mask=attention,
-                max_new_tokens=max_new_tokens,
-                do_sample=sample,
-                temperature=temperature if sample else None,
-                top_p=None,
-                top_k=0 if sample else None,
-                num_return_sequences=n if sample else 1,
-                eos_token_id=eos,
-                pad_token_id=tok.pad_token_id,
-            )
-        texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
-        k = n if sample else 1
-        out += [texts[j * k : (j + 1) * k] * (1 if sample else n) for j in range(len(chunk))]
-    return out
+    return TransformersEngine(
+        str(policy_dir),
+        device="cpu",
+        loaded_model=model,
+        max_batch_sequences=256,
+        sort_by_length=False,
+        shared_prefill=False,
+    )
 
 
-def accuracy(problems: list[arith.Problem], samples: list[list[str]]) -> tuple[float, float]:
-    """pass@1 (mean over samples) and pass@n (any sample right)."""
-    right = [[arith.is_correct(p, s) for s in group] for p, group in zip(problems, samples, strict=True)]
-    pass1 = sum(sum(r) / len(r) for r in right) / len(right)
-    passn = sum(any(r) for r in right) / len(right)
-    return pass1, passn
+def sample(engine, problems: list[arith.Problem], n: int, seed: int) -> list[list[str]]:
+    """``n`` solutions per problem at temperature 1 (at most 64 tokens), torch's generator seeded first."""
+    from winnow.schema import Prompt, SamplingParams
+
+    engine.reseed(seed)
+    prompts = [Prompt(id=str(i), messages=[{"role": "user", "content": p.question()}]) for i, p in enumerate(problems)]
+    groups = engine.generate_blocking(prompts, SamplingParams(n=n, temperature=1.0, max_new_tokens=64))
+    failed = next((c.error for group in groups for c in group if c.failed), None)
+    if failed is not None:  # an empty sample in its place would change what the reward models learn
+        raise RuntimeError(f"the policy could not sample: {failed}")
+    return [[c.text for c in group] for group in groups]
+
+
+def raw_records(problems: list[arith.Problem], samples: list[list[str]]) -> list[dict]:
+    """The samples as ``winnow sample``'s raw output records (what ``demo_world.report.metrics`` reads)."""
+    return [
+        {
+            "id": str(i),
+            "messages": [{"role": "user", "content": p.question()}],
+            "reference": str(p.answer),
+            "completions": [{"text": s, "scores": {}} for s in group],
+        }
+        for i, (p, group) in enumerate(zip(problems, samples, strict=True))
+    ]
+
+
+def score_records(records: list[dict], reward_models: dict[str, Path]) -> None:
+    """Each completion scored by each reward model (by key), loaded as ``--prm_model``/``--reward_model`` load it."""
+    from winnow.rewards.models import load_reward_model
+
+    scored = [(r, c) for r in records for c in r["completions"]]
+    chats = [[*r["messages"], {"role": "assistant", "content": c["text"]}] for r, c in scored]
+    for key, path in reward_models.items():
+        scores = load_reward_model(str(path), device="cpu").score_conversations(chats)
+        for (_, c), score in zip(scored, scores, strict=True):
+            c["scores"][key] = {"value": score.value}
 
 
 # ----------------------------------------------------------------------------- reward models
@@ -522,34 +529,6 @@ def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: lis
     return prm.model, rm.model
 
 
-def prm_scores(model, tok, question: str, solutions: list[str]) -> list[list[float]]:
-    """Per-step P(+)/(P(+)+P(-)) at each tag, for checking the trained PRM."""
-    import torch
-
-    pair = [tok.convert_tokens_to_ids(GOOD), tok.convert_tokens_to_ids(BAD)]
-    tag = tok.convert_tokens_to_ids(STEP_TAG)
-    out = []
-    for s in solutions:
-        ids = torch.tensor([tok(chat_text(tok, question, tag_steps(s)), add_special_tokens=False)["input_ids"]])
-        with torch.inference_mode():
-            logits = model(input_ids=ids).logits[0]
-        probs = logits[ids[0] == tag][:, pair].softmax(-1)[:, 0]
-        out.append(probs.tolist())
-    return out
-
-
-def rm_scores(model, tok, question: str, solutions: list[str]) -> list[float]:
-    """The classifier's logit for each solution."""
-    import torch
-
-    out = []
-    for s in solutions:
-        ids = torch.tensor([tok(chat_text(tok, question, s), add_special_tokens=False)["input_ids"]])
-        with torch.inference_mode():
-            out.append(model(input_ids=ids).logits[0, 0].item())
-    return out
-
-
 # ----------------------------------------------------------------------------- the whole world
 
 
@@ -620,12 +599,13 @@ def build_world(
         history: list[dict] = []
         snapshot: dict = {}
         low, _ = cfg.target_pass1
+        engine = policy_engine(policy_dir, model)
 
         def evaluate(step: int) -> bool:
             if snapshot and step < cfg.policy_steps:
                 return False
-            samples = generate(model, tok, [p.question() for p in val_p], 8, seed=cfg.seed)
-            pass1, pass8 = accuracy(val_p, samples)
+            figures = metrics(raw_records(val_p, sample(engine, val_p, HELD_OUT_SAMPLES, cfg.seed)))
+            pass1, pass8 = figures["pass@1"], figures["pass@n"]
             history.append({"step": step, "pass@1": round(pass1, 4), "pass@8": round(pass8, 4)})
             log(f"policy step {step}: held-out pass@1 {pass1:.3f} pass@8 {pass8:.3f}")
             if not snapshot and low <= pass1:
@@ -648,17 +628,15 @@ def build_world(
             "seconds": round(time.time() - t0),
         }
         _write_json(policy_dir / "winnow_model.json", {"role": "policy", "task": "demo-arith", **report["policy"]})
-    model = AutoModelForCausalLM.from_pretrained(str(policy_dir), dtype=torch.float32)
     if policy_only:
         return report
+    policy = policy_engine(policy_dir)
 
     # 4. labelled data: policy samples of train problems (every distinct one, its steps re-checked);
     # the training batches add fresh synthetic right/wrong pairs (see reward_batches)
     t0 = time.time()
     label_p = fit_p[: cfg.label_problems]
-    samples = generate(model, tok, [p.question() for p in label_p], cfg.label_samples, seed=cfg.seed + 7)
-    model = None  # the reward models start from the saved policy
-    data = label_samples(label_p, samples)
+    data = label_samples(label_p, sample(policy, label_p, cfg.label_samples, cfg.seed + 7))
     report["labels"] = {
         "problems": len(label_p),
         "policy_samples": len(data),
@@ -682,21 +660,16 @@ def build_world(
     tok.save_pretrained(str(rm_dir))
     report["reward_models"] = {"seconds": round(time.time() - t0)}
 
-    # 7. a check on held-out problems: does selection by each model beat one sample?
-    policy = AutoModelForCausalLM.from_pretrained(str(policy_dir))
-    groups = generate(policy, tok, [p.question() for p in val_p], 8, seed=cfg.seed + 11)
-    check = {"pass@1": 0.0, "majority@8": 0.0, "prm-best@8": 0.0, "rm-best@8": 0.0, "pass@8": 0.0}
-    for p, group in zip(val_p, groups, strict=True):
-        right = [arith.is_correct(p, s) for s in group]
-        prm_v = [min(s) if s else 0.0 for s in prm_scores(prm, tok, p.question(), group)]
-        rm_v = rm_scores(rm, tok, p.question(), group)
-        check["pass@1"] += sum(right) / len(right)
-        check["pass@8"] += any(right)
-        votes = Counter(a for a in map(arith.boxed_answer, group) if a is not None)
-        check["majority@8"] += bool(votes) and votes.most_common(1)[0][0] == p.answer
-        check["prm-best@8"] += right[max(range(len(group)), key=lambda i: prm_v[i])]
-        check["rm-best@8"] += right[max(range(len(group)), key=lambda i: rm_v[i])]
-    report["held_out_check"] = {k: round(v / max(1, len(val_p)), 4) for k, v in check.items()}
+    # 7. a check on held-out problems: does selection by each model beat one sample? (demo_world.report's
+    # table, on train problems the policy never saw)
+    records = raw_records(val_p, sample(policy, val_p, HELD_OUT_SAMPLES, cfg.seed + 11))
+    score_records(records, {PRM: prm_dir, RM: rm_dir})
+    figures = metrics(records)
+    report["held_out_check"] = {
+        name.replace("@n", f"@{HELD_OUT_SAMPLES}"): round(value, 4)
+        for name, value in figures.items()
+        if name != "problems"
+    }
     log(f"held-out check: {report['held_out_check']}")
     report["seconds"] = round(time.time() - t_start)
     _write_json(assets / "train_report.json", report)

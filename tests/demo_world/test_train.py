@@ -26,7 +26,7 @@ def test_shortened_reproduction_runs(tmp_path):
     for name in ("demo-policy", "demo-prm", "demo-rm"):
         assert (tmp_path / "assets" / name / "model.safetensors").is_file()
     assert (tmp_path / "data" / "arith_test.jsonl").is_file()
-    assert set(rep["held_out_check"]) == {"pass@1", "majority@8", "prm-best@8", "rm-best@8", "pass@8"}
+    assert set(rep["held_out_check"]) == {"pass@1", "majority@8", "prm-best@8", "prm-vote@8", "rm-best@8", "pass@8"}
     assert json.loads((tmp_path / "assets" / "demo-prm" / "config.json").read_text())["winnow_prm"] == train.PRM_HINT
 
 

@@ -3,7 +3,11 @@
 What every local engine does (rendering and encoding prompts within the context, failing a prompt as a
 value, copying a greedy answer, the worker thread, describe/close) comes from :mod:`winnow.engines._local`;
 this module only runs the model. Prompts are sorted by length and packed into calls up to a sequence and a
-token budget. The N samples of a prompt share its prefill: the prompt is run through the model once and
+token budget; ``sort_by_length=False`` packs them in the order given, so that with ``shared_prefill=False`` a
+seeded call samples what a plain loop of ``model.generate(..., num_return_sequences=N)`` over the same
+prompts, ``max_batch_sequences`` samples at a time, does (a script's samples, reproduced). The model is
+loaded from ``model``, or given already in memory (``loaded_model``: a model being trained, sampled with its
+current weights). The N samples of a prompt share its prefill: the prompt is run through the model once and
 its KV cache repeated N times for decoding (``shared_prefill``), instead of ``num_return_sequences``
 prefilling every copy. A call that fails (out of memory, say) is split in half and retried; a single
 prompt that still fails gets error completions, and the rest of the batch goes on.
@@ -17,7 +21,7 @@ from typing import Any
 
 from winnow.engines import _local, hf
 from winnow.engines.prompts import Encoded, errors
-from winnow.errors import EngineError, require
+from winnow.errors import ConfigError, EngineError, require
 from winnow.schema import FINISH_LENGTH, FINISH_STOP, Completion, SamplingParams
 
 # an answer without --max_new_tokens may run to the end of the context; packing plans for at most this
@@ -61,8 +65,13 @@ class TransformersEngine(_local.LocalEngine):
         adapters: list[str] | None = None,
         revision: str | None = None,
         seed: int | None = None,
+        sort_by_length: bool = True,
+        loaded_model: Any = None,
         **options: Any,
     ):
+        """``loaded_model``: sample from this model, already in memory, instead of loading ``model``'s weights
+        (``model`` still gives the tokenizer, chat template and context); it is used as it is, on its device
+        and in its train/eval mode, so a model being trained is sampled with its current weights."""
         torch = require("torch", "hf", "the transformers engine")
         transformers = require("transformers", "hf", "the transformers engine")
         self.torch = torch
@@ -77,35 +86,41 @@ class TransformersEngine(_local.LocalEngine):
             revision=revision,
             **prompt_options,
         )
-        self.device = hf.resolve_device(device)
+        if loaded_model is not None and (adapters or quantization or device_map):
+            raise ConfigError("loaded_model is used as it is: load adapters or quantize it before handing it over")
+        self.device = hf.resolve_device(device) if loaded_model is None else str(loaded_model.device)
         self.max_batch_sequences = int(max_batch_sequences)
         self.max_batch_tokens = int(max_batch_tokens)
         self.shared_prefill = bool(shared_prefill)
+        self.sort_by_length = bool(sort_by_length)
         self.tokenizer = self.encoder.tokenizer
-        extra: dict[str, Any] = {}
-        if attn_implementation:
-            extra["attn_implementation"] = attn_implementation
-        if device_map:
-            extra["device_map"] = device_map
-            if max_memory:
-                extra["max_memory"] = max_memory
-        if revision:
-            extra["revision"] = revision
-        if quantization:
-            extra["quantization_config"] = hf.quantization_config(quantization, self.device)
-        dtype = hf.resolve_dtype(torch_dtype, self.device)
-        try:
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                self.model_path, **hf.model_kwargs(dtype, trust_remote_code, **extra)
-            )
-        except OSError as e:
-            raise EngineError(f"cannot load model {model}: {e}") from None
         self.adapters = [hf.resolve_model_path(a, "--adapters") for a in adapters or []]
-        if self.adapters:
-            self.model = hf.apply_adapters(self.model, self.adapters)
-        if not device_map:
-            self.model.to(self.device)
-        self.model.eval()
+        if loaded_model is not None:
+            self.model = loaded_model
+        else:
+            extra: dict[str, Any] = {}
+            if attn_implementation:
+                extra["attn_implementation"] = attn_implementation
+            if device_map:
+                extra["device_map"] = device_map
+                if max_memory:
+                    extra["max_memory"] = max_memory
+            if revision:
+                extra["revision"] = revision
+            if quantization:
+                extra["quantization_config"] = hf.quantization_config(quantization, self.device)
+            dtype = hf.resolve_dtype(torch_dtype, self.device)
+            try:
+                self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                    self.model_path, **hf.model_kwargs(dtype, trust_remote_code, **extra)
+                )
+            except OSError as e:
+                raise EngineError(f"cannot load model {model}: {e}") from None
+            if self.adapters:
+                self.model = hf.apply_adapters(self.model, self.adapters)
+            if not device_map:
+                self.model.to(self.device)
+            self.model.eval()
         if seed is not None:
             torch.manual_seed(seed)
         self.eos_ids = self._eos_ids()
@@ -116,6 +131,8 @@ class TransformersEngine(_local.LocalEngine):
                 "max_batch_sequences": self.max_batch_sequences,
                 "max_batch_tokens": self.max_batch_tokens,
                 "shared_prefill": self.shared_prefill,
+                **({"sort_by_length": False} if not self.sort_by_length else {}),
+                **({"loaded_model": True} if loaded_model is not None else {}),
                 **({"adapters": list(adapters or [])} if adapters else {}),
                 **({"attn_implementation": attn_implementation} if attn_implementation else {}),
                 **({"device_map": device_map} if device_map else {}),
@@ -207,7 +224,8 @@ class TransformersEngine(_local.LocalEngine):
                 k = min(max(1, self.max_batch_sequences), left)
                 work.append(_Work(item, k))
                 left -= k
-        work.sort(key=lambda w: len(w.ids), reverse=True)  # similar lengths together: less padding
+        if self.sort_by_length:
+            work.sort(key=lambda w: len(w.ids), reverse=True)  # similar lengths together: less padding
 
         def failed(w: _Work, e: Exception) -> list[Completion]:
             if self.device.startswith("cuda"):

@@ -533,19 +533,10 @@ def train_reward_models(base_dir: Path, tok, data: list[Labelled], problems: lis
 
 
 def _save_tokenizer_and_generation(tok, model, path: Path) -> None:
-    from transformers import GenerationConfig
+    from winnow.demo.build import save_generation_config
 
     tok.save_pretrained(str(path))
-    cfg = model.config
-    GenerationConfig(
-        bos_token_id=cfg.bos_token_id,
-        eos_token_id=cfg.eos_token_id,
-        pad_token_id=cfg.pad_token_id,
-        do_sample=True,
-        temperature=1.0,
-        top_p=1.0,
-        top_k=0,
-    ).save_pretrained(str(path))
+    save_generation_config(model.config, path, temperature=1.0, top_p=1.0, top_k=0)
 
 
 def _write_json(path: Path, data: dict) -> None:

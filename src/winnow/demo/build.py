@@ -50,11 +50,39 @@ def corpus(seed: int, lines: int = 20000) -> list[str]:
 
 def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 2048, seed: int = 0, extra_special=()):
     """Train a byte-level BPE tokenizer with the ChatML template and save it to ``out_dir``."""
+    from tokenizers import pre_tokenizers
+
+    return train_bpe(
+        out_dir,
+        corpus(seed),
+        pre_tokenizer=pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        vocab_size=vocab_size,
+        extra_special=extra_special,
+        chat_template=CHATML,
+        max_length=4096,
+    )
+
+
+def train_bpe(
+    out_dir: str | os.PathLike | None,
+    texts,
+    *,
+    pre_tokenizer,
+    vocab_size: int,
+    extra_special,
+    chat_template: str,
+    max_length: int,
+    normalizer=None,
+):
+    """A byte-level BPE tokenizer trained on ``texts`` (ChatML's special tokens first, ``<|im_end|>`` its
+    end, ``<|endoftext|>`` its padding, on the left), saved to ``out_dir`` unless it is None."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
     tok.decoder = decoders.ByteLevel()
     specials = SPECIAL + [t for t in extra_special if t not in SPECIAL]
     trainer = trainers.BpeTrainer(
@@ -64,7 +92,7 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 2048, seed: in
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(corpus(seed), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
@@ -73,12 +101,13 @@ def build_tokenizer(out_dir: str | os.PathLike, vocab_size: int = 2048, seed: in
         unk_token=None,
         additional_special_tokens=specials[1:],
         padding_side="left",
-        model_max_length=4096,
+        model_max_length=max_length,
         clean_up_tokenization_spaces=False,
     )
-    fast.chat_template = CHATML
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(str(out_dir))
+    fast.chat_template = chat_template
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        fast.save_pretrained(str(out_dir))
     return fast
 
 
@@ -141,6 +170,20 @@ def build_atomically(out_dir: str | os.PathLike, build) -> Path:
     return out
 
 
+def save_generation_config(cfg, path: str | os.PathLike, **sampling) -> None:
+    """``generation_config.json`` for a model of config ``cfg``: its special tokens, sampling on (and
+    ``sampling``'s defaults)."""
+    from transformers import GenerationConfig
+
+    GenerationConfig(
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+        do_sample=True,
+        **sampling,
+    ).save_pretrained(str(path))
+
+
 def build_tiny_model(
     out_dir: str | os.PathLike,
     *,
@@ -152,7 +195,7 @@ def build_tiny_model(
 ) -> Path:
     """A random-weight causal LM with a trained tokenizer and chat template, saved atomically."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     def build(tmp: Path) -> None:
         if tokenizer_dir:
@@ -164,9 +207,7 @@ def build_tiny_model(
         cfg = model_config(arch, tok, **SIZES[size])
         model = AutoModelForCausalLM.from_config(cfg)
         model.save_pretrained(str(tmp))
-        GenerationConfig(
-            bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, do_sample=True
-        ).save_pretrained(str(tmp))
+        save_generation_config(cfg, tmp)
         (tmp / "winnow_model.json").write_text(json.dumps({"arch": arch, "size": size, "seed": seed}))
 
     return build_atomically(out_dir, build)
@@ -195,40 +236,20 @@ def build_digit_tokenizer(
     ``Qwen2Tokenizer``, which transformers 5 builds for a qwen2 config, tokenizes identically; it keeps
     every digit its own token: arithmetic a tiny model can learn) and a ChatML template that adds no
     default system prompt."""
-    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, normalizers, pre_tokenizers
 
-    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    specials = SPECIAL + [t for t in extra_special if t not in SPECIAL]
-    trainer = trainers.BpeTrainer(
+    return train_bpe(
+        out_dir,
+        texts,
+        normalizer=normalizers.NFC(),
+        pre_tokenizer=pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        ),
         vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        extra_special=extra_special,
+        chat_template=CHATML_PLAIN,
+        max_length=512,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        bos_token=None,
-        unk_token=None,
-        additional_special_tokens=specials[1:],
-        padding_side="left",
-        model_max_length=512,
-        clean_up_tokenization_spaces=False,
-    )
-    fast.chat_template = CHATML_PLAIN
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fast.save_pretrained(str(out_dir))
-    return fast

@@ -19,9 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's demo_world/
 
-from demo_world import report, train  # noqa: E402
-
 import winnow  # noqa: E402
+from demo_world import report, train  # noqa: E402
 from winnow.demo import resolve_model  # noqa: E402
 
 

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from winnow.engines.openai import INTERRUPTED, Interrupted, OpenAIEngine
+from winnow.engines.prompts import errors
 from winnow.errors import ConfigError, StoreError
 from winnow.schema import Completion, Prompt, SamplingParams
 
@@ -235,7 +236,7 @@ class BatchEngine:
         try:
             await self._load()
         except Interrupted:
-            return [self.client._errors(params.n, INTERRUPTED, [0, 0]) for _ in prompts]
+            return [errors(params.n, INTERRUPTED) for _ in prompts]
         needed: dict[str, _Submission] = {}
         fresh: list[_Request] = []
         for r in requests:
@@ -266,7 +267,7 @@ class BatchEngine:
             if isinstance(got, BaseException):
                 if not isinstance(got, (Interrupted, asyncio.CancelledError)):
                     raise got
-                completions = self.client._errors(r.count, INTERRUPTED, [0, 0])
+                completions = errors(r.count, INTERRUPTED)
             else:
                 # popped: an answer is handed out once, and its memory goes with it
                 completions = self._answer(sub, got.pop(r.custom_id, None) if got else None, params, r.count)
@@ -299,8 +300,8 @@ class BatchEngine:
         size = 0
         for r in requests:
             if len(r.line) + 1 > self.max_bytes:
-                out[r.slot][r.first : r.first + r.count] = self.client._errors(
-                    r.count, f"the request is {len(r.line) + 1} bytes, over --batch_max_bytes {self.max_bytes}", [0, 0]
+                out[r.slot][r.first : r.first + r.count] = errors(
+                    r.count, f"the request is {len(r.line) + 1} bytes, over --batch_max_bytes {self.max_bytes}"
                 )
                 continue
             if current and (len(current) >= self.max_requests or size + len(r.line) + 1 > self.max_bytes):
@@ -347,7 +348,7 @@ class BatchEngine:
             batch = await self.client.api_call(create, "creating a batch")
         except Interrupted:
             for r in chunk:
-                out[r.slot][r.first : r.first + r.count] = self.client._errors(r.count, INTERRUPTED, [0, 0])
+                out[r.slot][r.first : r.first + r.count] = errors(r.count, INTERRUPTED)
             return None
         sub.batch_id, sub.status = batch.id, batch.status
         self._record({"k": key, "e": "created", "batch": batch.id})
@@ -468,17 +469,17 @@ class BatchEngine:
         where = f"batch {sub.batch_id} {sub.status}"
         if entry is None:
             why = sub.reason or "no answer for this request in its output or error file"
-            return self.client._errors(n, scrub(f"{where}: {why}"), [0, 0])
+            return errors(n, scrub(f"{where}: {why}"))
         response = entry.get("response") or {}
         error = entry.get("error")
         if error:
-            return self.client._errors(n, scrub(f"{where}: {error.get('code')}: {error.get('message')}"), [0, 0])
+            return errors(n, scrub(f"{where}: {error.get('code')}: {error.get('message')}"))
         status = response.get("status_code")
         if status != 200:
             body = response.get("body")
             inner = body.get("error", body) if isinstance(body, dict) else body
             message = inner.get("message") if isinstance(inner, dict) else inner
-            return self.client._errors(n, scrub(f"HTTP {status}: {str(message)[:500]} ({where})"), [0, 0])
+            return errors(n, scrub(f"HTTP {status}: {str(message)[:500]} ({where})"))
         return self.client.answer(response.get("body"), params, n)
 
 

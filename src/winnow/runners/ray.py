@@ -33,8 +33,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from winnow.engines.prompts import errors
 from winnow.errors import EngineError, RewardError, WinnowError, require
-from winnow.schema import FINISH_ERROR, Completion, Prompt, SamplingParams
+from winnow.schema import Completion, Prompt, SamplingParams
 
 ray = require("ray", "ray", "--ray true")
 from ray import exceptions as ray_errors  # noqa: E402  (after the one-line error above)
@@ -698,9 +699,9 @@ class RayEngine:
         try:
             out, replica = await self.pool.run("generate", prompts, params)
         except CallLost as e:
-            return _errors(prompts, params.n, str(e))
+            return [errors(params.n, str(e)) for _ in prompts]
         except Stopped:
-            return _errors(prompts, params.n, "the run is stopping: not sent to a replica")
+            return [errors(params.n, "the run is stopping: not sent to a replica") for _ in prompts]
         replica.counts["prompts"] += len(prompts)
         for completions in out:
             for c in completions:
@@ -754,10 +755,6 @@ class RayEngine:
 
     async def aclose(self) -> None:
         await self.pool.aclose()
-
-
-def _errors(prompts: list[Prompt], n: int, message: str) -> list[list[Completion]]:
-    return [[Completion(text="", finish_reason=FINISH_ERROR, error=message) for _ in range(n)] for _ in prompts]
 
 
 # ----------------------------------------------------------------------------- reward models

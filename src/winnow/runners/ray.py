@@ -174,11 +174,9 @@ class ReplicaActor:
 
     async def optional(self, method: str) -> Any:
         """``component.method()`` if the component has one (``interrupt``, ``stats``), else None."""
-        fn = getattr(self.component, method, None)
-        if fn is None:
+        if getattr(self.component, method, None) is None:
             return None
-        out = fn()
-        return await out if inspect.isawaitable(out) else out
+        return await self.call(method, ())
 
     async def close(self) -> Any:
         """Release the component (a GPU engine's memory, its child processes); its final stats."""

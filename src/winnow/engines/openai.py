@@ -65,12 +65,9 @@ class _Retry(Exception):
         self.wait = wait
 
 
-class _Interrupted(Exception):
-    """The run is stopping: this request was not sent, or was cancelled at the shutdown deadline."""
-
-
-class Interrupted(_Interrupted):
-    """The run is stopping: an API call (:meth:`OpenAIEngine.api_call`) was not made."""
+class Interrupted(Exception):
+    """The run is stopping: this request or API call (:meth:`OpenAIEngine.api_call`) was not made, or was
+    cancelled at the shutdown deadline."""
 
 
 class RateLimiter:
@@ -455,16 +452,16 @@ class OpenAIEngine:
         while True:
             try:
                 if self._stopping:
-                    raise _Interrupted
+                    raise Interrupted
                 async with self._slots:
                     await self.limiter.acquire()
                     if self._stopping:
-                        raise _Interrupted
+                        raise Interrupted
                     out = await self._attempt(body, params, n, spent)
                 out[0].prompt_tokens += spent[0]
                 out[0].completion_tokens += spent[1]
                 return out
-            except _Interrupted:
+            except Interrupted:
                 return self._errors(n, INTERRUPTED, spent)
             except _Retry as e:
                 self.counts["failed:" + _kind(str(e))] += 1
@@ -555,7 +552,7 @@ class OpenAIEngine:
             choices, usage = await call
         except asyncio.CancelledError:
             if self._aborted and call.cancelled() and not _being_cancelled():
-                raise _Interrupted from None
+                raise Interrupted from None
             raise
         except (openai.APIError, asyncio.TimeoutError, json.JSONDecodeError, UnicodeDecodeError) as e:
             message = self._classify(e)  # raises _Retry or EngineError

@@ -374,14 +374,19 @@ class OpenAIEngine:
         await self.client.close()
 
     async def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
-        if self._slots is None:  # made here, inside the run's event loop
-            self._slots = asyncio.Semaphore(self.max_concurrency)
-            self._stop = asyncio.Event()
-            if self._stopping:
-                self._stop.set()
+        self._loop_state()
         if len(prompts) == 1:
             return [await self._sample(prompts[0], params)]
         return list(await asyncio.gather(*(self._sample(p, params) for p in prompts)))
+
+    def _loop_state(self) -> None:
+        """Make the request slots and the stop event once, inside the run's event loop."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_concurrency)
+        if self._stop is None:
+            self._stop = asyncio.Event()
+            if self._stopping:
+                self._stop.set()
 
     # ------------------------------------------------------------------ one prompt
 
@@ -492,8 +497,7 @@ class OpenAIEngine:
         failure worth stopping the run (a bad key; an answer still failing after the retries), and
         :class:`Interrupted` when the run stops first.
         """
-        if self._stop is None:
-            self._stop = asyncio.Event()
+        self._loop_state()
         attempt = 0
         while True:
             if self._stopping:
@@ -505,18 +509,14 @@ class OpenAIEngine:
             except (Interrupted, EngineError):  # from a call of its own inside ``make``
                 raise
             except Exception as e:
-                status = getattr(e, "status_code", None)
-                if missing_ok and status == 404:
+                if missing_ok and getattr(e, "status_code", None) == 404:
                     return None
-                try:
-                    problem: str | _Retry = self._classify(e)  # an EngineError goes straight up
+                try:  # a failure of the call's own stops the run; an EngineError from _classify goes straight up
+                    raise EngineError(f"{what} failed: {self._classify(e)}") from None
                 except _Retry as retry:
                     problem = retry
-                if not isinstance(problem, _Retry) or attempt >= self.max_retries:
-                    raise EngineError(
-                        f"{what} failed: {problem}"
-                        + (f" (gave up after {attempt + 1} attempts)" if isinstance(problem, _Retry) else "")
-                    ) from None
+                if attempt >= self.max_retries:
+                    raise EngineError(f"{what} failed: {problem} (gave up after {attempt + 1} attempts)") from None
                 self.counts["failed:" + _kind(str(problem))] += 1
                 attempt += 1
                 if not await self._sleep(self._backoff(problem, attempt)):

@@ -34,6 +34,7 @@ import json
 import os
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -201,9 +202,7 @@ class BatchEngine:
 
     def stats(self) -> dict[str, Any]:
         """Batches by status and requests sent and answered, plus the API calls' counts."""
-        by_status: dict[str, int] = {}
-        for sub in self.subs.values():
-            by_status[sub.status] = by_status.get(sub.status, 0) + 1
+        by_status = Counter(sub.status for sub in self.subs.values())
         return {
             "batches": dict(sorted(by_status.items())),
             "requests_sent": self.requests_sent,
@@ -249,16 +248,14 @@ class BatchEngine:
             sub = await self._submit(chunk, out)
             if sub is not None:
                 needed[sub.key] = sub
-        results: dict[str, dict | BaseException] = {}
+        tasks = []
         for sub in needed.values():
             if sub.task is None:
                 sub.task = asyncio.create_task(self._follow(sub))
+            tasks.append(sub.task)
         # shielded: a generate call cancelled does not stop batches other calls are waiting for too
-        done = await asyncio.gather(
-            *(asyncio.shield(s.task) for s in needed.values() if s.task is not None), return_exceptions=True
-        )
-        for sub, answer in zip(needed.values(), done, strict=True):
-            results[sub.key] = answer
+        done = await asyncio.gather(*(asyncio.shield(t) for t in tasks), return_exceptions=True)
+        results: dict[str, dict | BaseException] = dict(zip(needed, done, strict=True))
         for r in requests:
             if out[r.slot][r.first] is not None:
                 continue  # failed before it was sent
@@ -280,9 +277,9 @@ class BatchEngine:
     def _requests(self, prompts: list[Prompt], params: SamplingParams) -> tuple[list[_Request], list[list]]:
         """The batch lines for ``prompts``, and the (empty) completion slots they fill."""
         n = params.n
+        shares = [(k, 1) for k in range(n)] if self.parallel and n > 1 else [(0, n)]
         requests = []
         for slot, prompt in enumerate(prompts):
-            shares = [(k, 1) for k in range(n)] if self.parallel and n > 1 else [(0, n)]
             for first, count in shares:
                 body = self.client._body(prompt, params, count)
                 digest = hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

@@ -71,7 +71,9 @@ class TurnBatcher:
         self.live = 0  # trajectories that may still ask for a turn
         self.in_engine = 0  # trajectories whose request is in an engine call
         self.calls = 0  # engine calls in flight
-        self.max_calls = max(1, engine.batch_plan(1)[1])
+        per_call, max_calls = engine.batch_plan(1)  # read once: the Ray engine asks a replica for it
+        self.per_call = max(1, per_call)  # prompts per engine call
+        self.max_calls = max(1, max_calls)
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._oldest = 0.0
@@ -105,9 +107,8 @@ class TurnBatcher:
     def _dispatch(self) -> None:
         self._scheduled = False
         units = self._units([w for w in self.waiting if not w.reply.done()])  # (a cancelled trajectory's is)
-        per_call = max(1, self.engine.batch_plan(1)[0])
         ready = (
-            len(units) >= per_call
+            len(units) >= self.per_call
             or self.live <= sum(map(len, units)) + self.in_engine
             or time.monotonic() - self._oldest >= self.wait_s
         )
@@ -117,7 +118,7 @@ class TurnBatcher:
                 self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
             return
         while units and self.calls < self.max_calls:
-            take, units = units[:per_call], units[per_call:]
+            take, units = units[: self.per_call], units[self.per_call :]
             by_n: dict[int, list[list[_Waiting]]] = {}
             for unit in take:
                 by_n.setdefault(len(unit), []).append(unit)

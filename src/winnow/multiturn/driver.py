@@ -380,7 +380,6 @@ class MultiTurn:
         ]
 
     async def _drive(self, t: Trajectory, batcher: TurnBatcher, ctx, initial: dict[int, list[Message]]) -> None:
-        left = False
         try:
             if isinstance(self.scheduler, StartsTrajectories):
                 await self._call("start", self.scheduler.start, t)
@@ -407,11 +406,8 @@ class MultiTurn:
                     t.stop_reason = STOP_MAX_TURNS
                     break
                 t.messages.extend(result.messages)
-            batcher.leave()
-            left = True
         finally:
-            if not left:
-                batcher.leave()
+            batcher.leave()
             if isinstance(self.scheduler, EndsTrajectories):
                 await self._call("end", self.scheduler.end, t)
 

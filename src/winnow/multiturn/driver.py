@@ -211,17 +211,6 @@ def common_prefix(conversations: list[list[Message]]) -> list[Message]:
     return out
 
 
-def _takes(fn: Any) -> tuple[set[str], bool]:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return set(), True
-    return (
-        {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)},
-        any(p.kind == p.VAR_KEYWORD for p in params),
-    )
-
-
 class _FunctionScheduler:
     """A plain ``async def step(trajectory)`` as a scheduler."""
 
@@ -237,11 +226,12 @@ def build_scheduler(name: str, target: Any, options: dict[str, Any], context: di
     """The scheduler object of a registered target: a class built with its options (and, where it names
     them, the run's ``max_turns``, ``tools``, ``gym_env``, ``tokenizer``), a function adapted, an object kept."""
     from winnow.multiturn import swift
+    from winnow.rewards.base import _accepts  # (named parameters, takes **kwargs), as rewards are built
 
     if swift.is_swift_scheduler(target):
         return swift.SwiftScheduler(name, target, options, context)
     if inspect.isclass(target):
-        names, any_kw = _takes(target.__init__) if target.__init__ is not object.__init__ else (set(), False)
+        names, any_kw = _accepts(target.__init__)[:2] if target.__init__ is not object.__init__ else (set(), False)
         bad = [k for k in options if k not in names and not any_kw]
         if bad:
             raise ConfigError(

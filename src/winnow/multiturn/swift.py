@@ -243,10 +243,6 @@ def is_swift_scheduler(target: Any) -> bool:
     )
 
 
-def _base_run(cls: type) -> Any:
-    return next((c.__dict__["run"] for c in cls.__mro__ if c.__name__ in SWIFT_BASES and "run" in c.__dict__), None)
-
-
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -255,7 +251,7 @@ class SwiftScheduler:
     """An ms-swift ``MultiTurnScheduler`` subclass behind winnow's contract (swift's calling sequence per turn)."""
 
     def __init__(self, name: str, cls: type, options: dict[str, Any], context: dict[str, Any]):
-        if "run" in _overrides(cls):
+        if _replaces_run(cls):
             raise ConfigError(
                 f"scheduler {name} ({cls.__name__}) replaces run(): winnow drives the turns itself, "
                 "batched across trajectories, and calls check_finished, step, on_trajectory_start and "
@@ -316,8 +312,8 @@ class SwiftScheduler:
         return TurnResult(info=info)
 
 
-def _overrides(cls: type) -> set[str]:
-    """The swift base methods a class replaces."""
-    base = _base_run(cls)
+def _replaces_run(cls: type) -> bool:
+    """Whether a class (or a base below swift's) replaces the swift base's ``run()``."""
+    base = next((c.__dict__["run"] for c in cls.__mro__ if c.__name__ in SWIFT_BASES and "run" in c.__dict__), None)
     own = next((c.__dict__["run"] for c in cls.__mro__ if "run" in c.__dict__), None)
-    return {"run"} if own is not None and own is not base else set()
+    return own is not None and own is not base

@@ -283,14 +283,13 @@ class SwiftScheduler:
         request.messages = trajectory.messages  # the reply is appended there already
         choice = response_choice(trajectory.reply)
         turn_end = await _maybe_await(self.swift.on_turn_end(request, choice, trajectory.turn)) or {}
-        if turn_end.get("rollout_infos"):
-            trajectory.rollout_infos.update(turn_end["rollout_infos"])
+        info: dict[str, Any] = {}
+        _record(trajectory, info, turn_end.get("rollout_infos"))
         done = (
             bool(turn_end["done"])
             if "done" in turn_end
             else bool(self.swift.check_finished(request, choice, trajectory.turn))
         )
-        info = {"rollout_infos": dict(turn_end.get("rollout_infos") or {})} if turn_end.get("rollout_infos") else {}
         if done or trajectory.last_turn:
             trajectory.messages = request.messages
             return TurnResult(done=done, info=info)
@@ -304,12 +303,17 @@ class SwiftScheduler:
             raise SchedulerError(
                 f"scheduler {self.name}: step returned {out!r}; swift's contract is a dict with 'infer_request'"
             )
-        if out.get("rollout_infos"):
-            trajectory.rollout_infos.update(out["rollout_infos"])
-            info["rollout_infos"] = {**info.get("rollout_infos", {}), **out["rollout_infos"]}
+        _record(trajectory, info, out.get("rollout_infos"))
         trajectory.state["swift_request"] = following
         trajectory.messages, trajectory.tools = following.messages, following.tools or trajectory.tools
         return TurnResult(info=info)
+
+
+def _record(trajectory: Trajectory, info: dict[str, Any], rollout_infos: dict[str, Any] | None) -> None:
+    """A hook's ``rollout_infos``: merged into the trajectory's, and into this turn's ``info``."""
+    if rollout_infos:
+        trajectory.rollout_infos.update(rollout_infos)
+        info["rollout_infos"] = {**info.get("rollout_infos", {}), **rollout_infos}
 
 
 def _replaces_run(cls: type) -> bool:

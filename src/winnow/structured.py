@@ -150,14 +150,14 @@ class SchemaCheck:
         return f"does not match the schema{f' at {at}' if at else ''}: {problem.message}"[:500]
 
 
-def check(groups: list, check: SchemaCheck) -> int:
+def check(groups: list, schema_check: SchemaCheck) -> int:
     """Fail every usable completion in ``groups`` whose text does not match the schema; returns how many failed."""
     failed = 0
     for group in groups:
         for c in group.completions:
             if c.failed:
                 continue
-            reason = check.error(c.text)
+            reason = schema_check.error(c.text)
             if reason is not None:
                 c.error = f"response_format: {reason}"
                 failed += 1

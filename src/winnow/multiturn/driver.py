@@ -71,7 +71,9 @@ class TurnBatcher:
         self.live = 0  # trajectories that may still ask for a turn
         self.in_engine = 0  # trajectories whose request is in an engine call
         self.calls = 0  # engine calls in flight
-        self.max_calls = max(1, engine.batch_plan(1)[1])
+        per_call, max_calls = engine.batch_plan(1)  # read once: the Ray engine asks a replica for it
+        self.per_call = max(1, per_call)  # prompts per engine call
+        self.max_calls = max(1, max_calls)
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._oldest = 0.0
@@ -105,9 +107,8 @@ class TurnBatcher:
     def _dispatch(self) -> None:
         self._scheduled = False
         units = self._units([w for w in self.waiting if not w.reply.done()])  # (a cancelled trajectory's is)
-        per_call = max(1, self.engine.batch_plan(1)[0])
         ready = (
-            len(units) >= per_call
+            len(units) >= self.per_call
             or self.live <= sum(map(len, units)) + self.in_engine
             or time.monotonic() - self._oldest >= self.wait_s
         )
@@ -117,7 +118,7 @@ class TurnBatcher:
                 self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
             return
         while units and self.calls < self.max_calls:
-            take, units = units[:per_call], units[per_call:]
+            take, units = units[: self.per_call], units[self.per_call :]
             by_n: dict[int, list[list[_Waiting]]] = {}
             for unit in take:
                 by_n.setdefault(len(unit), []).append(unit)
@@ -210,17 +211,6 @@ def common_prefix(conversations: list[list[Message]]) -> list[Message]:
     return out
 
 
-def _takes(fn: Any) -> tuple[set[str], bool]:
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return set(), True
-    return (
-        {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)},
-        any(p.kind == p.VAR_KEYWORD for p in params),
-    )
-
-
 class _FunctionScheduler:
     """A plain ``async def step(trajectory)`` as a scheduler."""
 
@@ -236,11 +226,12 @@ def build_scheduler(name: str, target: Any, options: dict[str, Any], context: di
     """The scheduler object of a registered target: a class built with its options (and, where it names
     them, the run's ``max_turns``, ``tools``, ``gym_env``, ``tokenizer``), a function adapted, an object kept."""
     from winnow.multiturn import swift
+    from winnow.rewards.base import _accepts  # (named parameters, takes **kwargs), as rewards are built
 
     if swift.is_swift_scheduler(target):
         return swift.SwiftScheduler(name, target, options, context)
     if inspect.isclass(target):
-        names, any_kw = _takes(target.__init__) if target.__init__ is not object.__init__ else (set(), False)
+        names, any_kw = _accepts(target.__init__)[:2] if target.__init__ is not object.__init__ else (set(), False)
         bad = [k for k in options if k not in names and not any_kw]
         if bad:
             raise ConfigError(
@@ -379,7 +370,6 @@ class MultiTurn:
         ]
 
     async def _drive(self, t: Trajectory, batcher: TurnBatcher, ctx, initial: dict[int, list[Message]]) -> None:
-        left = False
         try:
             if isinstance(self.scheduler, StartsTrajectories):
                 await self._call("start", self.scheduler.start, t)
@@ -406,11 +396,8 @@ class MultiTurn:
                     t.stop_reason = STOP_MAX_TURNS
                     break
                 t.messages.extend(result.messages)
-            batcher.leave()
-            left = True
         finally:
-            if not left:
-                batcher.leave()
+            batcher.leave()
             if isinstance(self.scheduler, EndsTrajectories):
                 await self._call("end", self.scheduler.end, t)
 

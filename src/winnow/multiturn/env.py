@@ -20,17 +20,12 @@ file with ``@winnow.registry.environment`` or ms-swift's ``envs['name'] = MyEnv`
 from __future__ import annotations
 
 import copy
-import inspect
 import json
 from typing import Any
 
 from winnow.errors import ConfigError, SchedulerError
 from winnow.multiturn import Trajectory, TurnResult
-from winnow.multiturn.swift import RolloutInferRequest, infer_request
-
-
-async def _maybe_await(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
+from winnow.multiturn.swift import RolloutInferRequest, _maybe_await, infer_request
 
 
 def _jsonable(value: Any) -> Any:

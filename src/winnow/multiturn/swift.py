@@ -243,10 +243,6 @@ def is_swift_scheduler(target: Any) -> bool:
     )
 
 
-def _base_run(cls: type) -> Any:
-    return next((c.__dict__["run"] for c in cls.__mro__ if c.__name__ in SWIFT_BASES and "run" in c.__dict__), None)
-
-
 async def _maybe_await(value: Any) -> Any:
     return await value if inspect.isawaitable(value) else value
 
@@ -255,7 +251,7 @@ class SwiftScheduler:
     """An ms-swift ``MultiTurnScheduler`` subclass behind winnow's contract (swift's calling sequence per turn)."""
 
     def __init__(self, name: str, cls: type, options: dict[str, Any], context: dict[str, Any]):
-        if "run" in _overrides(cls):
+        if _replaces_run(cls):
             raise ConfigError(
                 f"scheduler {name} ({cls.__name__}) replaces run(): winnow drives the turns itself, "
                 "batched across trajectories, and calls check_finished, step, on_trajectory_start and "
@@ -287,14 +283,13 @@ class SwiftScheduler:
         request.messages = trajectory.messages  # the reply is appended there already
         choice = response_choice(trajectory.reply)
         turn_end = await _maybe_await(self.swift.on_turn_end(request, choice, trajectory.turn)) or {}
-        if turn_end.get("rollout_infos"):
-            trajectory.rollout_infos.update(turn_end["rollout_infos"])
+        info: dict[str, Any] = {}
+        _record(trajectory, info, turn_end.get("rollout_infos"))
         done = (
             bool(turn_end["done"])
             if "done" in turn_end
             else bool(self.swift.check_finished(request, choice, trajectory.turn))
         )
-        info = {"rollout_infos": dict(turn_end.get("rollout_infos") or {})} if turn_end.get("rollout_infos") else {}
         if done or trajectory.last_turn:
             trajectory.messages = request.messages
             return TurnResult(done=done, info=info)
@@ -308,16 +303,21 @@ class SwiftScheduler:
             raise SchedulerError(
                 f"scheduler {self.name}: step returned {out!r}; swift's contract is a dict with 'infer_request'"
             )
-        if out.get("rollout_infos"):
-            trajectory.rollout_infos.update(out["rollout_infos"])
-            info["rollout_infos"] = {**info.get("rollout_infos", {}), **out["rollout_infos"]}
+        _record(trajectory, info, out.get("rollout_infos"))
         trajectory.state["swift_request"] = following
         trajectory.messages, trajectory.tools = following.messages, following.tools or trajectory.tools
         return TurnResult(info=info)
 
 
-def _overrides(cls: type) -> set[str]:
-    """The swift base methods a class replaces."""
-    base = _base_run(cls)
+def _record(trajectory: Trajectory, info: dict[str, Any], rollout_infos: dict[str, Any] | None) -> None:
+    """A hook's ``rollout_infos``: merged into the trajectory's, and into this turn's ``info``."""
+    if rollout_infos:
+        trajectory.rollout_infos.update(rollout_infos)
+        info["rollout_infos"] = {**info.get("rollout_infos", {}), **rollout_infos}
+
+
+def _replaces_run(cls: type) -> bool:
+    """Whether a class (or a base below swift's) replaces the swift base's ``run()``."""
+    base = next((c.__dict__["run"] for c in cls.__mro__ if c.__name__ in SWIFT_BASES and "run" in c.__dict__), None)
     own = next((c.__dict__["run"] for c in cls.__mro__ if "run" in c.__dict__), None)
-    return {"run"} if own is not None and own is not base else set()
+    return own is not None and own is not base

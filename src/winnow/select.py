@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, cast
 
 from winnow.schema import Completion, Group
@@ -53,9 +53,7 @@ class SelectOptions:
     @classmethod
     def from_config(cls, config: Any, scorer: Any = None) -> SelectOptions:
         """A run's selection settings: the options of the same names, and what the scorer knows."""
-        import dataclasses
-
-        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+        shared = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
         n = config.num_return_sequences
         return cls(
             **{

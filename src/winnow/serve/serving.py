@@ -612,7 +612,14 @@ class PolicyServing(_Served):
             return None
         return self.context_length - (self._max_tokens(req) or 1)
 
-    def _key(self, req: p._SamplingFields, prompt_tokens: int, param: str, streamable: bool = False) -> _Key:
+    def _key(
+        self,
+        req: p._SamplingFields,
+        prompt_tokens: int,
+        param: str,
+        streamable: bool = False,
+        response_format: str | None = None,
+    ) -> _Key:
         max_tokens = self._max_tokens(req)
         if self.context_length is not None:
             room = self.context_length - prompt_tokens
@@ -638,6 +645,7 @@ class PolicyServing(_Served):
             seed=req.seed,
             solo=object() if req.seed is not None or streaming else None,
             streaming=streaming,
+            response_format=response_format,
         )
 
     def _encode(self, text: str, budget: int | None, param: str, add_special_tokens: bool) -> list[int]:
@@ -701,9 +709,7 @@ class PolicyServing(_Served):
         template_kwargs = _template_kwargs(req.chat_template_kwargs)
         messages, prefix = _continued(req, _messages(req.messages))
         ids = await self._tokenize(self._encode_chat, messages, template_kwargs, self._prompt_budget(req), prefix)
-        key = dataclasses.replace(
-            self._key(req, len(ids), "messages", streamable=True), response_format=response_format
-        )
+        key = self._key(req, len(ids), "messages", streamable=True, response_format=response_format)
         if key.streaming:
             return self._stream_chat(key, ids, bool(req.stream_options and req.stream_options.include_usage))
         completions = await self._generate(key, ids, req.n)

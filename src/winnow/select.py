@@ -23,6 +23,7 @@ import json
 import math
 from collections import Counter
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any, cast
 
 from winnow.schema import Completion, Group
@@ -143,7 +144,7 @@ class Candidate:
     def reward(self) -> float | None:
         return self.completion.reward
 
-    @property
+    @cached_property  # read for every dedupe and pairing test; a trajectory's is a JSON dump
     def key(self) -> str:
         """What makes two samples the same: the answer's text, or a trajectory's every turn."""
         if self.completion.turns:

@@ -649,6 +649,11 @@ class SampleConfig:
         """The canonical engine name (``pt`` is ``transformers``)."""
         return self.sampler_engine
 
+    @property
+    def multi_turn(self) -> bool:
+        """Whether every sample is a trajectory (a scheduler, tools or a gym environment is set)."""
+        return bool(self.multi_turn_scheduler or self.tools or self.gym_env)
+
     def apply_saved_args(self) -> list[str]:
         """``--load_args``: when --model or an adapter is a swift training output, take the base model, template,
         system and length settings its ``args.json`` recorded, for the options this run does not set.

@@ -307,6 +307,17 @@ def _open_hub(spec: DatasetSpec):
     return TableSource(spec.path + (f":{spec.subset}" if spec.subset else ""), ds)
 
 
+def _data_files(root: Path, skip_hidden: bool = False) -> list[Path]:
+    """The data files below ``root`` (by suffix), sorted; ``skip_hidden``: none dot-named or in a dot-named folder."""
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in FILE_SUFFIXES
+        and not (skip_hidden and any(part.startswith(".") for part in p.relative_to(root).parts))
+    )
+
+
 def _pick(files: list[Path], root: Path, token: str) -> list[Path]:
     """The files whose path (below ``root``) names ``token``: a folder of that name, or a file name's part."""
 
@@ -324,13 +335,7 @@ def _open_modelscope(spec: DatasetSpec) -> list:
     from winnow import hub
 
     root = hub.dataset_dir(spec.path, "--dataset")
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and p.suffix.lower() in FILE_SUFFIXES
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    )
+    files = _data_files(root, skip_hidden=True)  # a repository's .git and the SDK's dot files are no data
     if not files:
         raise DataError(
             f"--dataset {spec.text}: the ModelScope dataset at {root} has no {'/'.join(FILE_SUFFIXES)} files"
@@ -363,7 +368,7 @@ def open_sources(spec: DatasetSpec) -> list:
         except OSError as e:
             raise DataError(f"--dataset {spec.text}: cannot read {path} ({e.strerror or e})") from None
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in FILE_SUFFIXES)
+        files = _data_files(path)
         if not files:
             raise DataError(f"--dataset {spec.text}: the folder has no {'/'.join(FILE_SUFFIXES)} files")
         return [_open_folder_file(p) for p in files]

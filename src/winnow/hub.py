@@ -33,6 +33,11 @@ _TRUE = ("1", "true", "yes", "on")
 MODELSCOPE_IGNORE = ["*.gguf", "*.onnx", "*.h5", "*.msgpack", "*.ckpt"]
 
 
+def _env_true(*names: str) -> bool:
+    """Whether any of these environment variables holds a true value (1, true, yes, on)."""
+    return any(os.environ.get(n, "").lower() in _TRUE for n in names)
+
+
 @dataclass
 class HubOptions:
     """The run's hub settings (``--use_hf``, ``--hub_token``); set once per run by :func:`configure`."""
@@ -41,13 +46,13 @@ class HubOptions:
     token: str | None = None
 
 
-_options = HubOptions(use_hf=os.environ.get("USE_HF", "").lower() in _TRUE)
+_options = HubOptions(use_hf=_env_true("USE_HF"))
 
 
 def configure(use_hf: bool | None = None, token: str | None = None) -> None:
     """The hub this process reads ids from: Hugging Face when ``use_hf`` or ``USE_HF`` is true, else
     ModelScope (swift's default)."""
-    _options.use_hf = bool(use_hf) or os.environ.get("USE_HF", "").lower() in _TRUE
+    _options.use_hf = bool(use_hf) or _env_true("USE_HF")
     _options.token = token or None
 
 
@@ -58,10 +63,6 @@ def use_hf() -> bool:
 
 def token() -> str | None:
     return _options.token
-
-
-def _env_true(*names: str) -> bool:
-    return any(os.environ.get(n, "").lower() in _TRUE for n in names)
 
 
 HF_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")

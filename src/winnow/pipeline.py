@@ -138,7 +138,7 @@ def fingerprint(config: SampleConfig) -> str:
     values = {k: getattr(config, k) for k in fingerprint_fields(type(config))}
     if config.response_format:  # only when set: outputs written before it existed keep their fingerprint
         values["response_format"] = config.response_format
-    if config.multi_turn_scheduler or config.tools or config.gym_env:  # only when set, likewise
+    if config.multi_turn:  # only when set, likewise
         values.update({k: getattr(config, k) for k in MULTI_TURN_FINGERPRINT_FIELDS})
     if config.sampler_type not in ("sample", "distill"):  # a search: how it searches
         values.update({k: getattr(config, k) for k in SEARCH_FINGERPRINT_FIELDS})
@@ -402,7 +402,7 @@ class Run:
             raise DataError("--sampler_engine no needs --cache_files: the stage-1 outputs to score")
         scorer = rewards.build_scorer(config)
         multi_turn = None
-        if config.multi_turn_scheduler or config.tools or config.gym_env:  # every sample a trajectory
+        if config.multi_turn:  # every sample a trajectory
             from winnow.multiturn.driver import MultiTurn
 
             multi_turn = MultiTurn.from_config(config, engine)

@@ -22,7 +22,8 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cached_property
 from typing import Any, cast
 
 from winnow.schema import Completion, Group
@@ -53,9 +54,7 @@ class SelectOptions:
     @classmethod
     def from_config(cls, config: Any, scorer: Any = None) -> SelectOptions:
         """A run's selection settings: the options of the same names, and what the scorer knows."""
-        import dataclasses
-
-        shared = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls) if hasattr(config, f.name)}
+        shared = {f.name: getattr(config, f.name) for f in fields(cls) if hasattr(config, f.name)}
         n = config.num_return_sequences
         return cls(
             **{
@@ -145,7 +144,7 @@ class Candidate:
     def reward(self) -> float | None:
         return self.completion.reward
 
-    @property
+    @cached_property  # read for every dedupe and pairing test; a trajectory's is a JSON dump
     def key(self) -> str:
         """What makes two samples the same: the answer's text, or a trajectory's every turn."""
         if self.completion.turns:

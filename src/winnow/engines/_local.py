@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from winnow.engines import hf
 from winnow.engines.prompts import Encoded, PromptEncoder, errors
@@ -169,24 +169,18 @@ def run_isolated(items: list[T], call: Callable[[list[T]], list[R]], on_error: C
         return run_isolated(items[:mid], call, on_error) + run_isolated(items[mid:], call, on_error)
 
 
-def generate_blocking(
-    encoder: PromptEncoder,
-    prompts: list[Prompt] | list[list[int]],
+def run_encoded(
+    work: list[Encoded],
+    results: list[list[Completion]],
     params: SamplingParams,
     call: Callable[[list[Encoded], SamplingParams], list[list[Completion]]],
-    token_ids: bool = False,
 ) -> list[list[Completion]]:
-    """Encode, run ``call`` on what encoded (isolating failures), and return n completions per prompt.
+    """Run ``call`` on what encoded (isolating failures) and return n completions per prompt: ``results`` (what
+    the encoder gave, failed prompts already filled) completed.
 
     ``call`` gets a batch of encoded prompts and returns, for each, the completions it produced
     (``samples_per_request(params)`` of them, or all ``n``); :func:`fill` makes them exactly ``n``.
-    With ``token_ids``, the prompts are token id lists already (no chat template).
     """
-    work, results = (
-        encoder.encode_ids(cast("list[list[int]]", prompts), params)
-        if token_ids
-        else encoder.encode(cast("list[Prompt]", prompts), params)
-    )
 
     def failed(item: Encoded, e: Exception) -> list[Completion]:
         return errors(params.n, f"{type(e).__name__}: {e}", prompt_tokens=len(item.ids))
@@ -273,12 +267,14 @@ class LocalEngine:
 
     def generate_blocking(self, prompts: list[Prompt], params: SamplingParams) -> list[list[Completion]]:
         """The synchronous body of :meth:`generate`."""
-        return generate_blocking(self.encoder, prompts, with_local_defaults(params), self.call)
+        params = with_local_defaults(params)
+        return run_encoded(*self.encoder.encode(prompts, params), params, self.call)
 
     def generate_ids_blocking(self, prompts: list[list[int]], params: SamplingParams) -> list[list[Completion]]:
         """Like :meth:`generate_blocking` for prompts already tokenized (no chat template applied): the
         server's raw completions and its dynamic batches."""
-        return generate_blocking(self.encoder, prompts, with_local_defaults(params), self.call, token_ids=True)
+        params = with_local_defaults(params)
+        return run_encoded(*self.encoder.encode_ids(prompts, params), params, self.call)
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=True)

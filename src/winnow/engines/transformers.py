@@ -148,11 +148,6 @@ class TransformersEngine(_local.LocalEngine):
             "cache" if "cache" in getattr(generation_utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
         )
 
-    @property
-    def max_length(self) -> int | None:
-        """The limit on prompt + answer (``--max_length``, else the model's context)."""
-        return self.encoder.max_length
-
     def batch_plan(self, n: int) -> tuple[int, int]:
         return max(1, self.max_batch_sequences // max(1, n)), 2
 
@@ -204,7 +199,7 @@ class TransformersEngine(_local.LocalEngine):
 
         item = self.encoder.encode_ids([prompt], params)[0]
         if not item:
-            raise EngineError(f"the prompt of {len(prompt)} tokens does not fit the context ({self.max_length})")
+            raise EngineError(f"the prompt of {len(prompt)} tokens does not fit the context ({self.context_length})")
         streamer = Pieces()
         params = _local.with_local_defaults(params)
         [[completion]] = self._generate([_Work(item[0], 1)], params, streamer=streamer)
@@ -269,8 +264,8 @@ class TransformersEngine(_local.LocalEngine):
             input_ids[row, width - len(w.ids) :] = torch.tensor(w.ids, dtype=torch.long)
             attention[row, width - len(w.ids) :] = 1
         max_new = max(w.item.max_new_tokens for w in batch)
-        if self.max_length is not None:
-            max_new = max(1, min(max_new, self.max_length - width))
+        if self.context_length is not None:
+            max_new = max(1, min(max_new, self.context_length - width))
         beams = max(1, params.num_beams)
         sample = not _local.is_greedy(params) and beams == 1
         gen: dict[str, Any] = {

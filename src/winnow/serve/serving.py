@@ -612,7 +612,14 @@ class PolicyServing(_Served):
             return None
         return self.context_length - (self._max_tokens(req) or 1)
 
-    def _key(self, req: p._SamplingFields, prompt_tokens: int, param: str, streamable: bool = False) -> _Key:
+    def _key(
+        self,
+        req: p._SamplingFields,
+        prompt_tokens: int,
+        param: str,
+        streamable: bool = False,
+        response_format: str | None = None,
+    ) -> _Key:
         max_tokens = self._max_tokens(req)
         if self.context_length is not None:
             room = self.context_length - prompt_tokens
@@ -638,6 +645,7 @@ class PolicyServing(_Served):
             seed=req.seed,
             solo=object() if req.seed is not None or streaming else None,
             streaming=streaming,
+            response_format=response_format,
         )
 
     def _encode(self, text: str, budget: int | None, param: str, add_special_tokens: bool) -> list[int]:
@@ -701,9 +709,7 @@ class PolicyServing(_Served):
         template_kwargs = _template_kwargs(req.chat_template_kwargs)
         messages, prefix = _continued(req, _messages(req.messages))
         ids = await self._tokenize(self._encode_chat, messages, template_kwargs, self._prompt_budget(req), prefix)
-        key = dataclasses.replace(
-            self._key(req, len(ids), "messages", streamable=True), response_format=response_format
-        )
+        key = self._key(req, len(ids), "messages", streamable=True, response_format=response_format)
         if key.streaming:
             return self._stream_chat(key, ids, bool(req.stream_options and req.stream_options.include_usage))
         completions = await self._generate(key, ids, req.n)
@@ -732,14 +738,7 @@ class PolicyServing(_Served):
         pieces: asyncio.Queue[str] = asyncio.Queue()
         item = _GenItem(ids, 1, on_text=lambda text: loop.call_soon_threadsafe(pieces.put_nowait, text))
         done = asyncio.ensure_future(self.batcher.submit(key, item))
-        base = {
-            "id": p.new_id("chatcmpl"),
-            "object": "chat.completion.chunk",
-            "created": p.now(),
-            "model": self.name,
-            "system_fingerprint": None,
-            **({"usage": None} if include_usage else {}),
-        }
+        base = _chunk_base(p.new_id("chatcmpl"), "chat.completion.chunk", p.now(), self.name, include_usage)
 
         def chunk(delta: dict, finish: str | None = None) -> str:
             return _sse({**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]})
@@ -858,18 +857,22 @@ def _read_usage(scores: list[Score]) -> p.Usage:
     return p.Usage(prompt_tokens=read, total_tokens=read)
 
 
+def _chunk_base(stream_id: str, kind: str, created: int, model: str, include_usage: bool) -> dict[str, Any]:
+    """The fields every chunk of a stream repeats (``usage`` null in each, with ``include_usage``, but the last)."""
+    return {
+        "id": stream_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "system_fingerprint": None,
+        **({"usage": None} if include_usage else {}),
+    }
+
+
 async def chat_stream(response: p.ChatCompletionResponse, include_usage: bool) -> AsyncIterator[str]:
     """A finished chat completion as OpenAI's chunk stream: per choice a role chunk, a content
     chunk and a finish chunk; then a usage chunk (with ``include_usage``); then ``[DONE]``."""
-    base = {
-        "id": response.id,
-        "object": "chat.completion.chunk",
-        "created": response.created,
-        "model": response.model,
-        "system_fingerprint": None,
-    }
-    if include_usage:
-        base["usage"] = None
+    base = _chunk_base(response.id, "chat.completion.chunk", response.created, response.model, include_usage)
     for choice in response.choices:
         text = choice.message.content or ""
         for delta, finish in (
@@ -900,15 +903,7 @@ async def chat_stream(response: p.ChatCompletionResponse, include_usage: bool) -
 
 async def completion_stream(response: p.CompletionResponse, include_usage: bool) -> AsyncIterator[str]:
     """A finished text completion as OpenAI's chunk stream (same object type as the response)."""
-    base = {
-        "id": response.id,
-        "object": "text_completion",
-        "created": response.created,
-        "model": response.model,
-        "system_fingerprint": None,
-    }
-    if include_usage:
-        base["usage"] = None
+    base = _chunk_base(response.id, "text_completion", response.created, response.model, include_usage)
     for choice in response.choices:
         for text, finish in ((choice.text, None), ("", choice.finish_reason)):
             if text == "" and finish is None:
